@@ -1,0 +1,369 @@
+"""Reading and writing 3D images with their geometry.
+
+An :class:`Image` keeps a numpy array in SimpleITK order ``(z, y, x)`` together with its
+:class:`Geometry` (spacing and origin in millimetres, direction cosines), so that any output
+can be written back onto the grid it came from. Geometry is converted to and from
+SimpleITK only in this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from cmmas.errors import GeometryError, ImageReadError, LabelError
+
+#: SimpleITK returns spacing rounded through float32: compare geometry with this tolerance (mm).
+GEOMETRY_TOL = 1e-3
+
+_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The physical placement of a voxel grid, in ITK conventions.
+
+    Attributes:
+        size: number of voxels along (x, y, z), ITK order.
+        spacing: voxel size along (x, y, z) in millimetres.
+        origin: physical position of voxel (0, 0, 0) in millimetres (LPS, as ITK).
+        direction: 3x3 direction-cosine matrix, row-major, 9 floats; column k is the
+            physical direction of voxel axis k (x, y, z).
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape in numpy/SimpleITK order ``(z, y, x)``."""
+        return tuple(reversed(self.size))  # type: ignore[return-value]
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Spacing in array-axis order ``(z, y, x)``, millimetres."""
+        return tuple(reversed(self.spacing))  # type: ignore[return-value]
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        """Direction cosines as a ``[3, 3]`` array (columns are voxel axes x, y, z)."""
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def index_to_physical(self, index_xyz: np.ndarray) -> np.ndarray:
+        """Map continuous voxel indices ``[..., 3]`` (x, y, z order) to millimetres."""
+        index_xyz = np.asarray(index_xyz, dtype=np.float64)
+        scaled = index_xyz * np.asarray(self.spacing)
+        return scaled @ self.direction_matrix.T + np.asarray(self.origin)
+
+    def physical_to_index(self, point: np.ndarray) -> np.ndarray:
+        """Map physical points ``[..., 3]`` in millimetres to continuous (x, y, z) indices."""
+        rel = np.asarray(point, dtype=np.float64) - np.asarray(self.origin)
+        return (rel @ np.linalg.inv(self.direction_matrix).T) / np.asarray(self.spacing)
+
+    def differences(self, other: "Geometry", tol: float = GEOMETRY_TOL) -> list[str]:
+        """Human-readable list of what differs from ``other`` (empty when equal within tol)."""
+        out = []
+        if tuple(self.size) != tuple(other.size):
+            out.append(f"shape {self.shape} vs {other.shape}")
+        if not np.allclose(self.spacing, other.spacing, atol=tol):
+            out.append(f"spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)} mm")
+        if not np.allclose(self.origin, other.origin, atol=max(tol, 1e-2)):
+            out.append(f"origin {_fmt(self.origin)} vs {_fmt(other.origin)} mm")
+        if not np.allclose(self.direction, other.direction, atol=tol):
+            out.append(f"direction {_fmt(self.direction)} vs {_fmt(other.direction)}")
+        return out
+
+    def matches(self, other: "Geometry", tol: float = GEOMETRY_TOL) -> bool:
+        """True when size, spacing, origin and direction agree within ``tol``."""
+        return not self.differences(other, tol)
+
+    @classmethod
+    def identity(
+        cls,
+        shape_zyx: tuple[int, int, int],
+        spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    ) -> "Geometry":
+        """An axis-aligned grid given in array order ``(z, y, x)`` (origin in x, y, z)."""
+        return cls(
+            size=tuple(int(s) for s in reversed(shape_zyx)),  # type: ignore[arg-type]
+            spacing=tuple(float(s) for s in reversed(spacing_zyx)),  # type: ignore[arg-type]
+            origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+            direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        )
+
+
+def _fmt(values: Iterable[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """A 3D array in ``(z, y, x)`` order with its geometry and (optionally) where it came from."""
+
+    array: np.ndarray
+    geometry: Geometry
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise GeometryError(self.path, f"expected a 3D array, got shape {self.array.shape}")
+        if tuple(self.array.shape) != tuple(self.geometry.shape):
+            raise GeometryError(
+                self.path,
+                f"array shape {self.array.shape} does not match geometry shape {self.geometry.shape}",
+            )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape ``(z, y, x)``."""
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Voxel size in array order, millimetres."""
+        return self.geometry.spacing_zyx
+
+    def with_array(self, array: np.ndarray) -> "Image":
+        """The same grid holding other values (e.g. a prediction on this image's grid)."""
+        return Image(np.asarray(array), self.geometry, self.path)
+
+
+def to_sitk(image: Image) -> sitk.Image:
+    """Convert to a SimpleITK image with the same geometry."""
+    out = sitk.GetImageFromArray(np.ascontiguousarray(image.array))
+    g = image.geometry
+    out.SetSpacing(g.spacing)
+    out.SetOrigin(g.origin)
+    out.SetDirection(g.direction)
+    return out
+
+
+def geometry_of(image: sitk.Image) -> Geometry:
+    """The :class:`Geometry` of a 3D SimpleITK image."""
+    return Geometry(
+        size=tuple(int(s) for s in image.GetSize()),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in image.GetSpacing()),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in image.GetOrigin()),  # type: ignore[arg-type]
+        direction=tuple(float(d) for d in image.GetDirection()),
+    )
+
+
+def reference_image(geometry: Geometry, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
+    """An empty SimpleITK image on ``geometry`` (a resampling reference grid)."""
+    ref = sitk.Image([int(s) for s in geometry.size], pixel_type)
+    ref.SetSpacing(geometry.spacing)
+    ref.SetOrigin(geometry.origin)
+    ref.SetDirection(geometry.direction)
+    return ref
+
+
+def from_sitk(image: sitk.Image, path: str | os.PathLike | None = None) -> Image:
+    """Convert a 3D single-component SimpleITK image to an :class:`Image`."""
+    src = None if path is None else os.fspath(path)
+    if image.GetDimension() != 3:
+        raise ImageReadError(src, f"expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(
+            src, f"expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}"
+        )
+    return Image(sitk.GetArrayFromImage(image), geometry_of(image), src)
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise ImageReadError(path, "file not found")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise ImageReadError(path, "folder holds no DICOM series")
+            if len(series) > 1:
+                raise ImageReadError(
+                    path, f"folder holds {len(series)} DICOM series; point to one series folder"
+                )
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = next((ln for ln in first if "ERROR" in ln or "error" in ln), first[-1] if first else "")
+        raise ImageReadError(path, f"unreadable or truncated image ({detail.strip()[:160]})") from None
+
+
+#: NIfTI-1 datatype codes of floating-point voxels and their numpy dtypes.
+_NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
+
+
+def _check_nifti_payload(path: Path) -> None:
+    """Checks ITK's NIfTI reader skips: a truncated ``.nii`` and NaN/inf voxels.
+
+    ITK zero-fills the missing tail of a truncated uncompressed NIfTI and reads NaN as 0,
+    which would silently corrupt the data; this reads the raw payload to catch both.
+    """
+    try:
+        _check_nifti_stream(path)
+    except (EOFError, OSError, zlib.error) as err:
+        raise ImageReadError(path, f"unreadable or truncated image ({err})") from None
+
+
+def _check_nifti_stream(path: Path) -> None:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(348)
+        if len(header) < 348:
+            raise ImageReadError(path, "unreadable or truncated image (NIfTI header is incomplete)")
+        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+        dims = struct.unpack(endian + "8h", header[40:56])
+        datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+        vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        n_voxels = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
+        expected = n_voxels * bitpix // 8
+        dtype = _NIFTI_FLOAT_TYPES.get(datatype)
+        if dtype is None and opener is open:
+            if path.stat().st_size < vox_offset + expected:
+                raise ImageReadError(
+                    path, f"truncated file: {path.stat().st_size} bytes, {vox_offset + expected} expected"
+                )
+            return
+        if dtype is None:
+            return
+        handle.seek(vox_offset)
+        payload = handle.read(expected)
+    if len(payload) < expected:
+        raise ImageReadError(path, f"truncated file: {len(payload)} of {expected} voxel bytes present")
+    values = np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder(endian))
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        raise ImageReadError(path, f"{bad} voxel(s) are NaN or infinite")
+
+
+def _squeeze_to_3d(image: sitk.Image, path: Path) -> sitk.Image:
+    """Accept 4D images whose last axis has length one (common in NIfTI); reject others."""
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        return sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    if image.GetDimension() != 3:
+        raise ImageReadError(path, f"expected a 3D image, got {image.GetDimension()}D of size {image.GetSize()}")
+    return image
+
+
+def read_image(path: str | os.PathLike, dtype: np.dtype | type = np.float32) -> Image:
+    """Read a NIfTI/MHA/NRRD file or a DICOM series folder as a 3D image.
+
+    Args:
+        path: file path, or a folder holding exactly one DICOM series.
+        dtype: numpy dtype of the returned array (float32 by default).
+
+    Returns:
+        :class:`Image` with the array in ``(z, y, x)`` order and the file's geometry.
+
+    Raises:
+        ImageReadError: missing, unreadable, not 3D, or holding NaN/inf voxels.
+    """
+    path = Path(path)
+    image = _squeeze_to_3d(_read_sitk(path), path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        _check_nifti_payload(path)
+    out = from_sitk(image, path)
+    array = out.array
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ImageReadError(path, f"{bad} voxel(s) are NaN or infinite")
+    return out.with_array(array.astype(dtype, copy=False))
+
+
+def read_label(
+    path: str | os.PathLike,
+    allowed: Iterable[int] | None = None,
+    like: Image | None = None,
+) -> Image:
+    """Read an integer label map.
+
+    Args:
+        path: label file or DICOM folder.
+        allowed: label codes that may occur (0 is always allowed); others raise.
+        like: an image the label must share its grid with (shape, spacing, origin, direction).
+
+    Returns:
+        :class:`Image` with an ``int32`` array.
+
+    Raises:
+        LabelError: non-integer or unknown values.
+        GeometryError: the grid differs from ``like``'s.
+    """
+    path = Path(path)
+    raw = read_image(path, dtype=np.float64)
+    values = raw.array
+    if not np.all(values == np.round(values)):
+        raise LabelError(path, "label map holds non-integer values")
+    labels = raw.with_array(values.astype(np.int32))
+    if allowed is not None:
+        present = set(np.unique(labels.array).tolist()) - {0}
+        unknown = sorted(present - set(int(a) for a in allowed))
+        if unknown:
+            raise LabelError(path, f"unknown label values {unknown}; expected some of {sorted(set(allowed))}")
+    if like is not None:
+        check_same_grid(like, labels, what="label")
+    return labels
+
+
+def check_same_grid(reference: Image, other: Image, what: str = "image") -> None:
+    """Raise :class:`GeometryError` naming ``other``'s file when its grid differs."""
+    diffs = reference.geometry.differences(other.geometry)
+    if diffs:
+        ref = reference.path or "reference"
+        raise GeometryError(other.path, f"{what} grid differs from {ref}: " + "; ".join(diffs))
+
+
+def write_image(image: Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write atomically (temporary file in the same folder, then rename), keeping the geometry.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    if suffix not in _SUFFIXES:
+        raise ImageReadError(path, f"unsupported output format {suffix!r}; use one of {_SUFFIXES}")
+    array = image.array
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(to_sitk(image.with_array(array)), tmp, useCompression=compress)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

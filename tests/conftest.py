@@ -1,0 +1,30 @@
+"""Test configuration: fast TensorFlow on CPU, deterministic seeds, the shared real data."""
+
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np
+import pytest
+
+#: Real unpaired CT/MR abdomen scans, read-only, beside the checkout (absent on a bare clone).
+ABDOMEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abdomen-ctmr"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture
+def abdomen_data() -> Path:
+    """Path to ../shared/data/abdomen-ctmr, or skip with the reason."""
+    if not (ABDOMEN / "labels.json").exists():
+        pytest.skip(f"real abdomen data not found at {ABDOMEN} (it sits beside the checkout in CI)")
+    return ABDOMEN
