@@ -13,6 +13,7 @@ setup(
     packages=find_packages("src"),
     install_requires=[
         "numpy>=1.26,<2.4",
+        "scipy>=1.11",
         "SimpleITK>=2.4,<3",
         "antspyx>=0.5.4,<0.7",
         "scikit-image>=0.22",
