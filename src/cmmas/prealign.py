@@ -1,0 +1,489 @@
+"""ANTs pre-alignment of one image onto another (rigid, affine, SyN; Mattes mutual information).
+
+The atlas-to-target (or target-to-reference) pre-alignment that precedes BiRegNet. Images are
+:class:`cmmas.io.Image` values; conversion to and from ANTs happens here only, with the
+geometry kept exactly (ANTs indexes arrays ``(x, y, z)``, ours are ``(z, y, x)``; spacing,
+origin and direction use the ITK convention in both, so physical LPS space is shared with
+SimpleITK).
+
+Stages (each multi-resolution, Mattes mutual information by default, so cross-modality pairs
+work):
+
+- ``"rigid"``: one rigid stage, started from the translation that aligns the images' centres of
+  mass (antspyx's default initial transform).
+- ``"affine"``: the rigid stage, then an affine stage started from its result.
+- ``"syn"``: rigid, affine, then a SyN (symmetric diffeomorphic) stage.
+
+Schedules (:class:`Schedule`) are antspyx's defaults or a fast preset, adapted to small grids
+(too-coarse levels dropped, metric sampling raised; :meth:`Schedule.fitted`).
+
+ANTs collapses each stage's initial transform into its output, so a linear result is one
+``.mat`` file and a SyN result is ``[warp, affine]`` (forward) / ``[affine, inverse warp]``
+(inverse), the lists :func:`apply` takes.
+
+Reproducibility (measured with antspyx 0.6.3): ``seed`` fixes ANTs' metric sampling, but
+multi-threaded mutual information still varies in the last digits between runs. Runs are
+bit-identical only with one ITK thread, which must be chosen before ANTs' first registration in
+the process: see :func:`set_threads`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cmmas.errors import CmmasError, ImageReadError, LabelError
+from cmmas.io import Geometry, Image, check_same_grid
+
+if TYPE_CHECKING:
+    import ants
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("rigid", "affine", "syn")
+#: A multi-resolution level must leave at least this many voxels along every axis.
+MIN_LEVEL_VOXELS = 8
+#: The coarsest level's metric must see at least this many samples (a 32-bin joint histogram
+#: from a few hundred samples let affine stages drift; antsRegistrationSyN on a 1 mm brain gets ~3500).
+MIN_METRIC_SAMPLES = 2000
+#: Metrics ANTs accepts for the linear stages; "mattes" (mutual information) suits cross-modality.
+METRICS = ("mattes", "GC", "meansquares")
+#: Interpolators of :func:`apply` by kind of image.
+INTERPOLATORS = {"linear": "linear", "label": "genericLabel"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Multi-resolution schedule and metric sampling of the registration stages.
+
+    Attributes:
+        shrink_factors: downsampling factor of each linear level, coarse to fine.
+        smoothing_sigmas: Gaussian smoothing of each linear level, in voxels.
+        iterations: maximum optimiser iterations of each linear level.
+        sampling: fraction of voxels (regular grid, randomly jittered) the linear metric uses.
+        syn_iterations: SyN iterations per level; levels are shrunk by 2**k, coarse to fine.
+    """
+
+    shrink_factors: tuple[int, ...] = (6, 4, 2, 1)
+    smoothing_sigmas: tuple[int, ...] = (3, 2, 1, 0)
+    iterations: tuple[int, ...] = (2100, 1200, 1200, 10)
+    sampling: float = 0.2
+    syn_iterations: tuple[int, ...] = (40, 20, 0)
+
+    def __post_init__(self) -> None:
+        levels = {len(self.shrink_factors), len(self.smoothing_sigmas), len(self.iterations)}
+        if len(levels) != 1:
+            raise ValueError(
+                "shrink_factors, smoothing_sigmas and iterations need one entry per level, got "
+                f"{self.shrink_factors}, {self.smoothing_sigmas}, {self.iterations}"
+            )
+        if not 0.0 < self.sampling <= 1.0:
+            raise ValueError(f"sampling must be in (0, 1], got {self.sampling}")
+
+    def fitted(
+        self,
+        geometry: Geometry,
+        min_voxels: int = MIN_LEVEL_VOXELS,
+        min_samples: int = MIN_METRIC_SAMPLES,
+    ) -> "Schedule":
+        """This schedule adapted to a fixed grid that may be small.
+
+        A linear level is kept when the grid, shrunk by its factor, still spans ``min_voxels``
+        voxels along every axis (the finest level is always kept), and the sampling fraction is
+        raised (up to 1) until the coarsest level gets ``min_samples`` metric samples. Without
+        both, affine stages drifted on 40^3 volumes: mutual information estimated from a few
+        hundred samples let scale and shear run away.
+        """
+        extent = np.asarray(geometry.size, dtype=np.float64) * np.asarray(geometry.spacing)
+        finest = float(np.min(geometry.spacing))
+        keep = [i for i, f in enumerate(self.shrink_factors) if np.min(extent) / (f * finest) >= min_voxels]
+        keep = keep or [len(self.shrink_factors) - 1]
+        coarsest = self.shrink_factors[keep[0]]
+        coarse_voxels = float(np.prod(extent / np.maximum(geometry.spacing, coarsest * finest)))
+        return dataclasses.replace(
+            self,
+            shrink_factors=tuple(self.shrink_factors[i] for i in keep),
+            smoothing_sigmas=tuple(self.smoothing_sigmas[i] for i in keep),
+            iterations=tuple(self.iterations[i] for i in keep),
+            sampling=min(1.0, max(self.sampling, min_samples / coarse_voxels)),
+        )
+
+
+#: antspyx's defaults (finest level at full resolution).
+DEFAULT_SCHEDULE = Schedule()
+#: Coarse and short, for aligning a new target to a reference in a few seconds: the finest level
+#: is at half resolution. Measured on real CT -> MR abdomen (ct_00 -> mr_01, 4 mm, 4 seeds):
+#: liver Dice 0.74-0.77 (0.70 unregistered) for ~3 s CPU, against 0.70-0.75 for ~6 s with the
+#: defaults. An 8x shrink level was as good there but drifted on 40^3 volumes.
+FAST_SCHEDULE = Schedule(
+    shrink_factors=(4, 2),
+    smoothing_sigmas=(2, 1),
+    iterations=(100, 50),
+    sampling=0.25,
+    syn_iterations=(20, 10, 0),
+)
+
+
+@dataclasses.dataclass
+class Registration:
+    """What :func:`register` found.
+
+    Attributes:
+        warped: the moving image resampled onto the fixed grid (linear interpolation), float32.
+        warped_label: the moving label on the fixed grid (generic-label interpolation, values
+            are codes of the input label or 0), or None when no label was given.
+        forward: transform files mapping moving onto fixed, for ``apply(forward, ...)``.
+        inverse: transform files mapping fixed onto moving, for ``apply(inverse, ..., invert=True)``.
+        seconds: wall time of :func:`register`.
+        kind: "rigid", "affine" or "syn".
+    """
+
+    warped: Image
+    warped_label: Image | None
+    forward: list[str]
+    inverse: list[str]
+    seconds: float
+    kind: str
+    _workdir: tempfile.TemporaryDirectory | None = dataclasses.field(default=None, repr=False)
+
+    def cleanup(self) -> None:
+        """Delete the temporary transform files (no-op when they were written to ``out_dir``)."""
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+
+def set_threads(threads: int) -> None:
+    """Choose how many threads ANTs (ITK) uses in this process.
+
+    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, at the first registration: call
+    this before any ANTs registration runs in the process (at a script's start). One thread
+    makes seeded registrations bit-identical between runs.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
+
+
+def to_ants(image: Image) -> "ants.ANTsImage":
+    """Convert to a float32 ANTs image on the same grid.
+
+    The ANTs array is indexed ``(x, y, z)``, i.e. ``image.array.transpose(2, 1, 0)``; spacing,
+    origin and direction are copied unchanged (ITK convention in both).
+    """
+    import ants
+
+    array_xyz = np.ascontiguousarray(np.asarray(image.array, dtype=np.float32).transpose(2, 1, 0))
+    g = image.geometry
+    return ants.from_numpy(
+        array_xyz, origin=tuple(g.origin), spacing=tuple(g.spacing), direction=g.direction_matrix
+    )
+
+
+def from_ants(img: "ants.ANTsImage", path: str | os.PathLike | None = None) -> Image:
+    """Convert a 3D scalar ANTs image to an :class:`Image` (array ``(z, y, x)``, same geometry)."""
+    src = None if path is None else os.fspath(path)
+    if img.dimension != 3 or img.components != 1:
+        raise ImageReadError(
+            src, f"expected a 3D scalar image, got {img.dimension}D with {img.components} components"
+        )
+    array = np.ascontiguousarray(img.numpy().transpose(2, 1, 0))
+    geometry = Geometry(
+        size=tuple(int(s) for s in img.shape),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in img.spacing),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in img.origin),  # type: ignore[arg-type]
+        direction=tuple(float(d) for d in np.asarray(img.direction, dtype=np.float64).ravel()),
+    )
+    return Image(array, geometry, src)
+
+
+def register(
+    moving: Image,
+    fixed: Image,
+    kind: str = "affine",
+    metric: str = "mattes",
+    seed: int | None = 0,
+    moving_label: Image | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    fast: bool = False,
+    aff_shrink_factors: Sequence[int] | None = None,
+    aff_smoothing_sigmas: Sequence[int] | None = None,
+    aff_iterations: Sequence[int] | None = None,
+    sampling: float | None = None,
+    syn_iterations: Sequence[int] | None = None,
+    bins: int = 32,
+    grad_step: float = 0.2,
+) -> Registration:
+    """Register ``moving`` onto ``fixed`` with ANTs and warp the moving image (and label).
+
+    Args:
+        moving: image to align (e.g. an atlas), any grid.
+        fixed: image defining the target space and output grid.
+        kind: "rigid", "affine" (rigid then affine) or "syn" (rigid, affine, then SyN).
+        metric: "mattes" (mutual information, default; any modality pair), "GC" or
+            "meansquares" for the linear stages; SyN uses mutual information unless
+            "meansquares" is given.
+        seed: seed of ANTs' metric sampling (passed as ``seed + 1``: ANTs reads 0 as "use the
+            clock"); None seeds from the clock.
+        moving_label: integer label map on ``moving``'s grid, warped with generic-label
+            interpolation.
+        out_dir: folder to copy the transforms into (``affine.mat``, ``warp.nii.gz``,
+            ``inverse_warp.nii.gz``, replaced atomically); by default they stay in a temporary
+            folder owned by the result, deleted with it.
+        fast: start from :data:`FAST_SCHEDULE` instead of :data:`DEFAULT_SCHEDULE`. Either way,
+            and with the overrides below, the schedule is then fitted to ``fixed``'s grid
+            (:meth:`Schedule.fitted`: too-coarse levels dropped, sampling raised if sparse).
+        aff_shrink_factors: override the schedule's per-level shrink factors (coarse to fine).
+        aff_smoothing_sigmas: override the per-level smoothing, voxels.
+        aff_iterations: override the per-level iteration limits.
+        sampling: override the fraction of voxels sampled by the linear metric.
+        syn_iterations: override the SyN per-level iterations.
+        bins: histogram bins of mutual information.
+        grad_step: SyN gradient step.
+
+    Returns:
+        :class:`Registration` with images on ``fixed``'s grid and the transform files.
+
+    Raises:
+        ImageReadError: an image is constant or holds NaN/inf voxels.
+        GeometryError: ``moving_label`` is not on ``moving``'s grid.
+        LabelError: ``moving_label`` holds non-integer values.
+        CmmasError: ANTs failed (one line naming both images).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    schedule = _schedule(
+        FAST_SCHEDULE if fast else DEFAULT_SCHEDULE,
+        aff_shrink_factors,
+        aff_smoothing_sigmas,
+        aff_iterations,
+        sampling,
+        syn_iterations,
+    ).fitted(fixed.geometry)
+    _check_registrable(moving, "moving")
+    _check_registrable(fixed, "fixed")
+    if moving_label is not None:
+        check_same_grid(moving, moving_label, what="label")
+        _check_integer(moving_label)
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+
+    import ants
+
+    start = time.perf_counter()
+    workdir = tempfile.TemporaryDirectory(prefix="cmmas-prealign-")
+    fixed_ants, moving_ants = to_ants(fixed), to_ants(moving)
+    common = dict(
+        aff_metric=metric,
+        aff_sampling=bins,
+        aff_random_sampling_rate=schedule.sampling,
+        aff_iterations=tuple(schedule.iterations),
+        aff_shrink_factors=tuple(schedule.shrink_factors),
+        aff_smoothing_sigmas=tuple(schedule.smoothing_sigmas),
+    )
+    stages = {"rigid": ["Rigid"], "affine": ["Rigid", "Affine"], "syn": ["Rigid", "Affine", "SyNOnly"]}[kind]
+    initial: list[str] | None = None
+    try:
+        with _ants_seed(seed):
+            for stage in stages:
+                t0 = time.perf_counter()
+                result = ants.registration(
+                    fixed_ants,
+                    moving_ants,
+                    type_of_transform=stage,
+                    initial_transform=initial,
+                    outprefix=os.path.join(workdir.name, f"{stage.lower()}_"),
+                    syn_metric="meansquares" if metric == "meansquares" else "mattes",
+                    syn_sampling=bins,
+                    reg_iterations=tuple(schedule.syn_iterations),
+                    grad_step=grad_step,
+                    **common,
+                )
+                initial = list(result["fwdtransforms"])
+                logger.debug("%s stage took %.2f s", stage, time.perf_counter() - t0)
+            warped_label = None
+            if moving_label is not None:
+                warped_label = _warp_label(moving_label, fixed_ants, initial, invert=False)
+    except RuntimeError as err:
+        workdir.cleanup()
+        raise CmmasError(_pair_name(moving, fixed), f"ANTs {kind} registration failed: {_one_line(err)}") from None
+
+    forward, inverse = list(result["fwdtransforms"]), list(result["invtransforms"])
+    owned: tempfile.TemporaryDirectory | None = workdir
+    if out_dir is not None:
+        forward, inverse = _export(forward, inverse, Path(out_dir))
+        workdir.cleanup()
+        owned = None
+    return Registration(
+        warped=from_ants(result["warpedmovout"], moving.path),
+        warped_label=warped_label,
+        forward=forward,
+        inverse=inverse,
+        seconds=time.perf_counter() - start,
+        kind=kind,
+        _workdir=owned,
+    )
+
+
+def apply(
+    transforms: Sequence[str | os.PathLike],
+    moving: Image,
+    fixed_geometry: Image | Geometry,
+    kind: str = "linear",
+    invert: bool = False,
+) -> Image:
+    """Resample ``moving`` onto ``fixed_geometry`` through saved ANTs transforms.
+
+    Args:
+        transforms: :attr:`Registration.forward` (moving -> fixed), or
+            :attr:`Registration.inverse` with ``invert=True`` (fixed -> moving; map a fixed-space
+            image back onto the moving grid).
+        moving: image on the grid the transforms start from.
+        fixed_geometry: output grid (an image or its geometry).
+        kind: "linear" for intensities (float32 output) or "label" for integer label maps
+            (generic-label interpolation, output in the label's dtype).
+        invert: invert the affine matrices of the list (as ANTs does for an inverse list).
+
+    Returns:
+        :class:`Image` on ``fixed_geometry``, its ``path`` that of ``moving``.
+
+    Raises:
+        ImageReadError: a transform file is missing.
+        LabelError: ``kind="label"`` with non-integer values.
+        CmmasError: ANTs failed to apply the transforms.
+    """
+    if kind not in INTERPOLATORS:
+        raise ValueError(f"kind must be one of {tuple(INTERPOLATORS)}, got {kind!r}")
+    paths = [os.fspath(t) for t in transforms]
+    if not paths:
+        raise ValueError("transforms is empty")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ImageReadError(path, "transform file not found")
+    geometry = fixed_geometry.geometry if isinstance(fixed_geometry, Image) else fixed_geometry
+    reference = to_ants(Image(np.zeros(geometry.shape, dtype=np.float32), geometry))
+    try:
+        if kind == "label":
+            _check_integer(moving)
+            return _warp_label(moving, reference, paths, invert)
+        return _warp(moving, reference, paths, invert, "linear")
+    except RuntimeError as err:
+        raise CmmasError(moving.path or "moving image", f"applying {paths} failed: {_one_line(err)}") from None
+
+
+def _warp(
+    moving: Image, reference: "ants.ANTsImage", transforms: list[str], invert: bool, interpolator: str
+) -> Image:
+    import ants
+
+    out = ants.apply_transforms(
+        fixed=reference,
+        moving=to_ants(moving),
+        transformlist=transforms,
+        interpolator=interpolator,
+        whichtoinvert=[invert and t.endswith(".mat") for t in transforms],
+        singleprecision=True,
+    )
+    return from_ants(out, moving.path)
+
+
+def _warp_label(label: Image, reference: "ants.ANTsImage", transforms: list[str], invert: bool) -> Image:
+    warped = _warp(label, reference, transforms, invert, INTERPOLATORS["label"])
+    dtype = label.array.dtype if np.issubdtype(label.array.dtype, np.integer) else np.int32
+    return warped.with_array(np.rint(warped.array).astype(dtype))
+
+
+def _schedule(
+    base: Schedule,
+    shrink: Sequence[int] | None,
+    sigmas: Sequence[int] | None,
+    iterations: Sequence[int] | None,
+    sampling: float | None,
+    syn_iterations: Sequence[int] | None,
+) -> Schedule:
+    return Schedule(
+        shrink_factors=base.shrink_factors if shrink is None else tuple(int(s) for s in shrink),
+        smoothing_sigmas=base.smoothing_sigmas if sigmas is None else tuple(int(s) for s in sigmas),
+        iterations=base.iterations if iterations is None else tuple(int(i) for i in iterations),
+        sampling=base.sampling if sampling is None else float(sampling),
+        syn_iterations=base.syn_iterations if syn_iterations is None else tuple(int(i) for i in syn_iterations),
+    )
+
+
+def _check_registrable(image: Image, role: str) -> None:
+    array = image.array
+    name = image.path or f"{role} image"
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise ImageReadError(name, "image holds NaN or infinite voxels; cannot register")
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        raise ImageReadError(name, f"image is constant (every voxel is {low:g}); cannot register")
+
+
+def _check_integer(label: Image) -> None:
+    array = label.array
+    if not np.issubdtype(array.dtype, np.integer) and not np.all(array == np.round(array)):
+        raise LabelError(label.path or "label", "label map holds non-integer values")
+
+
+@contextlib.contextmanager
+def _ants_seed(seed: int | None) -> Iterator[None]:
+    """Set ``ANTS_RANDOM_SEED`` (ANTs' documented seed variable) for the duration of the block."""
+    previous = os.environ.get("ANTS_RANDOM_SEED")
+    if seed is None:
+        os.environ.pop("ANTS_RANDOM_SEED", None)
+    else:
+        os.environ["ANTS_RANDOM_SEED"] = str(int(seed) + 1)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("ANTS_RANDOM_SEED", None)
+        else:
+            os.environ["ANTS_RANDOM_SEED"] = previous
+
+
+def _export(forward: list[str], inverse: list[str], out_dir: Path) -> tuple[list[str], list[str]]:
+    """Copy the transforms into ``out_dir`` under stable names; return the new lists."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    renamed: dict[str, str] = {}
+    for path in dict.fromkeys(forward + inverse):
+        if path.endswith("InverseWarp.nii.gz"):
+            name = "inverse_warp.nii.gz"
+        elif path.endswith("Warp.nii.gz"):
+            name = "warp.nii.gz"
+        else:
+            name = "affine.mat"
+        target = out_dir / name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        renamed[path] = str(target)
+    return [renamed[p] for p in forward], [renamed[p] for p in inverse]
+
+
+def _pair_name(moving: Image, fixed: Image) -> str:
+    return f"{moving.path or 'moving image'} -> {fixed.path or 'fixed image'}"
+
+
+def _one_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
