@@ -1,0 +1,118 @@
+"""atlas_set.py: preparing an atlas set once, reading it back, rejecting bad atlases."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cmmas import atlas_set, preprocess
+from cmmas.datasets import open_dataset
+from cmmas.datasets.mmwhs import MMWHS_LABELS
+from cmmas.datasets.phantom import make_subject
+from cmmas.errors import AtlasSetError, ImageReadError, LabelError
+from cmmas.io import write_image
+
+SHAPE = (24, 24, 24)
+SPACING = (4.0, 4.0, 4.0)
+
+
+def _folder(root, n=3, modality="ct", seed=0):
+    (root / modality).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, label = make_subject(modality, seed + i, shape=40)
+        write_image(image, root / modality / f"{modality}_{i:02d}_image.nii.gz")
+        write_image(label, root / modality / f"{modality}_{i:02d}_label.nii.gz")
+    (root / "labels.json").write_text(json.dumps({"0": "background", **{str(k): v for k, v in MMWHS_LABELS.items()}}))
+    return open_dataset(root, "folder")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("atlases")
+    dataset = _folder(root / "data")
+    cases = list(dataset.of("ct"))
+    out = root / "set"
+    aset = atlas_set.prepare(cases, dataset.labels, out, shape_zyx=SHAPE, spacing_zyx=SPACING,
+                             roles={cases[-1].id: "test"}, progress=False)
+    return dataset, cases, out, aset
+
+
+def test_manifest_round_trips(prepared):
+    dataset, cases, out, aset = prepared
+    again = atlas_set.AtlasSet(out)
+    assert again.manifest == aset.manifest
+    assert again.geometry.shape == SHAPE
+    np.testing.assert_allclose(again.geometry.spacing, SPACING[::-1])
+    assert again.labels == dataset.labels
+    assert again.manifest.reference in {c.id for c in cases}
+    assert again.ids(role="train") == [c.id for c in cases[:-1]]
+    assert again.ids(role="test") == [cases[-1].id]
+
+
+def test_stored_cases_are_on_the_working_grid(prepared):
+    _, cases, _, aset = prepared
+    images, labels = aset.arrays(aset.ids())
+    assert images.shape == (len(cases),) + SHAPE and labels.shape == images.shape
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert set(np.unique(labels)) <= {0, *MMWHS_LABELS}
+    for case_id in aset.ids():
+        assert aset.image(case_id).geometry.matches(aset.geometry)
+
+
+def _overlap(a, b):
+    return 2 * np.count_nonzero(a & b) / (a.sum() + b.sum())
+
+
+def test_alignment_brings_atlases_together(prepared):
+    dataset, cases, _, aset = prepared
+    ref = aset.label(aset.manifest.reference).array > 0
+    before, after = [], []
+    for case in cases:
+        if case.id == aset.manifest.reference:
+            continue
+        _, label = dataset.load(case)
+        unaligned = preprocess.resample(label, geometry=aset.geometry, kind="label").array > 0
+        before.append(_overlap(unaligned, ref))
+        after.append(_overlap(aset.label(case.id).array > 0, ref))
+    assert np.mean(after) > np.mean(before) + 0.05 and np.mean(after) > 0.6, (before, after)
+
+
+def test_rerun_skips_what_is_done(prepared):
+    dataset, cases, out, aset = prepared
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    atlas_set.prepare(cases, dataset.labels, out, shape_zyx=SHAPE, spacing_zyx=SPACING,
+                      roles={cases[-1].id: "test"}, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == stamp
+
+
+def test_wrong_label_table_is_rejected_naming_the_file(tmp_path):
+    dataset = _folder(tmp_path / "data", n=2)
+    bad = dict(dataset.labels)
+    bad.pop(850)
+    with pytest.raises(LabelError) as info:
+        atlas_set.prepare(list(dataset.of("ct")), bad, tmp_path / "set", SHAPE, SPACING, progress=False)
+    assert "ct_00_label.nii.gz" in str(info.value) and "850" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_non_3d_atlas_is_rejected_naming_the_file(tmp_path):
+    import SimpleITK as sitk
+
+    dataset = _folder(tmp_path / "data", n=2)
+    flat = dataset.of("ct")[1].image_path
+    os.remove(flat)
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(flat))
+    with pytest.raises(ImageReadError) as info:
+        atlas_set.prepare(list(dataset.of("ct")), dataset.labels, tmp_path / "set", SHAPE, SPACING, progress=False)
+    assert flat.name in str(info.value) and "3D" in str(info.value)
+
+
+def test_bad_manifest_is_one_line(tmp_path):
+    with pytest.raises(AtlasSetError) as info:
+        atlas_set.AtlasSet(tmp_path)
+    assert "manifest.json" in str(info.value)
+    (tmp_path / "manifest.json").write_text('{"version": 1, "reference": "x"}')
+    with pytest.raises(AtlasSetError) as info:
+        atlas_set.AtlasSet(tmp_path)
+    assert "invalid manifest" in str(info.value)
