@@ -19,6 +19,7 @@ setup(
         "scikit-image>=0.22",
         "matplotlib>=3.8",
         "absl-py>=2.1",
+        "tensorboard>=2.18",
         "tqdm>=4.66",
     ],
     extras_require={

@@ -1,6 +1,7 @@
 """io.py: geometry survives write/read, writes are atomic, each bad input gets its one-line error."""
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,14 @@ def test_write_is_atomic_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["x.nii.gz"]
     atomic_write_text(tmp_path / "t.json", "{}")
     assert (tmp_path / "t.json").read_text() == "{}"
+    umask = os.umask(0o022)
+    try:
+        write_image(_image(), target)
+        atomic_write_text(tmp_path / "t.json", "{}")
+    finally:
+        os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o644
 
 
 def _one_line(err: CmmasError, name: str) -> str:

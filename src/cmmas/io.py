@@ -327,6 +327,14 @@ def check_same_grid(reference: Image, other: Image, what: str = "image") -> None
         raise GeometryError(other.path, f"{what} grid differs from {ref}: " + "; ".join(diffs))
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file the umask's permissions (mkstemp makes it 0600), then rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_image(image: Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write atomically (temporary file in the same folder, then rename), keeping the geometry.
 
@@ -347,7 +355,7 @@ def write_image(image: Image, path: str | os.PathLike, compress: bool = True) ->
     os.close(fd)
     try:
         sitk.WriteImage(to_sitk(image.with_array(array)), tmp, useCompression=compress)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -362,7 +370,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
