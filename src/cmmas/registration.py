@@ -517,7 +517,7 @@ def _check_training_set(images, labels, shape: tuple, what: str) -> tuple[np.nda
     return images.astype(np.float32, copy=False), labels
 
 
-def _resume_epoch(backup_dir: Path) -> int:
+def resume_epoch_of(backup_dir: Path) -> int:
     """The epoch ``BackupAndRestore`` will resume at (0 when there is no usable backup)."""
     try:
         return int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
@@ -525,7 +525,7 @@ def _resume_epoch(backup_dir: Path) -> int:
         return 0
 
 
-def _callbacks(config, out: Path, extra: Sequence) -> list:
+def training_callbacks(config, out: Path, extra: Sequence) -> list:
     """The training callbacks of a run folder (also used by :mod:`cmmas.similarity`).
 
     Stop after ``config.steps`` steps, ``history.csv`` (appended), per-epoch weights in
@@ -594,7 +594,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
 
-    resume_epoch = _resume_epoch(out / "backup")
+    resume_epoch = resume_epoch_of(out / "backup")
     if resume_epoch == 0 and (out / "history.csv").exists():
         (out / "history.csv").unlink()
     elif resume_epoch:
@@ -630,7 +630,7 @@ def train(
         epochs=config.epochs,
         steps_per_epoch=config.steps_per_epoch,
         validation_data=validation,
-        callbacks=_callbacks(config, out, callbacks),
+        callbacks=training_callbacks(config, out, callbacks),
         shuffle=False,
         verbose=1 if progress else 0,
     )
