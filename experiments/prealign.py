@@ -1,0 +1,178 @@
+"""Pre-align atlases to targets with ANTs (Mattes mutual information): the classical baseline's
+first stage, and the input of fusion (experiments/evaluate.py) and of the networks.
+
+Modes:
+  pairwise (default): every atlas registered onto every target (rigid then affine, or + SyN with
+    --registration syn), written per target as documented in cmmas.classical:
+      OUT/<target>/pairs.json, target_image.nii.gz, target_label.nii.gz,
+      OUT/<target>/atlases/<atlas>_image.nii.gz, <atlas>_label.nii.gz,
+      OUT/<target>/transforms/<atlas>/affine.mat (+ warp.nii.gz, inverse_warp.nii.gz).
+    --spacing S resamples the target to S mm isotropic first; the outputs lie on that grid.
+  reference: every case aligned once to a reference atlas and stored on one working grid of
+    --shape voxels of --spacing mm (cmmas.atlas_set.prepare: OUT/manifest.json, images/, labels/,
+    transforms/).
+
+Split: --fold k (with --n_folds) takes, per modality, the k-th contiguous chunk of the target
+modality's cases as targets and the atlas modality's cases outside its own fold k as atlases
+(as the paper); --targets and --atlases give explicit case ids instead. In reference mode the
+targets are "test" cases and every other case of both modalities (outside the atlas modality's
+fold k) is a "train" case.
+
+Re-running skips what is done; outputs are written atomically.
+
+Example:
+  python experiments/prealign.py --data ../shared/data/abdomen-ctmr --layout folder \
+      --atlas_modality ct --target_modality mr --fold 1 --max_atlases 5 --max_targets 2 \
+      --spacing 3 --out runs/prealign/ct2mr_affine
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("data", None, "Data-set root folder.")
+flags.DEFINE_enum("layout", "folder", ["mmwhs", "chaos", "folder"], "On-disk layout of --data.")
+flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases.")
+flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
+flags.DEFINE_integer("component", None, "Keep only this label code (others become background).")
+flags.DEFINE_integer("fold", None, "1-based cross-validation fold (targets = that fold).")
+flags.DEFINE_integer("n_folds", 4, "Number of folds.", lower_bound=2)
+flags.DEFINE_list("targets", None, "Explicit target case ids (with --atlases; instead of --fold).")
+flags.DEFINE_list("atlases", None, "Explicit atlas case ids (with --targets).")
+flags.DEFINE_integer("max_atlases", None, "Use at most this many atlases (the first, natural order).", lower_bound=1)
+flags.DEFINE_integer("max_targets", None, "Use at most this many targets (the first, natural order).", lower_bound=1)
+flags.DEFINE_enum("mode", "pairwise", ["pairwise", "reference"], "Align atlas->target pairs, or all cases to one reference.")
+flags.DEFINE_enum("registration", "affine", ["affine", "syn"], "pairwise: rigid+affine, or rigid+affine+SyN.")
+flags.DEFINE_float("spacing", 3.0, "Working spacing in mm, isotropic (pairwise: 0 keeps the target's grid).", lower_bound=0.0)
+flags.DEFINE_list("shape", ["96", "96", "96"], "reference: working-grid shape z,y,x (voxels).")
+flags.DEFINE_float("align_spacing", 3.0, "reference: isotropic spacing of the alignments, mm.", lower_bound=0.1)
+flags.DEFINE_string("reference", "auto", "reference: the reference case id, or 'auto'.")
+flags.DEFINE_bool("fast", False, "Use ANTs' short schedule (seconds per pair, less accurate).")
+flags.DEFINE_string("out", None, "Output folder.")
+flags.DEFINE_integer("seed", 0, "Seed of Python, numpy and ANTs' metric sampling.", lower_bound=0)
+flags.DEFINE_integer("workers", 1, "Pairs registered at once, one process and one ANTs thread each.", lower_bound=1)
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def _split(dataset):
+    """(targets, atlases, other training cases) as the flags ask."""
+    from cmmas.datasets import explicit_split, fold_split
+    from cmmas.errors import DatasetError
+
+    if FLAGS.atlas_modality == FLAGS.target_modality:
+        logging.warning("atlases and targets share the modality %s: a mono-modal run", FLAGS.atlas_modality)
+    explicit = FLAGS.targets is not None or FLAGS.atlases is not None
+    if explicit == (FLAGS.fold is not None):
+        raise DatasetError(None, "give either --fold, or --targets and --atlases")
+    others: tuple = ()
+    if explicit:
+        if not FLAGS.targets or not FLAGS.atlases:
+            raise DatasetError(None, "--targets and --atlases go together")
+        cases = tuple(dataset.of(FLAGS.target_modality))
+        if FLAGS.atlas_modality != FLAGS.target_modality:
+            cases += tuple(dataset.of(FLAGS.atlas_modality))
+        targets, atlases = explicit_split(cases, FLAGS.targets, FLAGS.atlases)
+    else:
+        targets, target_train = fold_split(dataset.of(FLAGS.target_modality), FLAGS.fold, FLAGS.n_folds)
+        _, atlases = fold_split(dataset.of(FLAGS.atlas_modality), FLAGS.fold, FLAGS.n_folds)
+        if FLAGS.atlas_modality != FLAGS.target_modality:
+            others = target_train
+    unlabelled = [a.id for a in atlases if a.label_path is None]
+    if unlabelled:
+        raise DatasetError(dataset.root, f"atlases without a label: {unlabelled}")
+    atlases = atlases[: FLAGS.max_atlases] if FLAGS.max_atlases else atlases
+    targets = targets[: FLAGS.max_targets] if FLAGS.max_targets else targets
+    return tuple(targets), tuple(atlases), tuple(others)
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from cmmas.errors import CmmasError
+
+    try:
+        return _run()
+    except CmmasError as err:
+        print(f"prealign: {err}", file=sys.stderr)
+        return 1
+
+
+def _run() -> int:
+    import numpy as np
+
+    from cmmas import prealign
+    from cmmas.datasets import open_dataset
+    from cmmas.errors import CmmasError
+
+    random.seed(FLAGS.seed)
+    np.random.seed(FLAGS.seed)
+    if FLAGS.workers > 1:
+        prealign.set_threads(1)
+    dataset = open_dataset(FLAGS.data, FLAGS.layout)
+    targets, atlases, others = _split(dataset)
+    print(
+        f"prealign: {FLAGS.mode}, {len(atlases)} {FLAGS.atlas_modality} atlas(es) "
+        f"[{', '.join(a.id for a in atlases)}] -> {len(targets)} {FLAGS.target_modality} target(s) "
+        f"[{', '.join(t.id for t in targets)}]"
+    )
+    if FLAGS.mode == "reference":
+        from cmmas import atlas_set
+
+        try:
+            shape = tuple(int(s) for s in FLAGS.shape)
+        except ValueError:
+            raise CmmasError(None, f"--shape must be three integers, got {FLAGS.shape}") from None
+        if len(shape) != 3 or FLAGS.spacing <= 0:
+            raise CmmasError(None, f"reference mode needs --shape z,y,x and --spacing > 0, got {FLAGS.shape}, {FLAGS.spacing}")
+        cases = list(atlases) + list(others) + list(targets)
+        space = atlas_set.prepare(
+            cases,
+            dict(dataset.labels),
+            FLAGS.out,
+            shape_zyx=shape,
+            spacing_zyx=(FLAGS.spacing,) * 3,
+            reference=FLAGS.reference,
+            roi_ids=[a.id for a in atlases],
+            roles={c.id: ("test" if c in targets else "train") for c in cases},
+            align_spacing_mm=FLAGS.align_spacing,
+            component=FLAGS.component,
+            fast=FLAGS.fast,
+            seed=FLAGS.seed,
+            progress=FLAGS.progress,
+        )
+        print(f"prealign: {len(cases)} case(s) in {space.root} (reference {space.manifest.reference})")
+        return 0
+
+    from cmmas.classical import prealign_targets
+
+    results = prealign_targets(
+        atlases,
+        targets,
+        dict(dataset.labels),
+        FLAGS.out,
+        kind=FLAGS.registration,
+        spacing_mm=FLAGS.spacing or None,
+        seed=FLAGS.seed,
+        fast=FLAGS.fast,
+        component=FLAGS.component,
+        workers=FLAGS.workers,
+        progress=FLAGS.progress,
+    )
+    for pairs in results:
+        seconds = list(pairs.seconds.values())
+        print(
+            f"prealign: {pairs.target_id}: {len(pairs.atlas_ids)} atlas(es) in {pairs.folder} "
+            f"({len(pairs.registered)} registered now; {np.mean(seconds):.1f} s per registration)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["data", "out"])
+    app.run(_main)

@@ -1,0 +1,236 @@
+"""Figures of the evaluation: box plots of a metric per method and structure, and overlays.
+
+matplotlib runs with the non-interactive Agg backend (imported lazily); every figure is saved
+as PNG (written atomically) and closed. Volumes are ``(z, y, x)`` arrays; coronal and
+sagittal views are drawn with their true aspect ratio when the spacing is known, superior up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cmmas.errors import CmmasError, GeometryError
+from cmmas.io import Image
+
+#: Metrics where a higher value is better (the others are distances, lower is better).
+HIGHER_IS_BETTER = ("dice", "jaccard")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_png: str | os.PathLike) -> Path:
+    """Save atomically as PNG and close the figure."""
+    plt = _pyplot()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def boxplot(rows: Sequence[dict], metric: str, out_png: str | os.PathLike, title: str | None = None) -> Path:
+    """One box per method per structure (structures along x, methods side by side, coloured).
+
+    Args:
+        rows: result rows with ``method``, ``name`` and ``metric`` keys (nan values are left out).
+        metric: e.g. "dice" or "hd95".
+        out_png: output file.
+
+    Raises:
+        CmmasError: no finite value of ``metric`` in ``rows``.
+    """
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    methods = _ordered(r["method"] for r in rows)
+    structures = _ordered(r["name"] for r in rows)
+    values = {
+        (m, s): [float(r[metric]) for r in rows if r["method"] == m and r["name"] == s and np.isfinite(r[metric])]
+        for m in methods
+        for s in structures
+    }
+    if not any(values.values()):
+        raise CmmasError(out_png, f"no finite {metric!r} value to plot")
+    colours = plt.get_cmap("tab10")
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(structures) * max(1, len(methods)) ** 0.5 + 2), 4.5))
+    for k, method in enumerate(methods):
+        for j, structure in enumerate(structures):
+            data = values[(method, structure)]
+            if not data:
+                continue
+            box = ax.boxplot(
+                data,
+                positions=[j - 0.4 + width * (k + 0.5)],
+                widths=width * 0.85,
+                patch_artist=True,
+                showfliers=True,
+                manage_ticks=False,
+            )
+            for patch in box["boxes"]:
+                patch.set_facecolor(colours(k % 10))
+                patch.set_alpha(0.75)
+            for median in box["medians"]:
+                median.set_color("black")
+    ax.set_xticks(range(len(structures)))
+    ax.set_xticklabels(structures)
+    ax.set_xlim(-0.6, len(structures) - 0.4)
+    ax.set_ylabel(metric if metric in HIGHER_IS_BETTER else f"{metric} (mm)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(
+        handles=[Patch(facecolor=colours(k % 10), alpha=0.75, label=m) for k, m in enumerate(methods)],
+        loc="best",
+        fontsize="small",
+    )
+    ax.set_title(title or f"{metric} per structure and method")
+    return _save(fig, out_png)
+
+
+def _array(volume, what: str) -> np.ndarray:
+    array = np.asarray(volume.array if isinstance(volume, Image) else volume)
+    if array.ndim != 3:
+        raise GeometryError(what, f"expected a 3D (z, y, x) volume, got shape {array.shape}")
+    return array
+
+
+def slice_indices(shape: Sequence[int], mask: np.ndarray | None = None, slices: str = "mid") -> tuple[int, int, int]:
+    """Indices ``(z, y, x)`` of the axial, coronal and sagittal slices to show.
+
+    ``"mid"``: the middle of the volume; ``"auto"``: the centre of mass of ``mask``'s
+    foreground (the middle when the mask is empty or None).
+    """
+    if slices not in ("mid", "auto"):
+        raise CmmasError(None, f"slices must be 'mid' or 'auto', got {slices!r}")
+    middle = tuple(int(s) // 2 for s in shape)
+    if slices == "mid" or mask is None or not np.any(mask):
+        return middle  # type: ignore[return-value]
+    centre = np.argwhere(mask).mean(axis=0)
+    return tuple(int(min(max(round(c), 0), s - 1)) for c, s in zip(centre, shape))  # type: ignore[return-value]
+
+
+def overlay(
+    image: Image | np.ndarray,
+    truth: Image | np.ndarray | None,
+    preds: Mapping[str, Image | np.ndarray],
+    out_png: str | os.PathLike,
+    slices: str = "auto",
+    spacing_zyx: Sequence[float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Axial, coronal and sagittal slices with the contours of the truth and each prediction.
+
+    Args:
+        image: ``[D, H, W]`` intensities (an :class:`Image` gives the spacing too).
+        truth: ground-truth label map (drawn white), or None.
+        preds: name -> label map, each drawn in its own colour (every structure's outline).
+        out_png: output file.
+        slices: "mid" or "auto" (through the centre of the truth, else of the predictions).
+        spacing_zyx: voxel size in mm for the aspect ratio (default: the image's, else 1).
+        title: figure title.
+
+    Raises:
+        GeometryError: volumes of different shapes.
+    """
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    volume = _array(image, "image")
+    if spacing_zyx is None:
+        spacing_zyx = image.spacing_zyx if isinstance(image, Image) else (1.0, 1.0, 1.0)
+    sz, sy, sx = (float(s) for s in spacing_zyx)
+    maps = {} if truth is None else {"truth": _array(truth, "truth")}
+    maps.update({name: _array(p, name) for name, p in preds.items()})
+    for name, array in maps.items():
+        if array.shape != volume.shape:
+            raise GeometryError(name, f"shape {array.shape} differs from the image's {volume.shape}")
+    if truth is not None and np.any(maps["truth"]):
+        focus = maps["truth"] > 0
+    else:
+        focus = np.any([m > 0 for m in maps.values()], axis=0) if maps else None
+    z, y, x = slice_indices(volume.shape, focus, slices)
+    views = (
+        (f"axial z={z}", np.s_[z, :, :], sy / sx, "upper"),
+        (f"coronal y={y}", np.s_[:, y, :], sz / sx, "lower"),
+        (f"sagittal x={x}", np.s_[:, :, x], sz / sy, "lower"),
+    )
+    low, high = np.percentile(volume, [1, 99])
+    colours = plt.get_cmap("tab10")
+    styles = {"truth": ("white", 1.8)}
+    styles.update({name: (colours(k % 10), 1.1) for k, name in enumerate(preds)})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    for ax, (name, where, aspect, origin) in zip(axes, views):
+        ax.imshow(volume[where], cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, origin=origin)
+        for key, array in maps.items():
+            colour, width = styles[key]
+            plane = array[where]
+            for code in np.unique(plane):
+                if code == 0:
+                    continue
+                mask = (plane == code).astype(np.float32)
+                if mask.min() < mask.max():
+                    ax.contour(mask, levels=[0.5], colors=[colour], linewidths=width, origin=origin)
+        ax.set_title(name)
+        ax.set_axis_off()
+    handles = [Line2D([], [], color=styles[k][0], lw=2, label=k) for k in maps]
+    if handles:
+        legend = fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+        for text in legend.get_texts():
+            text.set_color("black")
+        fig.patch.set_facecolor("0.85")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def best_median_worst(
+    rows: Sequence[dict], method: str | None = None, metric: str = "dice", direction: str | None = None
+) -> dict[str, str]:
+    """Cases with the best, median and worst per-case mean of ``metric`` over structures.
+
+    Args:
+        rows: result rows.
+        method: the method ranked (default: the first in ``rows``).
+        metric: "dice"/"jaccard" (higher is better) or a distance (lower is better).
+        direction: restrict to one direction (e.g. "ct->mr").
+
+    Returns:
+        ``{"best": case, "median": case, "worst": case}`` (the median is the lower middle one).
+
+    Raises:
+        CmmasError: no row of that method (and direction).
+    """
+    from cmmas.evaluation import case_means
+
+    if method is None:
+        if not rows:
+            raise CmmasError(None, "no result rows to choose cases from")
+        method = rows[0]["method"]
+    means = {c: v for c, v in case_means(rows, method, metric, direction).items() if np.isfinite(v)}
+    if not means:
+        where = "" if direction is None else f" ({direction})"
+        raise CmmasError(None, f"no finite {metric} of method {method!r}{where} to rank cases by")
+    order = sorted(means, key=lambda c: means[c], reverse=metric in HIGHER_IS_BETTER)
+    return {"best": order[0], "median": order[(len(order) - 1) // 2], "worst": order[-1]}

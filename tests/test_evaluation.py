@@ -1,0 +1,288 @@
+"""Fusion scoring and the report (cmmas.evaluation), figures (cmmas.plots), experiments/evaluate.py,
+and the classical pipeline end to end on two real abdomen cases."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cmmas import classical, evaluation, plots
+from cmmas.datasets import open_dataset
+from cmmas.errors import CmmasError, GeometryError
+from cmmas.io import Geometry, Image, read_label, write_image
+from cmmas.metrics import dice
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = {1: "alpha", 2: "beta", 3: "gamma"}
+SHAPE = (24, 24, 24)
+SPACING = (2.0, 2.0, 2.0)
+
+
+def _truth():
+    z, y, x = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+    label = np.zeros(SHAPE, np.int32)
+    label[(z - 8) ** 2 + (y - 9) ** 2 + (x - 8) ** 2 <= 30] = 1
+    label[(z - 15) ** 2 + (y - 14) ** 2 + (x - 15) ** 2 <= 20] = 2
+    label[(abs(z - 12) <= 3) & (abs(y - 5) <= 2) & (abs(x - 17) <= 3)] = 3
+    return label
+
+
+def _image(label, seed=0):
+    rng = np.random.default_rng(seed)
+    return ndimage.gaussian_filter(np.asarray([10.0, 80.0, 150.0, 220.0])[label], 1.0) + rng.normal(0, 2, label.shape)
+
+
+def _noisy_atlases(truth, n=5, seed=0):
+    """Atlases = the truth with 20% of the voxels near the structures relabelled at random (independently)."""
+    rng = np.random.default_rng(seed)
+    near = ndimage.binary_dilation(truth > 0, iterations=2)
+    atlases = []
+    for _ in range(n):
+        flip = near & (rng.random(truth.shape) < 0.2)
+        atlases.append(np.where(flip, rng.integers(0, 4, truth.shape), truth).astype(np.int32))
+    return np.stack(atlases)
+
+
+def _by(rows, method):
+    return {r["name"]: r for r in rows if r["method"] == method}
+
+
+def test_identical_atlases_score_dice_one_with_every_method():
+    truth = _truth()
+    image = _image(truth)
+    atlases = np.stack([truth] * 3)
+    scored = evaluation.fuse_and_score(
+        truth, atlases, np.stack([image] * 3), image, LABELS, SPACING,
+        methods=("mv", "staple", "lwv", "jlf"), case="c1", direction="ct->mr",
+    )
+    methods = ("mv", "staple", "lwv", "jlf") + evaluation.BOUNDS
+    assert [r["method"] for r in scored.rows] == [m for m in methods for _ in LABELS]
+    for row in scored.rows:
+        assert row["dice"] == pytest.approx(1.0) and row["hd95"] == pytest.approx(0.0), row
+        assert row["case"] == "c1" and row["direction"] == "ct->mr"
+        assert tuple(row) == evaluation.COLUMNS
+    assert set(scored.seconds) == {"mv", "staple", "lwv", "jlf"}
+    assert all(s >= 0 for s in scored.seconds.values())
+    assert all(_by(scored.rows, m)["alpha"]["seconds"] == scored.seconds[m] for m in scored.seconds)
+    for prediction in scored.predictions.values():
+        np.testing.assert_array_equal(prediction, truth)
+
+
+def test_oracle_beats_majority_vote_which_beats_a_single_atlas():
+    truth = _truth()
+    atlases = _noisy_atlases(truth)
+    scored = evaluation.fuse_and_score(truth, atlases, None, None, LABELS, SPACING, methods=("mv",))
+    oracle, mv, single = (_by(scored.rows, m) for m in ("oracle", "mv", "single-atlas mean"))
+    for name in LABELS.values():
+        assert oracle[name]["dice"] >= mv[name]["dice"] >= single[name]["dice"]
+        assert oracle[name]["dice"] > single[name]["dice"] + 0.05
+    assert single["alpha"]["dice"] == pytest.approx(np.mean([dice(a == 1, truth == 1) for a in atlases]))
+    assert np.isnan(single["alpha"]["seconds"])
+
+
+def test_oracle_label_takes_the_truth_where_an_atlas_has_it():
+    truth = np.array([1, 2, 0, 3]).reshape(1, 1, 4)
+    atlases = np.array([[1, 0, 0, 0], [0, 0, 2, 1]]).reshape(2, 1, 1, 4)
+    majority = np.array([1, 0, 2, 0]).reshape(1, 1, 4)
+    np.testing.assert_array_equal(evaluation.oracle_label(atlases, truth, majority).ravel(), [1, 0, 0, 0])
+
+
+def test_extra_predictions_are_scored_and_unlabelled_targets_only_fused():
+    truth = _truth()
+    atlases = _noisy_atlases(truth, n=3)
+    scored = evaluation.fuse_and_score(
+        truth, atlases, None, None, LABELS, SPACING, methods=("mv",), extra={"perfect": truth}, bounds=False
+    )
+    assert {r["method"] for r in scored.rows} == {"mv", "perfect"}
+    assert all(r["dice"] == 1.0 for r in scored.rows if r["method"] == "perfect")
+    assert np.isnan(_by(scored.rows, "perfect")["alpha"]["seconds"])
+    blind = evaluation.fuse_and_score(None, atlases, None, None, LABELS, SPACING, methods=("mv", "staple"))
+    assert blind.rows == [] and set(blind.predictions) == {"mv", "staple"}
+    with pytest.raises(CmmasError, match="clashes"):
+        evaluation.fuse_and_score(truth, atlases, None, None, LABELS, SPACING, methods=("mv",), extra={"mv": truth})
+    with pytest.raises(CmmasError, match="unknown fusion method 'vote'"):
+        evaluation.fuse_and_score(truth, atlases, None, None, LABELS, SPACING, methods=("vote",))
+
+
+def test_presets_resolve_with_overrides():
+    assert evaluation.resolve("jlf") == ("jlf", {"rad": 1, "r_search": 1})
+    assert evaluation.resolve("jlf", {"jlf": {"rad": 2}}) == ("jlf", {"rad": 2, "r_search": 1})
+    assert evaluation.resolve("lwv") == ("lwv", {"similarity": "mi"})
+
+
+def _rows():
+    """Two cases x two methods x two structures; case b's beta prediction is empty (hd95 nan)."""
+    rows = []
+    values = {("a", "mv"): (0.9, 0.8), ("b", "mv"): (0.7, 0.0), ("a", "jlf"): (0.95, 0.85), ("b", "jlf"): (0.75, 0.6)}
+    for (case, method), dices in values.items():
+        for (code, name), d in zip(LABELS.items(), dices):
+            rows.append({
+                "case": case, "direction": "ct->mr", "method": method, "label": code, "name": name,
+                "dice": d, "jaccard": d / (2 - d), "hd95": float("nan") if d == 0 else 10 * (1 - d),
+                "assd": float("nan") if d == 0 else 3 * (1 - d), "seconds": 1.5,
+                "volume_pred_ml": 1.0, "volume_true_ml": 1.0,
+            })
+    return rows
+
+
+def test_write_report_files_summary_and_table(tmp_path):
+    rows = _rows()
+    timings = [
+        {"case": "a", "direction": "ct->mr", "step": "registration", "method": "affine", "seconds": 10.0},
+        {"case": "a", "direction": "ct->mr", "step": "registration", "method": "affine", "seconds": 12.0},
+        {"case": "a", "direction": "ct->mr", "step": "fusion", "method": "mv", "seconds": 0.5},
+    ]
+    report = evaluation.write_report(rows, tmp_path / "report", timings)
+    back = evaluation.read_results(report.results_csv)
+    assert len(back) == len(rows)
+    for got, want in zip(back, rows):
+        for key in evaluation.COLUMNS:
+            if isinstance(want[key], float) and np.isnan(want[key]):
+                assert np.isnan(got[key])
+            else:
+                assert got[key] == want[key]
+    summary = json.loads(report.summary_json.read_text())
+    mv = summary["metrics"]["ct->mr"]["mv"]
+    assert mv["alpha"]["dice"]["mean"] == pytest.approx(0.8)
+    assert mv["alpha"]["dice"]["std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    assert mv["beta"]["hd95"]["n"] == 1 and mv["beta"]["hd95"]["n_missing"] == 1
+    assert mv["mean"]["dice"]["mean"] == pytest.approx(np.mean([0.85, 0.35]))
+    assert summary["seconds"]["ct->mr"]["registration"]["affine"]["mean"] == pytest.approx(11.0)
+    assert summary["n_cases"] == {"ct->mr": 2}
+    table = report.table
+    assert "| mv | 0.800 ± 0.141 | 0.400 ± 0.566 | 0.600 ± 0.354 |" in table
+    assert "| method | alpha | beta | mean |" in table
+    assert "(1/2)" in table and "| ct->mr | registration | affine | 11.00 ± 1.41 | 2 |" in table
+    assert report.timings_csv.read_text().splitlines()[0] == ",".join(evaluation.TIMING_COLUMNS)
+    with pytest.raises(CmmasError, match="no results"):
+        evaluation.write_report([], tmp_path)
+
+
+def _png_size(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_boxplot_and_overlay_write_pngs(tmp_path):
+    import matplotlib.pyplot as plt
+
+    width, height = _png_size(plots.boxplot(_rows(), "dice", tmp_path / "box.png"))
+    assert width > 300 and height > 200
+    truth = _truth()
+    image = Image(_image(truth).astype(np.float32), Geometry.identity(SHAPE, SPACING))
+    out = plots.overlay(image, truth, {"mv": np.roll(truth, 2, axis=0), "jlf": truth}, tmp_path / "o.png", title="t")
+    width, height = _png_size(out)
+    assert width > 600 and height > 200
+    assert plt.get_fignums() == []
+    with pytest.raises(GeometryError, match="differs from the image"):
+        plots.overlay(image, truth, {"mv": truth[:-1]}, tmp_path / "bad.png")
+    with pytest.raises(CmmasError, match="no finite"):
+        plots.boxplot([dict(r, dice=float("nan")) for r in _rows()], "dice", tmp_path / "none.png")
+
+
+def test_slices_and_case_ranking():
+    mask = np.zeros((10, 20, 30), bool)
+    mask[2:5, 10:13, 3:6] = True
+    assert plots.slice_indices(mask.shape, mask, "auto") == (3, 11, 4)
+    assert plots.slice_indices(mask.shape, mask, "mid") == (5, 10, 15)
+    assert plots.slice_indices(mask.shape, np.zeros_like(mask), "auto") == (5, 10, 15)
+    rows = _rows()
+    assert plots.best_median_worst(rows, method="jlf") == {"best": "a", "median": "a", "worst": "b"}
+    extra = [dict(r, case="c", dice=r["dice"] - 0.05) for r in rows if r["case"] == "a"]
+    assert plots.best_median_worst(rows + extra, method="mv") == {"best": "a", "median": "c", "worst": "b"}
+    ranked_by_distance = plots.best_median_worst(rows, method="jlf", metric="hd95")
+    assert ranked_by_distance["best"] == "a"
+    with pytest.raises(CmmasError, match="no finite dice of method 'staple'"):
+        plots.best_median_worst(rows, method="staple")
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def _evaluate(*args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "evaluate.py"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def phantom_pairs(tmp_path_factory):
+    """Two phantom CT atlases affinely aligned to one phantom MR target (32^3), folder layout."""
+    from cmmas.datasets import phantom
+
+    root = tmp_path_factory.mktemp("phantom")
+    labels = {0: "background", **phantom.MMWHS_LABELS}
+    (root / "labels.json").write_text(json.dumps({str(k): v for k, v in labels.items()}))
+    for modality, names in (("ct", ("ct_1", "ct_2")), ("mr", ("mr_1",))):
+        for k, name in enumerate(names):
+            image, label = phantom.make_subject(modality, 10 + k + (5 if modality == "mr" else 0), shape=32)
+            write_image(image, root / modality / f"{name}_image.nii.gz")
+            write_image(label.with_array(label.array.astype(np.int32)), root / modality / f"{name}_label.nii.gz")
+    data = open_dataset(root, "folder")
+    out = tmp_path_factory.mktemp("pairs")
+    classical.prealign_pairs(
+        [data.case("ct_1"), data.case("ct_2")], data.case("mr_1"), data.labels, out, fast=True, progress=False
+    )
+    return out
+
+
+def test_script_help_lists_the_flags():
+    done = _evaluate("--help", timeout=60)
+    assert done.returncode in (0, 1) and not done.stderr  # absl's --help exits with 1
+    for flag in ("--pairs", "--methods", "--predictions", "--out", "--jlf_rad"):
+        assert flag in done.stdout
+
+
+def test_script_writes_report_predictions_and_figures(phantom_pairs, tmp_path):
+    other = tmp_path / "other" / "mr_1"
+    truth = read_label(phantom_pairs / "mr_1" / "target_label.nii.gz")
+    write_image(truth, other / "pred_perfect.nii.gz")
+    out = tmp_path / "eval"
+    done = _evaluate("--pairs", str(phantom_pairs), "--methods", "mv,staple", "--predictions", str(tmp_path / "other"),
+                     "--out", str(out), "--noprogress")
+    assert done.returncode == 0, done.stderr
+    assert "| method |" in done.stdout and "| mv |" in done.stdout and "| perfect |" in done.stdout
+    rows = evaluation.read_results(out / "results.csv")
+    n_structures = len(truth_codes := set(np.unique(truth.array)) - {0})
+    assert n_structures >= 1
+    methods = {"mv", "staple", "perfect", "single-atlas mean", "oracle"}
+    assert {r["method"] for r in rows} == methods and len(rows) == 7 * len(methods)
+    assert all(r["dice"] == 1.0 for r in rows if r["method"] == "perfect" and r["label"] in truth_codes)
+    for method in ("mv", "staple"):
+        pred = read_label(phantom_pairs / "mr_1" / f"pred_{method}.nii.gz", like=truth)
+        assert pred.array.shape == truth.shape
+    assert (out / "summary.json").is_file() and (out / "timings.csv").is_file()
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures == ["boxplot_dice.png", "boxplot_hd95.png", "overlay_ct2mr_best-median-worst_mr_1.png"]
+    missing = _evaluate("--pairs", str(tmp_path / "nowhere"), "--out", str(out))
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1].startswith("evaluate: ") and "nowhere" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_classical_pipeline_on_two_real_cases(abdomen_data, tmp_path):
+    """ct_00 as atlas -> mr_01 as target: affine at 5 mm, mv + staple, evaluate.py's report."""
+    data = open_dataset(abdomen_data, "folder")
+    pairs = tmp_path / "pairs"
+    result = classical.prealign_pairs(
+        [data.case("ct_00")], data.case("mr_01"), data.labels, pairs, spacing_mm=5.0, fast=True, progress=False
+    )
+    assert result.atlas_ids == ("ct_00",)
+    out = tmp_path / "eval"
+    done = _evaluate("--pairs", str(pairs), "--methods", "mv,staple", "--out", str(out), "--noprogress", "--noplots")
+    assert done.returncode == 0, done.stderr
+    rows = evaluation.read_results(out / "results.csv")
+    liver = {r["method"]: r for r in rows if r["name"] == "liver"}
+    assert liver["mv"]["direction"] == "ct->mr" and liver["mv"]["case"] == "mr_01"
+    assert liver["mv"]["dice"] > 0.5, liver["mv"]
+    assert liver["oracle"]["dice"] >= liver["mv"]["dice"]
