@@ -183,3 +183,10 @@ def test_image_rejects_mismatched_array():
 def test_unsupported_suffix(tmp_path):
     with pytest.raises(ImageReadError):
         write_image(_image(), tmp_path / "a.png")
+
+
+def test_errors_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(LabelError("/data/a.nii.gz", "unknown label values [7]")))
+    assert isinstance(err, LabelError) and str(err) == "/data/a.nii.gz: unknown label values [7]"

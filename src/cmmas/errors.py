@@ -17,6 +17,10 @@ class CmmasError(Exception):
         self.problem = problem
         super().__init__(problem if self.source is None else f"{self.source}: {problem}")
 
+    def __reduce__(self):
+        """Pickle with both constructor arguments (errors cross process pools)."""
+        return (type(self), (self.source, self.problem))
+
 
 class ImageReadError(CmmasError):
     """A file is missing, unreadable, truncated, not 3D or holds NaN/inf voxels."""
