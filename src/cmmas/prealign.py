@@ -322,6 +322,12 @@ def register(
         raise CmmasError(_pair_name(moving, fixed), f"ANTs {kind} registration failed: {_one_line(err)}") from None
 
     forward, inverse = list(result["fwdtransforms"]), list(result["invtransforms"])
+    if not forward or not all(os.path.exists(f) for f in forward + inverse):
+        workdir.cleanup()
+        raise CmmasError(
+            _pair_name(moving, fixed),
+            f"ANTs {kind} registration wrote no transform files (was its temporary folder removed?)",
+        )
     owned: tempfile.TemporaryDirectory | None = workdir
     if out_dir is not None:
         forward, inverse = _export(forward, inverse, Path(out_dir))
