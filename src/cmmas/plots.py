@@ -234,3 +234,155 @@ def best_median_worst(
         raise CmmasError(None, f"no finite {metric} of method {method!r}{where} to rank cases by")
     order = sorted(means, key=lambda c: means[c], reverse=metric in HIGHER_IS_BETTER)
     return {"best": order[0], "median": order[(len(order) - 1) // 2], "worst": order[-1]}
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(volume, index, axis=axis)
+
+
+def _label_contours(ax, plane: np.ndarray, colour, width: float, origin: str) -> None:
+    """Outline every non-zero code of a 2D label plane."""
+    for code in np.unique(plane):
+        if code == 0:
+            continue
+        mask = (plane == code).astype(np.float32)
+        if mask.min() < mask.max():
+            ax.contour(mask, levels=[0.5], colors=[colour], linewidths=width, origin=origin)
+
+
+def displaced_grid_lines(ddf_plane: np.ndarray, step: int = 4) -> list[np.ndarray]:
+    """Lines of a regular grid, each point ``p`` moved to ``p + u(p)``.
+
+    Args:
+        ddf_plane: ``[H, W, 2]`` in-plane displacement in voxels, channel 0 along the plane's
+            rows (its first array axis), channel 1 along its columns.
+        step: voxels between grid lines (the first and last row and column are always drawn).
+
+    Returns:
+        One ``[K, 2]`` array of ``(row, column)`` points per line: first the lines of constant
+        row (``K = W``), then those of constant column (``K = H``). A zero field gives the
+        straight lines of the grid, exactly.
+
+    Raises:
+        GeometryError: ``ddf_plane`` is not ``[H, W, 2]`` or ``step`` is below 1.
+    """
+    ddf_plane = np.asarray(ddf_plane, dtype=np.float64)
+    if ddf_plane.ndim != 3 or ddf_plane.shape[-1] != 2:
+        raise GeometryError("displacement plane", f"expected [H, W, 2], got shape {ddf_plane.shape}")
+    if int(step) < 1:
+        raise GeometryError("displacement plane", f"grid step must be at least 1 voxel, got {step}")
+    height, width = ddf_plane.shape[:2]
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    moved = np.stack([rows, cols], axis=-1) + ddf_plane
+    row_lines = sorted(set(range(0, height, int(step))) | {height - 1})
+    col_lines = sorted(set(range(0, width, int(step))) | {width - 1})
+    return [moved[r, :, :] for r in row_lines] + [moved[:, c, :] for c in col_lines]
+
+
+def registration_panel(
+    atlas: Image | np.ndarray,
+    target: Image | np.ndarray,
+    warped: np.ndarray,
+    ddf: np.ndarray,
+    out_png: str | os.PathLike,
+    atlas_label: np.ndarray | None = None,
+    target_label: np.ndarray | None = None,
+    warped_label: np.ndarray | None = None,
+    axis: int = 0,
+    index: int | None = None,
+    spacing_zyx: Sequence[float] | None = None,
+    grid_step: int = 4,
+    title: str | None = None,
+) -> Path:
+    """One slice of a registration: atlas, target, warped atlas, deformation grid, Jacobian map.
+
+    All volumes are ``[D, H, W]`` on one grid (the working grid of the registration).
+
+    Args:
+        atlas, target: images (an :class:`Image` gives the spacing too).
+        warped: the atlas image warped onto the target.
+        ddf: ``[D, H, W, 3]`` atlas -> target field in voxels, ``ij`` (``warped(p) = atlas(p + u(p))``).
+        out_png: output file.
+        atlas_label, target_label, warped_label: label maps outlined on their images; the
+            target's outline (white) is drawn on the warped atlas too, for comparison.
+        axis: array axis normal to the slice (0 axial, 1 coronal, 2 sagittal).
+        index: slice index (default: through the centre of the target label, else the middle).
+        spacing_zyx: voxel size in mm for the aspect ratio (default: the target's, else 1).
+        grid_step: voxels between the lines of the deformation grid.
+        title: figure title.
+
+    Panels 4 and 5: the grid of target voxels drawn at the atlas points they sample
+    (``p + u(p)``, in-plane components), and det of the Jacobian of ``p -> p + u(p)``
+    (:func:`cmmas.metrics.jacobian_determinant`; 1 is volume-preserving, folds ``<= 0`` are
+    outlined black) with the folding percentage of the whole field in its title.
+
+    Raises:
+        GeometryError: volumes of different shapes, a field that is not ``[D, H, W, 3]``, or a
+            bad axis/index.
+    """
+    from cmmas.metrics import jacobian_determinant
+
+    plt = _pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+
+    images = {"atlas": _array(atlas, "atlas"), "target": _array(target, "target"), "warped atlas": _array(warped, "warped")}
+    shape = images["target"].shape
+    ddf = np.asarray(ddf, dtype=np.float64)
+    if ddf.shape != shape + (3,):
+        raise GeometryError("displacement field", f"expected shape {shape + (3,)}, got {ddf.shape}")
+    labels = {"atlas": atlas_label, "target": target_label, "warped atlas": warped_label}
+    labels = {k: None if v is None else _array(v, f"{k} label") for k, v in labels.items()}
+    for name, array in list(images.items()) + [(f"{k} label", v) for k, v in labels.items() if v is not None]:
+        if array.shape != shape:
+            raise GeometryError(name, f"shape {array.shape} differs from the target's {shape}")
+    if axis not in (0, 1, 2):
+        raise GeometryError("registration panel", f"axis must be 0, 1 or 2, got {axis}")
+    if index is None:
+        focus = None if labels["target"] is None else labels["target"] > 0
+        index = slice_indices(shape, focus, "auto")[axis]
+    if not 0 <= int(index) < shape[axis]:
+        raise GeometryError("registration panel", f"slice {index} is outside axis {axis} of size {shape[axis]}")
+    index = int(index)
+    if spacing_zyx is None:
+        spacing_zyx = target.spacing_zyx if isinstance(target, Image) else (1.0, 1.0, 1.0)
+    in_plane = [k for k in range(3) if k != axis]
+    aspect = float(spacing_zyx[in_plane[0]]) / float(spacing_zyx[in_plane[1]])
+    origin = "upper" if axis == 0 else "lower"
+    view = ("axial z", "coronal y", "sagittal x")[axis] + f"={index}"
+
+    det = jacobian_determinant(ddf)
+    folding = 100.0 * float(np.mean(det <= 0))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.8))
+    for ax, (name, volume) in zip(axes, images.items()):
+        low, high = np.percentile(volume, [1, 99])
+        ax.imshow(_plane(volume, axis, index), cmap="gray", vmin=low, vmax=high if high > low else low + 1,
+                  aspect=aspect, origin=origin)
+        if labels[name] is not None:
+            _label_contours(ax, _plane(labels[name], axis, index), "tab:orange", 1.2, origin)
+        if name == "warped atlas" and labels["target"] is not None:
+            _label_contours(ax, _plane(labels["target"], axis, index), "white", 0.8, origin)
+        ax.set_title(name)
+    grid_ax, jac_ax = axes[3], axes[4]
+    target_plane = _plane(images["target"], axis, index)
+    grid_ax.imshow(target_plane, cmap="gray", alpha=0.35, aspect=aspect, origin=origin)
+    for line in displaced_grid_lines(_plane(ddf, axis, index)[..., in_plane], grid_step):
+        grid_ax.plot(line[:, 1], line[:, 0], color="tab:blue", linewidth=0.8)
+    grid_ax.set_xlim(-0.5, shape[in_plane[1]] - 0.5)
+    grid_ax.set_ylim(*((shape[in_plane[0]] - 0.5, -0.5) if origin == "upper" else (-0.5, shape[in_plane[0]] - 0.5)))
+    grid_ax.set_title(f"deformation grid (max |u| {np.abs(ddf).max():.2f} vox)")
+    det_plane = _plane(det, axis, index)
+    spread = max(float(np.abs(det - 1.0).max()), 0.05)
+    shown = jac_ax.imshow(det_plane, cmap="RdBu_r", norm=TwoSlopeNorm(1.0, 1.0 - spread, 1.0 + spread),
+                          aspect=aspect, origin=origin)
+    folds = (det_plane <= 0).astype(np.float32)
+    if folds.min() < folds.max():
+        jac_ax.contour(folds, levels=[0.5], colors=["black"], linewidths=1.0, origin=origin)
+    fig.colorbar(shown, ax=jac_ax, fraction=0.046, pad=0.04)
+    jac_ax.set_title(f"det J (folding {folding:.2f}%, min {det.min():.2f})")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(f"{title} — {view}" if title else view)
+    return _save(fig, out_png)
