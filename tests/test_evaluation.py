@@ -109,6 +109,18 @@ def test_extra_predictions_are_scored_and_unlabelled_targets_only_fused():
         evaluation.fuse_and_score(truth, atlases, None, None, LABELS, SPACING, methods=("vote",))
 
 
+def test_cropped_metrics_equal_whole_volume_metrics():
+    from cmmas.metrics import evaluate_labels
+
+    truth = np.pad(_truth(), ((0, 8), (3, 0), (0, 0)))
+    truth[:, :, 0] = np.where(truth[:, :, 1] == 1, 1, 0)  # a structure touching the array's edge
+    pred = np.roll(_noisy_atlases(truth, n=1)[0], 2, axis=1)
+    spacing = (1.0, 2.0, 3.0)
+    for got, want in zip(evaluation.evaluate_cropped(pred, truth, LABELS, spacing),
+                         evaluate_labels(pred, truth, LABELS, spacing)):
+        assert got == pytest.approx(want)
+
+
 def test_presets_resolve_with_overrides():
     assert evaluation.resolve("jlf") == ("jlf", {"rad": 1, "r_search": 1})
     assert evaluation.resolve("jlf", {"jlf": {"rad": 2}}) == ("jlf", {"rad": 2, "r_search": 1})
@@ -237,7 +249,8 @@ def phantom_pairs(tmp_path_factory):
 def test_script_help_lists_the_flags():
     done = _evaluate("--help", timeout=60)
     assert done.returncode in (0, 1) and not done.stderr  # absl's --help exits with 1
-    for flag in ("--pairs", "--methods", "--predictions", "--out", "--jlf_rad"):
+    for flag in ("--pairs", "--space", "--aggregate", "--reg_model", "--fusion_model", "--atlas_modality",
+                 "--methods", "--predictions", "--out", "--jlf_rad"):
         assert flag in done.stdout
 
 
@@ -265,6 +278,181 @@ def test_script_writes_report_predictions_and_figures(phantom_pairs, tmp_path):
     missing = _evaluate("--pairs", str(tmp_path / "nowhere"), "--out", str(out))
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1].startswith("evaluate: ") and "nowhere" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- a prepared space
+
+SPACE_SHAPE = (24, 24, 24)
+STRUCTURES = 7  # the phantom's MM-WHS structures
+
+
+@pytest.fixture(scope="module")
+def space_run(tmp_path_factory):
+    """A tiny prepared space (3 CT atlases, 1 MR training case, 1 held-out MR target at 24^3, 4 mm)
+    with an untrained BiRegNet (zero fields: identity warps) and an untrained SimNet."""
+    from cmmas import atlas_set, registration
+    from cmmas.datasets import phantom
+    from cmmas.networks import build_biregnet, build_simnet
+
+    root = tmp_path_factory.mktemp("space")
+    data = root / "data"
+    for modality, seeds in (("ct", (0, 1, 2)), ("mr", (10, 11))):
+        for k, seed in enumerate(seeds):
+            image, label = phantom.make_subject(modality, seed, shape=40)
+            write_image(image, data / modality / f"{modality}_{k:02d}_image.nii.gz")
+            write_image(label, data / modality / f"{modality}_{k:02d}_label.nii.gz")
+    labels = {0: "background", **phantom.MMWHS_LABELS}
+    (data / "labels.json").write_text(json.dumps({str(k): v for k, v in labels.items()}))
+    dataset = open_dataset(data, "folder")
+    cases = list(dataset.of("ct")) + list(dataset.of("mr"))
+    space = atlas_set.prepare(cases, dict(dataset.labels), root / "space", SPACE_SHAPE, (4.0, 4.0, 4.0),
+                              roi_ids=[c.id for c in dataset.of("ct")], roles={"mr_01": "test"}, progress=False)
+    reg = registration.save_model(build_biregnet(SPACE_SHAPE, c0=4, levels=2), root / "reg.keras")
+    sim = registration.save_model(build_simnet(SPACE_SHAPE, n_label_channels=8, c0=4, levels=2), root / "simnet.keras")
+    return space, reg, sim, data
+
+
+def _metrics(rows, method):
+    return {r["name"]: [r[m] for m in evaluation.METRICS + ("volume_pred_ml", "volume_true_ml")]
+            for r in rows if r["method"] == method}
+
+
+def test_space_evaluation_scores_every_method_on_the_original_grid(space_run, tmp_path):
+    from cmmas.io import read_image
+    from cmmas.metrics import jacobian_stats
+
+    space, reg, sim, data = space_run
+    out = tmp_path / "eval"
+    report = evaluation.evaluate_space(space, reg, sim, out, methods=("mv", "staple"), progress=False)
+    rows = evaluation.read_results(report.results_csv)
+    methods = ["affine+mv", "mv", "staple", "simnet", "single-atlas mean", "oracle"]
+    assert [r["method"] for r in rows] == [m for m in methods for _ in range(STRUCTURES)]
+    assert {(r["case"], r["direction"]) for r in rows} == {("mr_01", "ct->mr")}
+    # An untrained BiRegNet returns zero fields: the warped atlases are the pre-aligned ones.
+    mv = _metrics(rows, "mv")
+    np.testing.assert_array_equal(np.array(list(_metrics(rows, "affine+mv").values())), np.array(list(mv.values())))
+    # An untrained SimNet gives every atlas the same similarity: its weighted vote is the majority vote.
+    np.testing.assert_array_equal(np.array(list(_metrics(rows, "simnet").values())), np.array(list(mv.values())))
+    for name, values in _metrics(rows, "oracle").items():
+        assert values[0] >= mv[name][0]
+    assert np.mean([v[0] for v in mv.values()]) > 0.3
+
+    # Predictions lie on the MR file's own (oblique, 40^3) grid and are scored against its label file.
+    source = read_image(data / "mr" / "mr_01_image.nii.gz")
+    truth = read_label(data / "mr" / "mr_01_label.nii.gz").array
+    for method in ("affine+mv", "mv", "staple", "simnet"):
+        pred = read_label(out / "mr_01" / f"pred_{method}.nii.gz")
+        assert pred.geometry.matches(source.geometry), pred.geometry.differences(source.geometry)
+    pred = read_label(out / "mr_01" / "pred_mv.nii.gz").array
+    assert pred.shape == (40, 40, 40) != SPACE_SHAPE
+    for row in (r for r in rows if r["method"] == "mv"):
+        assert row["dice"] == pytest.approx(dice(pred == row["label"], truth == row["label"]))
+        assert row["volume_true_ml"] == pytest.approx(np.count_nonzero(truth == row["label"]) * 3 * 3 * 3.6 / 1000, rel=1e-4)
+
+    jacobian = evaluation.read_jacobian(out / "jacobian.csv")
+    assert jacobian == [{"case": "mr_01", "direction": "ct->mr", "n_atlases": 3, **jacobian_stats(np.zeros(SPACE_SHAPE + (3,)))}]
+    timings = evaluation.read_timings(report.timings_csv)
+    assert [(t["step"], t["method"]) for t in timings] == [("registration", "biregnet")] + [
+        ("fusion", m) for m in ("affine+mv", "mv", "staple", "simnet")]
+    assert all(t["seconds"] >= 0 for t in timings)
+    summary = json.loads(report.summary_json.read_text())
+    assert summary["jacobian"]["ct->mr"]["folding_percent"]["mean"] == 0.0
+    assert "original grid" in summary["notes"]["scoring"]
+    assert "| simnet |" in report.table and "| affine+mv |" in report.table and "folding %" in report.table
+    assert sorted(p.name for p in report.figures) == [
+        "boxplot_dice.png", "boxplot_hd95.png", "overlay_ct2mr_best-median-worst_mr_01.png"]
+    assert all(p.is_file() for p in report.figures)
+
+
+def test_space_evaluation_without_fusion_model_and_bad_input(space_run, tmp_path):
+    from cmmas.errors import AtlasSetError, ModelError
+    from cmmas.networks import build_biregnet
+
+    space, reg, sim, _ = space_run
+    report = evaluation.evaluate_space(space, reg, None, tmp_path / "a", methods=("mv",), bounds=False, plots=False,
+                                       progress=False)
+    rows = evaluation.read_results(report.results_csv)
+    assert {r["method"] for r in rows} == {"affine+mv", "mv"} and report.figures == ()
+    assert sorted(p.name for p in (tmp_path / "a" / "mr_01").iterdir()) == ["pred_affine+mv.nii.gz", "pred_mv.nii.gz"]
+    with pytest.raises(CmmasError, match="unknown fusion method 'vote'"):
+        evaluation.evaluate_space(space, reg, None, tmp_path / "b", methods=("vote",), progress=False)
+    with pytest.raises(CmmasError, match="overlay method 'simnet' is not evaluated"):
+        evaluation.evaluate_space(space, reg, None, tmp_path / "b", overlay_method="simnet", progress=False)
+    with pytest.raises(AtlasSetError, match="no labelled held-out ct target"):
+        evaluation.evaluate_space(space, reg, None, tmp_path / "b", atlas_modality="mr", target_modality="ct",
+                                  progress=False)
+    with pytest.raises(ModelError, match=r"BiRegNet takes \(16, 16, 16\)"):
+        evaluation.evaluate_space(space, build_biregnet((16, 16, 16), c0=4, levels=2), None, tmp_path / "b",
+                                  progress=False)
+    with pytest.raises(ModelError, match="simnet.keras|not a SimNet"):
+        evaluation.evaluate_space(space, reg, reg, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_original_truth_keeps_only_the_structures_of_the_space(space_run):
+    """A space prepared with one component scores against that structure only."""
+    import dataclasses
+
+    from cmmas.atlas_set import AtlasSet
+
+    space, _, _, data = space_run
+    one = AtlasSet(space.root)
+    one.manifest = dataclasses.replace(one.manifest, labels={500: "left ventricle blood cavity"})
+    image, label = evaluation.original_target(one, "mr_01")
+    full = read_label(data / "mr" / "mr_01_label.nii.gz").array
+    np.testing.assert_array_equal(label.array, np.where(full == 500, 500, 0))
+    assert image.geometry.matches(label.geometry) and image.shape == (40, 40, 40)
+
+
+def _fake_run(root):
+    """Two fold reports: ct->mr (with jacobian.csv) and mr->ct."""
+    for folder, direction in (("ct2mr", "ct->mr"), ("mr2ct", "mr->ct")):
+        rows = [dict(r, direction=direction) for r in _rows()]
+        timings = [{"case": "a", "direction": direction, "step": "fusion", "method": "mv", "seconds": 0.5}]
+        evaluation.write_report(rows, root / folder / "fold1" / "eval", timings)
+    jacobian = "case,direction,n_atlases,folding_percent,std_log_jac,min_det,max_det\na,ct->mr,3,0.5,0.2,-0.1,2.0\n"
+    (root / "ct2mr" / "fold1" / "eval" / "jacobian.csv").write_text(jacobian)
+
+
+def test_aggregate_concatenates_the_fold_reports(tmp_path):
+    _fake_run(tmp_path / "run")
+    report = evaluation.aggregate(tmp_path / "run")
+    rows = evaluation.read_results(tmp_path / "run" / "results.csv")
+    assert len(rows) == 2 * len(_rows())
+    assert [r["direction"] for r in rows] == ["ct->mr"] * len(_rows()) + ["mr->ct"] * len(_rows())
+    summary = json.loads(report.summary_json.read_text())
+    assert set(summary["metrics"]) == {"ct->mr", "mr->ct"}
+    assert summary["metrics"]["mr->ct"]["mv"]["alpha"]["dice"]["mean"] == pytest.approx(0.8)
+    assert summary["sources"] == ["ct2mr/fold1/eval/results.csv", "mr2ct/fold1/eval/results.csv"]
+    assert summary["jacobian"]["ct->mr"]["folding_percent"]["mean"] == 0.5
+    assert len(evaluation.read_timings(report.timings_csv)) == 2
+    assert "**ct->mr — Dice" in report.table and "**mr->ct — Dice" in report.table
+    assert sorted(p.name for p in report.figures) == [
+        "boxplot_dice_ct2mr.png", "boxplot_dice_mr2ct.png", "boxplot_hd95_ct2mr.png", "boxplot_hd95_mr2ct.png"]
+    with pytest.raises(CmmasError, match="no \\*/fold\\*/eval/results.csv"):
+        evaluation.aggregate(tmp_path / "empty")
+
+
+def test_script_space_and_aggregate_modes(space_run, tmp_path):
+    space, reg, sim, _ = space_run
+    out = tmp_path / "run" / "ct2mr" / "fold1" / "eval"
+    done = _evaluate("--space", str(space.root), "--reg_model", str(reg), "--fusion_model", str(sim),
+                     "--atlas_modality=ct", "--target_modality=mr", "--methods=mv", "--out", str(out),
+                     "--noprogress", "--noplots")
+    assert done.returncode == 0, done.stderr
+    assert "| affine+mv |" in done.stdout and "| simnet |" in done.stdout
+    assert {r["method"] for r in evaluation.read_results(out / "results.csv")} == {
+        "affine+mv", "mv", "simnet", "single-atlas mean", "oracle"}
+    assert (out / "jacobian.csv").is_file() and (out / "mr_01" / "pred_simnet.nii.gz").is_file()
+    done = _evaluate("--aggregate", str(tmp_path / "run"), "--out", str(tmp_path / "run"), "--noplots")
+    assert done.returncode == 0, done.stderr
+    assert len(evaluation.read_results(tmp_path / "run" / "results.csv")) == 5 * STRUCTURES
+    missing = _evaluate("--aggregate", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        f"evaluate: {tmp_path / 'nothing'}: no */fold*/eval/results.csv under it: evaluate the folds first"]
+    bad = _evaluate("--space", str(space.root), "--out", str(tmp_path / "y"))
+    assert bad.returncode == 1 and "--reg_model" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- real data

@@ -371,8 +371,8 @@ def prepare(
                 image=image_rel,
                 label=label_rel,
                 transform=transforms[case.id],
-                source_image=str(case.image_path),
-                source_label=None if case.label_path is None else str(case.label_path),
+                source_image=str(Path(case.image_path).resolve()),
+                source_label=None if case.label_path is None else str(Path(case.label_path).resolve()),
                 role=(roles or {}).get(case.id, "train"),
             )
         )
