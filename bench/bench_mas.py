@@ -1,0 +1,367 @@
+"""Whole multi-atlas segmentation of real targets: classical ANTs pipeline against `cmmas segment`.
+
+For each target (a labelled scan of --data, segmented with atlases of the other modality):
+  (a) classical: every atlas registered onto the target with ANTs (rigid, affine, then SyN;
+      Mattes MI; cmmas.classical.prealign_pairs on the target resampled to --spacing mm), then
+      fused by each of --classical_fusions (presets of cmmas.evaluation: majority vote, joint
+      label fusion, ...) and mapped back to the target's grid;
+  (b) cmmas: cmmas.pipeline.segment with the prepared atlas set (target aligned once to the
+      reference, BiRegNet for every atlas, SimNet fusion, map back). Without --fusion_model, (b)
+      fuses by majority vote and says so; without --reg_model it uses the affine alignment only.
+(b) runs first and picks the --atlases most similar atlases; (a) uses the same atlases.
+
+Each part of each target runs in a fresh process (multiprocessing, spawn), so its peak memory
+(ru_maxrss of the process plus its children) and time are its own. Timed: (b) the segment()
+call, after the imports, the model loading and one warm-up pass of each network (reported as
+"setup"); (a) registration of every pair plus each fusion and the mapping back, after the
+imports. Dice per organ is computed on the target's original grid against its label.
+
+Printed: per target, seconds, peak memory and Dice per organ of each pipeline and fusion, the
+ratio of times, and whether the goals hold ((b) under 10 s, at least 50x faster than (a), Dice
+per organ at least (a)'s best fusion, peak memory under 4 GB). --out writes bench_mas.csv (one
+row per target x pipeline x fusion x organ) and bench_mas.md (the printed tables).
+
+The atlas sets are prepared beforehand (`cmmas prepare-atlases`, or the Makefile's space,
+experiments/prealign.py --mode reference), one per direction; each target is paired with the
+set whose atlases are of the other modality. Without --targets, each set's held-out ("test")
+cases of the other modality are used (at most --max_targets per set).
+
+Example:
+  python bench/bench_mas.py \
+      --atlas_set=runs/abdomen/ct2mr/fold1/space,runs/abdomen/mr2ct/fold1/space \
+      --reg_model=runs/abdomen/ct2mr/fold1/reg/model.keras,runs/abdomen/mr2ct/fold1/reg/model.keras \
+      --fusion_model=runs/abdomen/ct2mr/fold1/fusion/simnet.keras,runs/abdomen/mr2ct/fold1/fusion/simnet.keras \
+      --atlases=10 --out=runs/bench_mas
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "abdomen-ctmr"
+
+flags.DEFINE_string("data", str(_DATA), "Data-set root holding the targets (and the classical run's atlases).")
+flags.DEFINE_enum("layout", "folder", ["folder", "mmwhs", "chaos"], "On-disk layout of --data.")
+flags.DEFINE_list("atlas_set", None, "Prepared atlas set(s), one per direction (e.g. CT atlases, MR atlases).")
+flags.DEFINE_list("reg_model", [], "BiRegNet .keras per atlas set (same order); none: affine alignment only.")
+flags.DEFINE_list("fusion_model", [], "SimNet .keras per atlas set (same order); none: (b) uses majority vote.")
+flags.DEFINE_list("targets", None, "Target case ids of --data (default: each set's test cases).")
+flags.DEFINE_integer("max_targets", 1, "Without --targets: at most this many test cases per atlas set.", lower_bound=1)
+flags.DEFINE_integer("atlases", 10, "Atlases per target (the most similar after alignment).", lower_bound=1)
+flags.DEFINE_bool("classical", True, "Run (a), the classical ANTs pipeline.")
+flags.DEFINE_list("classical_fusions", ["mv", "jlf"], "Fusion presets of (a) (cmmas.evaluation.PRESETS).")
+flags.DEFINE_float("spacing", 3.0, "Isotropic spacing (mm) the classical registrations run at.", lower_bound=0.1)
+flags.DEFINE_bool("classical_fast", False, "ANTs' short schedule for (a) instead of its default one.")
+flags.DEFINE_integer("workers", 1, "Pairs (a) registers at once (processes, one ANTs thread each).", lower_bound=1)
+flags.DEFINE_integer("batch_size", 4, "Atlases per network batch in (b).", lower_bound=1)
+flags.DEFINE_string("out", None, "Folder for bench_mas.csv and bench_mas.md (and the predicted label maps).")
+flags.DEFINE_integer("seed", 0, "Seed of ANTs' sampling.", lower_bound=0)
+
+#: Goals of the issue: seconds per target of (b), speed-up over (a), peak memory (MB).
+GOAL_SECONDS = 10.0
+GOAL_SPEEDUP = 50.0
+GOAL_PEAK_MB = 4096.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One target and what segments it (plain values: it crosses to a spawned process)."""
+
+    target: object  # cmmas.datasets.Case
+    atlas_set: str
+    reg_model: str | None
+    fusion_model: str | None
+    atlas_modality: str
+
+
+def _peak_mb() -> float:
+    """Peak resident memory of this process plus that of its largest finished child, MB."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024.0
+
+
+def _in_fresh_process(fn, *args):
+    """Run ``fn(*args)`` in a new (spawned) process and return its result."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+# ----------------------------------------------------------------------------- (b) cmmas
+
+
+def run_cmmas(job: Job, atlases: int, batch_size: int, out: str | None) -> dict:
+    """(b) in this process: setup (imports, models, warm-up), then one timed segment()."""
+    start = time.perf_counter()
+    import ants  # noqa: F401  (imported in the setup, as the CLI's first registration would)
+    import numpy as np
+
+    from cmmas import pipeline, registration, similarity
+    from cmmas.atlas_set import AtlasSet
+
+    aset = AtlasSet(job.atlas_set)
+    codes = [0, *sorted(aset.labels)]
+    zeros = np.zeros(aset.geometry.shape, np.float32)
+    reg = simnet = None
+    if job.reg_model:
+        reg = registration.load_model(job.reg_model)
+        registration.warp_atlases(reg, zeros[None], zeros[None].astype(np.int32), zeros, codes)
+    if job.fusion_model:
+        simnet = similarity.load_model(job.fusion_model)
+        similarity.score_atlases(simnet, zeros, zeros[None].astype(np.int32), codes)
+    setup = time.perf_counter() - start
+    fusion = "simnet" if simnet is not None else "mv"
+    result = pipeline.segment(str(job.target.image_path), aset, reg_model=reg, fusion_model=simnet, fusion=fusion,
+                              atlases=atlases, modality=job.atlas_modality, batch_size=batch_size, progress=False)
+    t0 = time.perf_counter()
+    if out:
+        pipeline.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{fusion}.nii.gz")
+    return {
+        "fusion": fusion,
+        "seconds": result.seconds["total"],
+        "steps": result.seconds,
+        "write_seconds": time.perf_counter() - t0 if out else float("nan"),
+        "setup_seconds": setup,
+        "atlas_ids": result.atlas_ids,
+        "labels": {fusion: result.label.array.astype(np.int16)},
+        "peak_mb": _peak_mb(),
+    }
+
+
+# ----------------------------------------------------------------------------- (a) classical
+
+
+def run_classical(atlases: list, target, labels: dict, spacing: float, fast: bool, workers: int,
+                  fusions: list[str], seed: int, out: str | None) -> dict:
+    """(a) in this process: ANTs SyN for every pair, then each fusion, mapped back to the target grid."""
+    import tempfile
+
+    import ants  # noqa: F401  (import before the clock starts)
+    import numpy as np
+
+    from cmmas import classical, evaluation, preprocess
+    from cmmas import fusion as fusion_lib
+    from cmmas.io import read_image, write_image
+
+    with tempfile.TemporaryDirectory(prefix="bench-mas-") as tmp:
+        t0 = time.perf_counter()
+        classical.prealign_pairs(atlases, target, labels, tmp, kind="syn", spacing_mm=spacing, seed=seed,
+                                 fast=fast, workers=workers, progress=False)
+        pairs = classical.load_pairs(Path(tmp) / target.id)
+        register_s = time.perf_counter() - t0
+        grid = read_image(target.image_path).geometry
+        codes = [0, *sorted(pairs.labels)]
+        seconds, out_labels = {}, {}
+        for name in fusions:
+            method, options = evaluation.PRESETS[name]
+            t0 = time.perf_counter()
+            fused = fusion_lib.fuse(method, pairs.atlas_labels, codes, atlas_images=pairs.atlas_images,
+                                    target_image=pairs.target.array, **options)
+            back = preprocess.back_to_grid(pairs.target.with_array(fused.label.astype(np.int32)), grid, kind="label")
+            seconds[name] = register_s + time.perf_counter() - t0
+            out_labels[name] = back.array.astype(np.int16)
+            if out:
+                write_image(back, Path(out) / target.id / f"classical_{name}.nii.gz")
+    return {"register_seconds": register_s, "seconds": seconds, "labels": out_labels, "peak_mb": _peak_mb()}
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _jobs(dataset) -> list[Job]:
+    """Pair every target with the atlas set of the other modality."""
+    from cmmas.atlas_set import AtlasSet
+    from cmmas.errors import CmmasError
+
+    sets = list(FLAGS.atlas_set)
+    for name, values in (("reg_model", FLAGS.reg_model), ("fusion_model", FLAGS.fusion_model)):
+        if values and len(values) != len(sets):
+            raise CmmasError(None, f"--{name} needs one path per --atlas_set ({len(sets)}), got {len(values)}")
+    by_modality = {}
+    for k, path in enumerate(sets):
+        aset = AtlasSet(path)
+        modality = aset.case(aset.manifest.reference).modality
+        if modality in by_modality:
+            raise CmmasError(path, f"a second atlas set of {modality} atlases; give one per direction")
+        model = FLAGS.reg_model[k] if FLAGS.reg_model else None
+        simnet = FLAGS.fusion_model[k] if FLAGS.fusion_model else None
+        by_modality[modality] = (aset, model, simnet)
+    if FLAGS.targets:
+        targets = [dataset.case(i) for i in FLAGS.targets]
+    else:
+        targets = []
+        for modality, (aset, _, _) in by_modality.items():
+            other = [i for i in aset.ids(role="test", labelled=True) if aset.case(i).modality != modality]
+            targets += [dataset.case(i) for i in other[: FLAGS.max_targets]]
+        if not targets:
+            raise CmmasError(None, "the atlas sets hold no labelled test case: name the targets (--targets)")
+    jobs = []
+    for target in targets:
+        if target.label_path is None:
+            raise CmmasError(target.image_path, f"target {target.id} has no label to score against")
+        choices = [m for m in by_modality if m != target.modality]
+        if not choices:
+            raise CmmasError(None, f"no atlas set of another modality than {target.modality} for target {target.id}")
+        aset, model, simnet = by_modality[choices[0]]
+        if target.id in aset.ids(role="train"):
+            raise CmmasError(aset.root, f"target {target.id} is one of the set's atlases/training cases")
+        jobs.append(Job(target, str(aset.root), model, simnet, choices[0]))
+    return jobs
+
+
+def _dice_rows(prediction, truth, labels: dict) -> dict[int, float]:
+    import warnings
+
+    from cmmas.metrics import dice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {code: dice(prediction == code, truth == code) for code in labels}
+
+
+def _report(results: list[dict], labels: dict) -> tuple[str, list[dict]]:
+    """The Markdown tables and the CSV rows."""
+    import numpy as np
+
+    names = [labels[c] for c in labels]
+    head = "| target | direction | pipeline | fusion | seconds | peak MB | " + " | ".join(names) + " | mean |"
+    lines = [head, "|" + "---|" * (7 + len(names))]
+    rows, notes = [], []
+    for res in results:
+        best_classical = {}
+        for part in ("classical", "cmmas"):
+            out = res.get(part)
+            if out is None:
+                continue
+            for fusion, dice in out["dice"].items():
+                seconds = out["seconds"][fusion] if part == "classical" else out["seconds"]
+                cells = " | ".join(f"{dice[c]:.3f}" for c in labels)
+                mean = float(np.mean(list(dice.values())))
+                lines.append(f"| {res['target']} | {res['direction']} | {part} | {fusion} | {seconds:.1f} | "
+                             f"{out['peak_mb']:.0f} | {cells} | {mean:.3f} |")
+                for code in labels:
+                    rows.append({"target": res["target"], "direction": res["direction"], "pipeline": part,
+                                 "fusion": fusion, "label": code, "name": labels[code], "dice": dice[code],
+                                 "seconds": seconds, "peak_mb": out["peak_mb"],
+                                 "setup_seconds": out.get("setup_seconds", float("nan")),
+                                 "atlases": len(res["atlas_ids"])})
+                if part == "classical":
+                    for code in labels:
+                        best_classical[code] = max(best_classical.get(code, -1.0), dice[code])
+        notes.append(_goals(res, best_classical, labels))
+    return "\n".join(lines + [""] + notes), rows
+
+
+def _goals(res: dict, best_classical: dict, labels: dict) -> str:
+    ours = res["cmmas"]
+    fusion = ours["fusion"]
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in ours["steps"].items() if k != "total")
+    text = [f"{res['target']} ({res['direction']}, {len(res['atlas_ids'])} atlases): cmmas {fusion} "
+            f"{ours['seconds']:.1f} s ({steps}; setup {ours['setup_seconds']:.1f} s untimed; writing the maps "
+            f"{ours['write_seconds']:.1f} s), peak {ours['peak_mb']:.0f} MB"]
+    text.append(f"  goal (b) under {GOAL_SECONDS:.0f} s: {'yes' if ours['seconds'] < GOAL_SECONDS else 'NO'}; "
+                f"peak under {GOAL_PEAK_MB / 1024:.0f} GB: {'yes' if ours['peak_mb'] < GOAL_PEAK_MB else 'NO'}")
+    theirs = res.get("classical")
+    if theirs is not None:
+        fastest = min(theirs["seconds"], key=theirs["seconds"].get)
+        ratio = theirs["seconds"][fastest] / ours["seconds"]
+        ratios = ", ".join(f"{name} {s:.1f} s = {s / ours['seconds']:.0f}x" for name, s in theirs["seconds"].items())
+        text.append(f"  classical: registration {theirs['register_seconds']:.1f} s; with fusion {ratios}; "
+                    f"peak {theirs['peak_mb']:.0f} MB")
+        text.append(f"  goal at least {GOAL_SPEEDUP:.0f}x faster than (a) ({fastest}, its fastest): {ratio:.0f}x "
+                    f"{'yes' if ratio >= GOAL_SPEEDUP else 'NO'}")
+        dice = ours["dice"][fusion]
+        short = [f"{labels[c]} {dice[c]:.3f} < {best_classical[c]:.3f}" for c in labels if dice[c] < best_classical[c]]
+        text.append("  goal Dice per organ at least (a)'s best fusion: "
+                    + ("yes" if not short else "NO (" + "; ".join(short) + ")"))
+    return "\n".join(text)
+
+
+def _write(out: Path, table: str, rows: list[dict]) -> None:
+    import csv
+    import io
+
+    from cmmas.io import atomic_write_text
+
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(out / "bench_mas.csv", buffer.getvalue())
+    atomic_write_text(out / "bench_mas.md", table + "\n")
+
+
+def _run() -> int:
+    from cmmas.datasets import open_dataset
+    from cmmas.io import read_label
+
+    from cmmas import evaluation
+
+    for name in FLAGS.classical_fusions:
+        evaluation.resolve(name)
+    dataset = open_dataset(FLAGS.data, FLAGS.layout)
+    labels = dict(dataset.labels)
+    jobs = _jobs(dataset)
+    schedule = "fast" if FLAGS.classical_fast else "default"
+    classical = (f"ANTs rigid+affine+SyN at {FLAGS.spacing:g} mm ({schedule} schedule), fusions "
+                 f"{','.join(FLAGS.classical_fusions)}" if FLAGS.classical else "skipped (--noclassical)")
+    print(f"bench_mas: {len(jobs)} target(s), {FLAGS.atlases} atlases each, {os.cpu_count()} CPU(s); (a) {classical}")
+    for job in jobs:
+        if not job.reg_model:
+            print(f"bench_mas: no --reg_model for the {job.atlas_modality} atlases: "
+                  "(b) fuses the affinely aligned atlases")
+        if not job.fusion_model:
+            print(f"bench_mas: no --fusion_model for the {job.atlas_modality} atlases: (b) uses --fusion mv")
+    results = []
+    for job in jobs:
+        direction = f"{job.atlas_modality}->{job.target.modality}"
+        truth = read_label(job.target.label_path, allowed=labels).array
+        ours = _in_fresh_process(run_cmmas, job, FLAGS.atlases, FLAGS.batch_size, FLAGS.out)
+        ours["dice"] = {f: _dice_rows(pred, truth, labels) for f, pred in ours.pop("labels").items()}
+        res = {"target": job.target.id, "direction": direction, "atlas_ids": ours["atlas_ids"], "cmmas": ours}
+        print(f"bench_mas: {job.target.id}: cmmas {ours['seconds']:.1f} s with atlases {ours['atlas_ids']}")
+        if FLAGS.classical:
+            atlases = [dataset.case(i) for i in ours["atlas_ids"]]
+            theirs = _in_fresh_process(run_classical, atlases, job.target, labels, FLAGS.spacing,
+                                       FLAGS.classical_fast, FLAGS.workers, list(FLAGS.classical_fusions),
+                                       FLAGS.seed, FLAGS.out)
+            theirs["dice"] = {f: _dice_rows(pred, truth, labels) for f, pred in theirs.pop("labels").items()}
+            res["classical"] = theirs
+            print(f"bench_mas: {job.target.id}: classical registration {theirs['register_seconds']:.1f} s")
+        results.append(res)
+    table, rows = _report(results, labels)
+    print(table)
+    if FLAGS.out:
+        _write(Path(FLAGS.out), table, rows)
+        print(f"bench_mas: wrote {Path(FLAGS.out) / 'bench_mas.csv'} and {Path(FLAGS.out) / 'bench_mas.md'}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from cmmas.errors import CmmasError
+
+    try:
+        return _run()
+    except CmmasError as err:
+        print(f"bench_mas: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["atlas_set"])
+    app.run(main)

@@ -1,0 +1,233 @@
+"""The ``cmmas`` command: prepare an atlas set, segment a scan, register a pair.
+
+Every sub-command parses its arguments and calls the library (:mod:`cmmas.pipeline`,
+:mod:`cmmas.registration`); TensorFlow and ANTs are imported only when a command runs, so
+``--help`` is instant. Bad input ends with one line ``cmmas: error: <file>: <problem>`` on
+stderr and exit status 1. Progress bars are drawn only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cmmas.errors import CmmasError
+
+#: Fusion names ``--fusion`` accepts (checked again by cmmas.pipeline.segment).
+FUSIONS = ("simnet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2")
+
+
+def _triple(text: str, kind=float) -> tuple:
+    try:
+        parts = [kind(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 4 or 4,4,3, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or any(p <= 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected one or three comma-separated positive values, got {text!r}")
+    return tuple(parts)
+
+
+def _int_triple(text: str) -> tuple:
+    return _triple(text, int)
+
+
+def _atlases(text: str) -> int | Path:
+    if text.isdigit():
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError("the number of atlases must be at least 1")
+        return int(text)
+    return Path(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmmas",
+        description="Cross-modality multi-atlas segmentation: BiRegNet registration + SimNet fusion. "
+        "Run `cmmas <command> --help` for each command's flags.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (before the command)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _prepare_parser(sub)
+    _segment_parser(sub)
+    _register_parser(sub)
+    return parser
+
+
+def _prepare_parser(sub) -> None:
+    prep = sub.add_parser(
+        "prepare-atlases",
+        help="check labelled atlases, align them once to a reference and store them as an atlas set",
+        description="Check every atlas (readable 3D image, label on the image's grid with codes of the label "
+        "table, not empty; the first bad one is named), align each once to a reference atlas (ANTs rigid + "
+        "affine, mutual information) and store the images (normalised to [0, 1]), labels and transforms on a "
+        "working grid centred on the union of the aligned labels, with a manifest.json (version, reference, "
+        "label table, grid shape and spacing, each case's modality). Re-running resumes.",
+    )
+    prep.add_argument("--atlases", type=Path, required=True, metavar="DIR",
+                      help="data-set folder holding the labelled atlases")
+    prep.add_argument("--layout", default="folder", choices=["folder", "mmwhs", "chaos"],
+                      help="on-disk layout of --atlases (folder: {ct,mr}/<case>_image.nii.gz + "
+                      "<case>_label.nii.gz and labels.json at the root; default folder)")
+    prep.add_argument("--modality", required=True, choices=["ct", "mr"], help="modality of the atlases to use")
+    prep.add_argument("--reference", default="auto", metavar="auto|CASE",
+                      help="case id of the reference atlas, or 'auto': the atlas of median label volume")
+    prep.add_argument("--ids", default=None, metavar="ID,ID,...",
+                      help="comma-separated atlas ids to use (default: every labelled case)")
+    prep.add_argument("--out", type=Path, required=True, metavar="ATLAS_SET", help="atlas-set folder to write")
+    prep.add_argument("--shape", type=_int_triple, default=(64, 64, 64), metavar="D,H,W",
+                      help="working grid D,H,W in voxels: the BiRegNet's input shape (default 64)")
+    prep.add_argument("--spacing", type=_triple, default=(4.0, 4.0, 4.0), metavar="MM",
+                      help="working grid spacing D,H,W in mm (default 4)")
+    prep.add_argument("--align-spacing", type=float, default=3.0, metavar="MM",
+                      help="isotropic spacing the affine alignments run at, mm (default 3)")
+    prep.add_argument("--margin", type=float, default=15.0, metavar="MM",
+                      help="margin around the union of the aligned atlas labels, mm (default 15)")
+    prep.add_argument("--component", type=int, default=None, metavar="CODE",
+                      help="keep only this label code (others: background)")
+
+
+def _segment_parser(sub) -> None:
+    seg = sub.add_parser(
+        "segment",
+        help="segment one scan with an atlas set (or a bundle) and trained models",
+        description="Align the target once to the atlas set's reference (ANTs affine, mutual information), "
+        "resample it onto the set's working grid (the region of the atlas labels; no target label is used), "
+        "register the atlases to it with BiRegNet, fuse the warped labels (SimNet or a classic method) and "
+        "write the label map on the target's original grid (spacing, origin, direction), with "
+        "<stem>_prob_<code>.nii.gz (per-label probability) and <stem>_agreement.nii.gz (fraction of atlases "
+        "agreeing with the fused label) beside it. A progress bar shows the steps when stderr is a terminal; "
+        "the last line printed gives the atlases used and the seconds of each step.",
+    )
+    seg.add_argument("--target", type=Path, required=True, metavar="SCAN",
+                     help="scan to segment (NIfTI/MHA/NRRD file or DICOM folder)")
+    seg.add_argument("--out", type=Path, required=True, metavar="SEG.nii.gz", help="output label map (.nii.gz)")
+    seg.add_argument("--bundle", type=Path, default=None, metavar="DIR",
+                     help="one folder holding atlas_set/ (or itself an atlas set), reg_model.keras and "
+                     "simnet.keras; explicit --atlas-set/--reg-model/--fusion-model override its parts")
+    seg.add_argument("--atlas-set", type=Path, default=None, metavar="DIR",
+                     help="atlas set made by `cmmas prepare-atlases`")
+    seg.add_argument("--atlases", type=_atlases, default=None, metavar="K|DIR",
+                     help="K: use the K atlases most similar to the aligned target (default: all); or DIR: a "
+                     "folder of raw labelled atlases (folder layout), prepared once into <out folder>/atlas_set")
+    seg.add_argument("--atlas-modality", default=None, choices=["ct", "mr"],
+                     help="modality of the atlases, when the atlas set or DIR holds labelled cases of both "
+                     "(default: the reference's, or DIR's only labelled modality)")
+    seg.add_argument("--reg-model", type=Path, default=None, metavar="MODEL.keras",
+                     help="trained BiRegNet (.keras) of the working grid's shape; without it the atlases are "
+                     "fused after the affine alignment only")
+    seg.add_argument("--fusion-model", type=Path, default=None, metavar="SIMNET.keras",
+                     help="trained SimNet (.keras), for --fusion simnet")
+    seg.add_argument("--fusion", default="simnet", choices=FUSIONS, metavar="{" + ",".join(FUSIONS) + "}",
+                     help="label fusion: simnet (SimNet-weighted vote), mv (majority vote), staple, global or "
+                     "lwv (vote weighted by global / local mutual information; lwv_ncc: local NCC), jlf "
+                     "(ANTs joint label fusion, patch radius 1; jlf_r2: radius 2). Default simnet")
+    seg.add_argument("--prealign", action=argparse.BooleanOptionalAction, default=True,
+                     help="align the target to the reference first (default); --no-prealign: the target "
+                     "already lies in the reference space")
+    seg.add_argument("--spacing", type=_triple, default=(4.0, 4.0, 4.0), metavar="MM",
+                     help="working grid spacing in mm when preparing a raw --atlases DIR (default 4)")
+    seg.add_argument("--batch-size", type=int, default=4, metavar="N", help="atlases per network batch (default 4)")
+    seg.add_argument("--no-extras", action="store_true", help="write only the label map")
+
+
+def _register_parser(sub) -> None:
+    reg = sub.add_parser(
+        "register",
+        help="register one moving image to a fixed image with a trained BiRegNet",
+        description="Warp the moving image (and its label) onto the fixed image with BiRegNet on a working grid "
+        "of the network's shape centred on the fixed image; write warped_image.nii.gz, warped_label.nii.gz, "
+        "ddf_{x,y,z}.nii.gz (displacement in mm) on the fixed grid and jacobian.json; print the Jacobian "
+        "statistics. The images must already be affinely aligned (same physical space).",
+    )
+    reg.add_argument("--moving", type=Path, required=True, help="moving image (e.g. an atlas)")
+    reg.add_argument("--fixed", type=Path, required=True, help="fixed image (e.g. the target)")
+    reg.add_argument("--moving-label", "--moving_label", type=Path, default=None, help="label map of the moving image")
+    reg.add_argument("--model", type=Path, required=True, help="trained BiRegNet (.keras)")
+    reg.add_argument("--out-dir", "--out_dir", type=Path, required=True, help="folder for the outputs")
+    reg.add_argument("--spacing", type=_triple, default=None, metavar="MM",
+                     help="working grid spacing in mm (default: the smallest isotropic one holding the fixed image)")
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _prepare(args) -> None:
+    from cmmas import pipeline
+
+    aset = pipeline.prepare_atlases(
+        args.atlases, args.modality, args.out, layout=args.layout, reference=args.reference,
+        ids=args.ids.split(",") if args.ids else None, shape_zyx=args.shape, spacing_zyx=args.spacing,
+        margin_mm=args.margin, align_spacing_mm=args.align_spacing, component=args.component,
+        progress=_progress(),
+    )
+    print(f"atlas set of {len(aset.ids())} atlases (reference {aset.manifest.reference}, grid "
+          f"{aset.geometry.shape} at {aset.geometry.spacing_zyx} mm) written to {args.out}")
+
+
+def _segment(args) -> None:
+    from cmmas import pipeline
+
+    k = args.atlases if isinstance(args.atlases, int) else None
+    atlas_set, reg_model = args.atlas_set, args.reg_model
+    if isinstance(args.atlases, Path):
+        if args.atlas_set is not None or args.bundle is not None:
+            raise CmmasError(args.atlases, "give raw --atlases DIR, or --atlas-set/--bundle, not both")
+        shape = (64, 64, 64)
+        if reg_model is not None:
+            from cmmas import registration
+
+            reg_model = registration.load_model(reg_model)
+            shape = registration.model_shape(reg_model)
+        atlas_set = pipeline.raw_atlas_set(args.atlases, args.atlas_modality, args.out.parent / "atlas_set",
+                                           shape, args.spacing, progress=_progress()).root
+    bundle = pipeline.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
+    if reg_model is None:
+        reg_model = bundle.reg_model
+    result = pipeline.segment(
+        args.target, bundle.atlas_set, reg_model=reg_model, fusion_model=bundle.fusion_model,
+        fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
+        batch_size=args.batch_size, progress=_progress(),
+    )
+    written = pipeline.write_segmentation(result, args.out, extras=not args.no_extras)
+    timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
+    print(f"wrote {written[0]} (+{len(written) - 1} maps) from {len(result.atlas_ids)} atlases "
+          f"[{', '.join(result.atlas_ids)}] with {args.fusion}; {timing}")
+
+
+def _register(args) -> None:
+    from cmmas import registration
+
+    written, stats = registration.register_files(
+        args.moving, args.fixed, args.model, args.out_dir, moving_label=args.moving_label, spacing_zyx=args.spacing
+    )
+    for path in written:
+        print(f"wrote {path}")
+    print("jacobian: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+
+
+COMMANDS = {"prepare-atlases": _prepare, "segment": _segment, "register": _register}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cmmas`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except CmmasError as err:
+        print(f"cmmas: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"cmmas: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

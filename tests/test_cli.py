@@ -1,0 +1,226 @@
+"""The `cmmas` command (prepare-atlases, segment, register) and bench/bench_mas.py.
+
+Phantom CT atlases and an MR target (a rotated grid) in one folder-layout data set; untrained
+networks for the 24^3 working grid. Commands run in this process (cli.main) where the exit
+status and the files are what is checked, and in a subprocess where stderr or the imports are.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmmas import cli, pipeline
+from cmmas.atlas_set import AtlasSet
+from cmmas.datasets.mmwhs import MMWHS_LABELS
+from cmmas.datasets.phantom import make_subject
+from cmmas.io import read_image, read_label, write_image
+from test_pipeline import CODES, SHAPE, write_folder, write_models
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src")}
+
+
+def _python(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A data set (3 CT atlases, 1 MR target), an atlas set made by the command, and models."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_folder(root / "data")
+    (data / "mr").mkdir()
+    image, label = make_subject("mr", 100, shape=40)
+    write_image(image, data / "mr" / "mr_00_image.nii.gz")
+    write_image(label, data / "mr" / "mr_00_label.nii.gz")
+    out = root / "out"
+    status = cli.main(["prepare-atlases", "--atlases", str(data), "--modality", "ct", "--out",
+                       str(out / "atlas_set"), "--shape", "24", "--spacing", "4"])
+    assert status == 0
+    reg, sim = write_models(root)
+    return {"root": root, "data": data, "out": out, "set": out / "atlas_set", "reg": reg, "sim": sim,
+            "target": data / "mr" / "mr_00_image.nii.gz", "truth": label}
+
+
+def _foreground_dice(label: np.ndarray, truth: np.ndarray) -> float:
+    a, b = label > 0, truth > 0
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def _check_maps(out: Path, world) -> np.ndarray:
+    """Every written map lies on the target's grid; returns the label map."""
+    target = read_image(world["target"])
+    stem = out.name[: -len(".nii.gz")]
+    extras = [f"{stem}_agreement.nii.gz"] + [f"{stem}_prob_{c}.nii.gz" for c in CODES]
+    for path in [out] + [out.with_name(name) for name in extras]:
+        assert target.geometry.differences(read_image(path).geometry) == [], path
+    return read_label(out, allowed=MMWHS_LABELS).array
+
+
+# ----------------------------------------------------------------------------- help and imports
+
+
+def test_help_is_instant_and_imports_neither_tensorflow_nor_ants():
+    code = (
+        "import sys\n"
+        "from cmmas import cli\n"
+        "for argv in (['--help'], ['prepare-atlases', '--help'], ['segment', '--help'], ['register', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, argv\n"
+        "print('HEAVY', sorted(m for m in ('tensorflow', 'keras', 'ants') if m in sys.modules))\n"
+    )
+    done = _python("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+    for flag in ("--target", "--atlas-set", "--bundle", "--reg-model", "--fusion-model", "--prealign",
+                 "--no-prealign", "--atlases", "--modality", "--reference", "--moving", "--fixed"):
+        assert flag in done.stdout, flag
+    script = Path(sys.executable).with_name("cmmas")
+    if script.exists():  # the console script of the editable install
+        assert subprocess.run([script, "segment", "--help"], capture_output=True, env=ENV).returncode == 0
+
+
+def test_fusion_choices_are_the_library_s():
+    assert list(cli.FUSIONS) == pipeline.fusion_names()
+
+
+# ----------------------------------------------------------------------------- prepare-atlases
+
+
+def test_prepare_atlases_writes_a_readable_set(world):
+    aset = AtlasSet(world["set"])
+    assert aset.ids() == ["ct_00", "ct_01", "ct_02"]  # the MR case of the folder is not an atlas
+    assert aset.geometry.shape == SHAPE and aset.labels == MMWHS_LABELS
+    np.testing.assert_allclose(aset.geometry.spacing, 4.0)
+    assert all((world["set"] / aset.case(i).transform).is_file() for i in aset.ids())
+
+
+@pytest.mark.parametrize("problem", ["label table", "not 3D"])
+def test_a_bad_atlas_is_one_stderr_line_naming_its_file(tmp_path, problem):
+    data = write_folder(tmp_path / "data", n=2)
+    if problem == "label table":
+        table = {"0": "background", **{str(k): v for k, v in MMWHS_LABELS.items() if k != 850}}
+        (data / "labels.json").write_text(json.dumps(table))
+        culprit, words = data / "ct" / "ct_00_label.nii.gz", "850"
+    else:
+        import SimpleITK as sitk
+
+        culprit, words = data / "ct" / "ct_01_image.nii.gz", "3D"
+        culprit.unlink()
+        sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(culprit))
+    done = _python("-m", "cmmas.cli", "prepare-atlases", "--atlases", str(data), "--modality", "ct",
+                   "--out", str(tmp_path / "set"), "--shape", "24")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"cmmas: error: {culprit}:") and words in lines[0]
+    assert not (tmp_path / "set" / "transforms").exists()  # checked before any alignment
+
+
+# ----------------------------------------------------------------------------- segment
+
+
+@pytest.fixture(scope="module")
+def simnet_label(world):
+    out = world["out"] / "simnet" / "seg.nii.gz"
+    status = cli.main(["segment", "--target", str(world["target"]), "--atlas-set", str(world["set"]),
+                       "--reg-model", str(world["reg"]), "--fusion-model", str(world["sim"]), "--out", str(out)])
+    assert status == 0
+    return _check_maps(out, world)
+
+
+def test_segment_with_simnet_writes_every_map_on_the_target_grid(world, simnet_label):
+    assert set(np.unique(simnet_label)) <= set(CODES)
+    assert _foreground_dice(simnet_label, world["truth"].array) > 0.6
+
+
+def test_segment_from_a_bundle_with_mv_and_two_atlases(world, simnet_label, capsys, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(world["set"], bundle / "atlas_set")
+    shutil.copy(world["reg"], bundle / "reg_model.keras")
+    shutil.copy(world["sim"], bundle / "simnet.keras")
+    out = tmp_path / "seg.nii.gz"
+    status = cli.main(["segment", "--target", str(world["target"]), "--bundle", str(bundle), "--fusion", "mv",
+                       "--atlases", "2", "--out", str(out)])
+    assert status == 0
+    assert "from 2 atlases" in capsys.readouterr().out
+    label = _check_maps(out, world)
+    assert _foreground_dice(label, world["truth"].array) > 0.5
+
+
+def test_segment_raw_atlas_folder_reuses_the_prepared_set(world, simnet_label, capsys):
+    out = world["out"] / "raw.nii.gz"  # beside out/atlas_set, prepared from the same atlases
+    argv = ["segment", "--target", str(world["target"]), "--atlases", str(world["data"]), "--reg-model",
+            str(world["reg"]), "--fusion", "mv", "--out", str(out)]
+    assert cli.main(argv) == 1  # the folder holds labelled CT and MR cases: which are the atlases?
+    assert "--atlas-modality" in capsys.readouterr().err
+    stamp = (world["set"] / "manifest.json").stat().st_mtime_ns
+    assert cli.main(argv + ["--atlas-modality", "ct"]) == 0
+    assert "from 3 atlases" in capsys.readouterr().out
+    assert (world["set"] / "manifest.json").stat().st_mtime_ns == stamp
+    # an untrained SimNet weighs every atlas alike: majority vote gives nearly the same map (the two
+    # runs align the target separately, and multi-threaded ANTs varies a little between runs)
+    assert np.mean(_check_maps(out, world) == simnet_label) > 0.95
+
+
+@pytest.mark.parametrize("culprit", ["target", "model"])
+def test_a_bad_input_file_is_one_stderr_line(world, tmp_path, culprit):
+    bad = tmp_path / ("scan.nii.gz" if culprit == "target" else "simnet.keras")
+    if culprit == "target":
+        bad.write_bytes(b"not an image")
+    target = bad if culprit == "target" else world["target"]
+    done = _python("-m", "cmmas.cli", "segment", "--target", str(target), "--atlas-set", str(world["set"]),
+                   "--fusion-model", str(bad), "--out", str(tmp_path / "seg.nii.gz"))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()  # no TensorFlow start-up lines: it was not imported
+    assert len(lines) == 1 and lines[0].startswith(f"cmmas: error: {bad}:"), done.stderr
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_register_writes_the_warped_atlas_on_the_fixed_grid(world, capsys, tmp_path):
+    moving = world["data"] / "ct" / "ct_00_image.nii.gz"
+    status = cli.main(["register", "--moving", str(moving), "--moving-label", str(moving).replace("_image", "_label"),
+                       "--fixed", str(world["target"]), "--model", str(world["reg"]), "--out-dir", str(tmp_path)])
+    assert status == 0
+    assert "jacobian:" in capsys.readouterr().out
+    fixed = read_image(world["target"])
+    for name in ("warped_image", "warped_label", "ddf_x"):
+        assert fixed.geometry.differences(read_image(tmp_path / f"{name}.nii.gz").geometry) == []
+
+
+# ----------------------------------------------------------------------------- bench_mas.py
+
+
+def test_bench_help_lists_its_flags():
+    done = _python(str(REPO / "bench" / "bench_mas.py"), "--help")
+    assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr  # absl's --help exits 1
+    for flag in ("--atlas_set", "--reg_model", "--fusion_model", "--targets", "--atlases", "--[no]classical",
+                 "--spacing", "--out"):
+        assert flag in done.stdout, flag
+
+
+def test_bench_runs_cmmas_on_a_phantom_target(world, tmp_path):
+    done = _python(str(REPO / "bench" / "bench_mas.py"), f"--data={world['data']}", f"--atlas_set={world['set']}",
+                   f"--reg_model={world['reg']}", "--targets=mr_00", "--atlases=2", "--noclassical",
+                   f"--out={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(b) uses --fusion mv" in done.stdout
+    with open(tmp_path / "bench_mas.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["label"]) for r in rows] == sorted(MMWHS_LABELS)
+    assert {r["target"] for r in rows} == {"mr_00"} and {r["fusion"] for r in rows} == {"mv"}
+    assert all(r["atlases"] == "2" for r in rows)
+    dice = np.array([float(r["dice"]) for r in rows])
+    assert np.all((dice >= 0) & (dice <= 1)) and dice.mean() > 0.3
+    assert float(rows[0]["peak_mb"]) > 100  # the segmenting process's own peak (TensorFlow alone is more)
+    assert (tmp_path / "bench_mas.md").read_text().startswith("| target |")
+    assert (tmp_path / "mr_00" / "cmmas_mv.nii.gz").is_file()

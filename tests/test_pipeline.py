@@ -1,0 +1,244 @@
+"""pipeline.py: segment one target with an atlas set, on the target's own grid.
+
+Phantom CT atlases (40^3) form one atlas set on a 24^3 working grid at 4 mm; the target is an MR
+phantom of another subject, whose grid is rotated (non-identity direction). The networks are
+untrained: BiRegNet returns zero fields (atlases unchanged) and SimNet gives every atlas the same
+weight, so the pipeline's wiring, not the networks, is what is tested.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cmmas import atlas_set, fusion, pipeline, preprocess, registration, similarity
+from cmmas.datasets.mmwhs import MMWHS_LABELS
+from cmmas.datasets.phantom import make_subject
+from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError, ModelError
+from cmmas.io import read_image, read_label, write_image
+from cmmas.networks import build_biregnet, build_simnet
+
+SHAPE = (24, 24, 24)
+CODES = (0, *sorted(MMWHS_LABELS))
+
+
+def write_folder(root, n=3, modality="ct", seed=0, labels=MMWHS_LABELS):
+    """A folder-layout data set of ``n`` phantom subjects of one modality."""
+    (root / modality).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, label = make_subject(modality, seed + i, shape=40)
+        write_image(image, root / modality / f"{modality}_{i:02d}_image.nii.gz")
+        write_image(label, root / modality / f"{modality}_{i:02d}_label.nii.gz")
+    (root / "labels.json").write_text(json.dumps({"0": "background", **{str(k): v for k, v in labels.items()}}))
+    return root
+
+
+def write_models(root):
+    """Untrained BiRegNet and SimNet for the 24^3 grid, saved as .keras files."""
+    reg = registration.save_model(build_biregnet(SHAPE, c0=4, levels=2), root / "reg.keras")
+    sim = registration.save_model(build_simnet(SHAPE, len(CODES), c0=4, levels=2), root / "simnet.keras")
+    return reg, sim
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Atlas folder, prepared atlas set, models and an MR target (image + its true label)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_folder(root / "data")
+    aset = pipeline.prepare_atlases(data, "ct", root / "set", shape_zyx=SHAPE, spacing_zyx=(4.0,) * 3, progress=False)
+    reg, sim = write_models(root)
+    image, label = make_subject("mr", 100, shape=40)
+    target = write_image(image, root / "target_image.nii.gz")
+    write_image(label, root / "target_label.nii.gz")
+    return {"root": root, "data": data, "set": aset, "reg": reg, "sim": sim, "target": target,
+            "truth": label}
+
+
+@pytest.fixture(scope="module")
+def simnet_run(world, tmp_path_factory):
+    """One SimNet segmentation, keeping its target -> reference transform."""
+    tdir = tmp_path_factory.mktemp("transform")
+    result = pipeline.segment(world["target"], world["set"], reg_model=world["reg"], fusion_model=world["sim"],
+                              fusion="simnet", transform_dir=tdir, progress=False)
+    return result, sorted(str(p) for p in tdir.glob("*.mat"))
+
+
+def _dice(a, b) -> float:
+    return 2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
+
+
+# ----------------------------------------------------------------------------- atlas sets
+
+
+def test_prepared_atlas_set_describes_itself(world):
+    again = atlas_set.AtlasSet(world["set"].root)
+    manifest = again.manifest
+    assert manifest.version == atlas_set.VERSION
+    assert manifest.labels == MMWHS_LABELS
+    assert manifest.geometry.shape == SHAPE
+    np.testing.assert_allclose(manifest.geometry.spacing, (4.0, 4.0, 4.0))
+    assert [c.modality for c in manifest.cases] == ["ct"] * 3
+    assert manifest.reference in again.ids()
+    assert pipeline.atlas_ids_of(again) == ["ct_00", "ct_01", "ct_02"]
+
+
+def test_validation_names_the_bad_atlas_before_aligning(tmp_path):
+    data = write_folder(tmp_path / "data", n=2)
+    label = data / "ct" / "ct_01_label.nii.gz"
+    empty = read_label(label)
+    write_image(empty.with_array(np.zeros_like(empty.array)), label)
+    with pytest.raises(LabelError) as info:
+        pipeline.prepare_atlases(data, "ct", tmp_path / "set", shape_zyx=SHAPE, progress=False)
+    assert str(info.value).startswith(str(label)) and "empty" in str(info.value)
+    assert not (tmp_path / "set" / "transforms").exists()
+    with pytest.raises(DatasetError, match="no 'mr' cases"):
+        pipeline.prepare_atlases(data, "mr", tmp_path / "set", shape_zyx=SHAPE, progress=False)
+
+
+def test_atlases_of_a_two_modality_space_are_the_reference_modality(world, tmp_path):
+    root = world["set"].root
+    shutil.copytree(root, tmp_path / "space")
+    manifest = json.loads((tmp_path / "space" / "manifest.json").read_text())
+    first = dict(manifest["cases"][0], id="mr_99", modality="mr")
+    manifest["cases"].append(first)
+    (tmp_path / "space" / "manifest.json").write_text(json.dumps(manifest))
+    space = atlas_set.AtlasSet(tmp_path / "space")
+    assert pipeline.atlas_ids_of(space) == ["ct_00", "ct_01", "ct_02"]
+    assert pipeline.atlas_ids_of(space, "mr") == ["mr_99"]
+
+
+def test_raw_atlas_folder_is_prepared_once_and_not_mixed_up(world, tmp_path):
+    out = world["root"] / "set"
+    again = pipeline.raw_atlas_set(world["data"], None, out, SHAPE)  # the same atlases and grid: reused
+    assert again.manifest == world["set"].manifest
+    other = write_folder(tmp_path / "other", n=1, seed=7)
+    with pytest.raises(AtlasSetError, match="other atlases"):
+        pipeline.raw_atlas_set(other, "ct", out, SHAPE)
+    with pytest.raises(AtlasSetError, match="another grid"):
+        pipeline.raw_atlas_set(world["data"], "ct", out, (32, 32, 32))
+
+
+# ----------------------------------------------------------------------------- segment
+
+
+def test_segment_equals_the_step_by_step_pipeline(world, simnet_run):
+    result, transforms = simnet_run
+    aset = world["set"]
+    target = read_image(world["target"])
+    assert len(transforms) == 1
+
+    # an independent alignment lands the target near the same place (multi-threaded ANTs MI varies
+    # between runs: about 1 mm and 0.05 rad on this small phantom)
+    own = atlas_set.align(target, aset.reference_image(), world["root"] / "own", aset.manifest.align_spacing_mm)
+    own_working = atlas_set.to_space(target, own.forward, aset.geometry, kind="linear")
+    assert np.corrcoef(own_working.array.ravel(), result.target_working.array.ravel())[0, 1] > 0.97
+
+    working = atlas_set.to_space(target, transforms, aset.geometry, kind="linear")
+    np.testing.assert_array_equal(working.array, result.target_working.array)
+    ids = pipeline.atlas_ids_of(aset)
+    images, labels = aset.arrays(ids)
+    model = registration.load_model(world["reg"])
+    _, warped, _ = registration.warp_atlases(model, images, labels, working.array, CODES)
+    np.testing.assert_array_equal(warped, labels)  # an untrained BiRegNet is the identity
+    fused = similarity.simnet_fuse(similarity.load_model(world["sim"]), working.array, warped, CODES)
+    np.testing.assert_array_equal(result.working.array, fused.label)
+    # an untrained SimNet gives every atlas the same weight: its vote is the majority vote
+    np.testing.assert_array_equal(fused.label, fusion.fuse("mv", warped, CODES).label)
+
+    back = [atlas_set.back_to_target(p, aset.geometry, transforms, target.geometry, kind="linear").array
+            for p in fused.probabilities]
+    foreground = np.clip(np.stack(back[1:]), 0, 1)
+    stack = np.concatenate([np.clip(1 - foreground.sum(0), 0, 1)[None], foreground])
+    np.testing.assert_array_equal(result.label.array, np.asarray(CODES)[np.argmax(stack, 0)])
+    for k, code in enumerate(CODES):
+        np.testing.assert_allclose(result.probabilities[code].array, stack[k], atol=1e-6)
+    assert result.atlas_ids == ids
+    assert set(result.seconds) == {"load", "align", "register", "fuse", "map_back", "total"}
+
+    # mapping the hard label back (generic-label) instead gives nearly the same map
+    hard = atlas_set.back_to_target(fused.label, aset.geometry, transforms, target.geometry, kind="label").array
+    assert np.mean(hard == result.label.array) > 0.98
+
+
+def test_segmentation_lies_on_the_target_and_overlaps_its_truth(world, simnet_run):
+    result, _ = simnet_run
+    target = read_image(world["target"])
+    assert not np.allclose(target.geometry.direction_matrix, np.eye(3))  # the MR phantom's grid is rotated
+    truth = world["truth"].array
+    assert _dice(result.label.array > 0, truth > 0) > 0.6
+    per_code = [_dice(result.label.array == c, truth == c) for c in CODES[1:]]
+    assert np.mean(per_code) > 0.35, per_code
+    total = sum(p.array for p in result.probabilities.values())
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+    assert 0.0 <= result.agreement.array.min() and result.agreement.array.max() <= 1.0
+    inside = result.label.array > 0
+    assert result.agreement.array[inside].mean() > 0.5
+
+
+def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
+    result, _ = simnet_run
+    target = read_image(world["target"])
+    written = pipeline.write_segmentation(result, tmp_path / "seg.nii.gz")
+    names = sorted(p.name for p in written)
+    assert names == sorted(["seg.nii.gz", "seg_agreement.nii.gz"] + [f"seg_prob_{c}.nii.gz" for c in CODES])
+    for path in written:
+        image = read_image(path)
+        assert target.geometry.differences(image.geometry) == [], path
+    label = read_label(tmp_path / "seg.nii.gz", allowed=MMWHS_LABELS)
+    np.testing.assert_array_equal(label.array, result.label.array)
+    only = pipeline.write_segmentation(result, tmp_path / "only.nii.gz", extras=False)
+    assert [p.name for p in only] == ["only.nii.gz"]
+
+
+def test_k_most_similar_atlases_are_chosen(world, simnet_run):
+    result, _ = simnet_run
+    aset = world["set"]
+    ids = pipeline.atlas_ids_of(aset)
+    images, _ = aset.arrays(ids)
+    scores = fusion.global_similarity(result.target_working.array, images, similarity="mi")
+    expected = [ids[i] for i in np.argsort(-scores)[:2]]
+    assert pipeline.select_atlases(images, result.target_working.array, ids, 2) == expected
+    assert pipeline.select_atlases(images, result.target_working.array, ids, None) == ids
+    with pytest.raises(CmmasError, match="at least 1"):
+        pipeline.select_atlases(images, result.target_working.array, ids, 0)
+
+
+def test_without_prealign_the_target_is_taken_as_in_the_reference_space(world):
+    aset = world["set"]
+    reference = aset.reference_image()  # the reference atlas at the alignment spacing: in its own space
+    result = pipeline.segment(reference, aset, fusion="mv", prealign=False, progress=False)
+    assert reference.geometry.differences(result.label.geometry) == []
+    truth = preprocess.resample(aset.label(aset.manifest.reference), geometry=reference.geometry, kind="label")
+    assert _dice(result.label.array > 0, truth.array > 0) > 0.7
+
+
+def test_models_that_do_not_fit_are_refused_before_aligning(world, tmp_path):
+    small = registration.save_model(build_biregnet((16, 16, 16), c0=2, levels=2), tmp_path / "small.keras")
+    with pytest.raises(ModelError, match=r"\(16, 16, 16\) grid") as info:
+        pipeline.segment(world["target"], world["set"], reg_model=small, fusion="mv", progress=False)
+    assert str(info.value).startswith(str(small)) and "--shape 16,16,16" in str(info.value)
+    with pytest.raises(ModelError, match="needs a SimNet"):
+        pipeline.segment(world["target"], world["set"], fusion="simnet", progress=False)
+    with pytest.raises(CmmasError, match="unknown fusion 'vote'"):
+        pipeline.segment(world["target"], world["set"], fusion="vote", progress=False)
+    with pytest.raises(ModelError, match="BiRegNet model file not found"):
+        pipeline.segment(world["target"], world["set"], fusion="mv", reg_model=tmp_path / "none.keras")
+
+
+# ----------------------------------------------------------------------------- bundles
+
+
+def test_bundle_parts_and_explicit_paths(world, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(world["set"].root, bundle / "atlas_set")
+    shutil.copy(world["reg"], bundle / "reg_model.keras")
+    found = pipeline.resolve_bundle(bundle)
+    assert found == pipeline.Bundle(bundle / "atlas_set", bundle / "reg_model.keras", None)
+    other = pipeline.resolve_bundle(bundle, reg_model=world["reg"], fusion_model=world["sim"])
+    assert other.reg_model == world["reg"] and other.fusion_model == world["sim"]
+    assert pipeline.resolve_bundle(world["set"].root).atlas_set == world["set"].root  # a set is its own bundle
+    with pytest.raises(AtlasSetError, match="bundle folder not found"):
+        pipeline.resolve_bundle(tmp_path / "missing")
+    with pytest.raises(AtlasSetError, match="no atlas set given"):
+        pipeline.resolve_bundle(tmp_path, reg_model=world["reg"])
