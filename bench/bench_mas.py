@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
+
+from cmmas.scripts import absl_main
 
 FLAGS = flags.FLAGS
 _DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "abdomen-ctmr"
@@ -350,18 +351,6 @@ def _run() -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from cmmas.errors import CmmasError
-
-    try:
-        return _run()
-    except CmmasError as err:
-        print(f"bench_mas: {err}", file=sys.stderr)
-        return 1
-
-
 if __name__ == "__main__":
     flags.mark_flags_as_required(["atlas_set"])
-    app.run(main)
+    app.run(absl_main("bench_mas", _run))

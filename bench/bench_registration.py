@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 import time
 import warnings
 
 from absl import app, flags
+
+from cmmas.scripts import absl_main
 
 FLAGS = flags.FLAGS
 
@@ -185,17 +186,5 @@ def _run() -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from cmmas.errors import CmmasError
-
-    try:
-        return _run()
-    except CmmasError as err:
-        print(f"bench_registration: {err}", file=sys.stderr)
-        return 1
-
-
 if __name__ == "__main__":
-    app.run(main)
+    app.run(absl_main("bench_registration", _run))

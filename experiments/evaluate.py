@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 
 from absl import app, flags
+
+from cmmas.scripts import absl_main
 
 FLAGS = flags.FLAGS
 
@@ -67,20 +68,12 @@ flags.DEFINE_integer("seed", 0, "Seed of Python and numpy.", lower_bound=0)
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def _main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from cmmas.errors import CmmasError
-
-    try:
-        if FLAGS.aggregate is not None:
-            return _aggregate()
-        if FLAGS.space is not None:
-            return _space()
-        return _run()
-    except CmmasError as err:
-        print(f"evaluate: {err}", file=sys.stderr)
-        return 1
+def _run() -> int:
+    if FLAGS.aggregate is not None:
+        return _aggregate()
+    if FLAGS.space is not None:
+        return _space()
+    return _pairs()
 
 
 def _extra(pairs) -> dict:
@@ -102,7 +95,7 @@ def _extra(pairs) -> dict:
     return extra
 
 
-def _run() -> int:
+def _pairs() -> int:
     from pathlib import Path
 
     import numpy as np
@@ -229,4 +222,4 @@ def _footer(report) -> None:
 if __name__ == "__main__":
     flags.mark_flags_as_required(["out"])
     flags.mark_flags_as_mutual_exclusive(["pairs", "space", "aggregate"], required=True)
-    app.run(_main)
+    app.run(absl_main("evaluate", _run))

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 
 from absl import app, flags
+
+from cmmas.scripts import absl_main
 
 FLAGS = flags.FLAGS
 
@@ -89,18 +90,6 @@ def _split(dataset):
     atlases = atlases[: FLAGS.max_atlases] if FLAGS.max_atlases else atlases
     targets = targets[: FLAGS.max_targets] if FLAGS.max_targets else targets
     return tuple(targets), tuple(atlases), tuple(others)
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from cmmas.errors import CmmasError
-
-    try:
-        return _run()
-    except CmmasError as err:
-        print(f"prealign: {err}", file=sys.stderr)
-        return 1
 
 
 def _run() -> int:
@@ -175,4 +164,4 @@ def _run() -> int:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["data", "out"])
-    app.run(_main)
+    app.run(absl_main("prealign", _run))

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 
 from absl import app, flags
+
+from cmmas.scripts import absl_main
 
 FLAGS = flags.FLAGS
 
@@ -55,18 +56,6 @@ flags.DEFINE_float("scale_max", 1.45, "Largest random scale of the atlas label."
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"], "tf.distribute strategy.")
 flags.DEFINE_integer("seed", 0, "Seed of Python, numpy and TensorFlow.", lower_bound=0)
 flags.DEFINE_bool("progress", True, "Show progress bars.")
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from cmmas.errors import CmmasError
-
-    try:
-        return _run()
-    except CmmasError as err:
-        print(f"train_fusion: {err}", file=sys.stderr)
-        return 1
 
 
 def _run() -> int:
@@ -115,4 +104,4 @@ def _run() -> int:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["space", "out"])
-    app.run(_main)
+    app.run(absl_main("train_fusion", _run))
