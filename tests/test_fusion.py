@@ -210,3 +210,13 @@ def test_bad_input_raises_cmmas_errors():
         fuse("mv", atlases, CODES, sigma=2)
     with pytest.raises(CmmasError, match="takes no weights"):
         fuse("mv", atlases, CODES, weights=np.ones(atlases.shape))
+
+
+def test_staple_when_some_labels_are_absent_from_every_atlas():
+    atlas = np.zeros((12, 12, 12), np.int32)
+    atlas[3:8, 3:8, 3:8] = 1
+    atlases = np.stack([atlas, atlas, np.roll(atlas, 1, axis=0)])
+    result = fuse("staple", atlases, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(result.label, atlas)
+    np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, atol=1e-5)
+    assert result.probabilities[2:].max() < 1e-3

@@ -506,8 +506,13 @@ def _staple(
         prior = votes.sum(axis=(1, 2, 3)) / votes.sum()
         log_post = np.empty_like(votes)
         log_post[:] = np.log(np.maximum(prior, 1e-6))[:, None, None, None]
+        # the filter sizes its matrices by the largest index present (m <= L); true labels
+        # it never saw keep the floor
+        present = int(inputs.index.max()) + 1
         for i, index in enumerate(inputs.index):
-            theta = np.asarray(staple.GetConfusionMatrix(i)).reshape(n_labels + 1, n_labels)
+            theta = np.full((n_labels, n_labels), 1e-6)
+            estimated = np.asarray(staple.GetConfusionMatrix(i)).reshape(present + 1, present)
+            theta[:present, :present] = estimated[:present]
             log_post += np.moveaxis(np.log(np.maximum(theta, 1e-6))[index], -1, 0)
         posterior = np.exp(log_post - log_post.max(axis=0))
         posterior /= posterior.sum(axis=0)
