@@ -1,4 +1,8 @@
 # cmmas: two commands do everything on a fresh clone: `make demo` and `make test`.
+#
+# The chain prealign -> train-reg -> train-fusion -> evaluate is a chain of file targets under
+# $(DIR), so re-running skips what is done (and an interrupted training resumes). Each stage
+# reads experiments/configs/$(EXP)/<stage>.flags; variables below override single flags.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,10 +15,36 @@ STAMP := $(VENV)/.installed-$(TF_EXTRA)
 export TF_ENABLE_ONEDNN_OPTS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
+# scripts print UTF-8 tables; do not depend on the caller's locale
+export PYTHONUTF8 := 1
+export MPLBACKEND := Agg
 
-RUN ?= runs/demo
+EXP ?= demo
+CONFIGS := experiments/configs/$(EXP)
+RUN ?= runs/$(EXP)
+DATA ?=
+ATLAS_MOD ?= ct
+TARGET_MOD ?= mr
+FOLD ?= 1
+LAYOUT ?=
+COMPONENT ?=
+SHAPE ?=
+DIR := $(RUN)/$(ATLAS_MOD)2$(TARGET_MOD)/fold$(FOLD)
 
-.PHONY: install test demo clean
+SPACE := $(DIR)/space/manifest.json
+REG := $(DIR)/reg/model.keras
+SIM := $(DIR)/fusion/simnet.keras
+EVAL := $(DIR)/eval/summary.json
+
+MODS := --atlas_modality=$(ATLAS_MOD) --target_modality=$(TARGET_MOD)
+SHAPE_FLAG := $(if $(SHAPE),--shape=$(SHAPE))
+
+MMWHS_HELP := MM-WHS 2017 (request it at zxh.me, MM-WHS challenge): DATA must hold ct_train_1001_image.nii.gz, ct_train_1001_label.nii.gz, mr_train_1001_... (up to two folders deep)
+CHAOS_HELP := CHAOS (download CHAOS_Train_Sets.zip from chaos.grand-challenge.org): DATA must hold CT/<id>/DICOM_anon + CT/<id>/Ground and MR/<id>/T2SPIR/DICOM_anon + MR/<id>/T2SPIR/Ground
+ABDOMEN := $(abspath ../shared/data/abdomen-ctmr)
+
+.PHONY: install test demo clean prealign train-reg train-fusion evaluate chain \
+        reproduce-mmwhs reproduce-chaos reproduce-abdomen
 
 install: $(STAMP)
 
@@ -27,8 +57,57 @@ $(STAMP): requirements.txt setup.py
 test: install
 	$(PY) -m pytest -q tests
 
-demo: install
-	$(PY) -m cmmas.datasets.phantom --out $(RUN)/data --n 20 --preview $(RUN)/phantom_preview.png
+# ---------------------------------------------------------------------------- the chain
+prealign: $(SPACE)
+$(SPACE): | $(STAMP)
+	$(PY) experiments/prealign.py --flagfile=$(CONFIGS)/prealign.flags --data=$(DATA) $(MODS) \
+	    --fold=$(FOLD) $(if $(LAYOUT),--layout=$(LAYOUT)) $(if $(COMPONENT),--component=$(COMPONENT)) \
+	    $(SHAPE_FLAG) --out=$(DIR)/space
+
+train-reg: $(REG)
+$(REG): $(SPACE)
+	$(PY) experiments/train_reg.py --flagfile=$(CONFIGS)/train_reg.flags --space=$(DIR)/space $(MODS) \
+	    $(SHAPE_FLAG) --out=$(DIR)/reg
+
+train-fusion: $(SIM)
+$(SIM): $(REG)
+	$(PY) experiments/train_fusion.py --flagfile=$(CONFIGS)/train_fusion.flags --space=$(DIR)/space \
+	    --reg_model=$(REG) $(MODS) $(SHAPE_FLAG) --out=$(DIR)/fusion
+
+evaluate: $(EVAL)
+$(EVAL): $(SIM)
+	$(PY) experiments/evaluate.py --flagfile=$(CONFIGS)/evaluate.flags --space=$(DIR)/space \
+	    --reg_model=$(REG) --fusion_model=$(SIM) $(MODS) --out=$(DIR)/eval
+
+# ---------------------------------------------------------------------------- demo
+$(RUN)/data/.done: | $(STAMP)
+	$(PY) -m cmmas.datasets.phantom --out $(RUN)/data --n 12 --shape 64 --preview $(RUN)/phantom_preview.png
+	touch $@
+
+demo: install $(RUN)/data/.done
+	$(MAKE) --no-print-directory evaluate EXP=demo DATA=$(RUN)/data RUN=$(RUN)
+	@echo "demo: Dice table above; overlays: $$(ls $(DIR)/eval/overlay_*.png | head -n 3 | tr '\n' ' ')"
+
+# ---------------------------------------------------------------------------- reproduce
+reproduce-mmwhs:
+	@test -n "$(DATA)" && test -d "$(DATA)" || { echo "reproduce-mmwhs: set DATA=/path/to/MM-WHS; $(MMWHS_HELP)" >&2; exit 2; }
+	$(MAKE) --no-print-directory _folds EXP=mmwhs
+
+reproduce-chaos:
+	@test -n "$(DATA)" && test -d "$(DATA)" || { echo "reproduce-chaos: set DATA=/path/to/CHAOS_Train_Sets; $(CHAOS_HELP)" >&2; exit 2; }
+	$(MAKE) --no-print-directory _folds EXP=chaos
+
+reproduce-abdomen:
+	@test -d "$(ABDOMEN)" || { echo "reproduce-abdomen: $(ABDOMEN) not found (the shared real CT/MR abdomen set)" >&2; exit 2; }
+	$(MAKE) --no-print-directory _folds EXP=abdomen DATA=$(ABDOMEN) FOLDS="$(or $(FOLDS),1)"
+
+FOLDS ?= 1 2 3 4
+.PHONY: _folds
+_folds: install
+	set -e; for pair in ct:mr mr:ct; do for fold in $(FOLDS); do \
+	    $(MAKE) --no-print-directory evaluate EXP=$(EXP) DATA=$(DATA) ATLAS_MOD=$${pair%:*} TARGET_MOD=$${pair#*:} FOLD=$$fold; \
+	done; done
+	$(PY) experiments/evaluate.py --aggregate=$(RUN) --out=$(RUN)
 
 clean:
 	rm -rf runs

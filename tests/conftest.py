@@ -7,6 +7,9 @@ from pathlib import Path
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One ITK thread makes ANTs registrations bit-reproducible (with two, the same seed drifts);
+# ITK reads this once per process, at its first registration.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 import numpy as np
 import pytest

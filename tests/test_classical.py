@@ -229,7 +229,7 @@ def _script(*args, timeout=240):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
         [sys.executable, str(REPO / "experiments" / "prealign.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+        capture_output=True, encoding="utf-8", timeout=timeout, cwd=REPO, env=env,
     )
 
 

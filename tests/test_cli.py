@@ -28,7 +28,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src"
 
 
 def _python(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, *args], capture_output=True, encoding="utf-8", env=ENV, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")

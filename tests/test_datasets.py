@@ -180,7 +180,7 @@ def test_importing_datasets_stays_light():
         "import sys, cmmas.datasets; "
         "print(sorted(m for m in ('SimpleITK', 'skimage', 'tensorflow') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True)
     assert out.stdout.strip() == "[]"
 
 

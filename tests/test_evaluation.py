@@ -221,7 +221,7 @@ def _evaluate(*args, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
     return subprocess.run(
         [sys.executable, str(REPO / "experiments" / "evaluate.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+        capture_output=True, encoding="utf-8", timeout=timeout, cwd=REPO, env=env,
     )
 
 

@@ -148,7 +148,7 @@ def _run_cli(*args):
     env = dict(os.environ, PYTHONPATH=str(Path(cmmas.__file__).resolve().parents[1]))
     return subprocess.run(
         [sys.executable, "-m", "cmmas.datasets.phantom", *args],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True, encoding="utf-8", env=env, timeout=120,
     )
 
 
@@ -167,5 +167,5 @@ def test_cli_help_does_not_import_tensorflow():
     assert result.returncode in (0, 1) and "--preview" in result.stdout  # absl exits 1 after --help
     env = dict(os.environ, PYTHONPATH=str(Path(cmmas.__file__).resolve().parents[1]))
     probe = "import sys, cmmas.datasets.phantom; print('tensorflow' in sys.modules, 'matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, encoding="utf-8", env=env, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -272,7 +272,7 @@ def test_seeded_single_thread_runs_are_identical():
         print(params[0] == params[1], params[0] != params[2])
         """
     )
-    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True, encoding="utf-8")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True"]
 

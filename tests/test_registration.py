@@ -384,7 +384,7 @@ def test_scripts_help_does_not_import_tensorflow():
         "print('tensorflow' in sys.modules)\n"
     )
     for script in ("experiments/train_reg.py", "experiments/register.py", "bench/bench_registration.py"):
-        done = subprocess.run([sys.executable, "-c", code, str(ROOT / script)], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", code, str(ROOT / script)], capture_output=True, encoding="utf-8",
                               timeout=60)
         assert done.stdout.strip().splitlines()[-1] == "False", script
         assert "--model" in done.stdout or "--space" in done.stdout
