@@ -56,6 +56,8 @@ flags.DEFINE_float("scale_max", 1.45, "Largest random scale of the atlas label."
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"], "tf.distribute strategy.")
 flags.DEFINE_integer("seed", 0, "Seed of Python, numpy and TensorFlow.", lower_bound=0)
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_string("init_weights", None, "A simnet.keras to start from (extends a finished run; steps and "
+                    "learning-rate schedule restart at 0). Ignored when resuming an interrupted run.")
 
 
 def _run() -> int:
@@ -97,7 +99,8 @@ def _run() -> int:
         scale_range=(FLAGS.scale_min, FLAGS.scale_max), seed=FLAGS.seed)
     pairs = similarity.load_pairs(cache, targets)
     print(f"train_fusion: training SimNet on {pairs.n_pairs} pairs for {config.steps} steps into {out}")
-    path = similarity.train(config, pairs, codes, out, strategy=FLAGS.strategy, progress=FLAGS.progress)
+    path = similarity.train(config, pairs, codes, out, strategy=FLAGS.strategy, progress=FLAGS.progress,
+                            init_weights=FLAGS.init_weights)
     print(path)
     return 0
 

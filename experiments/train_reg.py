@@ -3,8 +3,8 @@
 Atlases are the labelled "train" cases of --atlas_modality, targets the labelled "train" cases
 of --target_modality (held-out "test" cases are never read). The defaults reproduce the original
 cmmas: Adam 1e-3 decayed x0.96 every 100 steps (staircase), 1503 steps of batch 2, c0 4, the
-multi-scale Dice loss in both directions plus 0.1 x cycle consistency, random affine
-augmentation of atlas and target. Writes OUT/model.keras (+ config.json, history.csv,
+multi-scale Dice loss in both directions plus 0.1 x cycle consistency, one random affine per
+pair applied to atlas and target alike. Writes OUT/model.keras (+ config.json, history.csv,
 curves.png, checkpoints/, tensorboard/); killed and re-run with the same flags, it resumes
 from the last finished epoch.
 
@@ -40,7 +40,12 @@ flags.DEFINE_integer("decay_steps", 100, "Steps between learning-rate decays.", 
 flags.DEFINE_integer("steps", 1503, "Optimiser steps in total.", lower_bound=1)
 flags.DEFINE_integer("batch", 2, "Pairs per step (global batch).", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", 50, "Steps between logs, checkpoints and backups.", lower_bound=1)
-flags.DEFINE_bool("augment", True, "Random affine augmentation of atlas and target.")
+flags.DEFINE_bool("augment", True, "One random affine per pair, applied to atlas and target alike.")
+flags.DEFINE_float("aug_rotation", 10.0, "Largest augmentation rotation about each axis, degrees.", lower_bound=0.0)
+flags.DEFINE_float("aug_scale", 0.1, "Largest augmentation scale change per axis (0.1 = +-10 %).", lower_bound=0.0)
+flags.DEFINE_float("aug_shift", 4.0, "Largest augmentation translation per axis, voxels.", lower_bound=0.0)
+flags.DEFINE_string("init_weights", None, "A model.keras to start from (extends a finished run; steps and "
+                    "learning-rate schedule restart at 0). Ignored when resuming an interrupted run.")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"], "tf.distribute strategy.")
 flags.DEFINE_integer("seed", 0, "Seed of Python, numpy and TensorFlow (weights, pairs, augmentation).")
 flags.DEFINE_bool("progress", True, "Show the Keras progress bar.")
@@ -90,7 +95,7 @@ def _run() -> int:
         sim_loss=FLAGS.sim_loss, lambda_consis=FLAGS.lambda_consis, lambda_smooth=FLAGS.lambda_smooth,
         lambda_fold=FLAGS.lambda_fold, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate, decay_steps=FLAGS.decay_steps,
         steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch, augment=FLAGS.augment,
-        seed=FLAGS.seed,
+        aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale, aug_shift=FLAGS.aug_shift, seed=FLAGS.seed,
     )
     atlas_images, atlas_labels = space.arrays(atlas_ids)
     target_images, target_labels = space.arrays(target_ids)
@@ -98,7 +103,7 @@ def _run() -> int:
           f"{FLAGS.target_modality} targets at {shape}, {config.steps} steps of batch {config.batch}")
     path = registration.train(
         config, atlas_images, atlas_labels, target_images, target_labels, sorted(space.labels), FLAGS.out,
-        strategy=FLAGS.strategy, progress=FLAGS.progress,
+        strategy=FLAGS.strategy, progress=FLAGS.progress, init_weights=FLAGS.init_weights,
     )
     print(f"train_reg: model written to {path}")
     return 0

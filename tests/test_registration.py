@@ -4,6 +4,7 @@ One seeded smoke training (24^3, 2 levels, c0 4, batch 2) is shared by several t
 interrupted at epoch 2 by a callback, re-run (BackupAndRestore resumes it) and finished.
 """
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -286,6 +287,34 @@ def test_saved_model_is_the_trained_network_and_reloads_identically(trained, tmp
     again = reg.load_model(reg.save_model(model, tmp_path / "copy.keras"))
     for key in ("U", "V"):
         np.testing.assert_array_equal(again(inputs, training=False)[key].numpy(), out[key].numpy())
+
+
+def test_trainer_augmentation_moves_atlas_and_target_together():
+    config = reg.RegConfig(shape_zyx=(N, N, N), levels=2, aug_rotation=20.0, aug_scale=0.2, aug_shift=3.0)
+    trainer = reg.BiRegNetTrainer(build_biregnet((N, N, N), levels=2), config)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+    image, label = ATLASES[0][:2, ..., None], reg.one_hot(ATLASES[1][:2], TABLE)
+    out = trainer._augment({"atlas": image, "target": image, "atlas_label": label, "target_label": label})
+    np.testing.assert_array_equal(out["atlas"].numpy(), out["target"].numpy())
+    np.testing.assert_array_equal(out["atlas_label"].numpy(), out["target_label"].numpy())
+    assert np.abs(out["atlas"].numpy() - image).max() > 0.1  # it did move them
+
+
+def test_init_weights_starts_from_a_trained_model(trained, tmp_path):
+    config = dataclasses.replace(SMOKE, steps=1, steps_per_epoch=1, lr=1e-12)
+    args = (config, ATLASES[0], ATLASES[1], TARGETS[0], TARGETS[1], CODES, tmp_path / "more")
+    path = reg.train(*args, progress=False, init_weights=trained["path"])
+    # one step at a negligible rate: the trainable weights are the trained model's (BatchNorm's
+    # moving statistics do move in that step, so compare trainable weights, not outputs)
+    before = [w.numpy() for w in reg.load_model(trained["path"]).trainable_weights]
+    after = [w.numpy() for w in reg.load_model(path).trainable_weights]
+    assert any(np.abs(w).max() > 0 for w in before[-4:])
+    for old, new in zip(before, after):
+        np.testing.assert_allclose(new, old, atol=1e-6)
+    wrong = tmp_path / "wrong.keras"
+    reg.save_model(build_biregnet((N, N, N), levels=3), wrong)
+    with pytest.raises(ModelError, match="do not fit"):
+        reg.train(*args[:-1], tmp_path / "wrong_run", progress=False, init_weights=wrong)
 
 
 # -------------------------------------------------------------------------------- inference

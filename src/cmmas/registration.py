@@ -91,7 +91,12 @@ class RegConfig:
         steps: optimiser steps of the whole run.
         batch: pairs per step (global batch, split across replicas).
         steps_per_epoch: steps between logs, checkpoints and backups.
-        augment: random affine augmentation of atlas and target, independently.
+        augment: one random affine per pair, applied to the atlas and the target alike (it adds
+            pose and size variety while keeping the pair's pre-alignment; independent affines
+            per image made the network hurt at test time, see docs/results.md).
+        aug_rotation: largest rotation about each array axis, degrees.
+        aug_scale: largest relative scale change per axis.
+        aug_shift: largest translation per axis, voxels of the working grid.
         seed: seeds initial weights, pair sampling and augmentation.
     """
 
@@ -110,6 +115,9 @@ class RegConfig:
     batch: int = 2
     steps_per_epoch: int = 50
     augment: bool = True
+    aug_rotation: float = AUG_MAX_ROTATION_DEG
+    aug_scale: float = AUG_MAX_SCALE
+    aug_shift: float = AUG_MAX_SHIFT_VOX
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -122,7 +130,7 @@ class RegConfig:
         for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lambda_consis", "lambda_smooth", "lambda_fold"):
+        for name in ("lambda_consis", "lambda_smooth", "lambda_fold", "aug_rotation", "aug_scale", "aug_shift"):
             if float(getattr(self, name)) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 < self.decay_rate <= 1):
@@ -257,7 +265,8 @@ def random_affine(
     Rotation angles (degrees, about each array axis), per-axis scale deviations and shifts
     (voxels) are drawn uniformly in ``[-max, max]``; the map is applied about the volume centre
     (:func:`affine_ddf`). Images are warped linearly; one-hot labels linearly, then re-thresholded
-    (argmax back to one-hot). Call it separately for the atlas and the target of a pair.
+    (argmax back to one-hot). Every input of one batch item gets the same map, so passing the
+    atlas and the target of a pair together keeps their relative alignment.
 
     Args:
         images: ``[B, D, H, W, C]`` float tensors.
@@ -378,7 +387,7 @@ class BiRegNetTrainer(keras.Model):
 
     Each batch is a dict of ``atlas``, ``target`` ``[B, D, H, W, 1]`` and ``atlas_label``,
     ``target_label`` ``[B, D, H, W, L]`` (one-hot, channel 0 background). ``train_step``
-    augments each side (when ``config.augment``), computes :meth:`pair_losses` and applies the
+    augments each pair (when ``config.augment``), computes :meth:`pair_losses` and applies the
     gradients; ``test_step`` evaluates without augmentation. Both return the running means of
     :data:`METRIC_NAMES`: ``loss`` (the total), ``sim`` (the similarity terms), ``dice`` (soft
     foreground Dice of ``L_a o U`` with ``L_t``, higher is better), ``consis``, ``smooth``,
@@ -448,17 +457,18 @@ class BiRegNetTrainer(keras.Model):
         return {"loss": loss, "sim": sim, "dice": dice, "consis": consis, "smooth": smooth, "fold": fold}
 
     def _augment(self, data: dict) -> dict:
-        """Independent random affines for the atlas and the target of every pair (one warp)."""
+        """One random affine per pair, applied to its atlas and its target alike (one warp)."""
         context = tf.distribute.get_replica_context()
         replica = 0 if context is None else context.replica_id_in_sync_group
         replicas = self.distribute_strategy.num_replicas_in_sync
         step = tf.cast(self.optimizer.iterations, tf.int64)
         seed = tf.stack([tf.constant(self.config.seed, tf.int64), step * replicas + tf.cast(replica, tf.int64)])
-        n = tf.shape(data["atlas"])[0]
-        images = tf.concat([data["atlas"], data["target"]], axis=0)
-        labels = tf.concat([data["atlas_label"], data["target_label"]], axis=0)
-        (images,), (labels,) = random_affine([images], [labels], seed=seed)
-        return {"atlas": images[:n], "target": images[n:], "atlas_label": labels[:n], "target_label": labels[n:]}
+        c = self.config
+        (atlas, target), (atlas_label, target_label) = random_affine(
+            [data["atlas"], data["target"]], [data["atlas_label"], data["target_label"]],
+            c.aug_rotation, c.aug_scale, c.aug_shift, seed=seed,
+        )
+        return {"atlas": atlas, "target": target, "atlas_label": atlas_label, "target_label": target_label}
 
     def _track(self, terms: dict) -> dict:
         for tracker in self.trackers:
@@ -563,6 +573,7 @@ def train(
     progress: bool = True,
     val: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
     callbacks: Sequence = (),
+    init_weights: str | os.PathLike | None = None,
 ) -> Path:
     """Train BiRegNet on random atlas x target pairs; re-running an interrupted call resumes it.
 
@@ -581,6 +592,9 @@ def train(
         val: optional ``(atlas_images, atlas_labels, target_images, target_labels)`` evaluated
             (without augmentation) after each epoch on pairs ``(i mod N_a, i mod N_t)``.
         callbacks: more Keras callbacks, run after the built-in ones.
+        init_weights: a ``model.keras`` of the same architecture to start from (to extend a
+            finished run with more steps: the step count and the learning-rate schedule start
+            again at 0). Ignored when resuming from ``backup/``.
 
     Returns:
         The path of ``model.keras``.
@@ -618,6 +632,8 @@ def train(
         )
     with distribution.scope():
         net = build_biregnet(shape, c0=config.c0, levels=config.levels, diffeomorphic=config.diffeomorphic)
+        if init_weights is not None and resume_epoch == 0:
+            copy_weights(init_weights, net)
         trainer = BiRegNetTrainer(net, config)
         schedule = keras.optimizers.schedules.ExponentialDecay(
             config.lr, config.decay_steps, config.decay_rate, staircase=True
@@ -650,6 +666,21 @@ def save_model(net: keras.Model, path: str | os.PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def copy_weights(source: str | os.PathLike, net: keras.Model) -> None:
+    """Set ``net``'s weights from the saved model ``source`` (same architecture and shapes).
+
+    Raises:
+        ModelError: ``source`` is unreadable or its weights do not match ``net``'s.
+    """
+    weights = load_model(source).get_weights()
+    expected = [tuple(w.shape) for w in net.get_weights()]
+    found = [tuple(w.shape) for w in weights]
+    if found != expected:
+        raise ModelError(source, f"weights do not fit this network ({len(found)} arrays vs {len(expected)}, "
+                         "or different shapes): was it trained with the same shape, c0 and levels?")
+    net.set_weights(weights)
 
 
 def _number(text: str | None) -> float:

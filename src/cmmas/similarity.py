@@ -565,6 +565,7 @@ def train(
     out_dir: str | os.PathLike,
     strategy: str = "default",
     progress: bool = True,
+    init_weights: str | os.PathLike | None = None,
 ) -> Path:
     """Train a SimNet on cached pairs (a folder from :func:`generate_pairs`) or on arrays.
 
@@ -583,6 +584,8 @@ def train(
         strategy: one of :data:`cmmas.registration.STRATEGIES`; ``config.batch`` is the global
             batch.
         progress: show Keras' progress bar.
+        init_weights: a ``simnet.keras`` of the same architecture to start from (steps and
+            schedule start again at 0); ignored when resuming from ``backup/``.
 
     Returns:
         The path of ``simnet.keras``.
@@ -611,6 +614,8 @@ def train(
                          f"{distribution.num_replicas_in_sync} replicas")
     with distribution.scope():
         simnet = build_simnet(config.shape_zyx, len(codes), c0=config.c0, levels=config.levels)
+        if init_weights is not None and resume_epoch == 0:
+            registration.copy_weights(init_weights, simnet)
         trainer = SimNetTrainer(simnet, config)
         schedule = keras.optimizers.schedules.ExponentialDecay(
             config.lr, config.decay_steps, config.decay_rate, staircase=True)
