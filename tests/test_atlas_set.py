@@ -1,6 +1,5 @@
 """atlas_set.py: preparing an atlas set once, reading it back, rejecting bad atlases."""
 
-import json
 import os
 
 import numpy as np
@@ -9,22 +8,15 @@ import pytest
 from cmmas import atlas_set, preprocess
 from cmmas.datasets import open_dataset
 from cmmas.datasets.mmwhs import MMWHS_LABELS
-from cmmas.datasets.phantom import make_subject
 from cmmas.errors import AtlasSetError, ImageReadError, LabelError
-from cmmas.io import write_image
+from phantom_data import numbered, write_phantom_folder
 
 SHAPE = (24, 24, 24)
 SPACING = (4.0, 4.0, 4.0)
 
 
-def _folder(root, n=3, modality="ct", seed=0):
-    (root / modality).mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        image, label = make_subject(modality, seed + i, shape=40)
-        write_image(image, root / modality / f"{modality}_{i:02d}_image.nii.gz")
-        write_image(label, root / modality / f"{modality}_{i:02d}_label.nii.gz")
-    (root / "labels.json").write_text(json.dumps({"0": "background", **{str(k): v for k, v in MMWHS_LABELS.items()}}))
-    return open_dataset(root, "folder")
+def _folder(root, n=3):
+    return open_dataset(write_phantom_folder(root, numbered("ct", range(n))), "folder")
 
 
 @pytest.fixture(scope="module")

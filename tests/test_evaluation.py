@@ -16,6 +16,7 @@ from cmmas.datasets import open_dataset
 from cmmas.errors import CmmasError, GeometryError
 from cmmas.io import Geometry, Image, read_label, write_image
 from cmmas.metrics import dice
+from phantom_data import numbered, write_phantom_folder
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {1: "alpha", 2: "beta", 3: "gamma"}
@@ -228,16 +229,7 @@ def _evaluate(*args, timeout=300):
 @pytest.fixture(scope="module")
 def phantom_pairs(tmp_path_factory):
     """Two phantom CT atlases affinely aligned to one phantom MR target (32^3), folder layout."""
-    from cmmas.datasets import phantom
-
-    root = tmp_path_factory.mktemp("phantom")
-    labels = {0: "background", **phantom.MMWHS_LABELS}
-    (root / "labels.json").write_text(json.dumps({str(k): v for k, v in labels.items()}))
-    for modality, names in (("ct", ("ct_1", "ct_2")), ("mr", ("mr_1",))):
-        for k, name in enumerate(names):
-            image, label = phantom.make_subject(modality, 10 + k + (5 if modality == "mr" else 0), shape=32)
-            write_image(image, root / modality / f"{name}_image.nii.gz")
-            write_image(label.with_array(label.array.astype(np.int32)), root / modality / f"{name}_label.nii.gz")
+    root = write_phantom_folder(tmp_path_factory.mktemp("phantom"), {"ct_1": 10, "ct_2": 11, "mr_1": 15}, shape=32)
     data = open_dataset(root, "folder")
     out = tmp_path_factory.mktemp("pairs")
     classical.prealign_pairs(
@@ -291,18 +283,10 @@ def space_run(tmp_path_factory):
     """A tiny prepared space (3 CT atlases, 1 MR training case, 1 held-out MR target at 24^3, 4 mm)
     with an untrained BiRegNet (zero fields: identity warps) and an untrained SimNet."""
     from cmmas import atlas_set, registration
-    from cmmas.datasets import phantom
     from cmmas.networks import build_biregnet, build_simnet
 
     root = tmp_path_factory.mktemp("space")
-    data = root / "data"
-    for modality, seeds in (("ct", (0, 1, 2)), ("mr", (10, 11))):
-        for k, seed in enumerate(seeds):
-            image, label = phantom.make_subject(modality, seed, shape=40)
-            write_image(image, data / modality / f"{modality}_{k:02d}_image.nii.gz")
-            write_image(label, data / modality / f"{modality}_{k:02d}_label.nii.gz")
-    labels = {0: "background", **phantom.MMWHS_LABELS}
-    (data / "labels.json").write_text(json.dumps({str(k): v for k, v in labels.items()}))
+    data = write_phantom_folder(root / "data", {**numbered("ct", (0, 1, 2)), **numbered("mr", (10, 11))})
     dataset = open_dataset(data, "folder")
     cases = list(dataset.of("ct")) + list(dataset.of("mr"))
     space = atlas_set.prepare(cases, dict(dataset.labels), root / "space", SPACE_SHAPE, (4.0, 4.0, 4.0),

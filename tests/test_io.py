@@ -1,8 +1,6 @@
 """io.py: geometry survives write/read, writes are atomic, each bad input gets its one-line error."""
 
-import gzip
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,5 @@
 """Metrics against hand-computed values and an all-pairs brute-force reference."""
 
-import warnings
-
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist

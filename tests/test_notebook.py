@@ -1,7 +1,6 @@
 """notebooks/results.ipynb runs headless (nbclient) on a small folder laid out like a real run,
 and on an empty one; the registration figures of cmmas.plots it draws."""
 
-import json
 import struct
 from pathlib import Path
 
@@ -14,9 +13,9 @@ from cmmas import atlas_set, evaluation, plots
 from cmmas.datasets import open_dataset
 from cmmas.datasets.base import load_case
 from cmmas.datasets.mmwhs import MMWHS_LABELS
-from cmmas.datasets.phantom import make_subject
 from cmmas.errors import GeometryError
 from cmmas.io import write_image
+from phantom_data import write_phantom_folder
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "results.ipynb"
 SHAPE = (24, 24, 24)
@@ -32,17 +31,6 @@ def _png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-def _dataset(root):
-    for modality, seeds in (("ct", (0, 1)), ("mr", (10, 11))):
-        (root / modality).mkdir(parents=True)
-        for seed in seeds:
-            image, label = make_subject(modality, seed, shape=40)
-            write_image(image, root / modality / f"{modality}_{seed:02d}_image.nii.gz")
-            write_image(label, root / modality / f"{modality}_{seed:02d}_label.nii.gz")
-    (root / "labels.json").write_text(json.dumps({"0": "background", **{str(k): v for k, v in MMWHS_LABELS.items()}}))
-    return open_dataset(root, "folder")
-
-
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """RUN/ct2mr/fold1/{space, reg/model.keras, eval/} as the chain writes them (untrained network)."""
@@ -50,7 +38,9 @@ def run_folder(tmp_path_factory):
     from cmmas.registration import save_model
 
     root = tmp_path_factory.mktemp("run")
-    dataset = _dataset(root / "data")
+    subjects = {f"{modality}_{seed:02d}": seed for modality, seeds in (("ct", (0, 1)), ("mr", (10, 11)))
+                for seed in seeds}
+    dataset = open_dataset(write_phantom_folder(root / "data", subjects), "folder")
     atlases, targets = list(dataset.of("ct")), list(dataset.of("mr"))
     fold = root / "ct2mr" / "fold1"
     space = atlas_set.prepare(atlases + targets, dataset.labels, fold / "space", SHAPE, SPACING,

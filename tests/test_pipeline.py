@@ -18,20 +18,15 @@ from cmmas.datasets.phantom import make_subject
 from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError, ModelError
 from cmmas.io import read_image, read_label, write_image
 from cmmas.networks import build_biregnet, build_simnet
+from phantom_data import numbered, write_phantom_folder
 
 SHAPE = (24, 24, 24)
 CODES = (0, *sorted(MMWHS_LABELS))
 
 
 def write_folder(root, n=3, modality="ct", seed=0, labels=MMWHS_LABELS):
-    """A folder-layout data set of ``n`` phantom subjects of one modality."""
-    (root / modality).mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        image, label = make_subject(modality, seed + i, shape=40)
-        write_image(image, root / modality / f"{modality}_{i:02d}_image.nii.gz")
-        write_image(label, root / modality / f"{modality}_{i:02d}_label.nii.gz")
-    (root / "labels.json").write_text(json.dumps({"0": "background", **{str(k): v for k, v in labels.items()}}))
-    return root
+    """A folder-layout data set of ``n`` phantom subjects of one modality (seeds from ``seed``)."""
+    return write_phantom_folder(root, numbered(modality, range(seed, seed + n)), labels=labels)
 
 
 def write_models(root):
