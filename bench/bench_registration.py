@@ -8,8 +8,10 @@ the same working grid:
     warped with generic-label interpolation.
 Printed per pair: seconds of each and their ratio (SyN / BiRegNet), peak resident memory of the
 process during each call (VmHWM reset before each call, so each number is that call's own
-peak, including what was resident before), and the mean Dice over structures of the warped
-atlas label against the target label (before registration, BiRegNet, SyN).
+peak, including what was resident before), the mean Dice over structures of the warped atlas
+label against the target label (before registration, BiRegNet, SyN) and the percentage of
+folding voxels (det J <= 0) of each deformation (BiRegNet's atlas->target field U; SyN's
+deformable warp, through ANTs' Jacobian). Then the Dice per structure, mean over the pairs.
 
 Data: --space (a prepared space; atlases = labelled train cases of --atlas_modality, targets =
 labelled test cases of --target_modality, or train cases if there are none) or, without it,
@@ -74,19 +76,29 @@ def _measure(fn):
     return result, time.perf_counter() - start, _peak_mb()
 
 
-def _mean_dice(a, b, codes) -> float:
-    import numpy as np
-
+def _dice_per_structure(a, b, codes) -> list[float]:
+    """Dice of each non-zero code (NaN where neither label has it)."""
     from cmmas.metrics import dice
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scores = [dice(a == c, b == c) for c in codes if c != 0 and ((a == c).any() or (b == c).any())]
-    return float(np.mean(scores)) if scores else float("nan")
+        return [dice(a == c, b == c) if ((a == c).any() or (b == c).any()) else float("nan")
+                for c in codes if c != 0]
+
+
+def _syn_folding_percent(syn, fixed) -> float:
+    """Percentage of voxels of ``fixed`` (an Image) where SyN's warp (first forward transform) folds."""
+    import ants
+    import numpy as np
+
+    from cmmas.prealign import to_ants
+
+    det = ants.create_jacobian_determinant_image(to_ants(fixed), syn.forward[0]).numpy()
+    return 100.0 * float(np.mean(det <= 0))
 
 
 def _space_pairs():
-    """``(geometry, codes, [(name, atlas, atlas_label, target, target_label)])`` from --space."""
+    """``(geometry, {code: name}, [(name, atlas, atlas_label, target, target_label)])`` from --space."""
     from cmmas.atlas_set import AtlasSet
     from cmmas.errors import AtlasSetError
 
@@ -103,7 +115,7 @@ def _space_pairs():
         (ai,), (al,) = space.arrays([a])
         (ti,), (tl,) = space.arrays([t])
         pairs.append((f"{a}->{t}", ai, al, ti, tl))
-    return space.geometry, sorted(space.labels), pairs
+    return space.geometry, dict(sorted(space.labels.items())), pairs
 
 
 def _phantom_pairs(shape):
@@ -131,7 +143,7 @@ def _phantom_pairs(shape):
             normalize(fixed).array,
             on_grid(target_label, "label").array.astype("int32"),
         ))
-    return geometry, [c for c in phantom.LABEL_CODES if c], pairs
+    return geometry, {c: phantom.MMWHS_LABELS[c] for c in phantom.LABEL_CODES if c}, pairs
 
 
 def _run() -> int:
@@ -139,6 +151,7 @@ def _run() -> int:
 
     from cmmas import prealign, registration
     from cmmas.io import Image
+    from cmmas.metrics import jacobian_stats
     from cmmas.networks import build_biregnet
 
     if FLAGS.model:
@@ -153,7 +166,8 @@ def _run() -> int:
             shape = AtlasSet(FLAGS.space).geometry.shape
         model = build_biregnet(shape)
         print(f"BiRegNet: UNTRAINED (identity) network at {shape}: its Dice is the input alignment's")
-    geometry, codes, pairs = _space_pairs() if FLAGS.space else _phantom_pairs(shape)
+    geometry, names, pairs = _space_pairs() if FLAGS.space else _phantom_pairs(shape)
+    codes = list(names)
     if tuple(geometry.shape) != tuple(shape):
         from cmmas.errors import ModelError
 
@@ -164,25 +178,33 @@ def _run() -> int:
     print(f"{len(pairs)} pair(s) on a {geometry.shape} grid of {np.round(geometry.spacing_zyx, 2).tolist()} mm; "
           f"ANTs SyN {'fast' if FLAGS.syn_fast else 'default'} schedule, {os.cpu_count()} CPU(s)")
     header = (f"{'pair':<28} {'BiRegNet s':>10} {'SyN s':>8} {'ratio':>7} {'BiRegNet MiB':>12} {'SyN MiB':>8} "
-              f"{'Dice before':>11} {'BiRegNet':>8} {'SyN':>6}")
+              f"{'Dice before':>11} {'BiRegNet':>8} {'SyN':>6} {'fold% net':>9} {'fold% SyN':>9}")
     print(header)
-    rows = []
+    rows, per_structure = [], []
     for name, atlas, atlas_label, target, target_label in pairs:
-        (_, net_labels, _), net_s, net_mb = _measure(
+        (_, net_labels, ddfs), net_s, net_mb = _measure(
             lambda: registration.warp_atlases(model, atlas[None], atlas_label[None], target, table))
+        fixed = Image(target, geometry)
         syn, syn_s, syn_mb = _measure(lambda: prealign.register(
-            Image(atlas, geometry), Image(target, geometry), kind="syn", seed=FLAGS.seed,
+            Image(atlas, geometry), fixed, kind="syn", seed=FLAGS.seed,
             moving_label=Image(atlas_label, geometry), fast=FLAGS.syn_fast))
-        syn_label = syn.warped_label.array
+        syn_label, syn_fold = syn.warped_label.array, _syn_folding_percent(syn, fixed)
         syn.cleanup()
-        row = (net_s, syn_s, syn_s / net_s, net_mb, syn_mb, _mean_dice(atlas_label, target_label, codes),
-               _mean_dice(net_labels[0], target_label, codes), _mean_dice(syn_label, target_label, codes))
+        dices = [_dice_per_structure(moved, target_label, codes) for moved in (atlas_label, net_labels[0], syn_label)]
+        per_structure.append(dices)
+        row = (net_s, syn_s, syn_s / net_s, net_mb, syn_mb, *(np.nanmean(d) for d in dices),
+               jacobian_stats(ddfs[0])["folding_percent"], syn_fold)
         rows.append(row)
         print(f"{name[:28]:<28} {row[0]:>10.2f} {row[1]:>8.2f} {row[2]:>6.1f}x {row[3]:>12.0f} {row[4]:>8.0f} "
-              f"{row[5]:>11.3f} {row[6]:>8.3f} {row[7]:>6.3f}")
+              f"{row[5]:>11.3f} {row[6]:>8.3f} {row[7]:>6.3f} {row[8]:>9.2f} {row[9]:>9.2f}")
     med = np.median(np.asarray(rows), axis=0)
     print(f"{'median':<28} {med[0]:>10.2f} {med[1]:>8.2f} {med[2]:>6.1f}x {med[3]:>12.0f} {med[4]:>8.0f} "
-          f"{med[5]:>11.3f} {med[6]:>8.3f} {med[7]:>6.3f}")
+          f"{med[5]:>11.3f} {med[6]:>8.3f} {med[7]:>6.3f} {med[8]:>9.2f} {med[9]:>9.2f}")
+    mean = np.nanmean(np.asarray(per_structure), axis=0)  # [3 methods, structures]
+    print(f"\nDice per structure, mean over {len(pairs)} pair(s)")
+    print(f"{'structure':<28} {'before':>8} {'BiRegNet':>8} {'SyN':>8}")
+    for k, code in enumerate(codes):
+        print(f"{names[code][:28]:<28} {mean[0, k]:>8.3f} {mean[1, k]:>8.3f} {mean[2, k]:>8.3f}")
     return 0
 
 
