@@ -287,6 +287,9 @@ def test_saved_model_is_the_trained_network_and_reloads_identically(trained, tmp
     again = reg.load_model(reg.save_model(model, tmp_path / "copy.keras"))
     for key in ("U", "V"):
         np.testing.assert_array_equal(again(inputs, training=False)[key].numpy(), out[key].numpy())
+    # warp_atlases' compiled pass gives the network's own field
+    _, _, ddfs = reg.warp_atlases(again, ATLASES[0][:1], ATLASES[1][:1], TARGETS[0][0], CODES)
+    np.testing.assert_allclose(ddfs[0], out["U"].numpy()[0], atol=1e-4)
 
 
 def test_trainer_augmentation_moves_atlas_and_target_together():
