@@ -223,6 +223,16 @@ def test_save_and_load_give_identical_outputs(trained, bad_atlas_case, tmp_path)
                                   similarity.score_atlases(simnet, image, atlases, CODES))
 
 
+def test_init_weights_continues_from_a_trained_simnet(trained, tmp_path):
+    path, simnet = trained
+    image, label = _phantom(np.random.default_rng(5))
+    pairs = similarity.TrainingPairs.from_arrays(image[None], label[None], [label[None]])
+    config = similarity.SimConfig(SHAPE, c0=8, levels=2, lr=1e-12, steps=1, batch=1, steps_per_epoch=1)
+    more = similarity.train(config, pairs, CODES, tmp_path / "more", progress=False, init_weights=path)
+    for old, new in zip(simnet.trainable_weights, similarity.load_model(more).trainable_weights):
+        np.testing.assert_allclose(new.numpy(), old.numpy(), atol=1e-6)
+
+
 def test_load_model_rejects_missing_files_and_other_networks(tmp_path):
     with pytest.raises(ModelError, match="no such"):
         similarity.load_model(tmp_path / "missing.keras")
