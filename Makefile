@@ -99,9 +99,12 @@ reproduce-chaos:
 
 reproduce-abdomen:
 	@test -d "$(ABDOMEN)" || { echo "reproduce-abdomen: $(ABDOMEN) not found (the shared real CT/MR abdomen set)" >&2; exit 2; }
-	$(MAKE) --no-print-directory _folds EXP=abdomen DATA=$(ABDOMEN) FOLDS="$(or $(FOLDS),1)"
+	$(MAKE) --no-print-directory _folds EXP=abdomen DATA=$(ABDOMEN) FOLDS="$(ABDOMEN_FOLDS)"
 
 FOLDS ?= 1 2 3 4
+# reproduce-abdomen runs fold 1 unless FOLDS is given on the command line (the default above is
+# set before any recipe runs, so it cannot serve as the "not given" test).
+ABDOMEN_FOLDS := $(if $(filter command line,$(origin FOLDS)),$(FOLDS),1)
 .PHONY: _folds
 _folds: install
 	set -e; for pair in ct:mr mr:ct; do for fold in $(FOLDS); do \
