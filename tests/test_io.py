@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from cmmas.errors import CmmasError, GeometryError, ImageReadError, LabelError
-from cmmas.io import Geometry, Image, atomic_write_text, read_image, read_label, write_image
+from cmmas.io import Geometry, Image, atomic_path, atomic_write_text, read_image, read_label, write_image
 
 
 def _image(shape=(6, 7, 8), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)) -> Image:
@@ -85,6 +85,26 @@ def test_write_is_atomic_and_leaves_no_temporary(tmp_path):
         os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_path_keeps_the_old_file_on_error_and_publishes_with_the_umask(tmp_path):
+    target = tmp_path / "figure.png"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="half-written"):
+        with atomic_path(target, ".png") as tmp:
+            assert tmp.endswith(".png") and os.path.dirname(tmp) == str(tmp_path)
+            with open(tmp, "w") as handle:
+                handle.write("new")
+            raise RuntimeError("half-written")
+    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["figure.png"]
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(target, ".png") as tmp:
+            with open(tmp, "w") as handle:
+                handle.write("new")
+    finally:
+        os.umask(umask)
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o644
 
 
 def _one_line(err: CmmasError, name: str) -> str:

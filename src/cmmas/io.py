@@ -8,13 +8,14 @@ SimpleITK only in this module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -327,12 +328,32 @@ def check_same_grid(reference: Image, other: Image, what: str = "image") -> None
         raise GeometryError(other.path, f"{what} grid differs from {ref}: " + "; ".join(diffs))
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Give the temporary file the umask's permissions (mkstemp makes it 0600), then rename."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Write a file atomically: yield a temporary name beside ``path`` for the caller to write.
+
+    When the block ends without an error the file gets the permissions the umask gives new files
+    (``mkstemp`` makes it 0600) and is renamed onto ``path``; on an error it is deleted and
+    ``path`` is left as it was. The parent folder is created.
+
+    Args:
+        path: the final file.
+        suffix: ending of the temporary name, for writers that choose the format by it
+            (``".nii.gz"``, ``".png"``, ``".keras"``, ``".npz"``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_image(image: Image, path: str | os.PathLike, compress: bool = True) -> Path:
@@ -342,7 +363,6 @@ def write_image(image: Image, path: str | os.PathLike, compress: bool = True) ->
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     if suffix not in _SUFFIXES:
         raise ImageReadError(path, f"unsupported output format {suffix!r}; use one of {_SUFFIXES}")
@@ -351,27 +371,14 @@ def write_image(image: Image, path: str | os.PathLike, compress: bool = True) ->
         array = array.astype(np.float32)
     elif array.dtype == np.bool_:
         array = array.astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix) as tmp:
         sitk.WriteImage(to_sitk(image.with_array(array)), tmp, useCompression=compress)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically (temporary file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        handle.write(text)
     return path

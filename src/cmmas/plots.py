@@ -8,14 +8,13 @@ sagittal views are drawn with their true aspect ratio when the spacing is known,
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from cmmas.errors import CmmasError, GeometryError
-from cmmas.io import Image
+from cmmas.io import Image, atomic_path
 
 #: Metrics where a higher value is better (the others are distances, lower is better).
 HIGHER_IS_BETTER = ("dice", "jaccard")
@@ -34,16 +33,11 @@ def _save(fig, out_png: str | os.PathLike) -> Path:
     """Save atomically as PNG and close the figure."""
     plt = _pyplot()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, out)
+        with atomic_path(out, ".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out
 
 

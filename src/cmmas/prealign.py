@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cmmas.errors import CmmasError, ImageReadError, LabelError
-from cmmas.io import Geometry, Image, check_same_grid
+from cmmas.io import Geometry, Image, atomic_path, check_same_grid
 
 if TYPE_CHECKING:
     import ants
@@ -474,14 +474,8 @@ def _export(forward: list[str], inverse: list[str], out_dir: Path) -> tuple[list
         else:
             name = "affine.mat"
         target = out_dir / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         renamed[path] = str(target)
     return [renamed[p] for p in forward], [renamed[p] for p in inverse]
 

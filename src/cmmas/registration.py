@@ -43,7 +43,7 @@ import tensorflow as tf
 from cmmas import preprocess
 from cmmas.atlas_set import normalize
 from cmmas.errors import CmmasError, GeometryError, LabelError, ModelError
-from cmmas.io import Geometry, Image, atomic_write_text, check_same_grid
+from cmmas.io import Geometry, Image, atomic_path, atomic_write_text, check_same_grid
 from cmmas.layers import warp
 from cmmas.losses import Grad, LocalNCC, MultiScaleDice, MutualInformation, NegativeJacobian
 from cmmas.metrics import jacobian_stats
@@ -659,13 +659,8 @@ def train(
 def save_model(net: keras.Model, path: str | os.PathLike) -> Path:
     """Save a model as ``.keras`` atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial.keras")
-    try:
+    with atomic_path(path, ".keras") as tmp:
         net.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -717,14 +712,8 @@ def plot_history(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Pa
         axes.set_title(name)
         axes.legend()
     figure.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.stem}.partial.png")
-    try:
+    with atomic_path(png_path, ".png") as tmp:
         figure.savefig(tmp, dpi=100)
-        os.replace(tmp, png_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return png_path
 
 
@@ -764,7 +753,7 @@ def _compiled_warp(model: keras.Model):
     Cached for the last two models, which the cache keeps alive.
     """
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)  # no Python control flow to convert
     def run(atlases, targets, onehot):
         ddf = model({"atlas": atlases[..., None], "target": targets[..., None]}, training=False)["U"]
         images = warp(atlases[..., None], ddf, "linear")[..., 0]

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from scipy import ndimage
 
 from cmmas import fusion, registration
 from cmmas.errors import AtlasSetError, DatasetError, GeometryError, LabelError, ModelError
-from cmmas.io import atomic_write_text
+from cmmas.io import atomic_path, atomic_write_text
 from cmmas.layers import warp
 from cmmas.networks import build_simnet
 
@@ -364,14 +363,8 @@ def _label_dtype(codes: Sequence[int]) -> type:
 
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _cached_atlas_ids(path: Path) -> list[str] | None:
@@ -548,13 +541,8 @@ def _plot_curves(history_csv: Path, out_png: Path) -> Path:
         axes.set_xlabel("epoch")
         axes.set_title(name)
     figure.tight_layout()
-    tmp = out_png.with_name(f".{out_png.stem}.partial.png")
-    try:
+    with atomic_path(out_png, ".png") as tmp:
         figure.savefig(tmp, dpi=100)
-        os.replace(tmp, out_png)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out_png
 
 
