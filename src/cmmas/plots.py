@@ -179,13 +179,7 @@ def overlay(
         ax.imshow(volume[where], cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, origin=origin)
         for key, array in maps.items():
             colour, width = styles[key]
-            plane = array[where]
-            for code in np.unique(plane):
-                if code == 0:
-                    continue
-                mask = (plane == code).astype(np.float32)
-                if mask.min() < mask.max():
-                    ax.contour(mask, levels=[0.5], colors=[colour], linewidths=width, origin=origin)
+            _label_contours(ax, array[where], colour, width, origin)
         ax.set_title(name)
         ax.set_axis_off()
     handles = [Line2D([], [], color=styles[k][0], lw=2, label=k) for k in maps]
