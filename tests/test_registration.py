@@ -340,6 +340,20 @@ def test_warp_atlases_returns_only_table_codes_after_a_shift():
         reg.warp_atlases(model, ATLASES[0], ATLASES[1], TARGETS[0][0], (205,))
 
 
+def test_warp_atlases_pads_the_last_batch_and_traces_once():
+    model = _with_constant_fields(build_biregnet((N, N, N), levels=2), [0.5, -1.5, 2.25], [0.0, 0.0, 0.0])
+    images = np.concatenate([ATLASES[0], ATLASES[0][:1]])
+    labels = np.concatenate([ATLASES[1], ATLASES[1][:1]])
+    by_two = reg.warp_atlases(model, images, labels, TARGETS[0][0], CODES, batch_size=2)
+    assert reg._compiled_warp(model).experimental_get_tracing_count() == 1  # 2 + (1 padded to 2)
+    by_three = reg.warp_atlases(model, images, labels, TARGETS[0][0], CODES, batch_size=3)
+    for two, three in zip(by_two, by_three):
+        assert len(two) == 3
+        np.testing.assert_allclose(two, three, atol=1e-5)
+    np.testing.assert_array_equal(reg.pad_batch(images[:1], 3), images[[0, 0, 0]])
+    assert reg.pad_batch(images, 2) is images
+
+
 def test_warp_atlases_rejects_wrong_shapes():
     model = build_biregnet((N, N, N), levels=2)
     with pytest.raises(CmmasError, match="target image"):

@@ -762,11 +762,27 @@ def _compiled_warp(model: keras.Model):
     return run
 
 
-def _warp_batch(model, atlases: np.ndarray, onehot: np.ndarray, target: np.ndarray):
-    """Fields and warped images / label indices of one batch (see :func:`warp_atlases`)."""
+def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` ``[n, ...]`` with its last item repeated up to ``size`` items (unchanged if n >= size).
+
+    Inference loops pad their last, shorter batch so that every call has one shape: a
+    graph-compiled model is then traced once, not again for the remainder (a retrace costs
+    seconds on a CPU, more than the pass itself).
+    """
+    missing = int(size) - len(array)
+    if missing <= 0:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)])
+
+
+def _warp_batch(model, atlases: np.ndarray, onehot: np.ndarray, target: np.ndarray, size: int):
+    """Fields and warped images / label indices of one batch, run padded to ``size`` atlases
+    (see :func:`warp_atlases`, :func:`pad_batch`)."""
+    n = len(atlases)
+    atlases, onehot = pad_batch(atlases, size), pad_batch(onehot, size)
     targets = np.repeat(target[None], len(atlases), 0)
     images, index, ddf = _compiled_warp(model)(tf.constant(atlases), tf.constant(targets), tf.constant(onehot))
-    return images.numpy(), index.numpy(), ddf.numpy()
+    return images.numpy()[:n], index.numpy()[:n], ddf.numpy()[:n]
 
 
 def warp_atlases(
@@ -785,7 +801,7 @@ def warp_atlases(
         atlas_labels: ``[N, D, H, W]`` integer codes.
         target_image: ``[D, H, W]`` image in ``[0, 1]``.
         codes: the label codes (see :func:`label_table`).
-        batch_size: atlases per forward pass.
+        batch_size: atlases per forward pass (a shorter last batch runs padded: one traced graph).
 
     Returns:
         ``(warped_images [N, D, H, W] float32, warped_labels [N, D, H, W] int32 codes,
@@ -806,11 +822,12 @@ def warp_atlases(
     if int(batch_size) < 1:
         raise ModelError("warp_atlases", f"batch_size must be at least 1, got {batch_size}")
     table = np.asarray(label_table(codes), dtype=np.int32)
+    size = min(int(batch_size), len(atlas_images))
     images, labels, ddfs = [], [], []
-    for first in range(0, len(atlas_images), int(batch_size)):
-        chunk = slice(first, first + int(batch_size))
+    for first in range(0, len(atlas_images), size):
+        chunk = slice(first, first + size)
         onehot = one_hot(atlas_labels[chunk], table)
-        warped, index, ddf = _warp_batch(model, atlas_images[chunk], onehot, target_image)
+        warped, index, ddf = _warp_batch(model, atlas_images[chunk], onehot, target_image, size)
         images.append(warped.astype(np.float32))
         labels.append(table[index])
         ddfs.append(ddf.astype(np.float32))

@@ -655,7 +655,7 @@ def score_atlases(
         target_image: ``[D, H, W]`` target image (normalised as in training).
         warped_labels: ``[N, D, H, W]`` warped atlas labels (codes).
         codes: the label codes (channel order :func:`channel_codes`).
-        batch_size: atlases per network call.
+        batch_size: atlases per network call (a shorter last batch runs padded: one traced graph).
 
     Returns:
         ``[N, D, H, W]`` float32 similarity, the sigmoid of SimNet's logits: in (0, 1), where
@@ -684,12 +684,13 @@ def score_atlases(
     if n_channels != len(codes):
         raise ModelError(simnet.name, f"network has {n_channels} label channels, got {len(codes)} codes {list(codes)}")
     scores = np.empty(warped.shape, dtype=np.float32)
-    for start in range(0, len(warped), int(batch_size)):
-        chunk = warped[start:start + int(batch_size)]
-        images = np.broadcast_to(target[None, ..., None], (len(chunk), *target.shape, 1))
-        out = simnet.predict_on_batch({"target": np.ascontiguousarray(images),
-                                       "atlas_label": registration.one_hot(chunk, codes)})
-        scores[start:start + len(chunk)] = np.asarray(out["similarity"])[..., 0]
+    size = min(int(batch_size), len(warped))
+    images = np.ascontiguousarray(np.broadcast_to(target[None, ..., None], (size, *target.shape, 1)))
+    for start in range(0, len(warped), size):
+        chunk = warped[start:start + size]
+        onehot = registration.pad_batch(registration.one_hot(chunk, codes), size)
+        out = simnet.predict_on_batch({"target": images, "atlas_label": onehot})
+        scores[start:start + len(chunk)] = np.asarray(out["similarity"])[: len(chunk), ..., 0]
     return scores
 
 
