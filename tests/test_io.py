@@ -45,6 +45,18 @@ def test_array_order_is_zyx_and_physical_mapping(tmp_path):
     np.testing.assert_allclose(img.geometry.physical_to_index(point), [2.0, 3.0, 4.0])
 
 
+def test_sub_grid_keeps_every_voxel_where_it_was():
+    geometry = _image().geometry
+    box = (slice(1, 4), slice(2, 7), slice(3, 5))
+    sub = geometry.sub_grid(box)
+    assert sub.shape == (3, 5, 2) and sub.spacing == geometry.spacing and sub.direction == geometry.direction
+    np.testing.assert_allclose(sub.index_to_physical(np.array([1.0, 2.0, 0.0])),
+                               geometry.index_to_physical(np.array([4.0, 4.0, 1.0])))
+    assert geometry.sub_grid((slice(None),) * 3) == geometry
+    with pytest.raises(GeometryError, match="empty"):
+        geometry.sub_grid((slice(2, 2), slice(None), slice(None)))
+
+
 def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
     volume = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 1000, (4, 10, 12)).astype(np.int16))
     volume.SetSpacing((0.7, 0.7, 2.5))

@@ -259,6 +259,41 @@ def test_ants_failure_becomes_one_line_error(fixed, tmp_path):
         prealign.apply([str(tmp_path / "missing.mat")], fixed_image, fixed_image)
 
 
+def test_transform_points_follows_the_direction_apply_resamples_with(fixed, tmp_path):
+    fixed_image, fixed_label = fixed
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(_rotation_z(8.0).ravel().tolist())
+    affine.SetCenter([0.0, 20.0, 10.0])
+    affine.SetTranslation([4.0, -3.0, 2.0])
+    path = str(tmp_path / "affine.mat")
+    sitk.WriteTransform(affine, path)
+    # apply() pulls moving values from transform_points(fixed point): compare centres of mass
+    moved = prealign.apply([path], fixed_label, fixed_image, kind="label")
+    code = CODES[0]
+    index = np.argwhere(moved.array == code)[:, ::-1].mean(axis=0)
+    source = prealign.transform_points([path], moved.geometry.index_to_physical(index)[None])[0]
+    original = fixed_label.geometry.index_to_physical(np.argwhere(fixed_label.array == code)[:, ::-1].mean(axis=0))
+    np.testing.assert_allclose(source, original, atol=0.7)  # mm; voxels are 1-2 mm
+    np.testing.assert_allclose(prealign.transform_points([path, path], np.zeros((1, 3)))[0],
+                               affine.TransformPoint(affine.TransformPoint((0.0, 0.0, 0.0))), atol=1e-9)
+    warp = tmp_path / "warp.nii.gz"
+    warp.write_bytes(b"")
+    with pytest.raises(CmmasError, match="only affine"):
+        prealign.transform_points([str(warp), path], np.zeros((1, 3)))
+
+
+def test_apply_many_equals_apply_one_by_one(fixed, tmp_path):
+    fixed_image, fixed_label = fixed
+    affine = sitk.AffineTransform(3)
+    affine.SetTranslation([2.5, -1.0, 3.0])
+    path = str(tmp_path / "shift.mat")
+    sitk.WriteTransform(affine, path)
+    images = [fixed_image, fixed_image.with_array(fixed_image.array[::-1].copy())]
+    many = prealign.apply_many([path], images, fixed_image.geometry)
+    for image, moved in zip(images, many):
+        np.testing.assert_array_equal(moved.array, prealign.apply([path], image, fixed_image.geometry).array)
+
+
 def test_seeded_single_thread_runs_are_identical():
     """Bit-identical only with one ITK thread, chosen before ANTs' first registration."""
     script = textwrap.dedent(

@@ -268,6 +268,28 @@ def back_to_target(
     return prealign.apply(list(transforms), Image(array, geometry), target, kind=kind, invert=True)
 
 
+def covered_box(geometry: Geometry, transforms: Sequence[str], target: Geometry) -> tuple[slice, slice, slice]:
+    """The voxel box ``(z, y, x)`` of the target grid that the working grid maps back onto.
+
+    ``transforms`` are the target -> reference affine files; the working grid's corners (voxel
+    edges, as far as linear interpolation reaches) are mapped into the target's space and
+    their bounding box taken, one voxel wider, clipped to the target. Mapping back onto this
+    box only gives the same values as onto the whole grid: the rest lies outside the working
+    grid (0 after resampling).
+    """
+    from cmmas import prealign
+
+    size = np.asarray(geometry.size, dtype=np.float64)
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
+    points = geometry.index_to_physical(corners * size - 0.5)
+    index_xyz = target.physical_to_index(prealign.transform_points(transforms, points))
+    low = np.clip(np.floor(index_xyz.min(axis=0)) - 1, 0, target.size).astype(int)
+    high = np.clip(np.ceil(index_xyz.max(axis=0)) + 2, 0, target.size).astype(int)
+    if np.any(high <= low):
+        raise AtlasSetError(None, "the working grid maps outside the target's grid: the alignment failed")
+    return tuple(slice(int(a), int(b)) for a, b in zip(low[::-1], high[::-1]))  # type: ignore[return-value]
+
+
 def prepare(
     cases: Sequence[Case],
     labels: dict[int, str],

@@ -15,7 +15,7 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,22 @@ class Geometry:
         """Map physical points ``[..., 3]`` in millimetres to continuous (x, y, z) indices."""
         rel = np.asarray(point, dtype=np.float64) - np.asarray(self.origin)
         return (rel @ np.linalg.inv(self.direction_matrix).T) / np.asarray(self.spacing)
+
+    def sub_grid(self, box_zyx: Sequence[slice]) -> "Geometry":
+        """The grid of ``array[box_zyx]``: three slices (z, y, x, step 1) within the grid."""
+        starts, stops = [], []
+        for axis, (cut, n) in enumerate(zip(box_zyx, self.shape)):
+            start, stop, step = cut.indices(n)
+            if step != 1 or stop <= start:
+                raise GeometryError(None, f"box {tuple(box_zyx)} is empty or strided along axis {axis}")
+            starts.append(start)
+            stops.append(stop)
+        origin = self.index_to_physical(np.asarray(starts[::-1], dtype=np.float64))
+        return dataclasses.replace(
+            self,
+            size=tuple(int(b - a) for a, b in zip(starts[::-1], stops[::-1])),  # type: ignore[arg-type]
+            origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+        )
 
     def differences(self, other: "Geometry", tol: float = GEOMETRY_TOL) -> list[str]:
         """Human-readable list of what differs from ``other`` (empty when equal within tol)."""

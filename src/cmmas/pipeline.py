@@ -424,24 +424,31 @@ def _fuse(fusion: str, simnet, target: np.ndarray, images: np.ndarray, labels: n
 
 
 def _map_back(fused, working: Image, transforms: list[str], target: Image) -> tuple[Image, dict[int, Image], Image]:
-    """Label, probabilities and agreement on the target's grid (see :class:`Segmentation`)."""
-    from cmmas import preprocess
+    """Label, probabilities and agreement on the target's grid (see :class:`Segmentation`).
 
-    def back(array: np.ndarray) -> np.ndarray:
-        array = np.asarray(array, dtype=np.float32)
-        if transforms:
-            moved = atlas_sets.back_to_target(array, working.geometry, transforms, target.geometry, kind="linear")
-        else:
-            moved = preprocess.back_to_grid(working.with_array(array), target.geometry, kind="linear")
-        return np.clip(moved.array, 0.0, 1.0).astype(np.float32)
+    With transforms, only the box of the target grid that the working grid covers is resampled
+    (onto one ANTs reference grid for all maps) and labelled; outside it the background has
+    probability 1 and the agreement is 0, as a resampling of the whole grid would give.
+    """
+    from cmmas import prealign, preprocess
 
-    codes = [int(c) for c in fused.labels]  # ascending: the background 0 first
-    foreground = np.stack([back(p) for p in fused.probabilities[1:]])
-    background = np.clip(1.0 - foreground.sum(axis=0), 0.0, 1.0)
-    stack = np.concatenate([background[None], foreground])
-    label = np.asarray(codes, dtype=np.int32)[np.argmax(stack, axis=0)]
-    probabilities = {code: target.with_array(stack[k]) for k, code in enumerate(codes)}
-    return target.with_array(label), probabilities, target.with_array(back(fused.agreement))
+    maps = [working.with_array(np.asarray(a, dtype=np.float32)) for a in (*fused.probabilities[1:], fused.agreement)]
+    if transforms:
+        box = atlas_sets.covered_box(working.geometry, transforms, target.geometry)
+        moved = prealign.apply_many(transforms, maps, target.geometry.sub_grid(box), kind="linear", invert=True)
+    else:
+        box = (slice(None),) * 3
+        moved = [preprocess.back_to_grid(image, target.geometry, kind="linear") for image in maps]
+    inside = np.clip(np.stack([image.array for image in moved]), 0.0, 1.0)
+    inside = np.concatenate([np.clip(1.0 - inside[:-1].sum(axis=0), 0.0, 1.0)[None], inside])  # + background
+    codes = np.asarray([int(c) for c in fused.labels], dtype=np.int32)  # ascending: the background 0 first
+    stack = np.zeros((len(inside), *target.shape), dtype=np.float32)  # [background, *foreground, agreement]
+    stack[0] = 1.0
+    stack[(slice(None), *box)] = inside
+    label = np.zeros(target.shape, dtype=np.int32)
+    label[box] = codes[np.argmax(inside[:-1], axis=0)]
+    probabilities = {int(code): target.with_array(stack[k]) for k, code in enumerate(codes)}
+    return target.with_array(label), probabilities, target.with_array(stack[-1])
 
 
 def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path]:

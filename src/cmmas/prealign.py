@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import SimpleITK as sitk
 
 from cmmas.errors import CmmasError, ImageReadError, LabelError
 from cmmas.io import Geometry, Image, atomic_path, check_same_grid
@@ -371,23 +372,69 @@ def apply(
         LabelError: ``kind="label"`` with non-integer values.
         CmmasError: ANTs failed to apply the transforms.
     """
+    return apply_many(transforms, [moving], fixed_geometry, kind=kind, invert=invert)[0]
+
+
+def apply_many(
+    transforms: Sequence[str | os.PathLike],
+    movings: Sequence[Image],
+    fixed_geometry: Image | Geometry,
+    kind: str = "linear",
+    invert: bool = False,
+) -> list[Image]:
+    """:func:`apply` for several images through the same transforms onto the same grid.
+
+    The output grid is converted to ANTs once for all of them (on a full-resolution CT grid
+    that conversion costs about as much as the resampling).
+    """
     if kind not in INTERPOLATORS:
         raise ValueError(f"kind must be one of {tuple(INTERPOLATORS)}, got {kind!r}")
+    paths = _transform_paths(transforms)
+    geometry = fixed_geometry.geometry if isinstance(fixed_geometry, Image) else fixed_geometry
+    reference = to_ants(Image(np.zeros(geometry.shape, dtype=np.float32), geometry))
+    out = []
+    for moving in movings:
+        try:
+            if kind == "label":
+                _check_integer(moving)
+                out.append(_warp_label(moving, reference, paths, invert))
+            else:
+                out.append(_warp(moving, reference, paths, invert, "linear"))
+        except RuntimeError as err:
+            raise CmmasError(moving.path or "moving image", f"applying {paths} failed: {_one_line(err)}") from None
+    return out
+
+
+def transform_points(transforms: Sequence[str | os.PathLike], points: np.ndarray) -> np.ndarray:
+    """Map physical points ``[N, 3]`` (x, y, z, mm) through a list of affine ANTs transforms.
+
+    The direction is ITK's (and :func:`apply`'s): a :attr:`Registration.forward` list maps
+    points of the fixed space to where they lie in the moving image; the last transform of the
+    list acts first, as in ANTs.
+
+    Raises:
+        ImageReadError: a transform file is missing.
+        CmmasError: a transform is not affine (a ``.mat`` file) or cannot be read.
+    """
+    paths = _transform_paths(transforms)
+    deformable = [p for p in paths if not p.endswith(".mat")]
+    if deformable:
+        raise CmmasError(deformable[0], "only affine (.mat) transforms map points here")
+    try:
+        composite = sitk.CompositeTransform([sitk.ReadTransform(p) for p in paths])
+    except RuntimeError as err:
+        raise CmmasError(paths[0], f"cannot read the transforms: {_one_line(err)}") from None
+    return np.array([composite.TransformPoint([float(c) for c in p]) for p in np.asarray(points, np.float64)])
+
+
+def _transform_paths(transforms: Sequence[str | os.PathLike]) -> list[str]:
     paths = [os.fspath(t) for t in transforms]
     if not paths:
         raise ValueError("transforms is empty")
     for path in paths:
         if not os.path.isfile(path):
             raise ImageReadError(path, "transform file not found")
-    geometry = fixed_geometry.geometry if isinstance(fixed_geometry, Image) else fixed_geometry
-    reference = to_ants(Image(np.zeros(geometry.shape, dtype=np.float32), geometry))
-    try:
-        if kind == "label":
-            _check_integer(moving)
-            return _warp_label(moving, reference, paths, invert)
-        return _warp(moving, reference, paths, invert, "linear")
-    except RuntimeError as err:
-        raise CmmasError(moving.path or "moving image", f"applying {paths} failed: {_one_line(err)}") from None
+    return paths
 
 
 def _warp(
