@@ -203,17 +203,17 @@ def test_register_writes_the_warped_atlas_on_the_fixed_grid(world, capsys, tmp_p
 def test_bench_help_lists_its_flags():
     done = _python(str(REPO / "bench" / "bench_mas.py"), "--help")
     assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr  # absl's --help exits 1
-    for flag in ("--atlas_set", "--reg_model", "--fusion_model", "--targets", "--atlases", "--[no]classical",
-                 "--spacing", "--out"):
+    for flag in ("--atlas_set", "--reg_model", "--fusion_model", "--targets", "--atlases", "--fusions",
+                 "--[no]classical", "--spacing", "--out"):
         assert flag in done.stdout, flag
 
 
 def test_bench_runs_cmmas_on_a_phantom_target(world, tmp_path):
     done = _python(str(REPO / "bench" / "bench_mas.py"), f"--data={world['data']}", f"--atlas_set={world['set']}",
                    f"--reg_model={world['reg']}", "--targets=mr_00", "--atlases=2", "--noclassical",
-                   f"--out={tmp_path}")
+                   "--fusions=simnet,mv", f"--out={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(b) uses --fusion mv" in done.stdout
+    assert "(b) leaves out simnet" in done.stdout
     with open(tmp_path / "bench_mas.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["label"]) for r in rows] == sorted(MMWHS_LABELS)
