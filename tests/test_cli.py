@@ -186,6 +186,20 @@ def test_a_bad_input_file_is_one_stderr_line(world, tmp_path, culprit):
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
+def test_deterministic_segment_runs_give_the_same_label_map(world, tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}  # conftest's 1 thread
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / run / "seg.nii.gz"
+        done = subprocess.run([sys.executable, "-m", "cmmas.cli", "segment", "--target", str(world["target"]),
+                               "--atlas-set", str(world["set"]), "--reg-model", str(world["reg"]), "--fusion",
+                               "mv", "--deterministic", "--no-extras", "--out", str(out)],
+                              capture_output=True, encoding="utf-8", env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(read_image(out).array)
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 def test_register_writes_the_warped_atlas_on_the_fixed_grid(world, capsys, tmp_path):
     moving = world["data"] / "ct" / "ct_00_image.nii.gz"
     status = cli.main(["register", "--moving", str(moving), "--moving-label", str(moving).replace("_image", "_label"),

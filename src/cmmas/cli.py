@@ -133,6 +133,9 @@ def _segment_parser(sub) -> None:
                      help="working grid spacing in mm when preparing a raw --atlases DIR (default 4)")
     seg.add_argument("--batch-size", type=int, default=4, metavar="N", help="atlases per network batch (default 4)")
     seg.add_argument("--no-extras", action="store_true", help="write only the label map")
+    seg.add_argument("--deterministic", action="store_true",
+                     help="align with one ANTs thread, so that running again gives the same label map "
+                     "(multi-threaded mutual information varies in the last digits; about 1 s slower)")
 
 
 def _register_parser(sub) -> None:
@@ -171,8 +174,10 @@ def _prepare(args) -> None:
 
 
 def _segment(args) -> None:
-    from cmmas import pipeline
+    from cmmas import pipeline, prealign
 
+    if args.deterministic:
+        prealign.set_threads(1)  # before this process's first ANTs registration
     k = args.atlases if isinstance(args.atlases, int) else None
     atlas_set, reg_model = args.atlas_set, args.reg_model
     if isinstance(args.atlases, Path):
