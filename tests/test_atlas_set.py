@@ -108,3 +108,32 @@ def test_bad_manifest_is_one_line(tmp_path):
     with pytest.raises(AtlasSetError) as info:
         atlas_set.AtlasSet(tmp_path)
     assert "invalid manifest" in str(info.value)
+
+
+def test_covered_box_holds_every_voxel_the_working_grid_reaches(tmp_path):
+    import SimpleITK as sitk
+
+    from cmmas.io import Geometry
+
+    target = Geometry.identity((40, 36, 44), (2.0, 2.0, 2.0), origin=(-5.0, 3.0, 1.0))
+    working = Geometry.identity((10, 12, 8), (3.0, 3.0, 3.0), origin=(20.0, 15.0, 25.0))
+    affine = sitk.AffineTransform(3)  # reference (working grid) point -> target point
+    angle = np.deg2rad(12.0)
+    affine.SetMatrix([np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, 1.0])
+    affine.SetCenter([30.0, 30.0, 40.0])
+    affine.SetTranslation([4.0, -3.0, 6.0])
+    path = str(tmp_path / "affine.mat")
+    sitk.WriteTransform(affine, path)
+
+    box = atlas_set.covered_box(working, [path], target)
+    reached = atlas_set.back_to_target(np.ones(working.shape, np.float32), working, [path], target,
+                                       kind="linear").array > 0
+    outside = reached.copy()
+    outside[box] = False
+    assert reached[box].any() and not outside.any()
+    assert np.prod([s.stop - s.start for s in box]) < 0.25 * reached.size  # the crop saves work
+    far = sitk.AffineTransform(3)
+    far.SetTranslation([900.0, 0.0, 0.0])
+    sitk.WriteTransform(far, str(tmp_path / "far.mat"))
+    with pytest.raises(AtlasSetError, match="outside the target"):
+        atlas_set.covered_box(working, [str(tmp_path / "far.mat")], target)
