@@ -53,6 +53,9 @@ def test_sub_grid_keeps_every_voxel_where_it_was():
     np.testing.assert_allclose(sub.index_to_physical(np.array([1.0, 2.0, 0.0])),
                                geometry.index_to_physical(np.array([4.0, 4.0, 1.0])))
     assert geometry.sub_grid((slice(None),) * 3) == geometry
+    corners = geometry.corners()  # voxel edges: half a voxel beyond the first and last centres
+    np.testing.assert_allclose(corners[0], geometry.index_to_physical(np.array([-0.5, -0.5, -0.5])))
+    np.testing.assert_allclose(corners[-1], geometry.index_to_physical(np.array([7.5, 6.5, 5.5])))
     with pytest.raises(GeometryError, match="empty"):
         geometry.sub_grid((slice(2, 2), slice(None), slice(None)))
 

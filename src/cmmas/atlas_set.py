@@ -279,10 +279,7 @@ def covered_box(geometry: Geometry, transforms: Sequence[str], target: Geometry)
     """
     from cmmas import prealign
 
-    size = np.asarray(geometry.size, dtype=np.float64)
-    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
-    points = geometry.index_to_physical(corners * size - 0.5)
-    index_xyz = target.physical_to_index(prealign.transform_points(transforms, points))
+    index_xyz = target.physical_to_index(prealign.transform_points(transforms, geometry.corners()))
     low = np.clip(np.floor(index_xyz.min(axis=0)) - 1, 0, target.size).astype(int)
     high = np.clip(np.ceil(index_xyz.max(axis=0)) + 2, 0, target.size).astype(int)
     if np.any(high <= low):

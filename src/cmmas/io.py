@@ -72,6 +72,12 @@ class Geometry:
         rel = np.asarray(point, dtype=np.float64) - np.asarray(self.origin)
         return (rel @ np.linalg.inv(self.direction_matrix).T) / np.asarray(self.spacing)
 
+    def corners(self) -> np.ndarray:
+        """The grid's 8 outer corners (voxel edges, half a voxel beyond the centres), ``[8, 3]`` mm (x, y, z)."""
+        size = np.asarray(self.size, dtype=np.float64)
+        unit = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
+        return self.index_to_physical(unit * size - 0.5)
+
     def sub_grid(self, box_zyx: Sequence[slice]) -> "Geometry":
         """The grid of ``array[box_zyx]``: three slices (z, y, x, step 1) within the grid."""
         starts, stops = [], []

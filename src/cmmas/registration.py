@@ -836,9 +836,7 @@ def warp_atlases(
 
 def fit_spacing(geometry: Geometry, shape_zyx: Sequence[int]) -> tuple[float, float, float]:
     """The isotropic spacing (mm, z y x) at which a ``shape_zyx`` LPS grid covers ``geometry``'s box."""
-    size = np.asarray(geometry.size, dtype=np.float64)
-    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
-    points = geometry.index_to_physical(corners * size - 0.5)
+    points = geometry.corners()
     extent_xyz = points.max(axis=0) - points.min(axis=0)
     spacing = float(np.max(extent_xyz / np.asarray(shape_zyx, dtype=np.float64)[::-1]))
     return (spacing, spacing, spacing)
