@@ -135,5 +135,5 @@ def test_covered_box_holds_every_voxel_the_working_grid_reaches(tmp_path):
     far = sitk.AffineTransform(3)
     far.SetTranslation([900.0, 0.0, 0.0])
     sitk.WriteTransform(far, str(tmp_path / "far.mat"))
-    with pytest.raises(AtlasSetError, match="outside the target"):
-        atlas_set.covered_box(working, [str(tmp_path / "far.mat")], target)
+    with pytest.raises(AtlasSetError, match=r"^scan\.nii\.gz: .*maps outside this scan"):
+        atlas_set.covered_box(working, [str(tmp_path / "far.mat")], target, "scan.nii.gz")

@@ -434,7 +434,7 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image) -> tu
 
     maps = [working.with_array(np.asarray(a, dtype=np.float32)) for a in (*fused.probabilities[1:], fused.agreement)]
     if transforms:
-        box = atlas_sets.covered_box(working.geometry, transforms, target.geometry)
+        box = atlas_sets.covered_box(working.geometry, transforms, target.geometry, target.path)
         moved = prealign.apply_many(transforms, maps, target.geometry.sub_grid(box), kind="linear", invert=True)
     else:
         box = (slice(None),) * 3
