@@ -52,6 +52,35 @@ def test_stored_cases_are_on_the_working_grid(prepared):
         assert aset.image(case_id).geometry.matches(aset.geometry)
 
 
+def test_stack_gives_what_the_niftis_hold(prepared, tmp_path):
+    _, _, out, aset = prepared
+    assert (out / atlas_set.STACK).is_file()
+    ids = aset.ids()[::-1]
+    stacked = atlas_set.AtlasSet(out).arrays(ids)
+    copy = tmp_path / "set"
+    copy.mkdir()
+    for name in ("manifest.json", "images", "labels"):
+        os.symlink(out / name, copy / name)
+    from_niftis = atlas_set.AtlasSet(copy).arrays(ids)  # no stack.npz there
+    np.testing.assert_array_equal(stacked[0], from_niftis[0])
+    np.testing.assert_array_equal(stacked[1], from_niftis[1])
+    assert stacked[0].dtype == np.float32 and stacked[1].dtype == np.int32
+
+
+def test_stack_of_other_cases_is_one_line(prepared, tmp_path):
+    _, _, out, aset = prepared
+    copy = tmp_path / "set"
+    copy.mkdir()
+    for name in ("manifest.json", "images", "labels"):
+        os.symlink(out / name, copy / name)
+    images, labels = aset.arrays(aset.ids()[:1])
+    np.savez(copy / atlas_set.STACK, ids=np.asarray(["other"]), images=images, labels=labels)
+    with pytest.raises(AtlasSetError) as err:
+        atlas_set.AtlasSet(copy).arrays(aset.ids()[:1])
+    assert "stack.npz" in str(err.value) and "does not match the manifest" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def _overlap(a, b):
     return 2 * np.count_nonzero(a & b) / (a.sum() + b.sum())
 

@@ -13,6 +13,9 @@ On disk (``root/``)::
     images/<id>.nii.gz          each case on the working grid, intensity normalised to [0, 1]
     labels/<id>.nii.gz          each label on the working grid (generic-label interpolation)
     transforms/<id>/affine.mat  the case -> reference affine (ANTs)
+    stack.npz                   every case's image and label stacked (a copy of images/ and
+                                labels/ that reads in milliseconds; optional, see
+                                :meth:`AtlasSet.write_stack`)
 
 The same structure serves as the training set of the networks (cases of both modalities)
 and as the atlas set of ``cmmas segment`` (cases of the atlas modality).
@@ -32,11 +35,12 @@ import numpy as np
 from cmmas import preprocess
 from cmmas.datasets.base import Case, load_case
 from cmmas.errors import AtlasSetError, CmmasError
-from cmmas.io import Geometry, Image, atomic_write_text, read_image, read_label, write_image
+from cmmas.io import Geometry, Image, atomic_path, atomic_write_text, read_image, read_label, write_image
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STACK = "stack.npz"
 VERSION = 1
 #: Percentiles clipped before min-max scaling to [0, 1] (CT and MR alike).
 PERCENTILES = (0.5, 99.5)
@@ -125,6 +129,7 @@ class AtlasSet:
         self.root = Path(root)
         self.manifest = Manifest.read(self.root / MANIFEST)
         self._cases = {c.id: c for c in self.manifest.cases}
+        self._stack: dict[str, np.ndarray] | None = None
 
     @property
     def geometry(self) -> Geometry:
@@ -164,11 +169,67 @@ class AtlasSet:
         return read_label(self.root / entry.label, allowed=self.labels)
 
     def arrays(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stacked images ``[N, D, H, W]`` float32 and labels ``[N, D, H, W]`` int32 (None if any lacks one)."""
+        """Stacked images ``[N, D, H, W]`` float32 and labels ``[N, D, H, W]`` int32 (None if any lacks one).
+
+        Read from ``stack.npz`` when the set has one that matches the manifest (one file, a few
+        milliseconds for 16 cases, against ~0.5 s for their 32 NIfTIs), else from the NIfTIs.
+        """
+        for i in ids:
+            self.case(i)
+        labelled = all(self.case(i).label is not None for i in ids)
+        stack = self._read_stack()
+        if stack is not None:
+            rows = [stack["row"][i] for i in ids]
+            labels = stack["labels"][rows].astype(np.int32) if labelled else None
+            return stack["images"][rows].astype(np.float32), labels
         images = np.stack([self.image(i).array for i in ids]).astype(np.float32)
-        if any(self.case(i).label is None for i in ids):
+        if not labelled:
             return images, None
         return images, np.stack([self.label(i).array for i in ids]).astype(np.int32)
+
+    def write_stack(self) -> Path:
+        """Write ``stack.npz`` (atomically) from the set's NIfTIs: what :meth:`arrays` reads first.
+
+        :func:`prepare` writes it; call this for a set prepared without one, or after editing
+        its images or labels.
+
+        Returns:
+            The path written.
+        """
+        ids = [c.id for c in self.manifest.cases]
+        images = np.stack([self.image(i).array for i in ids]).astype(np.float32)
+        labels = np.stack([
+            self.label(i).array if self.case(i).label is not None else np.zeros(self.geometry.shape, np.int32)
+            for i in ids
+        ]).astype(np.int32)
+        path = self.root / STACK
+        with atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, ids=np.asarray(ids), images=images, labels=labels)
+        self._stack = None
+        return path
+
+    def _read_stack(self) -> dict | None:
+        """``stack.npz`` as ``{"row": id -> index, "images", "labels"}``, None when absent.
+
+        Raises:
+            AtlasSetError: a stack that does not match the manifest (other cases or grid).
+        """
+        if self._stack is None:
+            path = self.root / STACK
+            if not path.is_file():
+                return None
+            try:
+                with np.load(path) as data:
+                    ids, images, labels = [str(i) for i in data["ids"]], data["images"], data["labels"]
+            except (OSError, ValueError, KeyError) as err:
+                raise AtlasSetError(path, f"unreadable stack ({type(err).__name__}: {err}); "
+                                          "delete it or rebuild it with AtlasSet.write_stack()") from None
+            expected = (len(self.manifest.cases), *self.geometry.shape)
+            if ids != [c.id for c in self.manifest.cases] or images.shape != expected or labels.shape != expected:
+                raise AtlasSetError(path, f"stack of cases {ids} shaped {images.shape} does not match the manifest "
+                                          f"({expected}); delete it or rebuild it with AtlasSet.write_stack()")
+            self._stack = {"row": {i: k for k, i in enumerate(ids)}, "images": images, "labels": labels}
+        return self._stack
 
     def transform(self, case_id: str) -> list[str]:
         """The case -> reference transform files (for :func:`cmmas.prealign.apply`)."""
@@ -407,7 +468,9 @@ def prepare(
         cases=tuple(entries),
     )
     atomic_write_text(out / MANIFEST, manifest.to_json())
-    return AtlasSet(out)
+    prepared = AtlasSet(out)
+    prepared.write_stack()
+    return prepared
 
 
 def _load(case: Case, labels: dict[int, str], component: int | None) -> tuple[Image, Image | None]:
