@@ -89,6 +89,16 @@ def test_help_is_instant_and_imports_neither_tensorflow_nor_ants():
         assert subprocess.run([script, "segment", "--help"], capture_output=True, env=ENV).returncode == 0
 
 
+def test_tensorflow_imported_first_without_onednn_warns():
+    env = {k: v for k, v in ENV.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    run = [sys.executable, "-c"]
+    late = subprocess.run([*run, "import tensorflow, cmmas"], capture_output=True, encoding="utf-8", env=env)
+    first = subprocess.run([*run, "import cmmas, tensorflow"], capture_output=True, encoding="utf-8", env=env)
+    assert late.returncode == 0 and first.returncode == 0, late.stderr + first.stderr
+    assert "TensorFlow was imported before cmmas without TF_ENABLE_ONEDNN_OPTS=1" in late.stderr
+    assert "imported before cmmas" not in first.stderr
+
+
 def test_fusion_choices_are_the_library_s():
     assert list(cli.FUSIONS) == pipeline.fusion_names()
 
