@@ -439,14 +439,15 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image) -> tu
     else:
         box = (slice(None),) * 3
         moved = [preprocess.back_to_grid(image, target.geometry, kind="linear") for image in maps]
-    inside = np.clip(np.stack([image.array for image in moved]), 0.0, 1.0)
-    inside = np.concatenate([np.clip(1.0 - inside[:-1].sum(axis=0), 0.0, 1.0)[None], inside])  # + background
     codes = np.asarray([int(c) for c in fused.labels], dtype=np.int32)  # ascending: the background 0 first
-    stack = np.zeros((len(inside), *target.shape), dtype=np.float32)  # [background, *foreground, agreement]
+    stack = np.zeros((len(moved) + 1, *target.shape), dtype=np.float32)  # [background, *foreground, agreement]
     stack[0] = 1.0
-    stack[(slice(None), *box)] = inside
+    for k, image in enumerate(moved, start=1):
+        np.clip(image.array, 0.0, 1.0, out=stack[(k, *box)])
+    foreground = stack[(slice(1, len(codes)), *box)]
+    np.clip(1.0 - foreground.sum(axis=0), 0.0, 1.0, out=stack[(0, *box)])
     label = np.zeros(target.shape, dtype=np.int32)
-    label[box] = codes[np.argmax(inside[:-1], axis=0)]
+    label[box] = codes[np.argmax(stack[(slice(0, len(codes)), *box)], axis=0)]
     probabilities = {int(code): target.with_array(stack[k]) for k, code in enumerate(codes)}
     return target.with_array(label), probabilities, target.with_array(stack[-1])
 
