@@ -63,7 +63,7 @@ flags.DEFINE_list("fusions", ["simnet", "jlf"], "Fusions of (b): segment(fusion=
 flags.DEFINE_float("spacing", 3.0, "Isotropic spacing (mm) the classical registrations run at.", lower_bound=0.1)
 flags.DEFINE_bool("classical_fast", False, "ANTs' short schedule for (a) instead of its default one.")
 flags.DEFINE_integer("workers", 1, "Pairs (a) registers at once (processes, one ANTs thread each).", lower_bound=1)
-flags.DEFINE_integer("batch_size", 4, "Atlases per network batch in (b).", lower_bound=1)
+flags.DEFINE_integer("batch_size", 2, "Atlases per network batch in (b).", lower_bound=1)
 flags.DEFINE_string("out", None, "Folder for bench_mas.csv and bench_mas.md (and the predicted label maps).")
 flags.DEFINE_integer("seed", 0, "Seed of ANTs' sampling.", lower_bound=0)
 

@@ -131,7 +131,7 @@ def _segment_parser(sub) -> None:
                      "already lies in the reference space")
     seg.add_argument("--spacing", type=_triple, default=(4.0, 4.0, 4.0), metavar="MM",
                      help="working grid spacing in mm when preparing a raw --atlases DIR (default 4)")
-    seg.add_argument("--batch-size", type=int, default=4, metavar="N", help="atlases per network batch (default 4)")
+    seg.add_argument("--batch-size", type=int, default=2, metavar="N", help="atlases per network batch (default 2)")
     seg.add_argument("--no-extras", action="store_true", help="write only the label map")
     seg.add_argument("--deterministic", action="store_true",
                      help="align with one ANTs thread, so that running again gives the same label map "

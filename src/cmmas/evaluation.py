@@ -718,20 +718,20 @@ def _warm_up(
 ) -> None:
     """Untimed passes, so that one-off set-up is not timed with the first target.
 
-    Each network runs once per batch size the evaluation will use (a full batch and the
-    remainder), and each fusion method once on the central 16^3 voxels of two atlases (the
-    libraries behind them, ANTs for JLF, load on first use).
+    Each network runs once at the one batch shape the evaluation uses (a shorter last batch
+    runs padded to it, :func:`cmmas.registration.pad_batch`), and each fusion method once on
+    the central 16^3 voxels of two atlases (the libraries behind them, ANTs for JLF, load on
+    first use).
     """
     from cmmas import registration, similarity
 
-    n = len(atlas_images)
-    for size in sorted({min(batch_size, n), n % batch_size} - {0}):
-        _, warped, _ = registration.warp_atlases(nets.reg, atlas_images[:size], atlas_labels[:size], target, codes,
-                                                 batch_size=size)
-        if nets.simnet is not None:
-            similarity.score_atlases(nets.simnet, target, warped, codes, batch_size=size)
+    size = min(batch_size, len(atlas_images))
+    _, warped, _ = registration.warp_atlases(nets.reg, atlas_images[:size], atlas_labels[:size], target, codes,
+                                             batch_size=size)
+    if nets.simnet is not None:
+        similarity.score_atlases(nets.simnet, target, warped, codes, batch_size=size)
     centre = tuple(slice(max(s // 2 - 8, 0), s // 2 + 8) for s in target.shape)
-    few = slice(0, min(2, n))
+    few = slice(0, min(2, len(atlas_images)))
     fuse_all(atlas_labels[few][(slice(None), *centre)], codes, atlas_images[few][(slice(None), *centre)],
              target[centre], methods, options)
 
