@@ -226,8 +226,9 @@ class AtlasSet:
                                           "delete it or rebuild it with AtlasSet.write_stack()") from None
             expected = (len(self.manifest.cases), *self.geometry.shape)
             if ids != [c.id for c in self.manifest.cases] or images.shape != expected or labels.shape != expected:
-                raise AtlasSetError(path, f"stack of cases {ids} shaped {images.shape} does not match the manifest "
-                                          f"({expected}); delete it or rebuild it with AtlasSet.write_stack()")
+                raise AtlasSetError(path, f"does not match the manifest (stack: {len(ids)} cases, arrays "
+                                          f"{images.shape}; manifest: {expected[0]} cases, grid {expected[1:]}, or "
+                                          "other case ids); delete it or rebuild it with AtlasSet.write_stack()")
             self._stack = {"row": {i: k for k, i in enumerate(ids)}, "images": images, "labels": labels}
         return self._stack
 
