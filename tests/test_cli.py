@@ -167,6 +167,30 @@ def test_segment_from_a_bundle_with_mv_and_two_atlases(world, simnet_label, caps
     assert _foreground_dice(label, world["truth"].array) > 0.5
 
 
+def test_several_targets_in_one_call_each_get_their_map(world, simnet_label, capsys, tmp_path):
+    other = tmp_path / "other.nii.gz"
+    shutil.copy(world["target"], other)
+    out = tmp_path / "segs"
+    status = cli.main(["segment", "--target", str(world["target"]), str(other), "--atlas-set", str(world["set"]),
+                       "--reg-model", str(world["reg"]), "--fusion-model", str(world["sim"]), "--out", str(out)])
+    assert status == 0
+    assert capsys.readouterr().out.count("wrote ") == 2
+    first, second = _check_maps(out / "mr_00_image.nii.gz", world), _check_maps(out / "other.nii.gz", world)
+    assert _foreground_dice(first, simnet_label) > 0.9 and _foreground_dice(second, simnet_label) > 0.9
+
+
+@pytest.mark.parametrize("names, out, problem", [
+    (("a.nii.gz", "b/a.nii.gz"), "segs", "share the name(s) ['a']"),
+    (("a.nii.gz", "b.mha"), "segs.nii.gz", "must be a folder"),
+])
+def test_several_targets_need_a_folder_and_distinct_names(names, out, problem, capsys, tmp_path):
+    argv = ["segment", "--target", *[str(tmp_path / n) for n in names], "--atlas-set", str(tmp_path / "set"),
+            "--fusion", "mv", "--out", str(tmp_path / out)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert problem in err and err.count("\n") == 1
+
+
 def test_segment_raw_atlas_folder_reuses_the_prepared_set(world, simnet_label, capsys):
     out = world["out"] / "raw.nii.gz"  # beside out/atlas_set, prepared from the same atlases
     argv = ["segment", "--target", str(world["target"]), "--atlases", str(world["data"]), "--reg-model",

@@ -94,18 +94,21 @@ def _prepare_parser(sub) -> None:
 def _segment_parser(sub) -> None:
     seg = sub.add_parser(
         "segment",
-        help="segment one scan with an atlas set (or a bundle) and trained models",
+        help="segment one or more scans with an atlas set (or a bundle) and trained models",
         description="Align the target once to the atlas set's reference (ANTs affine, mutual information), "
         "resample it onto the set's working grid (the region of the atlas labels; no target label is used), "
         "register the atlases to it with BiRegNet, fuse the warped labels (SimNet or a classic method) and "
         "write the label map on the target's original grid (spacing, origin, direction), with "
         "<stem>_prob_<code>.nii.gz (per-label probability) and <stem>_agreement.nii.gz (fraction of atlases "
         "agreeing with the fused label) beside it. A progress bar shows the steps when stderr is a terminal; "
-        "the last line printed gives the atlases used and the seconds of each step.",
+        "a line per scan gives the atlases used and the seconds of each step. Several scans in one call load the "
+        "models and the atlas set once.",
     )
-    seg.add_argument("--target", type=Path, required=True, metavar="SCAN",
-                     help="scan to segment (NIfTI/MHA/NRRD file or DICOM folder)")
-    seg.add_argument("--out", type=Path, required=True, metavar="SEG.nii.gz", help="output label map (.nii.gz)")
+    seg.add_argument("--target", type=Path, required=True, nargs="+", metavar="SCAN",
+                     help="scan(s) to segment (NIfTI/MHA/NRRD file or DICOM folder)")
+    seg.add_argument("--out", type=Path, required=True, metavar="SEG.nii.gz|DIR",
+                     help="output label map (.nii.gz); with several --target scans a folder, each map named "
+                     "<scan name>.nii.gz")
     seg.add_argument("--bundle", type=Path, default=None, metavar="DIR",
                      help="one folder holding atlas_set/ (or itself an atlas set), reg_model.keras and "
                      "simnet.keras; explicit --atlas-set/--reg-model/--fusion-model override its parts")
@@ -175,9 +178,12 @@ def _prepare(args) -> None:
 
 def _segment(args) -> None:
     from cmmas import pipeline, prealign
+    from cmmas.atlas_set import AtlasSet
+    from cmmas.io import read_image
 
     if args.deterministic:
         prealign.set_threads(1)  # before this process's first ANTs registration
+    outs = pipeline.label_paths(args.target, args.out)
     k = args.atlases if isinstance(args.atlases, int) else None
     atlas_set, reg_model = args.atlas_set, args.reg_model
     if isinstance(args.atlases, Path):
@@ -189,20 +195,25 @@ def _segment(args) -> None:
 
             reg_model = registration.load_model(reg_model)
             shape = registration.model_shape(reg_model)
-        atlas_set = pipeline.raw_atlas_set(args.atlases, args.atlas_modality, args.out.parent / "atlas_set",
+        atlas_set = pipeline.raw_atlas_set(args.atlases, args.atlas_modality, outs[0].parent / "atlas_set",
                                            shape, args.spacing, progress=_progress()).root
     bundle = pipeline.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
     if reg_model is None:
         reg_model = bundle.reg_model
-    result = pipeline.segment(
-        args.target, bundle.atlas_set, reg_model=reg_model, fusion_model=bundle.fusion_model,
-        fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
-        batch_size=args.batch_size, progress=_progress(),
-    )
-    written = pipeline.write_segmentation(result, args.out, extras=not args.no_extras)
-    timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
-    print(f"wrote {written[0]} (+{len(written) - 1} maps) from {len(result.atlas_ids)} atlases "
-          f"[{', '.join(result.atlas_ids)}] with {args.fusion}; {timing}")
+    aset = AtlasSet(bundle.atlas_set)
+    first = read_image(args.target[0])  # a bad scan fails before the models load
+    reg_model, fusion_model = pipeline.load_models(  # once for all targets
+        reg_model, bundle.fusion_model if args.fusion == "simnet" else None, aset)
+    for index, (target, out) in enumerate(zip(args.target, outs)):
+        result = pipeline.segment(
+            first if index == 0 else target, aset, reg_model=reg_model, fusion_model=fusion_model,
+            fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
+            batch_size=args.batch_size, progress=_progress(),
+        )
+        written = pipeline.write_segmentation(result, out, extras=not args.no_extras)
+        timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
+        print(f"wrote {written[0]} (+{len(written) - 1} maps) from {len(result.atlas_ids)} atlases "
+              f"[{', '.join(result.atlas_ids)}] with {args.fusion}; {timing}", flush=True)
 
 
 def _register(args) -> None:

@@ -316,7 +316,7 @@ def segment(
     if fusion == SIMNET and fusion_model is None:
         raise ModelError(None, "fusion 'simnet' needs a SimNet model (--fusion-model, or a bundle with simnet.keras)")
     candidates = atlas_ids_of(aset, modality)
-    reg_net, simnet = _models(reg_model, fusion_model if fusion == SIMNET else None, aset)
+    reg_net, simnet = load_models(reg_model, fusion_model if fusion == SIMNET else None, aset)
     seconds = {"load": time.perf_counter() - start}
 
     bar = tqdm(total=4, desc="align", unit="step", disable=not progress)
@@ -365,8 +365,13 @@ def segment(
     )
 
 
-def _models(reg_model, fusion_model, aset: AtlasSet):
-    """Load the models (fail before the alignment) and check they fit the working grid."""
+def load_models(reg_model, fusion_model, aset: AtlasSet):
+    """``(BiRegNet, SimNet)`` loaded from paths (objects pass through; None stays None), checked
+    against the atlas set's working grid and label table: load them once to segment several scans.
+
+    Raises:
+        ModelError: a missing or unloadable file, or a model that does not fit the atlas set.
+    """
     shape = tuple(aset.geometry.shape)
     _check_file(reg_model, "BiRegNet")
     _check_file(fusion_model, "SimNet")
@@ -452,6 +457,34 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image) -> tu
     label[box] = codes[np.argmax(stack[(slice(0, len(codes)), *box)], axis=0)]
     probabilities = {int(code): target.with_array(stack[k]) for k, code in enumerate(codes)}
     return target.with_array(label), probabilities, target.with_array(stack[-1])
+
+
+#: Endings stripped from a scan's file name to name its label map (a DICOM folder keeps its name).
+SCAN_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
+    """Where each target's label map goes: ``out`` itself for one target; for several, ``out`` is
+    a folder and each map is ``out/<scan name>.nii.gz`` (the file name without its ending).
+
+    Raises:
+        CmmasError: several targets and ``out`` names a .nii/.nii.gz file, or two targets share a
+            name (their maps would overwrite each other).
+    """
+    out = Path(out)
+    if len(targets) == 1:
+        return [out]
+    if out.name.endswith((".nii", ".nii.gz")):
+        raise CmmasError(out, f"{len(targets)} targets: --out must be a folder, not a .nii.gz file")
+    names = []
+    for target in targets:
+        name = Path(target).name
+        ending = next((e for e in SCAN_ENDINGS if name.lower().endswith(e)), "")
+        names.append(name[: len(name) - len(ending)])
+    shared = sorted({n for n in names if names.count(n) > 1})
+    if shared:
+        raise CmmasError(out, f"targets share the name(s) {shared}: their label maps would overwrite each other")
+    return [out / f"{name}.nii.gz" for name in names]
 
 
 def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path]:
