@@ -201,12 +201,12 @@ def _segment(args) -> None:
     if reg_model is None:
         reg_model = bundle.reg_model
     aset = AtlasSet(bundle.atlas_set)
-    first = read_image(args.target[0])  # a bad scan fails before the models load
+    scans = [read_image(args.target[0]), *args.target[1:]]  # a bad first scan fails before the models load
     reg_model, fusion_model = pipeline.load_models(  # once for all targets
         reg_model, bundle.fusion_model if args.fusion == "simnet" else None, aset)
-    for index, (target, out) in enumerate(zip(args.target, outs)):
+    for scan, out in zip(scans, outs):
         result = pipeline.segment(
-            first if index == 0 else target, aset, reg_model=reg_model, fusion_model=fusion_model,
+            scan, aset, reg_model=reg_model, fusion_model=fusion_model,
             fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
             batch_size=args.batch_size, progress=_progress(),
         )

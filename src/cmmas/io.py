@@ -26,7 +26,8 @@ from cmmas.errors import GeometryError, ImageReadError, LabelError
 #: SimpleITK returns spacing rounded through float32: compare geometry with this tolerance (mm).
 GEOMETRY_TOL = 1e-3
 
-_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+#: File endings of the image formats written (and named) here.
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,8 +387,8 @@ def write_image(image: Image, path: str | os.PathLike, compress: bool = True) ->
     """
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    if suffix not in _SUFFIXES:
-        raise ImageReadError(path, f"unsupported output format {suffix!r}; use one of {_SUFFIXES}")
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(path, f"unsupported output format {suffix!r}; use one of {IMAGE_SUFFIXES}")
     array = image.array
     if array.dtype == np.float64:
         array = array.astype(np.float32)

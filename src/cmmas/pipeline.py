@@ -31,7 +31,7 @@ from cmmas import atlas_set as atlas_sets
 from cmmas.atlas_set import AtlasSet
 from cmmas.datasets.base import Case, load_case
 from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError, ModelError
-from cmmas.io import Image, read_image, write_image
+from cmmas.io import IMAGE_SUFFIXES, Image, read_image, write_image
 
 log = logging.getLogger(__name__)
 
@@ -459,13 +459,10 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image) -> tu
     return target.with_array(label), probabilities, target.with_array(stack[-1])
 
 
-#: Endings stripped from a scan's file name to name its label map (a DICOM folder keeps its name).
-SCAN_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
-
-
 def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
     """Where each target's label map goes: ``out`` itself for one target; for several, ``out`` is
-    a folder and each map is ``out/<scan name>.nii.gz`` (the file name without its ending).
+    a folder and each map is ``out/<scan name>.nii.gz`` (the file name without its image
+    ending, :data:`cmmas.io.IMAGE_SUFFIXES`; a DICOM folder keeps its name).
 
     Raises:
         CmmasError: several targets and ``out`` names a .nii/.nii.gz file, or two targets share a
@@ -479,7 +476,7 @@ def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) ->
     names = []
     for target in targets:
         name = Path(target).name
-        ending = next((e for e in SCAN_ENDINGS if name.lower().endswith(e)), "")
+        ending = next((e for e in IMAGE_SUFFIXES if name.lower().endswith(e)), "")
         names.append(name[: len(name) - len(ending)])
     shared = sorted({n for n in names if names.count(n) > 1})
     if shared:
