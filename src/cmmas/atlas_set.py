@@ -331,14 +331,28 @@ def back_to_target(
 def covered_box(
     geometry: Geometry, transforms: Sequence[str], target: Geometry, source: str | os.PathLike | None = None
 ) -> tuple[slice, slice, slice]:
-    """The voxel box ``(z, y, x)`` of the target grid that the working grid maps back onto.
+    """The voxel box ``(z, y, x)`` of the target grid that the working grid maps back onto
+    (:func:`reached_box`). Mapping back onto this box only gives the same values as onto the
+    whole grid: the rest lies outside the working grid (0 after resampling).
 
-    ``transforms`` are the target -> reference affine files; the working grid's corners (voxel
-    edges, as far as linear interpolation reaches) are mapped into the target's space and
-    their bounding box taken, one voxel wider, clipped to the target. Mapping back onto this
-    box only gives the same values as onto the whole grid: the rest lies outside the working
-    grid (0 after resampling). ``source`` (the target's file) names the error when the two do
-    not overlap at all.
+    Raises:
+        AtlasSetError: the two grids do not overlap at all (named by ``source``, the target's file).
+    """
+    box = reached_box(geometry, transforms, target)
+    if box is None:
+        raise AtlasSetError(source, "the atlas set's working grid maps outside this scan: its alignment failed")
+    return box
+
+
+def reached_box(
+    geometry: Geometry, transforms: Sequence[str], target: Geometry
+) -> tuple[slice, slice, slice] | None:
+    """The voxel box ``(z, y, x)`` of the target grid that values on ``geometry`` (a working grid
+    or a box of it) reach when mapped back; None when it lies outside the target.
+
+    ``transforms`` are the target -> reference affine files; the grid's corners (voxel edges, as
+    far as linear interpolation reaches) are mapped into the target's space and their bounding
+    box taken, one voxel wider, clipped to the target.
     """
     from cmmas import prealign
 
@@ -346,7 +360,7 @@ def covered_box(
     low = np.clip(np.floor(index_xyz.min(axis=0)) - 1, 0, target.size).astype(int)
     high = np.clip(np.ceil(index_xyz.max(axis=0)) + 2, 0, target.size).astype(int)
     if np.any(high <= low):
-        raise AtlasSetError(source, "the atlas set's working grid maps outside this scan: its alignment failed")
+        return None
     return tuple(slice(int(a), int(b)) for a, b in zip(low[::-1], high[::-1]))  # type: ignore[return-value]
 
 

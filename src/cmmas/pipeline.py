@@ -434,29 +434,51 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image) -> tu
     """Label, probabilities and agreement on the target's grid (see :class:`Segmentation`).
 
     With transforms, only the box of the target grid that the working grid covers is resampled
-    (onto one ANTs reference grid for all maps) and labelled; outside it the background has
-    probability 1 and the agreement is 0, as a resampling of the whole grid would give.
+    (the agreement) and, of it, only the box that the atlases' foreground reaches (the
+    foreground probabilities, then the label): outside the first the background has probability
+    1 and the agreement is 0, outside the second every foreground probability is 0, exactly as a
+    resampling of the whole grid would give. On a CT grid the foreground box is a fraction of
+    the covered one, and the resampling is most of this step.
     """
     from cmmas import prealign, preprocess
 
-    maps = [working.with_array(np.asarray(a, dtype=np.float32)) for a in (*fused.probabilities[1:], fused.agreement)]
+    codes = np.asarray([int(c) for c in fused.labels], dtype=np.int32)  # ascending: the background 0 first
+    foreground = [working.with_array(np.asarray(a, dtype=np.float32)) for a in fused.probabilities[1:]]
+    agreement = working.with_array(np.asarray(fused.agreement, dtype=np.float32))
+    stack = np.zeros((len(codes) + 1, *target.shape), dtype=np.float32)  # [background, *foreground, agreement]
+    stack[0] = 1.0
     if transforms:
         box = atlas_sets.covered_box(working.geometry, transforms, target.geometry, target.path)
-        moved = prealign.apply_many(transforms, maps, target.geometry.sub_grid(box), kind="linear", invert=True)
+        [moved] = prealign.apply_many(transforms, [agreement], target.geometry.sub_grid(box), kind="linear", invert=True)
+        np.clip(moved.array, 0.0, 1.0, out=stack[(-1, *box)])
+        support = _support(np.stack([image.array for image in foreground]) > 0)
+        box = None if support is None else atlas_sets.reached_box(
+            working.geometry.sub_grid(support), transforms, target.geometry)
+        moved = [] if box is None else prealign.apply_many(
+            transforms, foreground, target.geometry.sub_grid(box), kind="linear", invert=True)
     else:
         box = (slice(None),) * 3
-        moved = [preprocess.back_to_grid(image, target.geometry, kind="linear") for image in maps]
-    codes = np.asarray([int(c) for c in fused.labels], dtype=np.int32)  # ascending: the background 0 first
-    stack = np.zeros((len(moved) + 1, *target.shape), dtype=np.float32)  # [background, *foreground, agreement]
-    stack[0] = 1.0
-    for k, image in enumerate(moved, start=1):
-        np.clip(image.array, 0.0, 1.0, out=stack[(k, *box)])
-    foreground = stack[(slice(1, len(codes)), *box)]
-    np.clip(1.0 - foreground.sum(axis=0), 0.0, 1.0, out=stack[(0, *box)])
+        stack[-1] = np.clip(preprocess.back_to_grid(agreement, target.geometry, kind="linear").array, 0.0, 1.0)
+        moved = [preprocess.back_to_grid(image, target.geometry, kind="linear") for image in foreground]
     label = np.zeros(target.shape, dtype=np.int32)
-    label[box] = codes[np.argmax(stack[(slice(0, len(codes)), *box)], axis=0)]
+    if moved:
+        for k, image in enumerate(moved, start=1):
+            np.clip(image.array, 0.0, 1.0, out=stack[(k, *box)])
+        np.clip(1.0 - stack[(slice(1, len(codes)), *box)].sum(axis=0), 0.0, 1.0, out=stack[(0, *box)])
+        label[box] = codes[np.argmax(stack[(slice(0, len(codes)), *box)], axis=0)]
     probabilities = {int(code): target.with_array(stack[k]) for k, code in enumerate(codes)}
     return target.with_array(label), probabilities, target.with_array(stack[-1])
+
+
+def _support(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The box ``(z, y, x)`` of the voxels set in any channel of ``mask`` ``[C, D, H, W]``, one
+    voxel wider (as far as linear interpolation reaches), clipped to the grid; None if none is set."""
+    found = np.argwhere(mask.any(axis=0))
+    if not len(found):
+        return None
+    low = np.maximum(found.min(axis=0) - 1, 0)
+    high = np.minimum(found.max(axis=0) + 2, mask.shape[1:])
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))  # type: ignore[return-value]
 
 
 def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
