@@ -756,8 +756,8 @@ def _compiled_warp(model: keras.Model):
     @tf.function(reduce_retracing=True, autograph=False)  # no Python control flow to convert
     def run(atlases, targets, onehot):
         ddf = model({"atlas": atlases[..., None], "target": targets[..., None]}, training=False)["U"]
-        images = warp(atlases[..., None], ddf, "linear")[..., 0]
-        return images, tf.argmax(warp(onehot, ddf, "linear"), axis=-1), ddf
+        warped = warp(tf.concat([atlases[..., None], onehot], axis=-1), ddf, "linear")  # one gather for both
+        return warped[..., 0], tf.argmax(warped[..., 1:], axis=-1), ddf
 
     return run
 
