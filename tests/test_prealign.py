@@ -117,19 +117,6 @@ def test_schedule_fits_small_grids():
     assert thin.shrink_factors == (1,)
 
 
-def test_rigid_stage_levels():
-    # the fast schedule's rigid stage runs its coarse level only; a grid too small for that level
-    # keeps one level, which both stages run
-    assert prealign.FAST_SCHEDULE.rigid_levels == 1
-    assert prealign.FAST_SCHEDULE.fitted(io.Geometry.identity((10, 10, 10), SPACING)).rigid_levels == 1
-    assert prealign.DEFAULT_SCHEDULE.rigid_levels is None
-    # new levels given: the rigid stage runs them all
-    assert prealign._schedule(prealign.FAST_SCHEDULE, (2, 1), (1, 0), (10, 10), None, None).rigid_levels is None
-    assert prealign._schedule(prealign.FAST_SCHEDULE, None, None, (10, 10), None, None).rigid_levels == 1
-    with pytest.raises(ValueError, match="rigid_levels"):
-        prealign.Schedule(rigid_levels=0)
-
-
 def test_rigid_recovers_translation(fixed):
     import ants
 

@@ -73,8 +73,6 @@ class Schedule:
         iterations: maximum optimiser iterations of each linear level.
         sampling: fraction of voxels (regular grid, randomly jittered) the linear metric uses.
         syn_iterations: SyN iterations per level; levels are shrunk by 2**k, coarse to fine.
-        rigid_levels: how many of the coarsest linear levels the rigid stage runs when an affine
-            stage follows it (None: all); the affine stage always runs every level.
     """
 
     shrink_factors: tuple[int, ...] = (6, 4, 2, 1)
@@ -82,7 +80,6 @@ class Schedule:
     iterations: tuple[int, ...] = (2100, 1200, 1200, 10)
     sampling: float = 0.2
     syn_iterations: tuple[int, ...] = (40, 20, 0)
-    rigid_levels: int | None = None
 
     def __post_init__(self) -> None:
         levels = {len(self.shrink_factors), len(self.smoothing_sigmas), len(self.iterations)}
@@ -93,8 +90,6 @@ class Schedule:
             )
         if not 0.0 < self.sampling <= 1.0:
             raise ValueError(f"sampling must be in (0, 1], got {self.sampling}")
-        if self.rigid_levels is not None and self.rigid_levels < 1:
-            raise ValueError(f"rigid_levels must be at least 1 (or None), got {self.rigid_levels}")
 
     def fitted(
         self,
@@ -118,7 +113,6 @@ class Schedule:
         coarse_voxels = float(np.prod(extent / np.maximum(geometry.spacing, coarsest * finest)))
         return dataclasses.replace(
             self,
-            rigid_levels=None if self.rigid_levels is None else min(self.rigid_levels, len(keep)),
             shrink_factors=tuple(self.shrink_factors[i] for i in keep),
             smoothing_sigmas=tuple(self.smoothing_sigmas[i] for i in keep),
             iterations=tuple(self.iterations[i] for i in keep),
@@ -131,17 +125,13 @@ DEFAULT_SCHEDULE = Schedule()
 #: Coarse and short, for aligning a new target to a reference in a few seconds: the finest level
 #: is at half resolution. Measured on real CT -> MR abdomen (ct_00 -> mr_01, 4 mm, 4 seeds):
 #: liver Dice 0.74-0.77 (0.70 unregistered) for ~3 s CPU, against 0.70-0.75 for ~6 s with the
-#: defaults. An 8x shrink level was as good there but drifted on 40^3 volumes. The rigid stage
-#: before an affine runs the coarse level only: on every real scan aligned to the other
-#: modality's reference at 4 mm, as good (mean label Dice with the reference 0.429 vs 0.404
-#: CT->MR, 0.392 vs 0.400 MR->CT) in 0.5-0.7 s less (1.15 vs 1.84 s, 1.61 vs 2.13 s).
+#: defaults. An 8x shrink level was as good there but drifted on 40^3 volumes.
 FAST_SCHEDULE = Schedule(
     shrink_factors=(4, 2),
     smoothing_sigmas=(2, 1),
     iterations=(100, 50),
     sampling=0.25,
     syn_iterations=(20, 10, 0),
-    rigid_levels=1,
 )
 
 
@@ -297,9 +287,15 @@ def register(
     start = time.perf_counter()
     workdir = tempfile.TemporaryDirectory(prefix="cmmas-prealign-")
     fixed_ants, moving_ants = to_ants(fixed), to_ants(moving)
+    common = dict(
+        aff_metric=metric,
+        aff_sampling=bins,
+        aff_random_sampling_rate=schedule.sampling,
+        aff_iterations=tuple(schedule.iterations),
+        aff_shrink_factors=tuple(schedule.shrink_factors),
+        aff_smoothing_sigmas=tuple(schedule.smoothing_sigmas),
+    )
     stages = {"rigid": ["Rigid"], "affine": ["Rigid", "Affine"], "syn": ["Rigid", "Affine", "SyNOnly"]}[kind]
-    levels = len(schedule.shrink_factors)
-    rigid_levels = levels if kind == "rigid" or schedule.rigid_levels is None else schedule.rigid_levels
     initial: list[str] | None = None
     try:
         with _ants_seed(seed):
@@ -315,10 +311,7 @@ def register(
                     syn_sampling=bins,
                     reg_iterations=tuple(schedule.syn_iterations),
                     grad_step=grad_step,
-                    aff_metric=metric,
-                    aff_sampling=bins,
-                    aff_random_sampling_rate=schedule.sampling,
-                    **_linear_levels(schedule, rigid_levels if stage == "Rigid" else levels),
+                    **common,
                 )
                 initial = list(result["fwdtransforms"])
                 logger.debug("%s stage took %.2f s", stage, time.perf_counter() - t0)
@@ -466,15 +459,6 @@ def _warp_label(label: Image, reference: "ants.ANTsImage", transforms: list[str]
     return warped.with_array(np.rint(warped.array).astype(dtype))
 
 
-def _linear_levels(schedule: Schedule, count: int) -> dict:
-    """antspyx's arguments for the ``count`` coarsest linear levels of ``schedule``."""
-    return dict(
-        aff_iterations=tuple(schedule.iterations[:count]),
-        aff_shrink_factors=tuple(schedule.shrink_factors[:count]),
-        aff_smoothing_sigmas=tuple(schedule.smoothing_sigmas[:count]),
-    )
-
-
 def _schedule(
     base: Schedule,
     shrink: Sequence[int] | None,
@@ -489,7 +473,6 @@ def _schedule(
         iterations=base.iterations if iterations is None else tuple(int(i) for i in iterations),
         sampling=base.sampling if sampling is None else float(sampling),
         syn_iterations=base.syn_iterations if syn_iterations is None else tuple(int(i) for i in syn_iterations),
-        rigid_levels=base.rigid_levels if shrink is None else None,  # new levels: the rigid stage runs them all
     )
 
 
