@@ -448,12 +448,15 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image) -> tu
     stack = np.zeros((len(codes) + 1, *target.shape), dtype=np.float32)  # [background, *foreground, agreement]
     stack[0] = 1.0
     if transforms:
-        box = atlas_sets.covered_box(working.geometry, transforms, target.geometry, target.path)
-        [moved] = prealign.apply_many(transforms, [agreement], target.geometry.sub_grid(box), kind="linear", invert=True)
-        np.clip(moved.array, 0.0, 1.0, out=stack[(-1, *box)])
-        support = _support(np.stack([image.array for image in foreground]) > 0)
-        box = None if support is None else atlas_sets.reached_box(
-            working.geometry.sub_grid(support), transforms, target.geometry)
+        covered = atlas_sets.covered_box(working.geometry, transforms, target.geometry, target.path)
+        [moved] = prealign.apply_many(transforms, [agreement], target.geometry.sub_grid(covered), kind="linear",
+                                      invert=True)
+        np.clip(moved.array, 0.0, 1.0, out=stack[(-1, *covered)])
+        support = np.any([image.array > 0 for image in foreground], axis=0)
+        box = None
+        if support.any():  # one voxel wider: as far as linear interpolation reaches
+            support_grid = working.geometry.sub_grid(preprocess.bounding_box(support, margin_vox=1))
+            box = atlas_sets.reached_box(support_grid, transforms, target.geometry)
         moved = [] if box is None else prealign.apply_many(
             transforms, foreground, target.geometry.sub_grid(box), kind="linear", invert=True)
     else:
@@ -468,17 +471,6 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image) -> tu
         label[box] = codes[np.argmax(stack[(slice(0, len(codes)), *box)], axis=0)]
     probabilities = {int(code): target.with_array(stack[k]) for k, code in enumerate(codes)}
     return target.with_array(label), probabilities, target.with_array(stack[-1])
-
-
-def _support(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The box ``(z, y, x)`` of the voxels set in any channel of ``mask`` ``[C, D, H, W]``, one
-    voxel wider (as far as linear interpolation reaches), clipped to the grid; None if none is set."""
-    found = np.argwhere(mask.any(axis=0))
-    if not len(found):
-        return None
-    low = np.maximum(found.min(axis=0) - 1, 0)
-    high = np.minimum(found.max(axis=0) + 2, mask.shape[1:])
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))  # type: ignore[return-value]
 
 
 def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
