@@ -8,7 +8,7 @@ from cmmas.fusion import METHODS, fuse, global_weights, local_weights
 from cmmas.metrics import dice
 
 CODES = (0, 205, 500)
-FAST = {"jlf": {"rad": 1, "r_search": 1}}
+FAST = {"jlf": {"rad": 1, "r_search": 1}, "jlf_tf": {"rad": 1, "r_search": 1}}
 
 
 def _phantom(shape=(20, 20, 20), seed=0):
@@ -125,6 +125,7 @@ def test_lwv_weights_prefer_the_identical_atlas():
         ("lwv", {"similarity": "mi"}),
         ("staple", {}),
         ("jlf", FAST["jlf"]),
+        ("jlf_tf", FAST["jlf_tf"]),
     ],
 )
 def test_failed_atlas_does_not_wipe_the_target(method, options):
@@ -176,14 +177,15 @@ def test_staple_probability_modes():
     assert np.mean(most_probable == posterior.label) > 0.99
 
 
-def test_jlf_single_atlas_and_inputs_untouched():
+@pytest.mark.parametrize("method", ["jlf", "jlf_tf"])
+def test_jlf_single_atlas_and_inputs_untouched(method):
     label, image = _phantom(shape=(16, 16, 16))
     atlas_labels, atlas_images = label[None].copy(), image[None].copy()
-    result = fuse("jlf", atlas_labels, CODES, atlas_images, image, rad=1, r_search=1)
+    result = fuse(method, atlas_labels, CODES, atlas_images, image, rad=1, r_search=1)
     np.testing.assert_array_equal(result.label, label)
     two = np.stack([label, np.roll(label, 1, axis=0)])
     before = two.copy()
-    fuse("jlf", two, CODES, np.stack([image, np.roll(image, 1, axis=0)]), image, rad=1, r_search=1)
+    fuse(method, two, CODES, np.stack([image, np.roll(image, 1, axis=0)]), image, rad=1, r_search=1)
     np.testing.assert_array_equal(two, before)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from cmmas.errors import CmmasError
 
 #: Fusion names ``--fusion`` accepts (checked again by cmmas.pipeline.segment).
-FUSIONS = ("simnet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2")
+FUSIONS = ("simnet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2", "jlf_tf")
 
 
 def _triple(text: str, kind=float) -> tuple:
@@ -128,7 +128,8 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--fusion", default="simnet", choices=FUSIONS, metavar="{" + ",".join(FUSIONS) + "}",
                      help="label fusion: simnet (SimNet-weighted vote), mv (majority vote), staple, global or "
                      "lwv (vote weighted by global / local mutual information; lwv_ncc: local NCC), jlf "
-                     "(ANTs joint label fusion, patch radius 1; jlf_r2: radius 2). Default simnet")
+                     "(ANTs joint label fusion, patch radius 1; jlf_r2: radius 2), jlf_tf (the same joint label fusion in "
+                     "TensorFlow, faster). Default simnet")
     seg.add_argument("--prealign", action=argparse.BooleanOptionalAction, default=True,
                      help="align the target to the reference first (default); --no-prealign: the target "
                      "already lies in the reference space")

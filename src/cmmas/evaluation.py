@@ -53,6 +53,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "lwv_ncc": ("lwv", {"similarity": "ncc"}),
     "jlf": ("jlf", {"rad": 1, "r_search": 1}),
     "jlf_r2": ("jlf", {"rad": 2, "r_search": 2}),
+    "jlf_tf": ("jlf_tf", {"rad": 1, "r_search": 1}),
 }
 SINGLE_ATLAS = "single-atlas mean"
 ORACLE = "oracle"

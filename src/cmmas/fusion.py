@@ -14,6 +14,7 @@ Methods (:data:`METHODS`, chosen by name):
 * ``"lwv"``: vote weighted per voxel by local NCC or local MI in a Gaussian window.
 * ``"staple"``: multi-label STAPLE (SimpleITK).
 * ``"jlf"``: ANTs joint label fusion (antspyx, imported lazily).
+* ``"jlf_tf"``: the same joint label fusion in TensorFlow (:mod:`cmmas.joint_fusion`), faster.
 * ``"weighted"``: vote with externally supplied weights (e.g. SimNet similarity maps).
 
 Conventions shared by all methods:
@@ -112,11 +113,11 @@ def fuse(
 
     Args:
         method: a key of :data:`METHODS` (``mv``, ``global``, ``lwv``, ``staple``, ``jlf``,
-            ``weighted``).
+            ``jlf_tf``, ``weighted``).
         atlas_labels: ``[N, D, H, W]`` integer codes of N atlases warped to the target.
         labels: the data-set codes, including the background 0.
-        atlas_images: ``[N, D, H, W]`` warped atlas intensities (``global``, ``lwv``, ``jlf``).
-        target_image: ``[D, H, W]`` target intensities (``global``, ``lwv``, ``jlf``).
+        atlas_images: ``[N, D, H, W]`` warped atlas intensities (``global``, ``lwv``, the JLFs).
+        target_image: ``[D, H, W]`` target intensities (``global``, ``lwv``, the JLFs).
         weights: ``[N, D, H, W]`` per-atlas or ``[N, L, D, H, W]`` per-atlas-per-label
             non-negative weights (``weighted`` only; L in the order of sorted ``labels``).
         **options: method options, see each method's keyword arguments in :data:`METHODS`.
@@ -536,6 +537,29 @@ def _ants_deterministic(ants) -> None:
     random.setstate(python_state)
 
 
+def _jlf_region(inputs: _Inputs, mask: str, mask_dilation: int):
+    """What both joint label fusions share: ``(index, images, target, region)`` of the usable
+    atlases, or None when JLF cannot run (one usable atlas, or no foreground at all)."""
+    images, target = inputs.images("jlf")
+    if mask not in ("union", "all"):
+        raise CmmasError(None, f"JLF mask must be 'union' or 'all', got {mask!r}")
+    usable = [i for i in range(len(images)) if images[i].std() > 0] or list(range(len(images)))
+    if len(usable) < len(images):
+        logger.warning("JLF: leaving out %d atlas(es) with a flat image", len(images) - len(usable))
+    index, images = inputs.index[usable], images[usable]
+    foreground = np.any(index > 0, axis=0)
+    if len(usable) == 1 or not foreground.any():
+        return None
+    if mask == "all":
+        region = np.ones_like(foreground)
+    elif int(mask_dilation) > 0:
+        structure = ndimage.generate_binary_structure(3, 1)
+        region = ndimage.binary_dilation(foreground, structure, iterations=int(mask_dilation))
+    else:
+        region = foreground
+    return index, images, target, region
+
+
 def _jlf(
     inputs: _Inputs,
     *,
@@ -560,23 +584,10 @@ def _jlf(
     (background where its background posterior exceeds the summed foreground posteriors);
     probabilities are JLF's posterior maps inside the mask, background outside.
     """
-    images, target = inputs.images("jlf")
-    if mask not in ("union", "all"):
-        raise CmmasError(None, f"JLF mask must be 'union' or 'all', got {mask!r}")
-    usable = [i for i in range(len(images)) if images[i].std() > 0] or list(range(len(images)))
-    if len(usable) < len(images):
-        logger.warning("JLF: leaving out %d atlas(es) with a flat image", len(images) - len(usable))
-    index, images = inputs.index[usable], images[usable]
-    foreground = np.any(index > 0, axis=0)
-    if len(usable) == 1 or not foreground.any():
-        return _decide(_votes(index, inputs.n_labels))
-    if mask == "all":
-        region = np.ones_like(foreground)
-    elif int(mask_dilation) > 0:
-        structure = ndimage.generate_binary_structure(3, 1)
-        region = ndimage.binary_dilation(foreground, structure, iterations=int(mask_dilation))
-    else:
-        region = foreground
+    prepared = _jlf_region(inputs, mask, mask_dilation)
+    if prepared is None:
+        return _decide(_votes(inputs.index, inputs.n_labels))
+    index, images, target, region = prepared
 
     import ants
 
@@ -603,6 +614,42 @@ def _jlf(
     posterior[0] = result["background_prob"].numpy()
     for number, image in zip(result["segmentation_numbers"], result["probabilityimages"]):
         posterior[inputs.codes.index(int(number))] = image.numpy()
+    return label_index, _jlf_posterior(posterior, label_index, region)
+
+
+def _jlf_tf(
+    inputs: _Inputs,
+    *,
+    rad: int = 2,
+    r_search: int = 3,
+    beta: float = 4.0,
+    rho: float = 0.01,
+    mask: str = "union",
+    mask_dilation: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Joint label fusion in TensorFlow (:mod:`cmmas.joint_fusion`): ANTs's algorithm, options,
+    atlas exclusion and decision as in ``"jlf"``, a few times faster on CPU.
+
+    The label: background where the background's votes are at least the summed foreground
+    votes, else the foreground label with the most votes (ties to the lowest code), as antspyx
+    decides; probabilities are the normalised votes inside the mask, background outside.
+    """
+    from cmmas.joint_fusion import joint_label_fusion
+
+    prepared = _jlf_region(inputs, mask, mask_dilation)
+    if prepared is None:
+        return _decide(_votes(inputs.index, inputs.n_labels))
+    index, images, target, region = prepared
+    votes = joint_label_fusion(images, index, target, region, inputs.n_labels, rad=int(rad),
+                               search=int(r_search), beta=float(beta), alpha=float(rho)).astype(np.float64)
+    foreground = votes[1:].sum(axis=0) > votes[0]
+    label_index = np.where(foreground & region, 1 + np.argmax(votes[1:], axis=0), 0).astype(np.intp)
+    return label_index, _jlf_posterior(votes, label_index, region)
+
+
+def _jlf_posterior(posterior: np.ndarray, label_index: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``posterior [L, D, H, W]`` (unnormalised scores inside ``region``) as probabilities:
+    normalised per voxel, background outside ``region``, one-hot of the label where no score."""
     posterior[:, ~region] = 0.0
     posterior[0, ~region] = 1.0
     posterior = np.clip(posterior, 0.0, None)
@@ -610,9 +657,8 @@ def _jlf(
     missing = total <= 0
     posterior = np.divide(posterior, total, out=np.zeros_like(posterior), where=~missing)
     if missing.any():
-        one_hot = np.eye(inputs.n_labels)[label_index[missing]].T
-        posterior[:, missing] = one_hot
-    return label_index, posterior
+        posterior[:, missing] = np.eye(posterior.shape[0])[label_index[missing]].T
+    return posterior
 
 
 #: Fusion methods by name. Each takes the validated inputs and its keyword-only options.
@@ -622,5 +668,6 @@ METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "lwv": _lwv,
     "staple": _staple,
     "jlf": _jlf,
+    "jlf_tf": _jlf_tf,
     "weighted": _weighted,
 }
