@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -140,20 +141,22 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
     setup = time.perf_counter() - start
     found = {"seconds": {}, "range": {}, "steps": {}, "write_seconds": {}, "labels": {}, "setup_seconds": setup}
     for fusion in fusions:
-        calls = [pipeline.segment(str(job.target.image_path), aset, reg_model=reg, fusion_model=simnet,
-                                  fusion=fusion, atlases=atlases, modality=job.atlas_modality,
-                                  batch_size=batch_size, progress=False) for _ in range(repeats)]
-        result = calls[0]
+        call = functools.partial(pipeline.segment, str(job.target.image_path), aset, reg_model=reg,
+                                 fusion_model=simnet, fusion=fusion, atlases=atlases, modality=job.atlas_modality,
+                                 batch_size=batch_size, progress=False)
+        result = call()  # the first call's labels are scored and written
+        steps = [result.seconds] + [call().seconds for _ in range(repeats - 1)]  # target-sized maps not kept
         t0 = time.perf_counter()
         if out:
             pipeline.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{fusion}.nii.gz")
         found["write_seconds"][fusion] = time.perf_counter() - t0 if out else float("nan")
-        totals = [call.seconds["total"] for call in calls]
+        totals = [seconds["total"] for seconds in steps]
         found["seconds"][fusion] = float(np.median(totals))
         found["range"][fusion] = (min(totals), max(totals))
-        found["steps"][fusion] = {k: float(np.median([call.seconds[k] for call in calls])) for k in result.seconds}
+        found["steps"][fusion] = {k: float(np.median([seconds[k] for seconds in steps])) for k in result.seconds}
         found["labels"][fusion] = result.label.array.astype(np.int16)
         found.setdefault("atlas_ids", result.atlas_ids)  # the first call's choice, which (a) uses too
+        del result
     found["peak_mb"] = _peak_mb()
     return found
 
