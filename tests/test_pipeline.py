@@ -240,3 +240,8 @@ def test_bundle_parts_and_explicit_paths(world, tmp_path):
         pipeline.resolve_bundle(tmp_path / "missing")
     with pytest.raises(AtlasSetError, match="no atlas set given"):
         pipeline.resolve_bundle(tmp_path, reg_model=world["reg"])
+
+
+def test_first_argmax_matches_numpy_with_ties():
+    scores = np.random.default_rng(0).integers(0, 3, (5, 7, 6, 4)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(pipeline._first_argmax(scores), np.argmax(scores, axis=0))

@@ -142,11 +142,11 @@ def joint_label_fusion(
     votes = np.zeros((n_labels, *region.shape), dtype=np.float32)
     if not region.any():
         return votes
-    margin = rad + search
-    lower = np.maximum(np.argwhere(region).min(axis=0) - margin, 0)
-    upper = np.minimum(np.argwhere(region).max(axis=0) + margin + 1, region.shape)
-    crop = tuple(slice(a, b) for a, b in zip(lower, upper))
-    pad = [(margin, margin)] * 3  # every patch and search step stays inside the padded crop
+    margin = rad + search  # every patch and search step around a fused voxel stays in the crop
+    lower = np.argwhere(region).min(axis=0) - margin
+    upper = np.argwhere(region).max(axis=0) + margin + 1
+    crop = tuple(slice(a, b) for a, b in zip(np.maximum(lower, 0), np.minimum(upper, region.shape)))
+    pad = [(int(a), int(b)) for a, b in zip(np.maximum(-lower, 0), np.maximum(upper - region.shape, 0))]
     target = np.pad(np.asarray(target_image[crop], np.float32), pad, mode="edge")
     atlases = np.pad(np.asarray(atlas_images[(slice(None), *crop)], np.float32), [(0, 0), *pad], mode="edge")
     labels = np.pad(np.asarray(atlas_index[(slice(None), *crop)], np.int32), [(0, 0), *pad],
