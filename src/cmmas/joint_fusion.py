@@ -16,7 +16,7 @@ At every voxel ``x`` of a region, with patch radius ``rad`` and search radius ``
 
 The decision is antspyx's: foreground where the summed foreground votes exceed the background's,
 then the foreground label with the most votes. On the abdomen data this agrees with
-antspyx ``joint_label_fusion`` on 99.8 % or more of the fused voxels (docs/results.md), and it
+antspyx ``joint_label_fusion`` on 99.7 % or more of the working grid's voxels (docs/results.md), and it
 runs as a few dense TensorFlow ops instead of a per-voxel C++ loop.
 """
 
