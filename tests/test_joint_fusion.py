@@ -73,3 +73,15 @@ def test_empty_region_and_bad_radius():
     assert votes.shape == (3, 16, 16, 16) and not votes.any()
     with pytest.raises(CmmasError, match="patch radius >= 1"):
         joint_label_fusion(np.stack([image, image]), index, image, label > 0, 3, rad=0, search=1)
+
+
+def test_votes_do_not_depend_on_the_chunking():
+    label, image = _phantom(seed=5)
+    shifts = [(0, 0, 0), (1, 0, 0), (0, -1, 1)]
+    atlas_images = np.stack([np.roll(image, s, axis=(0, 1, 2)) for s in shifts])
+    index = np.searchsorted(CODES, np.stack([np.roll(label, s, axis=(0, 1, 2)) for s in shifts]))
+    region = label > 0
+    whole = joint_label_fusion(atlas_images, index, image, region, len(CODES), rad=1, search=1)
+    chunked = joint_label_fusion(atlas_images, index, image, region, len(CODES), rad=1, search=1, chunk_voxels=97)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    assert whole[:, region].sum(axis=0).min() > 0  # every fused voxel got votes

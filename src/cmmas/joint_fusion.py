@@ -36,34 +36,33 @@ def offsets(radius: int) -> np.ndarray:
     return grid[np.argsort((grid**2).sum(axis=1), kind="stable")]
 
 
+#: Values of one ``[N, chunk, P]`` patch array (float32: 64 MB): voxels are fused in chunks of
+#: ``_CHUNK_VALUES // (N * P)`` so that memory stays bounded on large working grids.
+_CHUNK_VALUES = 2**24
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled(rad: int, search: int, n_labels: int):
-    """The fusion graph for one patch and search radius (volume shapes and atlas count free)."""
+def _search_graph(rad: int, search: int):
+    """``(target, atlases, voxels, search_offsets) -> [N, V]``: each atlas's best search offset
+    (index into ``search_offsets``) at each voxel; one atlas at a time (``[volume, S]`` each)."""
     import tensorflow as tf
 
     box = 2 * rad + 1
-    patch_count = box**3
     search_count = (2 * search + 1) ** 3
     signature = [
         tf.TensorSpec([None, None, None], tf.float32),  # target, padded crop [D, H, W]
         tf.TensorSpec([None, None, None, None], tf.float32),  # atlases [N, D, H, W]
-        tf.TensorSpec([None, None, None, None], tf.int32),  # label indices [N, D, H, W] (n_labels: none)
         tf.TensorSpec([None], tf.int32),  # flat indices of the voxels to fuse [V]
         tf.TensorSpec([None], tf.int32),  # flat search offsets [S]
-        tf.TensorSpec([None], tf.int32),  # flat patch offsets [P]
-        tf.TensorSpec([], tf.float32),  # beta
-        tf.TensorSpec([], tf.float32),  # alpha
     ]
 
     @tf.function(input_signature=signature, autograph=False, reduce_retracing=True)
-    def fuse(target, atlases, labels, voxels, search_offsets, patch_offsets, beta, alpha):
+    def best_offsets(target, atlases, voxels, search_offsets):
         shape = tf.shape(target)
         volume = tf.reduce_prod(shape)
-        n_atlases = tf.shape(atlases)[0]
         target_flat = tf.reshape(target, [-1])
-        atlas_flat = tf.reshape(atlases, [n_atlases, -1])
 
-        def best_offset(atlas):  # [volume] -> [V]: index into search_offsets
+        def best_offset(atlas):  # [volume] -> [V]
             squared = tf.stack(
                 [tf.square(target_flat - tf.roll(atlas, -search_offsets[k], axis=0)) for k in range(search_count)],
                 axis=-1,
@@ -71,42 +70,63 @@ def _compiled(rad: int, search: int, n_labels: int):
             mean = tf.nn.avg_pool3d(tf.reshape(squared, tf.concat([[1], shape, [search_count]], 0)),
                                     [1, box, box, box, 1], [1, 1, 1, 1, 1], "SAME")
             at_voxels = tf.gather(tf.reshape(mean, [volume, search_count]), voxels)
-            return tf.argmin(at_voxels, axis=-1, output_type=tf.int32)
+            return tf.argmin(at_voxels, axis=-1, output_type=tf.int32)  # ties: the first, nearest
 
-        best = tf.map_fn(best_offset, atlas_flat, fn_output_signature=tf.int32)  # [N, V]
-        centres = voxels[None, :] + tf.gather(search_offsets, best)  # [N, V]
+        return tf.map_fn(best_offset, tf.reshape(atlases, [tf.shape(atlases)[0], -1]), fn_output_signature=tf.int32)
 
-        def standardised(values):  # [..., P] -> mean 0, sample std 1 (NaN for a flat patch)
-            mean = tf.reduce_mean(values, axis=-1, keepdims=True)
-            centred = values - mean
-            std = tf.sqrt(tf.reduce_sum(tf.square(centred), axis=-1, keepdims=True) / (patch_count - 1))
-            return centred / std
+    return best_offsets
 
-        target_patch = standardised(tf.gather(target_flat, voxels[:, None] + patch_offsets[None, :]))  # [V, P]
+
+@functools.lru_cache(maxsize=8)
+def _vote_graph(rad: int, n_labels: int):
+    """``(target, atlases, labels, voxels, centres, patch_offsets, beta, alpha) -> [(L+1) volume]``:
+    the votes that a chunk of voxels casts, with each atlas's patch taken at ``centres`` [N, V]."""
+    import tensorflow as tf
+
+    patch_count = (2 * rad + 1) ** 3
+    signature = [
+        tf.TensorSpec([None, None, None], tf.float32),  # target, padded crop [D, H, W]
+        tf.TensorSpec([None, None, None, None], tf.float32),  # atlases [N, D, H, W]
+        tf.TensorSpec([None, None, None, None], tf.int32),  # label indices [N, D, H, W] (n_labels: none)
+        tf.TensorSpec([None], tf.int32),  # flat indices of the voxels [V]
+        tf.TensorSpec([None, None], tf.int32),  # flat indices of the matched atlas patches [N, V]
+        tf.TensorSpec([None], tf.int32),  # flat patch offsets [P]
+        tf.TensorSpec([], tf.float32),  # beta
+        tf.TensorSpec([], tf.float32),  # alpha
+    ]
+
+    def standardised(values):  # [..., P] -> mean 0, sample std 1 (NaN for a flat patch)
+        mean = tf.reduce_mean(values, axis=-1, keepdims=True)
+        centred = values - mean
+        std = tf.sqrt(tf.reduce_sum(tf.square(centred), axis=-1, keepdims=True) / (patch_count - 1))
+        return centred / std
+
+    @tf.function(input_signature=signature, autograph=False, reduce_retracing=True)
+    def votes_of(target, atlases, labels, voxels, centres, patch_offsets, beta, alpha):
+        volume = tf.reduce_prod(tf.shape(target))
+        n_atlases = tf.shape(atlases)[0]
+        target_patch = standardised(tf.gather(tf.reshape(target, [-1]), voxels[:, None] + patch_offsets[None, :]))
         centres_all = centres + (tf.range(n_atlases) * volume)[:, None]  # into the atlases' flat array
         atlas_patch = standardised(tf.gather(tf.reshape(atlases, [-1]), centres_all[..., None] + patch_offsets))
         difference = tf.abs(tf.transpose(atlas_patch, [1, 0, 2]) - target_patch[:, None, :])  # [V, N, P]
-        gram = tf.matmul(difference, difference, transpose_b=True) / (patch_count - 1)
-        gram = tf.pow(gram, beta)
+        gram = tf.pow(tf.matmul(difference, difference, transpose_b=True) / (patch_count - 1), beta)
         gram = tf.where(tf.math.is_finite(gram), gram, tf.zeros_like(gram))  # a flat patch: no term
-        system = gram + alpha * tf.eye(n_atlases, dtype=gram.dtype)
-        weights = tf.linalg.solve(tf.cast(system, tf.float64), tf.ones([tf.shape(voxels)[0], n_atlases, 1], tf.float64))
+        system = tf.cast(gram + alpha * tf.eye(n_atlases, dtype=gram.dtype), tf.float64)
+        weights = tf.linalg.solve(system, tf.ones([tf.shape(voxels)[0], n_atlases, 1], tf.float64))
         weights = tf.maximum(tf.cast(weights[..., 0], tf.float32), 0.0)  # [V, N]
         total = tf.reduce_sum(weights, axis=1, keepdims=True)
         uniform = tf.ones_like(weights) / tf.cast(n_atlases, tf.float32)
-        weights = tf.where(total > 0, weights / tf.where(total > 0, total, 1.0), uniform)
+        weights = tf.reshape(tf.transpose(tf.where(total > 0, weights / tf.where(total > 0, total, 1.0), uniform)), [-1])
 
         label_flat = tf.reshape(labels, [-1])
         votes = tf.zeros([(n_labels + 1) * volume], tf.float32)
         for k in range(patch_count):  # each voxel of the patch around x gets the atlases' votes
-            neighbour = voxels + patch_offsets[k]  # [V]
             voted = tf.gather(label_flat, centres_all + patch_offsets[k])  # [N, V]
-            slots = tf.reshape(voted * volume + neighbour[None, :], [-1])
-            votes += tf.math.unsorted_segment_sum(tf.reshape(tf.transpose(weights), [-1]), slots,
-                                                  (n_labels + 1) * volume)
-        return tf.gather(tf.reshape(votes, [n_labels + 1, volume])[:n_labels], voxels, axis=1)  # [L, V]
+            slots = tf.reshape(voted * volume + (voxels + patch_offsets[k])[None, :], [-1])
+            votes += tf.math.unsorted_segment_sum(weights, slots, (n_labels + 1) * volume)
+        return votes
 
-    return fuse
+    return votes_of
 
 
 def joint_label_fusion(
@@ -120,6 +140,7 @@ def joint_label_fusion(
     search: int = 3,
     beta: float = 4.0,
     alpha: float = 0.01,
+    chunk_voxels: int | None = None,
 ) -> np.ndarray:
     """Joint label fusion votes inside ``region``.
 
@@ -132,6 +153,8 @@ def joint_label_fusion(
         n_labels: number of labels L, the background included.
         rad, search: patch and search radius, voxels; beta, alpha: JLF's weight sharpness and
             the ridge added to the diagonal (antspyx's ``beta`` and ``rho``).
+        chunk_voxels: voxels weighed per pass (default: what keeps one ``[N, chunk, P]`` array at
+            64 MB); the result does not depend on it.
 
     Returns:
         ``[L, D, H, W]`` float32 summed votes per label (0 outside ``region``); the background's
@@ -154,8 +177,17 @@ def joint_label_fusion(
     inside = np.pad(region[crop], pad)
     strides = np.array([target.shape[1] * target.shape[2], target.shape[2], 1])
     voxels = np.flatnonzero(inside).astype(np.int32)
-    fuse = _compiled(int(rad), int(search), int(n_labels))
-    at_voxels = fuse(target, atlases, labels, voxels, (offsets(search) @ strides).astype(np.int32),
-                     (offsets(rad) @ strides).astype(np.int32), np.float32(beta), np.float32(alpha)).numpy()
+    search_offsets = (offsets(search) @ strides).astype(np.int32)
+    patch_offsets = (offsets(rad) @ strides).astype(np.int32)
+    best = _search_graph(int(rad), int(search))(target, atlases, voxels, search_offsets).numpy()
+    centres = (voxels[None, :] + search_offsets[best]).astype(np.int32)  # [N, V]
+    chunk = int(chunk_voxels or max(1, _CHUNK_VALUES // (len(atlases) * len(patch_offsets))))
+    vote = _vote_graph(int(rad), int(n_labels))
+    summed = np.zeros((n_labels + 1) * target.size, dtype=np.float32)
+    for first in range(0, len(voxels), chunk):
+        part = slice(first, first + chunk)
+        summed += vote(target, atlases, labels, voxels[part], centres[:, part], patch_offsets,
+                       np.float32(beta), np.float32(alpha)).numpy()
+    at_voxels = summed.reshape(n_labels + 1, -1)[:n_labels, voxels]
     votes[(slice(None), *crop)][:, region[crop]] = at_voxels
     return votes
