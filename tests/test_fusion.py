@@ -187,6 +187,10 @@ def test_jlf_single_atlas_and_inputs_untouched(method):
     before = two.copy()
     fuse(method, two, CODES, np.stack([image, np.roll(image, 1, axis=0)]), image, rad=1, r_search=1)
     np.testing.assert_array_equal(two, before)
+    # a flat (failed) second atlas is left out: the one usable atlas decides alone
+    failed = fuse(method, np.stack([label, np.zeros_like(label)]), CODES, np.stack([image, np.zeros_like(image)]),
+                  image, rad=1, r_search=1)
+    np.testing.assert_array_equal(failed.label, label)
 
 
 def test_bad_input_raises_cmmas_errors():

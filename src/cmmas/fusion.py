@@ -540,7 +540,7 @@ def _ants_deterministic(ants) -> None:
 
 def _jlf_region(inputs: _Inputs, mask: str, mask_dilation: int):
     """What both joint label fusions share: ``(index, images, target, region)`` of the usable
-    atlases, or None when JLF cannot run (one usable atlas, or no foreground at all)."""
+    atlases; ``region`` is None when JLF cannot run (one usable atlas, or no foreground at all)."""
     images, target = inputs.images("jlf")
     if mask not in ("union", "all"):
         raise CmmasError(None, f"JLF mask must be 'union' or 'all', got {mask!r}")
@@ -550,7 +550,7 @@ def _jlf_region(inputs: _Inputs, mask: str, mask_dilation: int):
     index, images = inputs.index[usable], images[usable]
     foreground = np.any(index > 0, axis=0)
     if len(usable) == 1 or not foreground.any():
-        return None
+        return index, images, target, None
     if mask == "all":
         region = np.ones_like(foreground)
     elif int(mask_dilation) > 0:
@@ -592,10 +592,9 @@ def _jlf(
     """
     if engine not in ("ants", "tensorflow"):
         raise CmmasError(None, f"JLF engine must be 'ants' or 'tensorflow', got {engine!r}")
-    prepared = _jlf_region(inputs, mask, mask_dilation)
-    if prepared is None:
-        return _decide(_votes(inputs.index, inputs.n_labels))
-    index, images, target, region = prepared
+    index, images, target, region = _jlf_region(inputs, mask, mask_dilation)
+    if region is None:
+        return _decide(_votes(index, inputs.n_labels))
     options = dict(rad=int(rad), search=int(r_search), beta=float(beta), rho=float(rho))
     if engine == "ants":
         label_index, posterior = _ants_jlf(index, images, target, region, inputs.codes, **options)
