@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from cmmas import preprocess
 from cmmas.errors import AtlasSetError, CmmasError, GeometryError, ModelError
 from cmmas.io import Geometry, Image, atomic_write_text, read_label, write_image
 
@@ -197,9 +198,9 @@ def evaluate_cropped(
     prediction, truth = np.asarray(prediction), np.asarray(truth)
     if prediction.shape != truth.shape:
         raise GeometryError(None, f"prediction shape {prediction.shape} differs from ground truth {truth.shape}")
-    foreground = np.argwhere((prediction != 0) | (truth != 0))
-    if foreground.size:
-        box = tuple(slice(int(a), int(b) + 1) for a, b in zip(foreground.min(axis=0), foreground.max(axis=0)))
+    foreground = (prediction != 0) | (truth != 0)
+    if foreground.any():
+        box = preprocess.bounding_box(foreground)
         prediction, truth = prediction[box], truth[box]
     return evaluate_labels(prediction, truth, labels, spacing_zyx)
 

@@ -27,6 +27,7 @@ import functools
 import numpy as np
 
 from cmmas.errors import CmmasError
+from cmmas.preprocess import bounding_box
 
 
 def offsets(radius: int) -> np.ndarray:
@@ -166,8 +167,9 @@ def joint_label_fusion(
     if not region.any():
         return votes
     margin = rad + search  # every patch and search step around a fused voxel stays in the crop
-    lower = np.argwhere(region).min(axis=0) - margin
-    upper = np.argwhere(region).max(axis=0) + margin + 1
+    box = bounding_box(region)
+    lower = np.array([b.start for b in box]) - margin
+    upper = np.array([b.stop for b in box]) + margin
     crop = tuple(slice(a, b) for a, b in zip(np.maximum(lower, 0), np.minimum(upper, region.shape)))
     pad = [(int(a), int(b)) for a, b in zip(np.maximum(-lower, 0), np.maximum(upper - region.shape, 0))]
     target = np.pad(np.asarray(target_image[crop], np.float32), pad, mode="edge")
