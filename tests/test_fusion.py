@@ -210,6 +210,8 @@ def test_bad_input_raises_cmmas_errors():
         fuse("weighted", atlases, CODES, weights=np.ones((3, 16, 16, 16)))
     with pytest.raises(CmmasError, match="needs atlas_images"):
         fuse("lwv", atlases, CODES)
+    with pytest.raises(CmmasError, match="'jlf_tf' needs atlas_images"):
+        fuse("jlf_tf", atlases, CODES)
     with pytest.raises(CmmasError, match="unknown fusion method"):
         fuse("vote", atlases, CODES)
     with pytest.raises(CmmasError, match="unknown option"):

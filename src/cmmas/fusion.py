@@ -538,10 +538,10 @@ def _ants_deterministic(ants) -> None:
     random.setstate(python_state)
 
 
-def _jlf_region(inputs: _Inputs, mask: str, mask_dilation: int):
+def _jlf_region(inputs: _Inputs, method: str, mask: str, mask_dilation: int):
     """What both joint label fusions share: ``(index, images, target, region)`` of the usable
     atlases; ``region`` is None when JLF cannot run (one usable atlas, or no foreground at all)."""
-    images, target = inputs.images("jlf")
+    images, target = inputs.images(method)
     if mask not in ("union", "all"):
         raise CmmasError(None, f"JLF mask must be 'union' or 'all', got {mask!r}")
     usable = [i for i in range(len(images)) if images[i].std() > 0] or list(range(len(images)))
@@ -592,7 +592,8 @@ def _jlf(
     """
     if engine not in ("ants", "tensorflow"):
         raise CmmasError(None, f"JLF engine must be 'ants' or 'tensorflow', got {engine!r}")
-    index, images, target, region = _jlf_region(inputs, mask, mask_dilation)
+    method = "jlf" if engine == "ants" else "jlf_tf"
+    index, images, target, region = _jlf_region(inputs, method, mask, mask_dilation)
     if region is None:
         return _decide(_votes(index, inputs.n_labels))
     options = dict(rad=int(rad), search=int(r_search), beta=float(beta), rho=float(rho))
@@ -604,7 +605,7 @@ def _jlf(
         options["alpha"] = options.pop("rho")
         posterior = joint_label_fusion(images, index, target, region, inputs.n_labels, **options).astype(np.float64)
         foreground = posterior[1:].sum(axis=0) > posterior[0]
-        label_index = np.where(foreground & region, 1 + np.argmax(posterior[1:], axis=0), 0).astype(np.intp)
+        label_index = np.where(foreground, 1 + np.argmax(posterior[1:], axis=0), 0).astype(np.intp)  # no votes outside
     return label_index, _jlf_posterior(posterior, label_index, region)
 
 
