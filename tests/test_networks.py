@@ -7,7 +7,7 @@ import keras
 
 from cmmas.errors import ModelError
 from cmmas.layers import ResizeDisplacement
-from cmmas.networks import Upsample3D, attention_gate, build_biregnet, build_simnet
+from cmmas.networks import Upsample3D, attention_gate, build_biregnet, build_simnet, folded_copy, inference_copy
 
 SHAPE = (16, 16, 24)  # non-cubic, divisible by 2**3
 
@@ -178,6 +178,48 @@ def test_biregnet_save_load_round_trip(biregnet, tmp_path):
         b, a = (keras.ops.convert_to_numpy(t[key]) for t in (before, after))
         assert np.abs(b).max() > 0
         np.testing.assert_array_equal(a, b)
+
+
+def _randomise_weights(model, seed):
+    """Random weights everywhere, BatchNormalization statistics included (variance > 0)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = weights
+            layer.set_weights([rng.uniform(0.5, 2.0, gamma.shape), rng.normal(0, 0.3, beta.shape),
+                               rng.normal(0, 0.3, mean.shape), rng.uniform(0.2, 3.0, variance.shape)])
+        elif weights:
+            layer.set_weights([0.2 * rng.standard_normal(w.shape).astype(np.float32) for w in weights])
+
+
+def test_folded_copy_has_no_batch_norm_and_the_same_outputs():
+    keras.utils.set_random_seed(0)
+    model = build_biregnet(SHAPE, c0=2, levels=3)
+    _randomise_weights(model, seed=4)
+    folded = folded_copy(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    inputs = _reg_inputs()
+    want = model(inputs, training=False)
+    got = folded(inputs, training=False)
+    for key in ("U", "V"):
+        w, g = (keras.ops.convert_to_numpy(t[key]) for t in (want, got))
+        assert np.abs(w).max() > 0.1
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+def test_inference_copy_is_made_once_and_follows_new_weights():
+    keras.utils.set_random_seed(0)
+    model = build_simnet(SHAPE, n_label_channels=3, c0=2, levels=3)
+    _randomise_weights(model, seed=5)
+    folded = inference_copy(model)
+    _randomise_weights(model, seed=6)  # as training would
+    inputs = _sim_inputs()
+    want = keras.ops.convert_to_numpy(model(inputs)["logits"])
+    tolerance = 1e-4 * np.abs(want).max()
+    assert not np.allclose(keras.ops.convert_to_numpy(folded(inputs)["logits"]), want, atol=100 * tolerance)
+    assert inference_copy(model) is folded
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(folded(inputs)["logits"]), want, rtol=1e-4, atol=tolerance)
 
 
 @pytest.mark.parametrize("shape, levels", [((16, 16, 20), 4), ((12, 16, 16), 4), ((6, 8, 8), 3)])

@@ -47,7 +47,7 @@ from cmmas.io import Geometry, Image, atomic_path, atomic_write_text, check_same
 from cmmas.layers import warp
 from cmmas.losses import Grad, LocalNCC, MultiScaleDice, MutualInformation, NegativeJacobian
 from cmmas.metrics import jacobian_stats
-from cmmas.networks import build_biregnet
+from cmmas.networks import build_biregnet, inference_copy
 
 log = logging.getLogger(__name__)
 
@@ -775,13 +775,13 @@ def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)])
 
 
-def _warp_batch(model, atlases: np.ndarray, onehot: np.ndarray, target: np.ndarray, size: int):
-    """Fields and warped images / label indices of one batch, run padded to ``size`` atlases
-    (see :func:`warp_atlases`, :func:`pad_batch`)."""
+def _warp_batch(run, atlases: np.ndarray, onehot: np.ndarray, target: np.ndarray, size: int):
+    """Fields and warped images / label indices of one batch through ``run`` (of
+    :func:`_compiled_warp`), run padded to ``size`` atlases (see :func:`pad_batch`)."""
     n = len(atlases)
     atlases, onehot = pad_batch(atlases, size), pad_batch(onehot, size)
     targets = np.repeat(target[None], len(atlases), 0)
-    images, index, ddf = _compiled_warp(model)(tf.constant(atlases), tf.constant(targets), tf.constant(onehot))
+    images, index, ddf = run(tf.constant(atlases), tf.constant(targets), tf.constant(onehot))
     return images.numpy()[:n], index.numpy()[:n], ddf.numpy()[:n]
 
 
@@ -823,11 +823,12 @@ def warp_atlases(
         raise ModelError("warp_atlases", f"batch_size must be at least 1, got {batch_size}")
     table = np.asarray(label_table(codes), dtype=np.int32)
     size = min(int(batch_size), len(atlas_images))
+    run = _compiled_warp(inference_copy(model))
     images, labels, ddfs = [], [], []
     for first in range(0, len(atlas_images), size):
         chunk = slice(first, first + size)
         onehot = one_hot(atlas_labels[chunk], table)
-        warped, index, ddf = _warp_batch(model, atlas_images[chunk], onehot, target_image, size)
+        warped, index, ddf = _warp_batch(run, atlas_images[chunk], onehot, target_image, size)
         images.append(warped.astype(np.float32))
         labels.append(table[index])
         ddfs.append(ddf.astype(np.float32))

@@ -38,7 +38,7 @@ from cmmas import fusion, registration
 from cmmas.errors import AtlasSetError, DatasetError, GeometryError, LabelError, ModelError
 from cmmas.io import atomic_path, atomic_write_text
 from cmmas.layers import warp
-from cmmas.networks import build_simnet
+from cmmas.networks import build_simnet, inference_copy
 
 logger = logging.getLogger(__name__)
 
@@ -686,10 +686,11 @@ def score_atlases(
     scores = np.empty(warped.shape, dtype=np.float32)
     size = min(int(batch_size), len(warped))
     images = np.ascontiguousarray(np.broadcast_to(target[None, ..., None], (size, *target.shape, 1)))
+    net = inference_copy(simnet)
     for start in range(0, len(warped), size):
         chunk = warped[start:start + size]
         onehot = registration.pad_batch(registration.one_hot(chunk, codes), size)
-        out = simnet.predict_on_batch({"target": images, "atlas_label": onehot})
+        out = net.predict_on_batch({"target": images, "atlas_label": onehot})
         scores[start:start + len(chunk)] = np.asarray(out["similarity"])[: len(chunk), ..., 0]
     return scores
 
