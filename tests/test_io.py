@@ -7,7 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from cmmas.errors import CmmasError, GeometryError, ImageReadError, LabelError
-from cmmas.io import Geometry, Image, atomic_path, atomic_write_text, read_image, read_label, write_image
+from cmmas.io import (Geometry, Image, atomic_path, atomic_write_text, label_dtype, read_image, read_label,
+                      write_image)
 
 
 def _image(shape=(6, 7, 8), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)) -> Image:
@@ -83,6 +84,12 @@ def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
     assert img.shape == (4, 10, 12)
     np.testing.assert_allclose(img.spacing_zyx, (2.5, 0.7, 0.7), atol=1e-3)
     np.testing.assert_array_equal(img.array, sitk.GetArrayFromImage(volume))
+
+
+@pytest.mark.parametrize("codes, dtype", [([0, 1, 4], np.uint8), ([0, 255], np.uint8), ([0, 205, 850], np.int16),
+                                          ([-1, 3], np.int16), ([0, 40000], np.int32), ([], np.uint8)])
+def test_label_dtype_is_the_smallest_that_holds_the_codes(codes, dtype):
+    assert label_dtype(codes) == np.dtype(dtype)
 
 
 def test_write_is_atomic_and_leaves_no_temporary(tmp_path):

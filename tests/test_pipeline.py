@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from cmmas import atlas_set, fusion, pipeline, preprocess, registration, similarity
 from cmmas.datasets.mmwhs import MMWHS_LABELS
@@ -185,6 +186,7 @@ def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
         assert target.geometry.differences(image.geometry) == [], path
     label = read_label(tmp_path / "seg.nii.gz", allowed=MMWHS_LABELS)
     np.testing.assert_array_equal(label.array, result.label.array)
+    assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetPixelID() == sitk.sitkInt16  # codes up to 850
     only = pipeline.write_segmentation(result, tmp_path / "only.nii.gz", extras=False)
     assert [p.name for p in only] == ["only.nii.gz"]
 

@@ -31,7 +31,7 @@ from cmmas import atlas_set as atlas_sets
 from cmmas.atlas_set import AtlasSet
 from cmmas.datasets.base import Case, load_case
 from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError, ModelError
-from cmmas.io import IMAGE_SUFFIXES, Image, read_image, write_image
+from cmmas.io import IMAGE_SUFFIXES, Image, label_dtype, read_image, write_image
 
 log = logging.getLogger(__name__)
 
@@ -527,14 +527,16 @@ def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path
 
 
 def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: bool = True) -> list[Path]:
-    """Write the label map to ``out`` and, with ``extras``, ``<stem>_prob_<code>.nii.gz`` and
-    ``<stem>_agreement.nii.gz`` beside it (each atomically, all on the target's grid).
+    """Write the label map to ``out`` (as :func:`cmmas.io.label_dtype` of its codes) and, with
+    ``extras``, ``<stem>_prob_<code>.nii.gz`` and ``<stem>_agreement.nii.gz`` beside it (each
+    atomically, all on the target's grid).
 
     Returns:
         The paths written, the label map first.
     """
     paths = output_paths(out, result.probabilities)
-    written = [write_image(result.label, paths["label"])]
+    label = result.label.with_array(result.label.array.astype(label_dtype(result.probabilities)))
+    written = [write_image(label, paths["label"])]
     if extras:
         for code, prob in result.probabilities.items():
             written.append(write_image(prob, paths[f"prob_{code}"]))
