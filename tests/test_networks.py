@@ -7,7 +7,8 @@ import keras
 
 from cmmas.errors import ModelError
 from cmmas.layers import ResizeDisplacement
-from cmmas.networks import Upsample3D, attention_gate, build_biregnet, build_simnet, folded_copy, inference_copy
+from cmmas.networks import (Upsample3D, _foldable_pairs, attention_gate, build_biregnet, build_simnet, folded_copy,
+                            inference_copy)
 
 SHAPE = (16, 16, 24)  # non-cubic, divisible by 2**3
 
@@ -206,6 +207,26 @@ def test_folded_copy_has_no_batch_norm_and_the_same_outputs():
         w, g = (keras.ops.convert_to_numpy(t[key]) for t in (want, got))
         assert np.abs(w).max() > 0.1
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+def test_only_normalisations_after_a_bias_free_convolution_read_by_nothing_else_are_folded(monkeypatch):
+    x = keras.Input((8, 8, 8, 1))
+    a = keras.layers.BatchNormalization(name="a_bn")(keras.layers.Conv3D(2, 3, padding="same", name="a_conv")(x))
+    b = keras.layers.BatchNormalization(name="b_bn")(
+        keras.layers.Conv3D(2, 3, padding="same", use_bias=False, name="b_conv")(x))
+    c_conv = keras.layers.Conv3D(2, 3, padding="same", use_bias=False, name="c_conv")(x)
+    c = keras.layers.Add(name="c_add")([keras.layers.BatchNormalization(name="c_bn")(c_conv), c_conv])
+    model = keras.Model(x, keras.layers.Concatenate()([a, b, c]))
+    _randomise_weights(model, seed=7)
+    folded = folded_copy(model)
+    kept = sorted(layer.name for layer in folded.layers if isinstance(layer, keras.layers.BatchNormalization))
+    assert kept == ["a_bn", "c_bn"]  # a: the convolution has a bias; c: its output also feeds the sum
+    inputs = np.random.default_rng(8).random((1, 8, 8, 8, 1), dtype=np.float32)
+    want = keras.ops.convert_to_numpy(model(inputs))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(folded(inputs)), want, rtol=1e-4, atol=1e-5)
+    bn = model.get_layer("b_bn")
+    monkeypatch.setattr(bn, "_inbound_nodes", [object()])  # a Keras without these node attributes
+    assert _foldable_pairs(model) == {}
 
 
 def test_inference_copy_is_made_once_and_follows_new_weights():
