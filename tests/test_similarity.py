@@ -278,7 +278,7 @@ def test_generate_pairs_caches_every_target_and_resumes(tmp_path):
     paths = similarity.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
     assert [p.name for p in paths] == ["mr1.npz", "mr2.npz"]
     with np.load(paths[0]) as data:
-        assert data["warped_labels"].dtype == np.int16
+        assert data["warped_labels"].dtype == data["target_label"].dtype == np.int16  # codes up to 500
         np.testing.assert_array_equal(data["warped_labels"], np.stack([cases["ct1"][1], cases["ct2"][1]]))
         np.testing.assert_array_equal(data["target_label"], cases["mr1"][1])
         np.testing.assert_allclose(data["target_image"], cases["mr1"][0])

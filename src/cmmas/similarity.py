@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from cmmas import fusion, registration
 from cmmas.errors import AtlasSetError, DatasetError, GeometryError, LabelError, ModelError
-from cmmas.io import atomic_path, atomic_write_text
+from cmmas.io import atomic_path, atomic_write_text, label_dtype
 from cmmas.layers import warp
 from cmmas.networks import build_simnet, inference_copy
 
@@ -358,10 +358,6 @@ class TrainingPairs:
         return sum(len(w) for w in self.warped_labels)
 
 
-def _label_dtype(codes: Sequence[int]) -> type:
-    return np.int16 if max(codes) <= np.iinfo(np.int16).max else np.int32
-
-
 def _save_npz_atomic(path: Path, **arrays) -> None:
     with atomic_path(path, ".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
@@ -388,11 +384,11 @@ def generate_pairs(
 ) -> list[Path]:
     """Warp every atlas to every target with BiRegNet and cache the pairs, one file per target.
 
-    ``cache_dir/<target_id>.npz`` holds ``warped_labels`` ``[N, D, H, W]`` (int16 codes, int32
-    when a code exceeds 32767), ``target_image`` ``[D, H, W]`` float32, ``target_label``
-    ``[D, H, W]``, ``atlas_ids`` and ``codes``. Files are written atomically; a file that
-    exists with the same atlas ids is kept (so an interrupted run resumes), another is
-    rewritten. A target is never its own atlas (when the id is in both lists).
+    ``cache_dir/<target_id>.npz`` holds ``warped_labels`` ``[N, D, H, W]`` and ``target_label``
+    ``[D, H, W]`` (codes in :func:`cmmas.io.label_dtype`, the smallest integer type that holds
+    them), ``target_image`` ``[D, H, W]`` float32, ``atlas_ids`` and ``codes``. Files are
+    written atomically; a file that exists with the same atlas ids is kept (so an interrupted
+    run resumes), another is rewritten. A target is never its own atlas (when the id is in both lists).
 
     Args:
         reg_model: a trained BiRegNet (:func:`cmmas.registration.load_model`).
@@ -418,7 +414,7 @@ def generate_pairs(
     if atlas_labels is None:
         raise AtlasSetError(space.root, f"every atlas needs a label; unlabelled among {atlas_ids}")
     codes = channel_codes(codes)
-    dtype = _label_dtype(codes)
+    dtype = label_dtype(codes)
     paths = []
     for target_id in tqdm(list(target_ids), desc="warp atlases", unit="target", disable=not progress):
         path = cache / f"{target_id}.npz"
