@@ -40,15 +40,10 @@ flags.DEFINE_integer("decay_steps", 100, "Steps between learning-rate decays.", 
 flags.DEFINE_integer("steps", 1503, "Optimiser steps in total.", lower_bound=1)
 flags.DEFINE_integer("batch", 2, "Pairs per step (global batch).", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", 50, "Steps between logs, checkpoints and backups.", lower_bound=1)
-flags.DEFINE_bool("augment", True, "Augment each pair: one random affine applied to atlas and target alike, "
-                  "then the intensity remaps of --aug_gamma and --aug_bias.")
+flags.DEFINE_bool("augment", True, "One random affine per pair, applied to atlas and target alike.")
 flags.DEFINE_float("aug_rotation", 10.0, "Largest augmentation rotation about each axis, degrees.", lower_bound=0.0)
 flags.DEFINE_float("aug_scale", 0.1, "Largest augmentation scale change per axis (0.1 = +-10 %).", lower_bound=0.0)
 flags.DEFINE_float("aug_shift", 4.0, "Largest augmentation translation per axis, voxels.", lower_bound=0.0)
-flags.DEFINE_float("aug_gamma", 0.0, "Largest |log gamma| of a random intensity remap of each image (0: off).",
-                   lower_bound=0.0)
-flags.DEFINE_float("aug_bias", 0.0, "Largest coefficient of a random quadratic log bias field per image (0: off).",
-                   lower_bound=0.0)
 flags.DEFINE_string("init_weights", None, "A model.keras to start from (extends a finished run; steps and "
                     "learning-rate schedule restart at 0). Ignored when resuming an interrupted run.")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"], "tf.distribute strategy.")
@@ -100,8 +95,7 @@ def _run() -> int:
         sim_loss=FLAGS.sim_loss, lambda_consis=FLAGS.lambda_consis, lambda_smooth=FLAGS.lambda_smooth,
         lambda_fold=FLAGS.lambda_fold, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate, decay_steps=FLAGS.decay_steps,
         steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch, augment=FLAGS.augment,
-        aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale, aug_shift=FLAGS.aug_shift,
-        aug_gamma=FLAGS.aug_gamma, aug_bias=FLAGS.aug_bias, seed=FLAGS.seed,
+        aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale, aug_shift=FLAGS.aug_shift, seed=FLAGS.seed,
     )
     atlas_images, atlas_labels = space.arrays(atlas_ids)
     target_images, target_labels = space.arrays(target_ids)

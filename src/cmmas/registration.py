@@ -94,14 +94,10 @@ class RegConfig:
         steps_per_epoch: steps between logs, checkpoints and backups.
         augment: one random affine per pair, applied to the atlas and the target alike (it adds
             pose and size variety while keeping the pair's pre-alignment; independent affines
-            per image made the network hurt at test time, see docs/results.md), then the
-            intensity remaps of ``aug_gamma`` and ``aug_bias`` (off by default).
+            per image made the network hurt at test time, see docs/results.md).
         aug_rotation: largest rotation about each array axis, degrees.
         aug_scale: largest relative scale change per axis.
         aug_shift: largest translation per axis, voxels of the working grid.
-        aug_gamma: largest absolute log gamma of the random intensity remap of each image (0:
-            none; see :func:`random_intensity`; independent for atlas and target, geometry kept).
-        aug_bias: largest coefficient of its random quadratic log bias field (0: none).
         seed: seeds initial weights, pair sampling and augmentation.
     """
 
@@ -123,8 +119,6 @@ class RegConfig:
     aug_rotation: float = AUG_MAX_ROTATION_DEG
     aug_scale: float = AUG_MAX_SCALE
     aug_shift: float = AUG_MAX_SHIFT_VOX
-    aug_gamma: float = 0.0
-    aug_bias: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,8 +131,7 @@ class RegConfig:
         for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lambda_consis", "lambda_smooth", "lambda_fold", "aug_rotation", "aug_scale", "aug_shift",
-                     "aug_gamma", "aug_bias"):
+        for name in ("lambda_consis", "lambda_smooth", "lambda_fold", "aug_rotation", "aug_scale", "aug_shift"):
             if float(getattr(self, name)) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 < self.decay_rate <= 1):
@@ -204,7 +197,7 @@ def one_hot(labels: np.ndarray, codes: Sequence[int]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# In-graph augmentation: affine (geometry) and intensity.
+# In-graph affine augmentation.
 # --------------------------------------------------------------------------------------------
 
 
@@ -298,54 +291,6 @@ def random_affine(
     widths = [v.shape[-1] for v in volumes]
     warped = tf.split(warp(tf.concat(volumes, axis=-1), ddf, "linear"), widths, axis=-1)
     return warped[: len(images)], [rethreshold(v) for v in warped[len(images):]]
-
-
-def bias_terms(shape_zyx) -> tf.Tensor:
-    """The 9 non-constant monomials of degree <= 2 of the centred coordinates, ``[D, H, W, 9]``.
-
-    Coordinates run from -1 to 1 across each axis (array order z, y, x): ``z, y, x, z^2, y^2,
-    x^2, zy, zx, yx``. Their random combinations are the smooth log bias fields of
-    :func:`random_intensity`.
-    """
-    axes = [tf.linspace(-1.0, 1.0, shape_zyx[k]) for k in range(3)]
-    z, y, x = tf.meshgrid(*axes, indexing="ij")
-    return tf.stack([z, y, x, z * z, y * y, x * x, z * y, z * x, y * x], axis=-1)
-
-
-def random_intensity(images: Sequence, max_log_gamma: float, max_bias: float, seed=(0, 0)) -> list[tf.Tensor]:
-    """Remap the intensities of each image of each batch item at random, geometry untouched.
-
-    Each ``[B, D, H, W, 1]`` image in ``[0, 1]`` becomes ``x ** g * exp(b)``, divided by its
-    maximum: ``g = exp(u)`` with ``u`` uniform in ``[-max_log_gamma, max_log_gamma]`` (a
-    monotone contrast change) and ``b`` a smooth log bias field, the sum of the 9 quadratic
-    terms of :func:`bias_terms` with coefficients uniform in ``[-max_bias, max_bias]`` (an MR
-    coil's slow shading). Every image and item draws its own, so the atlas and the target of a
-    pair change independently while their alignment and labels stay as they were. Zero for both
-    returns the images unchanged.
-
-    Args:
-        images: ``[B, D, H, W, 1]`` float tensors in ``[0, 1]``, one spatial shape.
-        max_log_gamma: largest absolute log of the gamma exponent.
-        max_bias: largest absolute coefficient of the log bias field.
-        seed: stateless seed, two integers (or an int tensor ``[2]``).
-
-    Returns:
-        The remapped images, in ``[0, 1]``, in the input order.
-    """
-    volumes = [tf.convert_to_tensor(v, tf.float32) for v in images]
-    if not volumes or (max_log_gamma == 0 and max_bias == 0):
-        return volumes
-    batch = tf.shape(volumes[0])[0]
-    draws = tf.random.stateless_uniform([len(volumes), batch, 10], tf.cast(seed, tf.int64), -1.0, 1.0)
-    terms = bias_terms(volumes[0].shape[1:4])
-    out = []
-    for volume, draw in zip(volumes, tf.unstack(draws)):
-        gamma = tf.exp(draw[:, 0] * float(max_log_gamma))[:, None, None, None, None]
-        log_bias = tf.einsum("dhwk,bk->bdhw", terms, draw[:, 1:] * float(max_bias))[..., None]
-        remapped = tf.pow(tf.maximum(volume, 0.0), gamma) * tf.exp(log_bias)
-        peak = tf.reduce_max(remapped, axis=[1, 2, 3, 4], keepdims=True)
-        out.append(tf.math.divide_no_nan(remapped, peak))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,8 +458,7 @@ class BiRegNetTrainer(keras.Model):
         return {"loss": loss, "sim": sim, "dice": dice, "consis": consis, "smooth": smooth, "fold": fold}
 
     def _augment(self, data: dict) -> dict:
-        """One random affine per pair, applied to its atlas and its target alike (one warp), then
-        an independent random intensity remap of each image (:func:`random_intensity`)."""
+        """One random affine per pair, applied to its atlas and its target alike (one warp)."""
         context = tf.distribute.get_replica_context()
         replica = 0 if context is None else context.replica_id_in_sync_group
         replicas = self.distribute_strategy.num_replicas_in_sync
@@ -524,9 +468,6 @@ class BiRegNetTrainer(keras.Model):
         (atlas, target), (atlas_label, target_label) = random_affine(
             [data["atlas"], data["target"]], [data["atlas_label"], data["target_label"]],
             c.aug_rotation, c.aug_scale, c.aug_shift, seed=seed,
-        )
-        atlas, target = random_intensity(
-            [atlas, target], c.aug_gamma, c.aug_bias, seed=tf.random.experimental.stateless_fold_in(seed, 1)
         )
         return {"atlas": atlas, "target": target, "atlas_label": atlas_label, "target_label": target_label}
 
