@@ -6,9 +6,10 @@ For each target (a labelled scan of --data, segmented with atlases of the other 
       fused by each of --classical_fusions (presets of cmmas.evaluation: majority vote, joint
       label fusion, ...) and mapped back to the target's grid;
   (b) cmmas: cmmas.pipeline.segment with the prepared atlas set (target aligned once to the
-      reference, BiRegNet for every atlas, then each fusion of --fusions, map back), one timed
-      call per fusion. Without --fusion_model, "simnet" is dropped from --fusions (majority vote
-      if nothing is left) and it says so; without --reg_model (b) uses the affine alignment only.
+      reference, BiRegNet for every atlas, then each fusion of --fusions, map back: the label
+      map, as (a) makes, or with --maps the probability and agreement maps too), timed per
+      fusion. Without --fusion_model, "simnet" is dropped from --fusions (majority vote if
+      nothing is left) and it says so; without --reg_model (b) uses the affine alignment only.
 (b) runs first and picks the --atlases most similar atlases; (a) uses the same atlases.
 
 Each part of each target runs in a fresh process (multiprocessing, spawn), so its peak memory
@@ -69,6 +70,8 @@ flags.DEFINE_float("spacing", 3.0, "Isotropic spacing (mm) the classical registr
 flags.DEFINE_bool("classical_fast", False, "ANTs' short schedule for (a) instead of its default one.")
 flags.DEFINE_integer("workers", 1, "Pairs (a) registers at once (processes, one ANTs thread each).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 2, "Atlases per network batch in (b).", lower_bound=1)
+flags.DEFINE_bool("maps", False, "(b) maps the probability and agreement maps back too (segment(maps=True), what "
+                  "`cmmas segment` writes without --no-extras); off: the label map only, as (a) makes.")
 flags.DEFINE_string("out", None, "Folder for bench_mas.csv and bench_mas.md (and the predicted label maps).")
 flags.DEFINE_integer("seed", 0, "Seed of ANTs' sampling.", lower_bound=0)
 
@@ -110,7 +113,8 @@ def _in_fresh_process(fn, *args):
 # ----------------------------------------------------------------------------- (b) cmmas
 
 
-def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repeats: int, out: str | None) -> dict:
+def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repeats: int, maps: bool,
+              out: str | None) -> dict:
     """(b) in this process: setup (imports, models, warm-up), then ``repeats`` timed segment()
     calls per fusion."""
     start = time.perf_counter()
@@ -143,12 +147,12 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
     for fusion in fusions:
         call = functools.partial(pipeline.segment, str(job.target.image_path), aset, reg_model=reg,
                                  fusion_model=simnet, fusion=fusion, atlases=atlases, modality=job.atlas_modality,
-                                 batch_size=batch_size, progress=False)
+                                 batch_size=batch_size, progress=False, maps=maps)
         result = call()  # the first call's labels are scored and written
         steps = [result.seconds] + [call().seconds for _ in range(repeats - 1)]  # target-sized maps not kept
         t0 = time.perf_counter()
         if out:
-            pipeline.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{fusion}.nii.gz")
+            pipeline.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{fusion}.nii.gz", extras=maps)
         found["write_seconds"][fusion] = time.perf_counter() - t0 if out else float("nan")
         totals = [seconds["total"] for seconds in steps]
         found["seconds"][fusion] = float(np.median(totals))
@@ -300,7 +304,7 @@ def _goals(res: dict, best_classical: dict, labels: dict) -> str:
         steps = ", ".join(f"{k} {v:.1f}" for k, v in ours["steps"][fusion].items() if k != "total")
         low, high = ours["range"][fusion]
         text.append(f"  cmmas {fusion}: {seconds:.1f} s, median of {FLAGS.repeats} (range {low:.1f}-{high:.1f} s; "
-                    f"median steps {steps}; writing the maps {ours['write_seconds'][fusion]:.1f} s)")
+                    f"median steps {steps}; writing its output {ours['write_seconds'][fusion]:.1f} s)")
         text.append(f"    goal under {GOAL_SECONDS:.0f} s: {'yes' if seconds < GOAL_SECONDS else 'NO'}")
         if theirs is None:
             continue
@@ -359,7 +363,8 @@ def _run() -> int:
         direction = f"{job.atlas_modality}->{job.target.modality}"
         truth = read_label(job.target.label_path, allowed=labels).array
         fusions = [f for f in FLAGS.fusions if f != "simnet" or job.fusion_model] or ["mv"]
-        ours = _in_fresh_process(run_cmmas, job, FLAGS.atlases, FLAGS.batch_size, fusions, FLAGS.repeats, FLAGS.out)
+        ours = _in_fresh_process(run_cmmas, job, FLAGS.atlases, FLAGS.batch_size, fusions, FLAGS.repeats,
+                                 FLAGS.maps, FLAGS.out)
         ours["dice"] = {f: _dice_rows(pred, truth, labels) for f, pred in ours.pop("labels").items()}
         res = {"target": job.target.id, "direction": direction, "atlas_ids": ours["atlas_ids"], "cmmas": ours}
         timings = ", ".join(f"{fusion} {seconds:.1f} s" for fusion, seconds in ours["seconds"].items())

@@ -272,4 +272,5 @@ def test_bench_runs_cmmas_on_a_phantom_target(world, tmp_path):
     assert float(rows[0]["peak_mb"]) > 100  # the segmenting process's own peak (TensorFlow alone is more)
     assert (tmp_path / "bench_mas.md").read_text().startswith("| target |")
     assert (tmp_path / "mr_00" / "cmmas_mv.nii.gz").is_file()
+    assert not (tmp_path / "mr_00" / "cmmas_mv_agreement.nii.gz").exists()  # the label only, as (a); --maps for more
     assert "median of 2" in done.stdout

@@ -6,6 +6,7 @@ untrained: BiRegNet returns zero fields (atlases unchanged) and SimNet gives eve
 weight, so the pipeline's wiring, not the networks, is what is tested.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -191,6 +192,26 @@ def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
     assert [p.name for p in only] == ["only.nii.gz"]
 
 
+def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
+    result, transforms = simnet_run
+    aset, target = world["set"], read_image(world["target"])
+    working = atlas_set.to_space(target, transforms, aset.geometry, kind="linear")
+    _, labels = aset.arrays(pipeline.atlas_ids_of(aset))
+    fused = fusion.fuse("mv", labels, CODES)
+    label, probabilities, agreement = pipeline._map_back(fused, working, transforms, target, maps=True)
+    only, no_probabilities, no_agreement = pipeline._map_back(fused, working, transforms, target, maps=False)
+    np.testing.assert_array_equal(only.array, label.array)
+    assert no_probabilities is None and no_agreement is None and len(probabilities) == len(CODES)
+    assert target.geometry.differences(only.geometry) == []
+
+    lean = dataclasses.replace(result, probabilities=None, agreement=None)
+    with pytest.raises(CmmasError, match="no probability or agreement maps") as err:
+        pipeline.write_segmentation(lean, tmp_path / "lean.nii.gz")
+    assert "\n" not in str(err.value) and "lean.nii.gz" in str(err.value)
+    [path] = pipeline.write_segmentation(lean, tmp_path / "lean.nii.gz", extras=False)
+    np.testing.assert_array_equal(read_label(path, allowed=MMWHS_LABELS).array, result.label.array)
+
+
 def test_k_most_similar_atlases_are_chosen(world, simnet_run):
     result, _ = simnet_run
     aset = world["set"]
@@ -209,6 +230,9 @@ def test_without_prealign_the_target_is_taken_as_in_the_reference_space(world):
     reference = aset.reference_image()  # the reference atlas at the alignment spacing: in its own space
     result = pipeline.segment(reference, aset, fusion="mv", prealign=False, progress=False)
     assert reference.geometry.differences(result.label.geometry) == []
+    lean = pipeline.segment(reference, aset, fusion="mv", prealign=False, progress=False, maps=False)
+    np.testing.assert_array_equal(lean.label.array, result.label.array)
+    assert lean.probabilities is None and lean.agreement is None
     truth = preprocess.resample(aset.label(aset.manifest.reference), geometry=reference.geometry, kind="label")
     assert _dice(result.label.array > 0, truth.array > 0) > 0.7
 

@@ -136,7 +136,9 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--spacing", type=_triple, default=(4.0, 4.0, 4.0), metavar="MM",
                      help="working grid spacing in mm when preparing a raw --atlases DIR (default 4)")
     seg.add_argument("--batch-size", type=int, default=2, metavar="N", help="atlases per network batch (default 2)")
-    seg.add_argument("--no-extras", action="store_true", help="write only the label map")
+    seg.add_argument("--no-extras", action="store_true",
+                     help="write only the label map (its probability and agreement maps are then not "
+                          "computed either: faster on large grids)")
     seg.add_argument("--deterministic", action="store_true",
                      help="align with one ANTs thread, so that running again gives the same label map "
                      "(multi-threaded mutual information varies in the last digits; about 1 s slower)")
@@ -209,7 +211,7 @@ def _segment(args) -> None:
         result = pipeline.segment(
             scan, aset, reg_model=reg_model, fusion_model=fusion_model,
             fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
-            batch_size=args.batch_size, progress=_progress(),
+            batch_size=args.batch_size, progress=_progress(), maps=not args.no_extras,
         )
         written = pipeline.write_segmentation(result, out, extras=not args.no_extras)
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
