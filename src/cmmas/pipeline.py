@@ -483,19 +483,23 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image,
     else:
         box = (slice(None),) * 3
         moved = [preprocess.back_to_grid(image, target.geometry, kind="linear") for image in foreground]
+    stack = None
+    if maps:  # [background, *foreground, agreement]: the label's scores are written into it in place
+        stack = np.zeros((len(codes) + 1, *target.shape), dtype=np.float32)
+        stack[0] = 1.0
     label = np.zeros(target.shape, dtype=np.int32)
-    scores = None
     if moved:  # [background, *foreground] on the box
-        scores = np.empty((len(codes), *moved[0].shape), dtype=np.float32)
+        if stack is None:
+            scores = np.empty((len(codes), *moved[0].shape), dtype=np.float32)
+        else:
+            scores = stack[(slice(0, len(codes)), *box)]
         for k, image in enumerate(moved, start=1):
             _clip_unit(image.array, out=scores[k])
         _clip_unit(1.0 - scores[1:].sum(axis=0), out=scores[0])
         label[box] = codes[_first_argmax(scores)]
-    if not maps:
+    if stack is None:
         return target.with_array(label), None, None
     agreement = working.with_array(np.asarray(fused.agreement, dtype=np.float32))
-    stack = np.zeros((len(codes) + 1, *target.shape), dtype=np.float32)  # [background, *foreground, agreement]
-    stack[0] = 1.0
     if transforms:
         covered = atlas_sets.covered_box(working.geometry, transforms, target.geometry, target.path)
         [moved_agreement] = prealign.apply_many(transforms, [agreement], target.geometry.sub_grid(covered),
@@ -503,8 +507,6 @@ def _map_back(fused, working: Image, transforms: list[str], target: Image,
         _clip_unit(moved_agreement.array, out=stack[(-1, *covered)])
     else:
         _clip_unit(preprocess.back_to_grid(agreement, target.geometry, kind="linear").array, out=stack[-1])
-    if scores is not None:
-        stack[(slice(0, len(codes)), *box)] = scores
     probabilities = {int(code): target.with_array(stack[k]) for k, code in enumerate(codes)}
     return target.with_array(label), probabilities, target.with_array(stack[-1])
 
