@@ -117,6 +117,23 @@ def test_schedule_fits_small_grids():
     assert thin.shrink_factors == (1,)
 
 
+def test_fine_sampling_splits_off_the_finest_level():
+    fitted = prealign.FAST_SCHEDULE.fitted(io.Geometry.identity(SHAPE, SPACING))
+    # 8 mm level: 9 x 10 x 11 voxels -> dense; 4 mm level: 10 % raised to 2000 of 18 x 20 x 22.
+    assert fitted.shrink_factors == (4, 2)
+    assert fitted.sampling == 1.0
+    assert fitted.fine_sampling == pytest.approx(2000 / (18 * 20 * 22))
+    assert fitted.calls() == [(slice(0, 1), 1.0), (slice(1, 2), fitted.fine_sampling)]
+    # One level left: it is the coarsest, sampled at ``sampling``, in one call.
+    thin = prealign.FAST_SCHEDULE.fitted(io.Geometry.identity((4, 40, 44), SPACING))
+    assert thin.fine_sampling is None and len(thin.calls()) == 1
+    assert prealign.DEFAULT_SCHEDULE.fitted(io.Geometry.identity(SHAPE, SPACING)).calls() == [(slice(0, 3), 1.0)]
+    # A sampling override applies to every level.
+    assert prealign._schedule(prealign.FAST_SCHEDULE, None, None, None, 0.5, None).fine_sampling is None
+    with pytest.raises(ValueError, match="fine_sampling"):
+        prealign.Schedule(fine_sampling=0.0)
+
+
 def test_rigid_recovers_translation(fixed):
     import ants
 
@@ -132,6 +149,9 @@ def test_rigid_recovers_translation(fixed):
     assert reg.warped.geometry == fixed_image.geometry
     assert reg.warped_label.geometry == fixed_image.geometry
     assert reg.kind == "rigid" and reg.seconds > 0
+    # The fast schedule runs this stage as two ANTs calls (see the test above); ANTs collapses
+    # the first's result into the second's, so one transform holds the whole motion.
+    assert len(reg.forward) == 1
     # ITK maps fixed points to moving points: a +6 mm moving shift is a +6 mm translation,
     # recovered to within one 2 mm voxel (the fast schedule's random sampling varies with
     # the ITK build and thread count)
