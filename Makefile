@@ -11,7 +11,7 @@ GPU ?= 0
 TF_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.installed-$(TF_EXTRA)
 
-# oneDNN: 3-5x faster 3D convolutions on CPU (GUIDE.md section 5); quiet TensorFlow logs.
+# oneDNN: 3-5x faster 3D convolutions on CPU; quiet TensorFlow logs.
 export TF_ENABLE_ONEDNN_OPTS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
@@ -31,7 +31,7 @@ COMPONENT ?=
 SHAPE ?=
 DIR := $(RUN)/$(ATLAS_MOD)2$(TARGET_MOD)/fold$(FOLD)
 
-SPACE := $(DIR)/space/manifest.json
+ATLAS_SET := $(DIR)/atlas_set/manifest.json
 REG := $(DIR)/reg/model.keras
 SIM := $(DIR)/fusion/simnet.keras
 EVAL := $(DIR)/eval/summary.json
@@ -58,30 +58,30 @@ test: install
 	$(PY) -m pytest -q tests
 
 # ---------------------------------------------------------------------------- the chain
-prealign: $(SPACE)
-$(SPACE): | $(STAMP)
+prealign: $(ATLAS_SET)
+$(ATLAS_SET): | $(STAMP)
 	$(PY) experiments/prealign.py --flagfile=$(CONFIGS)/prealign.flags --data=$(DATA) $(MODS) \
 	    --fold=$(FOLD) $(if $(LAYOUT),--layout=$(LAYOUT)) $(if $(COMPONENT),--component=$(COMPONENT)) \
-	    $(SHAPE_FLAG) --out=$(DIR)/space
+	    $(SHAPE_FLAG) --out=$(DIR)/atlas_set
 
 train-reg: $(REG)
-$(REG): $(SPACE)
-	$(PY) experiments/train_reg.py --flagfile=$(CONFIGS)/train_reg.flags --space=$(DIR)/space $(MODS) \
+$(REG): $(ATLAS_SET)
+	$(PY) experiments/train_reg.py --flagfile=$(CONFIGS)/train_reg.flags --atlas_set=$(DIR)/atlas_set $(MODS) \
 	    $(SHAPE_FLAG) --out=$(DIR)/reg
 
 train-fusion: $(SIM)
 $(SIM): $(REG)
-	$(PY) experiments/train_fusion.py --flagfile=$(CONFIGS)/train_fusion.flags --space=$(DIR)/space \
+	$(PY) experiments/train_fusion.py --flagfile=$(CONFIGS)/train_fusion.flags --atlas_set=$(DIR)/atlas_set \
 	    --reg_model=$(REG) $(MODS) $(SHAPE_FLAG) --out=$(DIR)/fusion
 
 evaluate: $(EVAL)
 $(EVAL): $(SIM)
-	$(PY) experiments/evaluate.py --flagfile=$(CONFIGS)/evaluate.flags --space=$(DIR)/space \
+	$(PY) experiments/evaluate.py --flagfile=$(CONFIGS)/evaluate.flags --atlas_set=$(DIR)/atlas_set \
 	    --reg_model=$(REG) --fusion_model=$(SIM) $(MODS) --out=$(DIR)/eval
 
 # ---------------------------------------------------------------------------- demo
 $(RUN)/data/.done: | $(STAMP)
-	$(PY) -m cmmas.datasets.phantom --out $(RUN)/data --n 12 --shape 64 --preview $(RUN)/phantom_preview.png
+	$(PY) experiments/make_phantom.py --out $(RUN)/data --n 12 --shape 64 --preview $(RUN)/phantom_preview.png
 	touch $@
 
 demo: install $(RUN)/data/.done

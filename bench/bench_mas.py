@@ -2,10 +2,10 @@
 
 For each target (a labelled scan of --data, segmented with atlases of the other modality):
   (a) classical: every atlas registered onto the target with ANTs (rigid, affine, then SyN;
-      Mattes MI; cmmas.classical.prealign_pairs on the target resampled to --spacing mm), then
-      fused by each of --classical_fusions (presets of cmmas.evaluation: majority vote, joint
+      Mattes MI; cmmas.align.pairwise.prealign_pairs on the target resampled to --spacing mm), then
+      fused by each of --classical_fusions (fusions of cmmas.fuse.registry: majority vote, joint
       label fusion, ...) and mapped back to the target's grid;
-  (b) cmmas: cmmas.pipeline.segment with the prepared atlas set (target aligned once to the
+  (b) cmmas: cmmas.segment.segment with the prepared atlas set (target aligned once to the
       reference, BiRegNet for every atlas, then each fusion of --fusions, map back: the label
       map, as (a) makes, or with --maps the probability and agreement maps too), timed per
       fusion. Without --fusion_model, "simnet" is dropped from --fusions (majority vote if
@@ -63,7 +63,7 @@ flags.DEFINE_list("targets", None, "Target case ids of --data (default: each set
 flags.DEFINE_integer("max_targets", 1, "Without --targets: at most this many test cases per atlas set.", lower_bound=1)
 flags.DEFINE_integer("atlases", 10, "Atlases per target (the most similar after alignment).", lower_bound=1)
 flags.DEFINE_bool("classical", True, "Run (a), the classical ANTs pipeline.")
-flags.DEFINE_list("classical_fusions", ["mv", "jlf"], "Fusion presets of (a) (cmmas.evaluation.PRESETS).")
+flags.DEFINE_list("classical_fusions", ["mv", "jlf"], "Fusions of (a) (cmmas.fuse.registry names).")
 flags.DEFINE_list("fusions", ["simnet", "jlf", "jlf_tf"], "Fusions of (b): segment(fusion=...) names.")
 flags.DEFINE_integer("repeats", 3, "Timed segment() calls per fusion of (b); seconds are their median.", lower_bound=1)
 flags.DEFINE_float("spacing", 3.0, "Isotropic spacing (mm) the classical registrations run at.", lower_bound=0.1)
@@ -115,44 +115,30 @@ def _in_fresh_process(fn, *args):
 
 def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repeats: int, maps: bool,
               out: str | None) -> dict:
-    """(b) in this process: setup (imports, models, warm-up), then ``repeats`` timed segment()
-    calls per fusion."""
+    """(b) in this process: setup (imports, models, cmmas.segment.warm_up), then ``repeats`` timed
+    segment() calls per fusion."""
     start = time.perf_counter()
     import ants  # noqa: F401  (imported in the setup, as the CLI's first registration would)
     import numpy as np
 
-    from cmmas import evaluation
-    from cmmas import fusion as fusion_lib
-    from cmmas import pipeline, registration, similarity
-    from cmmas.atlas_set import AtlasSet
+    from cmmas import segment
+    from cmmas.align.atlas_set import AtlasSet
 
     aset = AtlasSet(job.atlas_set)
-    codes = [0, *sorted(aset.labels)]
-    zeros = np.zeros(aset.geometry.shape, np.float32)
-    batch = np.zeros((min(atlases, batch_size), *aset.geometry.shape), np.float32)  # the batch shape segment() runs
-    reg = simnet = None
-    if job.reg_model:
-        reg = registration.load_model(job.reg_model)
-        registration.warp_atlases(reg, batch, batch.astype(np.int32), zeros, codes, batch_size=batch_size)
-    if job.fusion_model:
-        simnet = similarity.load_model(job.fusion_model)
-        similarity.score_atlases(simnet, zeros, batch.astype(np.int32), codes, batch_size=batch_size)
-    if "jlf_tf" in fusions:  # trace the JLF graph, as the networks' warm-up does theirs
-        small = np.zeros((2, 8, 8, 8), np.int32)
-        small[:, 2:6, 2:6, 2:6] = codes[-1]
-        fusion_lib.fuse("jlf_tf", small, codes, atlas_images=small.astype(np.float32), target_image=small[0] * 1.0,
-                        **evaluation.PRESETS["jlf_tf"][1])
+    reg, simnet = segment.load_models(job.reg_model, job.fusion_model, aset)
+    atlas_ids = segment.atlas_ids_of(aset, job.atlas_modality)[:atlases]
+    segment.warm_up(reg, simnet, aset, atlas_ids, fusions, batch_size)
     setup = time.perf_counter() - start
     found = {"seconds": {}, "range": {}, "steps": {}, "write_seconds": {}, "labels": {}, "setup_seconds": setup}
     for fusion in fusions:
-        call = functools.partial(pipeline.segment, str(job.target.image_path), aset, reg_model=reg,
+        call = functools.partial(segment.segment, str(job.target.image_path), aset, reg_model=reg,
                                  fusion_model=simnet, fusion=fusion, atlases=atlases, modality=job.atlas_modality,
                                  batch_size=batch_size, progress=False, maps=maps)
         result = call()  # the first call's labels are scored and written
         steps = [result.seconds] + [call().seconds for _ in range(repeats - 1)]  # target-sized maps not kept
         t0 = time.perf_counter()
         if out:
-            pipeline.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{fusion}.nii.gz", extras=maps)
+            segment.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{fusion}.nii.gz", extras=maps)
         found["write_seconds"][fusion] = time.perf_counter() - t0 if out else float("nan")
         totals = [seconds["total"] for seconds in steps]
         found["seconds"][fusion] = float(np.median(totals))
@@ -170,36 +156,22 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
 
 def run_classical(atlases: list, target, labels: dict, spacing: float, fast: bool, workers: int,
                   fusions: list[str], seed: int, out: str | None) -> dict:
-    """(a) in this process: ANTs SyN for every pair, then each fusion, mapped back to the target grid."""
-    import tempfile
-
+    """(a) in this process: cmmas.evaluate.baseline.classical_segment (ANTs SyN for every pair,
+    each fusion, back onto the target's grid)."""
     import ants  # noqa: F401  (import before the clock starts)
     import numpy as np
 
-    from cmmas import classical, evaluation, preprocess
-    from cmmas import fusion as fusion_lib
-    from cmmas.io import read_image, write_image
+    from cmmas.evaluate.baseline import classical_segment
+    from cmmas.io import write_image
 
-    with tempfile.TemporaryDirectory(prefix="bench-mas-") as tmp:
-        t0 = time.perf_counter()
-        classical.prealign_pairs(atlases, target, labels, tmp, kind="syn", spacing_mm=spacing, seed=seed,
-                                 fast=fast, workers=workers, progress=False)
-        pairs = classical.load_pairs(Path(tmp) / target.id)
-        register_s = time.perf_counter() - t0
-        grid = read_image(target.image_path).geometry
-        codes = [0, *sorted(pairs.labels)]
-        seconds, out_labels = {}, {}
-        for name in fusions:
-            method, options = evaluation.PRESETS[name]
-            t0 = time.perf_counter()
-            fused = fusion_lib.fuse(method, pairs.atlas_labels, codes, atlas_images=pairs.atlas_images,
-                                    target_image=pairs.target.array, **options)
-            back = preprocess.back_to_grid(pairs.target.with_array(fused.label.astype(np.int32)), grid, kind="label")
-            seconds[name] = register_s + time.perf_counter() - t0
-            out_labels[name] = back.array.astype(np.int16)
-            if out:
-                write_image(back, Path(out) / target.id / f"classical_{name}.nii.gz")
-    return {"register_seconds": register_s, "seconds": seconds, "labels": out_labels, "peak_mb": _peak_mb()}
+    result = classical_segment(atlases, target, labels, kind="syn", spacing_mm=spacing, fast=fast, seed=seed,
+                               workers=workers, fusions=fusions)
+    if out:
+        for name, label in result.labels.items():
+            write_image(label, Path(out) / target.id / f"classical_{name}.nii.gz")
+    return {"register_seconds": result.register_seconds, "seconds": result.seconds,
+            "labels": {name: label.array.astype(np.int16) for name, label in result.labels.items()},
+            "peak_mb": _peak_mb()}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -207,7 +179,7 @@ def run_classical(atlases: list, target, labels: dict, spacing: float, fast: boo
 
 def _jobs(dataset) -> list[Job]:
     """Pair every target with the atlas set of the other modality."""
-    from cmmas.atlas_set import AtlasSet
+    from cmmas.align.atlas_set import AtlasSet
     from cmmas.errors import CmmasError
 
     sets = list(FLAGS.atlas_set)
@@ -335,16 +307,11 @@ def _write(out: Path, table: str, rows: list[dict]) -> None:
 
 def _run() -> int:
     from cmmas.datasets import open_dataset
+    from cmmas.fuse import registry
     from cmmas.io import read_label
 
-    from cmmas import evaluation, pipeline
-    from cmmas.errors import CmmasError
-
-    for name in FLAGS.classical_fusions:
-        evaluation.resolve(name)
-    unknown = sorted(set(FLAGS.fusions) - set(pipeline.fusion_names()))
-    if unknown:
-        raise CmmasError(None, f"--fusions: unknown {unknown}; choose from {', '.join(pipeline.fusion_names())}")
+    registry.check_names(FLAGS.classical_fusions)
+    registry.check_names(FLAGS.fusions)
     dataset = open_dataset(FLAGS.data, FLAGS.layout)
     labels = dict(dataset.labels)
     jobs = _jobs(dataset)

@@ -2,9 +2,9 @@
 
 For each of --pairs (atlas, target) pairs, both methods register the atlas onto the target on
 the same working grid:
-  - BiRegNet: cmmas.registration.warp_atlases (forward pass, image and label warps), after one
+  - BiRegNet: cmmas.register.warp_atlases (forward pass, image and label warps), after one
     untimed warm-up call;
-  - ANTs: cmmas.prealign.register(kind="syn") (rigid, affine, then SyN; Mattes MI), the label
+  - ANTs: cmmas.align.ants.register(kind="syn") (rigid, affine, then SyN; Mattes MI), the label
     warped with generic-label interpolation.
 Printed per pair: seconds of each and their ratio (SyN / BiRegNet), peak resident memory of the
 process during each call (VmHWM reset before each call, so each number is that call's own
@@ -13,14 +13,14 @@ label against the target label (before registration, BiRegNet, SyN) and the perc
 folding voxels (det J <= 0) of each deformation (BiRegNet's atlas->target field U; SyN's
 deformable warp, through ANTs' Jacobian). Then the Dice per structure, mean over the pairs.
 
-Data: --space (a prepared space; atlases = labelled train cases of --atlas_modality, targets =
+Data: --atlas_set (a prepared atlas set; atlases = labelled train cases of --atlas_modality, targets =
 labelled test cases of --target_modality, or train cases if there are none) or, without it,
 phantom subjects resampled onto a working grid centred on each target (not pre-aligned: SyN's
 rigid and affine stages then do work BiRegNet does not). Without --model an untrained BiRegNet
 (the identity) is used and the report says so.
 
 Example:
-  python bench/bench_registration.py --space runs/space --model runs/reg/model.keras --pairs 5
+  python bench/bench_registration.py --atlas_set runs/atlas_set --model runs/reg/model.keras --pairs 5
   python bench/bench_registration.py --shape 64 --pairs 2          # phantom, untrained net
 """
 
@@ -33,16 +33,16 @@ import warnings
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main
+from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, parse_shape
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("space", None, "Prepared space (AtlasSet root); default: phantom subjects.")
+define_atlas_set("Prepared atlas set (its held-out pairs are registered); default: phantom subjects.")
 flags.DEFINE_string("model", None, "Trained BiRegNet (.keras); default: an untrained network.")
 flags.DEFINE_integer("pairs", 3, "Number of (atlas, target) pairs.", lower_bound=1)
 flags.DEFINE_string("atlas_modality", "ct", "Modality of the atlases.")
 flags.DEFINE_string("target_modality", "mr", "Modality of the targets.")
-flags.DEFINE_integer("shape", 64, "Phantom/untrained-net working grid (voxels per axis, divisible by 8).")
+flags.DEFINE_string("shape", "64", "Phantom/untrained-net working grid in voxels: one integer or z,y,x (divisible by 8).")
 flags.DEFINE_bool("syn_fast", True, "ANTs' short schedule (seconds per pair) instead of the default one.")
 flags.DEFINE_integer("seed", 0, "Seed of ANTs' sampling and of the phantom subjects.")
 
@@ -91,23 +91,23 @@ def _syn_folding_percent(syn, fixed) -> float:
     import ants
     import numpy as np
 
-    from cmmas.prealign import to_ants
+    from cmmas.align.ants import to_ants
 
     det = ants.create_jacobian_determinant_image(to_ants(fixed), syn.forward[0]).numpy()
     return 100.0 * float(np.mean(det <= 0))
 
 
 def _space_pairs():
-    """``(geometry, {code: name}, [(name, atlas, atlas_label, target, target_label)])`` from --space."""
-    from cmmas.atlas_set import AtlasSet
+    """``(geometry, {code: name}, [(name, atlas, atlas_label, target, target_label)])`` from --atlas_set."""
+    from cmmas.align.atlas_set import AtlasSet
     from cmmas.errors import AtlasSetError
 
-    space = AtlasSet(FLAGS.space)
+    space = AtlasSet(atlas_set_flag())
     atlases = space.ids(FLAGS.atlas_modality, role="train", labelled=True)
     targets = space.ids(FLAGS.target_modality, role="test", labelled=True) or space.ids(
         FLAGS.target_modality, role="train", labelled=True)
     if not atlases or not targets:
-        raise AtlasSetError(FLAGS.space, f"needs labelled {FLAGS.atlas_modality} atlases and "
+        raise AtlasSetError(atlas_set_flag(), f"needs labelled {FLAGS.atlas_modality} atlases and "
                                          f"{FLAGS.target_modality} targets")
     pairs = []
     for k in range(FLAGS.pairs):
@@ -121,9 +121,9 @@ def _space_pairs():
 def _phantom_pairs(shape):
     """Phantom pairs on working grids centred on each target (atlas subjects 1.., targets 101..)."""
     from cmmas import preprocess
-    from cmmas.atlas_set import normalize
+    from cmmas.align.mapping import normalize
     from cmmas.datasets import phantom
-    from cmmas.registration import fit_spacing
+    from cmmas.register.apply import fit_spacing
 
     pairs, geometry = [], None
     for k in range(FLAGS.pairs):
@@ -149,32 +149,35 @@ def _phantom_pairs(shape):
 def _run() -> int:
     import numpy as np
 
-    from cmmas import prealign, registration
+    from cmmas.align import ants as align_ants
+    from cmmas.nn import training
+    from cmmas.register import apply
+    from cmmas.register import biregnet
     from cmmas.io import Image
     from cmmas.metrics import jacobian_stats
-    from cmmas.networks import build_biregnet
+    from cmmas.nn.networks import build_biregnet
 
     if FLAGS.model:
-        model = registration.load_model(FLAGS.model)
-        shape = registration.model_shape(model)
+        model = training.load_model(FLAGS.model)
+        shape = training.input_grid(model, "biregnet")
         print(f"BiRegNet: {FLAGS.model}")
     else:
-        shape = (FLAGS.shape,) * 3
-        if FLAGS.space:
-            from cmmas.atlas_set import AtlasSet
+        shape = parse_shape(FLAGS.shape)
+        if atlas_set_flag(required=False):
+            from cmmas.align.atlas_set import AtlasSet
 
-            shape = AtlasSet(FLAGS.space).geometry.shape
+            shape = AtlasSet(atlas_set_flag()).geometry.shape
         model = build_biregnet(shape)
         print(f"BiRegNet: UNTRAINED (identity) network at {shape}: its Dice is the input alignment's")
-    geometry, names, pairs = _space_pairs() if FLAGS.space else _phantom_pairs(shape)
+    geometry, names, pairs = _space_pairs() if atlas_set_flag(required=False) else _phantom_pairs(shape)
     codes = list(names)
     if tuple(geometry.shape) != tuple(shape):
         from cmmas.errors import ModelError
 
         raise ModelError(FLAGS.model, f"model input {shape} differs from the data's grid {geometry.shape}")
-    table = registration.label_table(codes)
+    table = biregnet.label_table(codes)
     _, atlas0, label0, target0, _ = pairs[0]
-    registration.warp_atlases(model, atlas0[None], label0[None], target0, table)  # warm-up, untimed
+    apply.warp_atlases(model, atlas0[None], label0[None], target0, table)  # warm-up, untimed
     print(f"{len(pairs)} pair(s) on a {geometry.shape} grid of {np.round(geometry.spacing_zyx, 2).tolist()} mm; "
           f"ANTs SyN {'fast' if FLAGS.syn_fast else 'default'} schedule, {os.cpu_count()} CPU(s)")
     header = (f"{'pair':<28} {'BiRegNet s':>10} {'SyN s':>8} {'ratio':>7} {'BiRegNet MiB':>12} {'SyN MiB':>8} "
@@ -183,9 +186,9 @@ def _run() -> int:
     rows, per_structure = [], []
     for name, atlas, atlas_label, target, target_label in pairs:
         (_, net_labels, ddfs), net_s, net_mb = _measure(
-            lambda: registration.warp_atlases(model, atlas[None], atlas_label[None], target, table))
+            lambda: apply.warp_atlases(model, atlas[None], atlas_label[None], target, table))
         fixed = Image(target, geometry)
-        syn, syn_s, syn_mb = _measure(lambda: prealign.register(
+        syn, syn_s, syn_mb = _measure(lambda: align_ants.register(
             Image(atlas, geometry), fixed, kind="syn", seed=FLAGS.seed,
             moving_label=Image(atlas_label, geometry), fast=FLAGS.syn_fast))
         syn_label, syn_fold = syn.warped_label.array, _syn_folding_percent(syn, fixed)

@@ -3,16 +3,16 @@ first stage, and the input of fusion (experiments/evaluate.py) and of the networ
 
 Modes:
   pairwise (default): every atlas registered onto every target (rigid then affine, or + SyN with
-    --registration syn), written per target as documented in cmmas.classical:
+    --registration syn), written per target as documented in cmmas.align.pairwise:
       OUT/<target>/pairs.json, target_image.nii.gz, target_label.nii.gz,
       OUT/<target>/atlases/<atlas>_image.nii.gz, <atlas>_label.nii.gz,
       OUT/<target>/transforms/<atlas>/affine.mat (+ warp.nii.gz, inverse_warp.nii.gz).
     --spacing S resamples the target to S mm isotropic first; the outputs lie on that grid.
   reference: every case aligned once to a reference atlas and stored on one working grid of
-    --shape voxels of --spacing mm (cmmas.atlas_set.prepare: OUT/manifest.json, images/, labels/,
+    --shape voxels of --spacing mm (cmmas.align.prepare.prepare: OUT/manifest.json, images/, labels/,
     transforms/).
 
-Split: --fold k (with --n_folds) takes, per modality, the k-th contiguous chunk of the target
+Split (cmmas.datasets.splits.split_cases): --fold k (with --n_folds) takes, per modality, the k-th contiguous chunk of the target
 modality's cases as targets and the atlas modality's cases outside its own fold k as atlases
 (as the paper); --targets and --atlases give explicit case ids instead. In reference mode the
 targets are "test" cases and every other case of both modalities (outside the atlas modality's
@@ -28,12 +28,11 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import random
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main
+from cmmas.scripts import absl_main, parse_shape, parse_spacing
 
 FLAGS = flags.FLAGS
 
@@ -50,8 +49,8 @@ flags.DEFINE_integer("max_atlases", None, "Use at most this many atlases (the fi
 flags.DEFINE_integer("max_targets", None, "Use at most this many targets (the first, natural order).", lower_bound=1)
 flags.DEFINE_enum("mode", "pairwise", ["pairwise", "reference"], "Align atlas->target pairs, or all cases to one reference.")
 flags.DEFINE_enum("registration", "affine", ["affine", "syn"], "pairwise: rigid+affine, or rigid+affine+SyN.")
-flags.DEFINE_float("spacing", 3.0, "Working spacing in mm, isotropic (pairwise: 0 keeps the target's grid).", lower_bound=0.0)
-flags.DEFINE_list("shape", ["96", "96", "96"], "reference: working-grid shape z,y,x (voxels).")
+flags.DEFINE_string("spacing", "3", "Working-grid spacing in mm: one value or z,y,x (pairwise: 0 keeps the target's grid).")
+flags.DEFINE_string("shape", "96", "reference: working-grid shape in voxels: one integer or z,y,x.")
 flags.DEFINE_float("align_spacing", 3.0, "reference: isotropic spacing of the alignments, mm.", lower_bound=0.1)
 flags.DEFINE_string("reference", "auto", "reference: the reference case id, or 'auto'.")
 flags.DEFINE_bool("fast", False, "Use ANTs' short schedule (seconds per pair, less accurate).")
@@ -61,71 +60,38 @@ flags.DEFINE_integer("workers", 1, "Pairs registered at once, one process and on
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
-def _split(dataset):
-    """(targets, atlases, other training cases) as the flags ask."""
-    from cmmas.datasets import explicit_split, fold_split
-    from cmmas.errors import DatasetError
-
-    if FLAGS.atlas_modality == FLAGS.target_modality:
-        logging.warning("atlases and targets share the modality %s: a mono-modal run", FLAGS.atlas_modality)
-    explicit = FLAGS.targets is not None or FLAGS.atlases is not None
-    if explicit == (FLAGS.fold is not None):
-        raise DatasetError(None, "give either --fold, or --targets and --atlases")
-    others: tuple = ()
-    if explicit:
-        if not FLAGS.targets or not FLAGS.atlases:
-            raise DatasetError(None, "--targets and --atlases go together")
-        cases = tuple(dataset.of(FLAGS.target_modality))
-        if FLAGS.atlas_modality != FLAGS.target_modality:
-            cases += tuple(dataset.of(FLAGS.atlas_modality))
-        targets, atlases = explicit_split(cases, FLAGS.targets, FLAGS.atlases)
-    else:
-        targets, target_train = fold_split(dataset.of(FLAGS.target_modality), FLAGS.fold, FLAGS.n_folds)
-        _, atlases = fold_split(dataset.of(FLAGS.atlas_modality), FLAGS.fold, FLAGS.n_folds)
-        if FLAGS.atlas_modality != FLAGS.target_modality:
-            others = target_train
-    unlabelled = [a.id for a in atlases if a.label_path is None]
-    if unlabelled:
-        raise DatasetError(dataset.root, f"atlases without a label: {unlabelled}")
-    atlases = atlases[: FLAGS.max_atlases] if FLAGS.max_atlases else atlases
-    targets = targets[: FLAGS.max_targets] if FLAGS.max_targets else targets
-    return tuple(targets), tuple(atlases), tuple(others)
-
-
 def _run() -> int:
     import numpy as np
 
-    from cmmas import prealign
+    from cmmas.align import ants
     from cmmas.datasets import open_dataset
+    from cmmas.datasets.splits import split_cases
     from cmmas.errors import CmmasError
 
     random.seed(FLAGS.seed)
     np.random.seed(FLAGS.seed)
     if FLAGS.workers > 1:
-        prealign.set_threads(1)
+        ants.set_threads(1)
     dataset = open_dataset(FLAGS.data, FLAGS.layout)
-    targets, atlases, others = _split(dataset)
+    targets, atlases, others = split_cases(dataset, FLAGS.atlas_modality, FLAGS.target_modality, FLAGS.fold,
+                                           FLAGS.n_folds, FLAGS.targets, FLAGS.atlases, FLAGS.max_atlases,
+                                           FLAGS.max_targets)
+    spacing = parse_spacing(FLAGS.spacing, allow_zero=FLAGS.mode == "pairwise")
     print(
         f"prealign: {FLAGS.mode}, {len(atlases)} {FLAGS.atlas_modality} atlas(es) "
         f"[{', '.join(a.id for a in atlases)}] -> {len(targets)} {FLAGS.target_modality} target(s) "
         f"[{', '.join(t.id for t in targets)}]"
     )
     if FLAGS.mode == "reference":
-        from cmmas import atlas_set
+        from cmmas.align import prepare
 
-        try:
-            shape = tuple(int(s) for s in FLAGS.shape)
-        except ValueError:
-            raise CmmasError(None, f"--shape must be three integers, got {FLAGS.shape}") from None
-        if len(shape) != 3 or FLAGS.spacing <= 0:
-            raise CmmasError(None, f"reference mode needs --shape z,y,x and --spacing > 0, got {FLAGS.shape}, {FLAGS.spacing}")
         cases = list(atlases) + list(others) + list(targets)
-        space = atlas_set.prepare(
+        space = prepare.prepare(
             cases,
             dict(dataset.labels),
             FLAGS.out,
-            shape_zyx=shape,
-            spacing_zyx=(FLAGS.spacing,) * 3,
+            shape_zyx=parse_shape(FLAGS.shape),
+            spacing_zyx=spacing,
             reference=FLAGS.reference,
             roi_ids=[a.id for a in atlases],
             roles={c.id: ("test" if c in targets else "train") for c in cases},
@@ -138,15 +104,17 @@ def _run() -> int:
         print(f"prealign: {len(cases)} case(s) in {space.root} (reference {space.manifest.reference})")
         return 0
 
-    from cmmas.classical import prealign_targets
+    from cmmas.align.pairwise import prealign_targets
 
+    if len(set(spacing)) != 1:
+        raise CmmasError("--spacing", f"pairwise mode resamples to one isotropic spacing, got {FLAGS.spacing}")
     results = prealign_targets(
         atlases,
         targets,
         dict(dataset.labels),
         FLAGS.out,
         kind=FLAGS.registration,
-        spacing_mm=FLAGS.spacing or None,
+        spacing_mm=spacing[0] or None,
         seed=FLAGS.seed,
         fast=FLAGS.fast,
         component=FLAGS.component,

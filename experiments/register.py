@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main
+from cmmas.scripts import absl_main, parse_spacing
 
 FLAGS = flags.FLAGS
 
@@ -36,22 +36,14 @@ flags.DEFINE_string("fixed", None, "Fixed image (e.g. the target).")
 flags.DEFINE_string("moving_label", None, "Label map of the moving image (optional).")
 flags.DEFINE_string("model", None, "Trained BiRegNet (.keras).")
 flags.DEFINE_string("out_dir", None, "Folder for the outputs.")
-flags.DEFINE_list("spacing", None, "Working spacing in mm: one value or z,y,x (default: fit the fixed image).")
+flags.DEFINE_string("spacing", None, "Working-grid spacing in mm: one value or z,y,x (default: fit the fixed image).")
 flags.mark_flags_as_required(["moving", "fixed", "model", "out_dir"])
 
 
 def _run() -> int:
-    from cmmas import registration
-    from cmmas.errors import CmmasError
-
-    spacing = None
-    if FLAGS.spacing:
-        try:
-            spacing = [float(s) for s in FLAGS.spacing]
-        except ValueError:
-            raise CmmasError("--spacing", f"expected numbers, got {FLAGS.spacing}") from None
-        spacing = spacing * 3 if len(spacing) == 1 else spacing
-    written, stats = registration.register_files(
+    spacing = parse_spacing(FLAGS.spacing) if FLAGS.spacing else None
+    from cmmas.register import apply  # TensorFlow: after the flags are checked
+    written, stats = apply.register_files(
         FLAGS.moving, FLAGS.fixed, FLAGS.model, FLAGS.out_dir, moving_label=FLAGS.moving_label, spacing_zyx=spacing
     )
     for path in written:

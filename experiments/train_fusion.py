@@ -1,12 +1,12 @@
 """Train SimNet, the learned label fusion, on atlases warped by a trained BiRegNet.
 
 Two steps:
-  gen   every training atlas (--atlas_modality, role "train", labelled) of the prepared space is
+  gen   every training atlas (--atlas_modality, role "train", labelled) of the prepared atlas set is
         warped with BiRegNet onto every training target (--target_modality, role "train",
-        labelled); one OUT/pairs/<target>.npz per target (cmmas.similarity.generate_pairs).
+        labelled); one OUT/pairs/<target>.npz per target (cmmas.fuse.simnet_train.generate_pairs).
         Files already there are kept, so a re-run only adds what is missing. --skip_gen skips
         the step (the cache must exist).
-  train SimNet on the cached pairs (cmmas.similarity.train): OUT/simnet.keras, config.json,
+  train SimNet on the cached pairs (cmmas.fuse.simnet_train.train): OUT/simnet.keras, config.json,
         history.csv, curves.png, checkpoints/, tensorboard/; a killed run started again with
         the same flags resumes from OUT/backup/.
 
@@ -14,7 +14,7 @@ Held-out ("test") cases are never used. Defaults reproduce the original SimNet t
 (lr 1e-4 decayed every 1000 steps, 5003 steps, batch 2). Prints the model path.
 
 Example:
-  python experiments/train_fusion.py --space runs/space --reg_model runs/reg/model.keras \
+  python experiments/train_fusion.py --atlas_set runs/atlas_set --reg_model runs/reg/model.keras \
       --atlas_modality ct --target_modality mr --out runs/simnet
 """
 
@@ -25,11 +25,11 @@ import random
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main
+from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, parse_shape
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("space", None, "Prepared space (experiments/prealign.py --mode reference).")
+define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).")
 flags.DEFINE_string("reg_model", None, "Trained BiRegNet (.keras) for the gen step.")
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
@@ -37,7 +37,7 @@ flags.DEFINE_string("out", None, "Output folder.")
 flags.DEFINE_string("cache", None, "Folder of the warped pairs (default: OUT/pairs).")
 flags.DEFINE_bool("skip_gen", False, "Skip the gen step and train on the existing cache.")
 flags.DEFINE_integer("gen_batch", 4, "Atlases per BiRegNet batch in the gen step.", lower_bound=1)
-flags.DEFINE_list("shape", None, "Network shape z,y,x (default: the space's working grid, which it must equal).")
+flags.DEFINE_string("shape", None, "Network shape in voxels: one integer or z,y,x (default: the atlas set's working grid, which it must equal).")
 flags.DEFINE_integer("c0", 16, "Channels of the first U-Net level.", lower_bound=1)
 flags.DEFINE_integer("levels", 4, "U-Net levels.", lower_bound=1)
 flags.DEFINE_float("lr", 1e-4, "Initial Adam learning rate.", lower_bound=0.0)
@@ -65,46 +65,48 @@ def _run() -> int:
 
     import numpy as np
 
-    from cmmas.atlas_set import AtlasSet
+    from cmmas.align.atlas_set import AtlasSet
     from cmmas.errors import AtlasSetError, CmmasError
 
     random.seed(FLAGS.seed)
     np.random.seed(FLAGS.seed)
-    space = AtlasSet(FLAGS.space)  # fails fast, before TensorFlow is imported
+    aset = AtlasSet(atlas_set_flag())  # fails fast, before TensorFlow is imported
 
-    from cmmas import registration, similarity
+    from cmmas.nn import training
+    from cmmas.fuse import simnet as simnet_fusion
+    from cmmas.fuse import simnet_train
 
     out = Path(FLAGS.out)
     cache = Path(FLAGS.cache) if FLAGS.cache else out / "pairs"
-    codes = similarity.channel_codes(space.labels)
-    shape = tuple(int(n) for n in FLAGS.shape) if FLAGS.shape else space.geometry.shape
-    atlases = space.ids(FLAGS.atlas_modality, role="train", labelled=True)
-    targets = space.ids(FLAGS.target_modality, role="train", labelled=True)
+    codes = simnet_fusion.channel_codes(aset.labels)
+    shape = parse_shape(FLAGS.shape) if FLAGS.shape else aset.geometry.shape
+    atlases = aset.ids(FLAGS.atlas_modality, role="train", labelled=True)
+    targets = aset.ids(FLAGS.target_modality, role="train", labelled=True)
     if not atlases or not targets:
-        raise AtlasSetError(space.root, f"needs labelled training cases of both modalities; found {len(atlases)} "
+        raise AtlasSetError(aset.root, f"needs labelled training cases of both modalities; found {len(atlases)} "
                             f"{FLAGS.atlas_modality} atlas(es) and {len(targets)} {FLAGS.target_modality} target(s)")
 
     if not FLAGS.skip_gen:
         if not FLAGS.reg_model:
             raise CmmasError("--reg_model", "the gen step needs a trained BiRegNet (or pass --skip_gen)")
         print(f"train_fusion: warping {len(atlases)} atlas(es) onto {len(targets)} target(s) into {cache}")
-        reg_model = registration.load_model(FLAGS.reg_model)
-        similarity.generate_pairs(reg_model, space, atlases, targets, cache, codes, batch_size=FLAGS.gen_batch,
+        reg_model = training.load_model(FLAGS.reg_model, "biregnet")
+        simnet_train.generate_pairs(reg_model, aset, atlases, targets, cache, codes, batch_size=FLAGS.gen_batch,
                                   progress=FLAGS.progress)
-    config = similarity.SimConfig(
+    config = simnet_train.SimConfig(
         shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate,
         decay_steps=FLAGS.decay_steps, steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch,
         augment=FLAGS.augment, augment_probability=FLAGS.augment_probability, shift_max=FLAGS.shift_max,
         rotation_max=FLAGS.rotation_max, translation_max=FLAGS.translation_max,
         scale_range=(FLAGS.scale_min, FLAGS.scale_max), seed=FLAGS.seed)
-    pairs = similarity.load_pairs(cache, targets)
+    pairs = simnet_train.load_pairs(cache, targets)
     print(f"train_fusion: training SimNet on {pairs.n_pairs} pairs for {config.steps} steps into {out}")
-    path = similarity.train(config, pairs, codes, out, strategy=FLAGS.strategy, progress=FLAGS.progress,
+    path = simnet_train.train(config, pairs, codes, out, strategy=FLAGS.strategy, progress=FLAGS.progress,
                             init_weights=FLAGS.init_weights)
     print(path)
     return 0
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["space", "out"])
+    flags.mark_flags_as_required(["out"])
     app.run(absl_main("train_fusion", _run))

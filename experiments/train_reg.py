@@ -1,4 +1,4 @@
-"""Train BiRegNet on random atlas x target pairs of a prepared space (cmmas.atlas_set).
+"""Train BiRegNet on random atlas x target pairs of a prepared atlas set (cmmas.align.atlas_set).
 
 Atlases are the labelled "train" cases of --atlas_modality, targets the labelled "train" cases
 of --target_modality (held-out "test" cases are never read). The defaults reproduce the original
@@ -9,7 +9,7 @@ curves.png, checkpoints/, tensorboard/); killed and re-run with the same flags, 
 from the last finished epoch.
 
 Example:
-  python experiments/train_reg.py --space runs/space --out runs/reg --shape 64 --steps 300
+  python experiments/train_reg.py --atlas_set runs/atlas_set --out runs/reg --shape 64 --steps 300
   python experiments/train_reg.py --flagfile experiments/configs/reg_ct2mr.flags
 """
 
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main
+from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, parse_shape
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("space", None, "Prepared space (an AtlasSet root: manifest.json, images/, labels/).")
+define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).")
 flags.DEFINE_string("atlas_modality", "ct", "Modality of the atlases.")
 flags.DEFINE_string("target_modality", "mr", "Modality of the targets.")
 flags.DEFINE_string("out", None, "Run folder (model.keras, history.csv, ...).")
-flags.DEFINE_string("shape", "96", "Working-grid shape: one int or D,H,W; must equal the space's grid.")
+flags.DEFINE_string("shape", "96", "Working-grid shape in voxels: one integer or z,y,x; must equal the atlas set's grid.")
 flags.DEFINE_integer("c0", 4, "Channels of the first U-Net level.", lower_bound=1)
 flags.DEFINE_integer("levels", 4, "U-Net resolution levels.", lower_bound=1)
 flags.DEFINE_bool("diffeomorphic", False, "Integrate stationary velocity fields (scaling and squaring).")
@@ -49,22 +49,9 @@ flags.DEFINE_string("init_weights", None, "A model.keras to start from (extends 
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"], "tf.distribute strategy.")
 flags.DEFINE_integer("seed", 0, "Seed of Python, numpy and TensorFlow (weights, pairs, augmentation).")
 flags.DEFINE_bool("progress", True, "Show the Keras progress bar.")
-flags.mark_flags_as_required(["space", "out"])
+flags.mark_flags_as_required(["out"])
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """``"96"`` -> ``(96, 96, 96)``; ``"64,96,96"`` -> ``(64, 96, 96)``."""
-    from cmmas.errors import CmmasError
-
-    try:
-        parts = [int(p) for p in str(text).split(",")]
-    except ValueError:
-        raise CmmasError("--shape", f"expected one integer or D,H,W, got {text!r}") from None
-    if len(parts) == 1:
-        parts *= 3
-    if len(parts) != 3 or min(parts) < 1:
-        raise CmmasError("--shape", f"expected one positive integer or three, got {text!r}")
-    return tuple(parts)  # type: ignore[return-value]
 
 
 def _run() -> int:
@@ -72,37 +59,37 @@ def _run() -> int:
 
     import numpy as np
 
-    from cmmas import registration
-    from cmmas.atlas_set import AtlasSet
+    from cmmas.register import biregnet
+    from cmmas.align.atlas_set import AtlasSet
     from cmmas.errors import AtlasSetError
 
     random.seed(FLAGS.seed)
     np.random.seed(FLAGS.seed)
     shape = parse_shape(FLAGS.shape)
-    space = AtlasSet(FLAGS.space)
-    if tuple(space.geometry.shape) != shape:
+    aset = AtlasSet(atlas_set_flag())
+    if tuple(aset.geometry.shape) != shape:
         raise AtlasSetError(
-            FLAGS.space, f"working grid is {space.geometry.shape} but --shape is {shape}; pass --shape "
-            f"{','.join(map(str, space.geometry.shape))} or prepare the space at {shape}"
+            aset.root, f"working grid is {aset.geometry.shape} but --shape is {shape}; pass --shape "
+            f"{','.join(map(str, aset.geometry.shape))} or prepare the atlas set at {shape}"
         )
-    atlas_ids = space.ids(modality=FLAGS.atlas_modality, role="train", labelled=True)
-    target_ids = space.ids(modality=FLAGS.target_modality, role="train", labelled=True)
+    atlas_ids = aset.ids(modality=FLAGS.atlas_modality, role="train", labelled=True)
+    target_ids = aset.ids(modality=FLAGS.target_modality, role="train", labelled=True)
     for ids, modality in ((atlas_ids, FLAGS.atlas_modality), (target_ids, FLAGS.target_modality)):
         if not ids:
-            raise AtlasSetError(FLAGS.space, f"no labelled train case of modality {modality!r}")
-    config = registration.RegConfig(
+            raise AtlasSetError(aset.root, f"no labelled train case of modality {modality!r}")
+    config = biregnet.RegConfig(
         shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels, diffeomorphic=FLAGS.diffeomorphic,
         sim_loss=FLAGS.sim_loss, lambda_consis=FLAGS.lambda_consis, lambda_smooth=FLAGS.lambda_smooth,
         lambda_fold=FLAGS.lambda_fold, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate, decay_steps=FLAGS.decay_steps,
         steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch, augment=FLAGS.augment,
         aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale, aug_shift=FLAGS.aug_shift, seed=FLAGS.seed,
     )
-    atlas_images, atlas_labels = space.arrays(atlas_ids)
-    target_images, target_labels = space.arrays(target_ids)
+    atlas_images, atlas_labels = aset.arrays(atlas_ids)
+    target_images, target_labels = aset.arrays(target_ids)
     print(f"train_reg: {len(atlas_ids)} {FLAGS.atlas_modality} atlases x {len(target_ids)} "
           f"{FLAGS.target_modality} targets at {shape}, {config.steps} steps of batch {config.batch}")
-    path = registration.train(
-        config, atlas_images, atlas_labels, target_images, target_labels, sorted(space.labels), FLAGS.out,
+    path = biregnet.train(
+        config, atlas_images, atlas_labels, target_images, target_labels, sorted(aset.labels), FLAGS.out,
         strategy=FLAGS.strategy, progress=FLAGS.progress, init_weights=FLAGS.init_weights,
     )
     print(f"train_reg: model written to {path}")

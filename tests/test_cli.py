@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmmas import cli, pipeline
-from cmmas.atlas_set import AtlasSet
+from cmmas import cli
+from cmmas.fuse import registry
+from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.datasets.phantom import make_subject
 from cmmas.io import read_image, read_label, write_image
-from test_pipeline import CODES, SHAPE, write_folder, write_models
+from test_segment import CODES, SHAPE, write_folder, write_models
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src")}
@@ -100,7 +101,7 @@ def test_tensorflow_imported_first_without_onednn_warns():
 
 
 def test_fusion_choices_are_the_library_s():
-    assert list(cli.FUSIONS) == pipeline.fusion_names()
+    assert list(cli.FUSIONS) == registry.names()
 
 
 # ----------------------------------------------------------------------------- prepare-atlases

@@ -5,7 +5,7 @@ import sys as _sys
 import warnings as _warnings
 
 # oneDNN makes 3D convolutions 3-5x faster and ~4x leaner on CPU; it must be set before
-# TensorFlow is imported (GUIDE.md section 5). Users may still override it.
+# TensorFlow is imported. Users may still override it.
 if "tensorflow" in _sys.modules and "TF_ENABLE_ONEDNN_OPTS" not in _os.environ:
     _warnings.warn(
         "TensorFlow was imported before cmmas without TF_ENABLE_ONEDNN_OPTS=1, so its 3D convolutions "

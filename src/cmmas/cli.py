@@ -1,7 +1,7 @@
 """The ``cmmas`` command: prepare an atlas set, segment a scan, register a pair.
 
-Every sub-command parses its arguments and calls the library (:mod:`cmmas.pipeline`,
-:mod:`cmmas.registration`); TensorFlow and ANTs are imported only when a command runs, so
+Every sub-command parses its arguments and calls the library (:mod:`cmmas.segment`,
+:mod:`cmmas.register`); TensorFlow and ANTs are imported only when a command runs, so
 ``--help`` is instant. Bad input ends with one line ``cmmas: error: <file>: <problem>`` on
 stderr and exit status 1. Progress bars are drawn only when stderr is a terminal.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cmmas.errors import CmmasError
 
-#: Fusion names ``--fusion`` accepts (checked again by cmmas.pipeline.segment).
+#: Fusion names ``--fusion`` accepts (the names of cmmas.fuse.registry.names(), which segment checks again).
 FUSIONS = ("simnet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2", "jlf_tf")
 
 
@@ -135,6 +135,9 @@ def _segment_parser(sub) -> None:
                      "already lies in the reference space")
     seg.add_argument("--spacing", type=_triple, default=(4.0, 4.0, 4.0), metavar="MM",
                      help="working grid spacing in mm when preparing a raw --atlases DIR (default 4)")
+    seg.add_argument("--transform", type=Path, nargs="+", default=None, metavar="MAT",
+                     help="use this scan -> reference alignment (ANTs transform files, e.g. an atlas set's "
+                          "transforms/<id>/affine.mat) instead of aligning the scan again (one target only)")
     seg.add_argument("--batch-size", type=int, default=2, metavar="N", help="atlases per network batch (default 2)")
     seg.add_argument("--no-extras", action="store_true",
                      help="write only the label map (its probability and agreement maps are then not "
@@ -167,9 +170,9 @@ def _progress() -> bool:
 
 
 def _prepare(args) -> None:
-    from cmmas import pipeline
+    from cmmas.align import prepare
 
-    aset = pipeline.prepare_atlases(
+    aset = prepare.prepare_atlases(
         args.atlases, args.modality, args.out, layout=args.layout, reference=args.reference,
         ids=args.ids.split(",") if args.ids else None, shape_zyx=args.shape, spacing_zyx=args.spacing,
         margin_mm=args.margin, align_spacing_mm=args.align_spacing, component=args.component,
@@ -180,13 +183,19 @@ def _prepare(args) -> None:
 
 
 def _segment(args) -> None:
-    from cmmas import pipeline, prealign
-    from cmmas.atlas_set import AtlasSet
+    from cmmas import segment
+    from cmmas.align import ants, prepare
+    from cmmas.align.atlas_set import AtlasSet
     from cmmas.io import read_image
 
     if args.deterministic:
-        prealign.set_threads(1)  # before this process's first ANTs registration
-    outs = pipeline.label_paths(args.target, args.out)
+        ants.set_threads(1)  # before this process's first ANTs registration
+    outs = segment.label_paths(args.target, args.out)
+    if args.transform is not None and len(args.target) > 1:
+        raise CmmasError(args.transform[0], "--transform is one scan's alignment: give one --target with it")
+    for path in args.transform or ():
+        if not path.is_file():
+            raise CmmasError(path, "transform file not found")
     k = args.atlases if isinstance(args.atlases, int) else None
     atlas_set, reg_model = args.atlas_set, args.reg_model
     if isinstance(args.atlases, Path):
@@ -194,35 +203,35 @@ def _segment(args) -> None:
             raise CmmasError(args.atlases, "give raw --atlases DIR, or --atlas-set/--bundle, not both")
         shape = (64, 64, 64)
         if reg_model is not None:
-            from cmmas import registration
+            from cmmas.nn import training
 
-            reg_model = registration.load_model(reg_model)
-            shape = registration.model_shape(reg_model)
-        atlas_set = pipeline.raw_atlas_set(args.atlases, args.atlas_modality, outs[0].parent / "atlas_set",
+            reg_model = training.load_model(reg_model, "biregnet")
+            shape = training.input_grid(reg_model, "biregnet")
+        atlas_set = prepare.raw_atlas_set(args.atlases, args.atlas_modality, outs[0].parent / "atlas_set",
                                            shape, args.spacing, progress=_progress()).root
-    bundle = pipeline.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
+    bundle = segment.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
     if reg_model is None:
         reg_model = bundle.reg_model
     aset = AtlasSet(bundle.atlas_set)
     scans = [read_image(args.target[0]), *args.target[1:]]  # a bad first scan fails before the models load
-    reg_model, fusion_model = pipeline.load_models(  # once for all targets
+    reg_model, fusion_model = segment.load_models(  # once for all targets
         reg_model, bundle.fusion_model if args.fusion == "simnet" else None, aset)
     for scan, out in zip(scans, outs):
-        result = pipeline.segment(
+        result = segment.segment(
             scan, aset, reg_model=reg_model, fusion_model=fusion_model,
             fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
-            batch_size=args.batch_size, progress=_progress(), maps=not args.no_extras,
+            alignment=args.transform, batch_size=args.batch_size, progress=_progress(), maps=not args.no_extras,
         )
-        written = pipeline.write_segmentation(result, out, extras=not args.no_extras)
+        written = segment.write_segmentation(result, out, extras=not args.no_extras)
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
         print(f"wrote {written[0]} (+{len(written) - 1} maps) from {len(result.atlas_ids)} atlases "
               f"[{', '.join(result.atlas_ids)}] with {args.fusion}; {timing}", flush=True)
 
 
 def _register(args) -> None:
-    from cmmas import registration
+    from cmmas.register import apply
 
-    written, stats = registration.register_files(
+    written, stats = apply.register_files(
         args.moving, args.fixed, args.model, args.out_dir, moving_label=args.moving_label, spacing_zyx=args.spacing
     )
     for path in written:

@@ -1,4 +1,5 @@
-"""What every absl script in experiments/ and bench/ shares: its ``main``.
+"""What every absl script in experiments/ and bench/ shares: its ``main`` and the flags with one
+meaning everywhere (``--atlas_set``, ``--shape``, ``--spacing``).
 
 Scripts parse flags and call the library; a bad input ends in one line on stderr
 (``<script>: <file>: <problem>``) and exit status 1, never a traceback.
@@ -9,6 +10,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from absl import app, flags, logging
+
+from cmmas.errors import CmmasError
+
+FLAGS = flags.FLAGS
+
 
 def absl_main(name: str, run: Callable[[], int]) -> Callable[[list[str]], int]:
     """An ``app.run`` main that rejects stray arguments and prints cmmas errors in one line.
@@ -17,13 +24,10 @@ def absl_main(name: str, run: Callable[[], int]) -> Callable[[list[str]], int]:
         name: the script's name, prefixed to error messages.
         run: the script's body, reading ``absl.flags.FLAGS``; returns the exit status.
     """
-    from absl import app
 
     def main(argv: list[str]) -> int:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        from cmmas.errors import CmmasError
-
         try:
             return run()
         except CmmasError as err:
@@ -31,3 +35,65 @@ def absl_main(name: str, run: Callable[[], int]) -> Callable[[list[str]], int]:
             return 1
 
     return main
+
+
+def define_atlas_set(help_text: str) -> None:
+    """``--atlas_set DIR`` (a prepared atlas set), with ``--space`` as its deprecated alias."""
+    flags.DEFINE_string("atlas_set", None, help_text)
+    flags.DEFINE_string("space", None, "Deprecated alias of --atlas_set (removed in the next release).")
+
+
+def atlas_set_flag(required: bool = True) -> str | None:
+    """The value of ``--atlas_set`` (or of the deprecated ``--space``, with a warning).
+
+    Raises:
+        CmmasError: both given with different values, or neither while ``required``.
+    """
+    if FLAGS.space is not None:
+        logging.warning("--space is deprecated: use --atlas_set")
+        if FLAGS.atlas_set is not None and FLAGS.atlas_set != FLAGS.space:
+            raise CmmasError("--atlas_set", f"given twice: --atlas_set {FLAGS.atlas_set} and --space {FLAGS.space}")
+    value = FLAGS.atlas_set if FLAGS.atlas_set is not None else FLAGS.space
+    if value is None and required:
+        raise CmmasError("--atlas_set", "required: the prepared atlas set's folder")
+    return value
+
+
+def _three(text: str | float, convert, flag: str, what: str) -> list:
+    """One value or three comma-separated ones, converted; one value stands for all three axes."""
+    try:
+        parts = [convert(p) for p in str(text).split(",")]
+    except ValueError:
+        raise CmmasError(flag, f"expected {what}, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise CmmasError(flag, f"expected {what}, got {text!r}")
+    return parts
+
+
+def parse_shape(text: str | int) -> tuple[int, int, int]:
+    """``--shape``, the working grid's size in voxels: ``"96"`` -> ``(96, 96, 96)``,
+    ``"64,96,96"`` -> ``(64, 96, 96)`` (array order ``z, y, x``).
+
+    Raises:
+        CmmasError: not one or three positive integers.
+    """
+    parts = _three(text, int, "--shape", "one positive integer or three (D,H,W)")
+    if min(parts) < 1:
+        raise CmmasError("--shape", f"expected one positive integer or three (D,H,W), got {text!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def parse_spacing(text: str | float, allow_zero: bool = False) -> tuple[float, float, float]:
+    """``--spacing``, the working grid's voxel size in mm: ``"4"`` -> ``(4.0, 4.0, 4.0)``,
+    ``"3,2,2"`` -> ``(3.0, 2.0, 2.0)`` (array order ``z, y, x``). With ``allow_zero``, ``"0"``
+    gives ``(0, 0, 0)``: keep the scan's own grid.
+
+    Raises:
+        CmmasError: not one or three positive numbers (or 0 where allowed).
+    """
+    parts = _three(text, float, "--spacing", "one positive number or three (z,y,x, mm)")
+    if min(parts) <= 0 and not (allow_zero and all(p == 0 for p in parts)):
+        raise CmmasError("--spacing", f"expected one positive number or three (z,y,x, mm), got {text!r}")
+    return tuple(parts)  # type: ignore[return-value]

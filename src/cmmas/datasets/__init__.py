@@ -6,7 +6,8 @@ Layouts:
     ``folder``: ``{ct,mr}/<case>_image.nii.gz`` + ``<case>_label.nii.gz`` + ``labels.json``.
 
 Layout modules are imported only when their layout is opened, and no image library is
-imported until a case is loaded.
+imported until a case is loaded: :func:`load_case` (:mod:`cmmas.datasets.loading`) is exported
+lazily.
 """
 
 from __future__ import annotations
@@ -15,15 +16,8 @@ import importlib
 import os
 from pathlib import Path
 
-from cmmas.datasets.base import (
-    MODALITIES,
-    Case,
-    Dataset,
-    explicit_split,
-    fold_split,
-    load_case,
-    natural_key,
-)
+from cmmas.datasets.base import MODALITIES, Case, Dataset, natural_key
+from cmmas.datasets.splits import explicit_split, fold_split
 from cmmas.errors import DatasetError
 
 #: layout name -> (module, function taking the root folder and returning a Dataset).
@@ -47,6 +41,15 @@ def open_dataset(root: str | os.PathLike, layout: str) -> Dataset:
         raise DatasetError(root, f"data-set folder not found (layout {layout!r})")
     module, function = LAYOUTS[layout]
     return getattr(importlib.import_module(module), function)(root)
+
+
+def __getattr__(name: str):
+    """``load_case`` on first use: :mod:`cmmas.datasets.loading` imports the image libraries."""
+    if name == "load_case":
+        from cmmas.datasets.loading import load_case
+
+        return load_case
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,11 +1,7 @@
-"""Cases, data sets, splits and loading one case from disk, whatever the on-disk layout.
-
-A :class:`Case` only names files; :func:`load_case` reads them into :class:`cmmas.io.Image`
-values (array order ``(z, y, x)``, geometry in millimetres) and checks that the label map lies
-on the image grid and holds only codes of the data set's label table. A :class:`Dataset` is
-what a layout module (``mmwhs``, ``chaos``, ``folder``) finds under a root folder.
-
-SimpleITK is imported only when a case is loaded, so listing a data set stays cheap.
+"""Cases and data sets: a :class:`Case` only names files (reading them is
+:func:`cmmas.datasets.loading.load_case`); a :class:`Dataset` is what a layout module
+(``mmwhs``, ``chaos``, ``folder``) finds under a root folder. No image library is imported here,
+so listing a data set stays cheap.
 """
 
 from __future__ import annotations
@@ -18,12 +14,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from cmmas.errors import DatasetError, LabelError
+from cmmas.errors import DatasetError
 
 if TYPE_CHECKING:
-    from cmmas.io import Image
+    pass
+
 
 log = logging.getLogger(__name__)
 
@@ -95,160 +90,19 @@ class Dataset:
                     return case
         raise DatasetError(self.root, f"no case {case_id!r} in this {self.name} data set")
 
-    def load(self, case: Case, component: int | None = None) -> tuple[Image, Image | None]:
-        """:func:`load_case` with this data set's label table."""
-        return load_case(case, self.labels, component)
 
 
-def load_case(
-    case: Case,
-    labels: Mapping[int, str] | None = None,
-    component: int | None = None,
-) -> tuple[Image, Image | None]:
-    """Read a case's image and label map.
-
-    Args:
-        case: the case to read. A folder ``image_path`` is read as CHAOS DICOM slices with PNG
-            masks (:func:`cmmas.datasets.chaos.read_chaos_case`); files are read with
-            :func:`cmmas.io.read_image` / :func:`cmmas.io.read_label`.
-        labels: label table (code -> name); when given, any other non-zero code raises.
-        component: keep only this label code (others set to 0); must be in ``labels`` if given.
-
-    Returns:
-        ``(image, label)``: image as float32 ``(z, y, x)``; label as int32 on the same grid,
-        or None when the case has no label.
-
-    Raises:
-        ImageReadError: a file is missing or unreadable.
-        GeometryError: the label's grid differs from the image's (names the label file).
-        LabelError: the label holds codes outside ``labels`` or ``component`` is unknown.
-        DatasetError: ``component`` was asked of an unlabelled case.
-    """
-    image, label = _read(case)
-    if label is None:
-        if component is not None:
-            raise DatasetError(case.image_path, f"case {case.id!r} has no label map to take component {component} from")
-        return image, None
-    label = _apply_aliases(label, case.label_aliases)
-    if labels is not None:
-        _check_codes(label, labels)
-        if component is not None and component not in labels:
-            raise LabelError(label.path, f"component {component} is not in the label table {sorted(labels)}")
-    if component is not None:
-        keep = label.array == component
-        if not keep.any():
-            log.warning("%s: label %d is absent from case %s", label.path, component, case.id)
-        label = label.with_array(label.array * keep)
-    return image, label
-
-
-def _read(case: Case) -> tuple[Image, Image | None]:
-    if case.image_path.is_dir():
-        from cmmas.datasets.chaos import read_chaos_case
-
-        return read_chaos_case(case)
-    from cmmas import io
-
-    image = io.read_image(case.image_path)
-    if case.label_path is None:
-        return image, None
-    return image, io.read_label(case.label_path, like=image)
-
-
-def _apply_aliases(label: Image, aliases: tuple[tuple[int, int], ...]) -> Image:
-    if not aliases:
-        return label
-    array = label.array.copy()
-    for found, meant in aliases:
-        hit = label.array == found
-        if hit.any():
-            log.info("%s: %d voxel(s) of code %d read as %d", label.path, int(hit.sum()), found, meant)
-            array[hit] = meant
-    return label.with_array(array)
-
-
-def _check_codes(label: Image, labels: Mapping[int, str]) -> None:
-    present = set(np.unique(label.array).tolist()) - {0}
-    unknown = sorted(present - set(labels))
-    if unknown:
-        raise LabelError(label.path, f"unknown label values {unknown}; expected some of {sorted(labels)}")
-
-
-def _check_unique_ids(cases: Sequence[Case]) -> None:
+def check_unique_ids(cases: Sequence[Case]) -> None:
     counts = Counter(c.id for c in cases)
     dup = sorted((i for i, n in counts.items() if n > 1), key=natural_key)
     if dup:
         raise DatasetError(None, f"case ids occur more than once: {dup}")
 
 
-def fold_split(cases: Sequence[Case], fold: int, n_folds: int = 4) -> tuple[tuple[Case, ...], tuple[Case, ...]]:
-    """Cross-validation split: fold ``k`` holds the k-th contiguous chunk of the cases as targets.
-
-    Cases are put in natural order of their ids and cut into ``n_folds`` contiguous chunks whose
-    sizes differ by at most one (the first ones larger). With 20 cases and 4 folds, as in the
-    paper, fold k (1..4) holds cases ``5(k-1) .. 5(k-1)+4`` as targets and the other 15 as atlases.
-
-    Args:
-        cases: cases of one modality (unique ids).
-        fold: 1-based fold number, ``1 <= fold <= n_folds``.
-        n_folds: number of folds, at most ``len(cases)``.
-
-    Returns:
-        ``(targets, atlases)``, each in natural id order.
-    """
-    _check_unique_ids(cases)
-    if n_folds < 2:
-        raise DatasetError(None, f"n_folds must be at least 2, got {n_folds}")
-    if not 1 <= fold <= n_folds:
-        raise DatasetError(None, f"fold must be in 1..{n_folds}, got {fold}")
-    if len(cases) < n_folds:
-        raise DatasetError(None, f"{len(cases)} case(s) cannot be split into {n_folds} folds")
-    ordered = sorted(cases, key=lambda c: natural_key(c.id))
-    size, extra = divmod(len(ordered), n_folds)
-    start = (fold - 1) * size + min(fold - 1, extra)
-    stop = start + size + (1 if fold - 1 < extra else 0)
-    return tuple(ordered[start:stop]), tuple(ordered[:start] + ordered[stop:])
-
-
-def explicit_split(
-    cases: Sequence[Case], targets: Iterable[str], atlases: Iterable[str]
-) -> tuple[tuple[Case, ...], tuple[Case, ...]]:
-    """Split by case ids.
-
-    Args:
-        cases: the cases to choose from (unique ids).
-        targets: ids of the target cases (non-empty).
-        atlases: ids of the atlas cases (non-empty, disjoint from ``targets``).
-
-    Returns:
-        ``(targets, atlases)`` as cases, in the order the ids were given.
-
-    Raises:
-        DatasetError: unknown, repeated or overlapping ids, or an empty side.
-    """
-    _check_unique_ids(cases)
-    by_id = {c.id: c for c in cases}
-    targets, atlases = list(targets), list(atlases)
-    unknown = [i for i in targets + atlases if i not in by_id]
-    if unknown:
-        known = sorted(by_id, key=natural_key)
-        shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
-        raise DatasetError(None, f"unknown case id(s) {unknown}; known ids: {shown}")
-    for side, ids in (("targets", targets), ("atlases", atlases)):
-        if not ids:
-            raise DatasetError(None, f"no {side} given")
-        if len(set(ids)) != len(ids):
-            raise DatasetError(None, f"{side} list a case more than once: {ids}")
-    both = sorted(set(targets) & set(atlases), key=natural_key)
-    if both:
-        raise DatasetError(None, f"case(s) {both} are both target and atlas")
-    return tuple(by_id[i] for i in targets), tuple(by_id[i] for i in atlases)
-
-
 def group_by_modality(cases: Iterable[Case]) -> dict[str, tuple[Case, ...]]:
     """Cases per modality, each in natural order of ids; DatasetError on repeated ids."""
     cases = list(cases)
-    _check_unique_ids(cases)
+    check_unique_ids(cases)
     out = {}
     for modality in MODALITIES:
         found = sorted((c for c in cases if c.modality == modality), key=lambda c: natural_key(c.id))

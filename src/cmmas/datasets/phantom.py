@@ -28,7 +28,7 @@ subjects are different individuals, as in MM-WHS.
 
 Command line::
 
-    python -m cmmas.datasets.phantom --out DIR --n 20 [--shape 96] [--seed 0] [--preview FILE.png]
+    python experiments/make_phantom.py --out DIR --n 20 [--shape 96] [--seed 0] [--preview FILE.png]
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +43,7 @@ import numpy as np
 
 from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.errors import DatasetError
-from cmmas.io import Geometry, Image, write_image
+from cmmas.io import Geometry, Image, read_image, read_label, write_image
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +69,14 @@ _CONTRAST = {
 
 #: Voxel size at 96^3 in array order (z, y, x), millimetres.
 _BASE_SPACING = {"ct": (1.0, 1.1, 1.1), "mr": (1.5, 1.25, 1.25)}
-_BASE_SHAPE = 96
+BASE_SHAPE = 96
 #: Physical grid centre (x, y, z) in millimetres; the body centre sits at the origin.
 _GRID_CENTRE = {"ct": (10.0, -6.0, 1.0), "mr": (4.0, 0.0, -6.0)}
 #: Grid rotation (degrees about x, y, z): MR is acquired slightly oblique.
 _GRID_ANGLES = {"ct": (0.0, 0.0, 0.0), "mr": (6.0, -4.0, 8.0)}
 
 _PARTIAL_VOLUME_SIGMA = 0.7
-_MIN_SHAPE = 16
+MIN_SHAPE = 16
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -101,9 +100,9 @@ def _axis_angle(axis: np.ndarray, angle_rad: float) -> np.ndarray:
 
 def _shape3(shape: int | Sequence[int]) -> tuple[int, int, int]:
     dims = (shape,) * 3 if np.isscalar(shape) else tuple(shape)
-    if len(dims) != 3 or any(int(d) != d or d < _MIN_SHAPE for d in dims):
+    if len(dims) != 3 or any(int(d) != d or d < MIN_SHAPE for d in dims):
         raise DatasetError(
-            None, f"phantom shape must be one int or three ints >= {_MIN_SHAPE} (z, y, x), got {shape!r}"
+            None, f"phantom shape must be one int or three ints >= {MIN_SHAPE} (z, y, x), got {shape!r}"
         )
     return tuple(int(d) for d in dims)  # type: ignore[return-value]
 
@@ -114,7 +113,7 @@ def _check_modality(modality: str) -> str:
     return modality
 
 
-def grid_geometry(modality: str, shape: int | Sequence[int] = _BASE_SHAPE) -> Geometry:
+def grid_geometry(modality: str, shape: int | Sequence[int] = BASE_SHAPE) -> Geometry:
     """The voxel grid of a modality: fixed field of view, spacing scaled by ``96 / shape``.
 
     Args:
@@ -122,7 +121,7 @@ def grid_geometry(modality: str, shape: int | Sequence[int] = _BASE_SHAPE) -> Ge
         shape: voxels per axis, one int or ``(z, y, x)``.
     """
     shape_zyx = _shape3(shape)
-    spacing_zyx = [s * _BASE_SHAPE / n for s, n in zip(_BASE_SPACING[_check_modality(modality)], shape_zyx)]
+    spacing_zyx = [s * BASE_SHAPE / n for s, n in zip(_BASE_SPACING[_check_modality(modality)], shape_zyx)]
     size_xyz = np.array(shape_zyx[::-1], dtype=np.float64)
     spacing_xyz = np.array(spacing_zyx[::-1], dtype=np.float64)
     direction = _rotation(_GRID_ANGLES[modality])
@@ -454,7 +453,7 @@ def _paint_heart(canvas: _Canvas, p: _Points, s: Subject) -> None:
     canvas.vessel(d_pa, 1.5, VENOUS_BLOOD, PA)
 
 
-def tissues_and_labels(modality: str, seed: int, shape: int | Sequence[int] = _BASE_SHAPE) -> tuple[Image, Image]:
+def tissues_and_labels(modality: str, seed: int, shape: int | Sequence[int] = BASE_SHAPE) -> tuple[Image, Image]:
     """The tissue map and the MM-WHS label map of subject ``seed`` on a modality's grid.
 
     Returns:
@@ -508,7 +507,7 @@ def render(tissue: np.ndarray, modality: str, seed: int) -> np.ndarray:
     return np.hypot(real, imaginary)
 
 
-def make_subject(modality: str, seed: int, shape: int | Sequence[int] = _BASE_SHAPE) -> tuple[Image, Image]:
+def make_subject(modality: str, seed: int, shape: int | Sequence[int] = BASE_SHAPE) -> tuple[Image, Image]:
     """Image and MM-WHS label of one phantom subject.
 
     Args:
@@ -550,7 +549,7 @@ def _write_case(job: tuple[str, int, int, tuple[int, int, int], str]) -> tuple[P
 def generate(
     out_dir: str | os.PathLike,
     n: int = 20,
-    shape: int | Sequence[int] = _BASE_SHAPE,
+    shape: int | Sequence[int] = BASE_SHAPE,
     seed: int = 0,
     modalities: Sequence[str] = MODALITIES,
     workers: int | None = None,
@@ -626,6 +625,15 @@ def save_preview(cases: Sequence[tuple[str, Image, Image]], path: str | os.PathL
     return path
 
 
+def preview_first_cases(out_dir: str | os.PathLike, modalities: Sequence[str], path: str | os.PathLike) -> Path:
+    """:func:`save_preview` of the first subject of each modality written to ``out_dir``."""
+    cases = []
+    for modality in modalities:
+        image_path, label_path = case_paths(out_dir, modality, 1001)
+        cases.append((modality, read_image(image_path), read_label(label_path)))
+    return save_preview(cases, path)
+
+
 def _preview_rows(rows, modality: str, image: Image, label: Image, codes: list[int], colours, cmap) -> None:
     """Fill two rows of axes: plain slices, then slices with the label overlay."""
     array = image.array.astype(np.float32)
@@ -653,49 +661,3 @@ def _preview_rows(rows, modality: str, image: Image, label: Image, codes: list[i
                 mask = (label.array[where] == code).astype(np.float32)
                 if mask.any():
                     ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.0)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("out", None, "Folder to write the MM-WHS-layout data set into.")
-    flags.DEFINE_integer("n", 20, "Subjects per modality.", lower_bound=1)
-    flags.DEFINE_integer("shape", _BASE_SHAPE, "Voxels per axis (the field of view is fixed).",
-                         lower_bound=_MIN_SHAPE)
-    flags.DEFINE_integer("seed", 0, "Seed of the data set.")
-    flags.DEFINE_list("modalities", list(MODALITIES), "Modalities to write.")
-    flags.DEFINE_string("preview", None, "PNG file for an overlay figure of one CT and one MR subject.")
-    flags.mark_flag_as_required("out")
-
-
-def _main(argv: list[str]) -> None:
-    from absl import flags
-
-    if len(argv) > 1:
-        raise SystemExit(f"phantom: unexpected arguments {argv[1:]}")
-    f = flags.FLAGS
-    try:
-        paths = generate(f.out, n=f.n, shape=f.shape, seed=f.seed, modalities=f.modalities)
-        message = f"phantom: wrote {len(paths) // 2} cases ({', '.join(f.modalities)}, {f.n} each, {f.shape}^3) to {f.out}"
-        if f.preview:
-            from cmmas.io import read_image, read_label
-
-            cases = []
-            for modality in f.modalities:
-                image_path, label_path = case_paths(f.out, modality, 1001)
-                cases.append((modality, read_image(image_path), read_label(label_path)))
-            message += f"; preview {save_preview(cases, f.preview)}"
-    except DatasetError as err:
-        print(err, file=sys.stderr)
-        raise SystemExit(1) from None
-    print(message)
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(_main)

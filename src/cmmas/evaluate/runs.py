@@ -1,0 +1,301 @@
+"""Evaluating an atlas set's held-out targets through ``segment``'s own code path, and
+aggregating the reports of a whole run.
+
+:func:`evaluate_atlas_set` takes each labelled held-out ("test") case of a prepared atlas set as
+a target, with the set's labelled training cases of the atlas modality as atlases, and runs the
+steps of :func:`cmmas.segment.segment` on it: the alignment stored when the set was prepared
+(:func:`cmmas.segment.align_target`), BiRegNet (:func:`cmmas.segment.register_atlases`), each
+fusion by name (:func:`cmmas.fuse.registry.fuse_named`) and THE map-back
+(:func:`cmmas.align.mapping.map_back`); the label it scores for a fusion is the label
+``cmmas segment --fusion <name> --transform <the stored alignment>`` writes. Scores are
+computed on the target's original grid against its original label file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from cmmas import segment
+from cmmas.align import mapping
+from cmmas.align.atlas_set import AtlasSet
+from cmmas.datasets.base import Case, natural_key
+from cmmas.datasets.loading import load_case
+from cmmas.datasets.mmwhs import MMWHS_ALIASES
+from cmmas.errors import AtlasSetError, CmmasError
+from cmmas.evaluate.plots import OverlaySource, write_figures
+from cmmas.evaluate.report import (
+    JACOBIAN_COLUMNS,
+    EvaluationReport,
+    extended_report,
+    read_jacobian,
+    read_results,
+    read_timings,
+    summarize_jacobian,
+    to_csv,
+    write_report,
+)
+from cmmas.evaluate.scoring import score, stream_bound_rows
+from cmmas.fuse import registry
+from cmmas.io import Image, atomic_write_text, read_label
+from cmmas.metrics import jacobian_stats
+
+logger = logging.getLogger(__name__)
+
+#: Method name of the majority vote of the affinely pre-aligned atlases (no deep registration).
+AFFINE_MV = "affine+mv"
+#: Method name of the SimNet-weighted vote.
+SIMNET = registry.SIMNET
+#: Name of the BiRegNet registration in ``timings.csv``.
+BIREGNET = "biregnet"
+
+#: What ``summary.json`` says about how :func:`evaluate_atlas_set` scored (its ``"notes"`` entry).
+NOTES = {
+    "scoring": "every prediction is the label cmmas segment writes: the fusion's probabilities mapped back onto "
+    "the target's original grid through the inverse of its stored affine alignment (linear) and their arg-max "
+    "there (cmmas.align.mapping.map_back), scored against the original label file",
+    AFFINE_MV: "majority vote of the affinely pre-aligned atlases, without deformable registration",
+    "bounds": "single-atlas mean and oracle use the BiRegNet-warped atlases, each mapped back to the original "
+    "grid the same way (its one-hot as probabilities); the oracle takes the original truth wherever a "
+    "mapped-back atlas holds it, the mapped-back majority vote elsewhere",
+    "timings": "registration: BiRegNet seconds per atlas (batched, after one warm-up call); fusion: seconds per "
+    "target on the working grid; mapping back is not timed",
+}
+
+
+def direction_name(atlas_modality: str, target_modality: str) -> str:
+    """The ``direction`` column of a run, e.g. ``"ct->mr"``."""
+    return f"{atlas_modality}->{target_modality}"
+
+
+def original_target(aset: AtlasSet, case_id: str) -> tuple[Image, Image]:
+    """A case's image and label read from its original files, on its original grid.
+
+    Label codes outside the atlas set's table become background (a set prepared with one
+    ``component`` keeps only that structure, and so must the truth), except the data sets' known
+    alias codes (MM-WHS 421 for 420), rewritten as when the space was prepared.
+
+    Raises:
+        AtlasSetError: no original label, or an original file is not found.
+    """
+    entry = aset.case(case_id)
+    if entry.source_label is None:
+        raise AtlasSetError(aset.root, f"case {case_id!r} has no original label file to score against")
+    for source in (entry.source_image, entry.source_label):
+        if not Path(source).exists():
+            raise AtlasSetError(aset.root, f"case {case_id!r}: original file {source} not found (the manifest "
+                                "keeps the path prealign was given: run from the same folder)")
+    aliases = tuple((a, b) for a, b in MMWHS_ALIASES if a not in aset.labels and b in aset.labels)
+    case = Case(case_id, entry.modality, Path(entry.source_image), Path(entry.source_label), aliases)
+    image, label = load_case(case)
+    dropped = sorted(set(np.unique(label.array).tolist()) - {0} - set(aset.labels))
+    if dropped:
+        logger.info("%s: codes %s are not in the atlas set's label table: scored as background", label.path, dropped)
+        label = label.with_array(np.where(np.isin(label.array, dropped), 0, label.array).astype(np.int32))
+    return image, label
+
+
+class _TargetResult(NamedTuple):
+    rows: list[dict]
+    timings: list[dict]
+    jacobian: dict
+    paths: dict[str, Path]
+
+
+def _jacobian_row(ddfs: np.ndarray, case: dict) -> dict:
+    """Folding statistics of a target's BiRegNet fields ``[N, D, H, W, 3]`` (means over the atlases)."""
+    stats = [jacobian_stats(ddf) for ddf in ddfs]
+    logs = np.asarray([s["std_log_jac"] for s in stats])
+    return {
+        **case,
+        "n_atlases": len(stats),
+        "folding_percent": float(np.mean([s["folding_percent"] for s in stats])),
+        "std_log_jac": float(np.mean(logs[np.isfinite(logs)])) if np.isfinite(logs).any() else float("nan"),
+        "min_det": float(min(s["min_det"] for s in stats)),
+        "max_det": float(max(s["max_det"] for s in stats)),
+    }
+
+
+def evaluate_target(
+    aset: AtlasSet,
+    target_id: str,
+    atlas_ids: Sequence[str],
+    reg_net,
+    simnet,
+    methods: Sequence[str],
+    options: Mapping[str, Mapping] | None,
+    direction: str,
+    bounds: bool,
+    batch_size: int,
+    folder: Path,
+) -> _TargetResult:
+    """Segment one held-out target as ``cmmas segment`` does (with its stored alignment), with every
+    fusion of ``methods`` (and "affine+mv"), write each label to ``folder/pred_<method>.nii.gz``
+    and score it on the target's original grid."""
+    image, truth = original_target(aset, target_id)
+    codes = [0, *sorted(aset.labels)]
+    case = {"case": target_id, "direction": direction}
+    transforms, working = segment.align_target(image, aset, folder, alignment=aset.transform(target_id))
+    atlas_images, atlas_labels = aset.arrays(list(atlas_ids))
+    fused = {AFFINE_MV: registry.fuse_all(atlas_labels, codes, methods=("mv",))["mv"]}
+    start = time.perf_counter()
+    warped_images, warped_labels, ddfs = segment.register_atlases(reg_net, atlas_images, atlas_labels, working.array,
+                                                                  codes, batch_size)
+    per_atlas = (time.perf_counter() - start) / len(atlas_ids)
+    fused.update(registry.fuse_all(warped_labels, codes, warped_images, working.array, methods, options,
+                                   simnet=simnet, batch_size=batch_size))
+
+    def original(maps) -> np.ndarray:
+        label, _, _ = mapping.map_back(maps, working, transforms, image, maps=False)
+        return label.array
+
+    rows, paths, majority = [], {}, None
+    for name, (result, seconds) in fused.items():
+        label = image.with_array(original(result))
+        paths[name] = segment.write_label(label, folder / f"pred_{name}.nii.gz", codes)
+        rows += score(label.array, truth.array, aset.labels, truth.spacing_zyx, method=name, seconds=seconds, **case)
+        majority = label.array if name == "mv" else majority
+    if bounds:
+        if majority is None:
+            majority = original(registry.fuse_all(warped_labels, codes, methods=("mv",))["mv"].result)
+        each = (original(mapping.one_hot_maps(a, codes)) for a in warped_labels)
+        rows += stream_bound_rows(each, truth.array, aset.labels, truth.spacing_zyx, majority=majority, **case)
+
+    timings = [{**case, "step": "registration", "method": BIREGNET, "seconds": per_atlas}]
+    timings += [{**case, "step": "fusion", "method": name, "seconds": f.seconds} for name, f in fused.items()]
+    jacobian = _jacobian_row(ddfs, case) if ddfs is not None else {}
+    return _TargetResult(rows, timings, jacobian, paths)
+
+
+def _overlay_loader(aset: AtlasSet, case_id: str, paths: Mapping[str, Path]) -> OverlaySource:
+    """Reads the original image and truth of a target and its written predictions."""
+
+    def load() -> tuple[Image, np.ndarray, dict[str, np.ndarray]]:
+        image, truth = original_target(aset, case_id)
+        return image, truth.array, {name: read_label(path, like=image).array for name, path in paths.items()}
+
+    return load
+
+
+def evaluate_atlas_set(
+    atlas_set: AtlasSet | str | os.PathLike,
+    reg_model,
+    fusion_model,
+    out_dir: str | os.PathLike,
+    *,
+    atlas_modality: str = "ct",
+    target_modality: str = "mr",
+    methods: Sequence[str] = ("mv", "staple", "lwv", "jlf"),
+    options: Mapping[str, Mapping] | None = None,
+    direction: str | None = None,
+    bounds: bool = True,
+    plots: bool = True,
+    overlay_method: str | None = None,
+    batch_size: int = 2,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Segment every held-out target of a prepared atlas set and score it on its original grid.
+
+    For each labelled "test" case of ``target_modality``, the labelled "train" cases of
+    ``atlas_modality`` are the atlases (the target itself excluded). The predictions, by name:
+
+    * ``"affine+mv"``: majority vote of the pre-aligned atlases (no deformable registration);
+    * each fusion of ``methods`` (names of :func:`cmmas.fuse.registry.names`) on the atlases
+      warped by BiRegNet;
+    * ``"simnet"``: the SimNet-weighted vote (with a ``fusion_model``);
+    * with ``bounds``, the single-atlas mean and the oracle of the warped atlases.
+
+    Every label is mapped back as ``cmmas segment`` maps it (module docstring) and scored
+    against the original label file (:func:`original_target`).
+
+    Writes to ``out_dir``: ``<target>/pred_<method>.nii.gz`` (original grid and header),
+    ``results.csv``, ``summary.json`` (with ``"jacobian"`` and ``"notes"`` entries),
+    ``timings.csv``, ``jacobian.csv`` and, with ``plots``, box plots and best/median/worst
+    overlays ranked by ``overlay_method`` (default ``"simnet"`` with a fusion model, else the
+    first of ``methods``).
+
+    Raises:
+        AtlasSetError: no held-out target or no atlas; an original file is missing.
+        ModelError: a network does not fit the atlas set.
+        CmmasError: an unknown method.
+    """
+    aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
+    methods = [m for m in methods if m != SIMNET]
+    registry.check_names(methods, options)
+    targets = aset.ids(target_modality, role="test", labelled=True)
+    atlases = aset.ids(atlas_modality, role="train", labelled=True)
+    if not targets:
+        raise AtlasSetError(aset.root, f"no labelled held-out {target_modality} target (role 'test') to evaluate")
+    if not atlases:
+        raise AtlasSetError(aset.root, f"no labelled {atlas_modality} atlas (role 'train')")
+    direction = direction or direction_name(atlas_modality, target_modality)
+    evaluated = [AFFINE_MV, *methods] + ([SIMNET] if fusion_model is not None else [])
+    if overlay_method is not None and overlay_method not in evaluated:
+        raise CmmasError(None, f"overlay method {overlay_method!r} is not evaluated (evaluated: {', '.join(evaluated)})")
+    reg_net, simnet = segment.load_models(reg_model, fusion_model, aset)
+    if simnet is not None:
+        methods = [*methods, SIMNET]
+    codes = [0, *sorted(aset.labels)]
+    segment.warm_up(reg_net, simnet, aset, atlases, methods, batch_size, options)
+    out = Path(out_dir)
+    rows, timings, jacobians, sources = [], [], [], {}
+    for target_id in tqdm(targets, desc=f"evaluate {direction}", unit="target", disable=not progress):
+        keep = [a for a in atlases if a != target_id]
+        if not keep:
+            raise AtlasSetError(aset.root, f"no atlas left for target {target_id!r}")
+        result = evaluate_target(aset, target_id, keep, reg_net, simnet, methods, options, direction, bounds,
+                                 batch_size, out / target_id)
+        rows += result.rows
+        timings += result.timings
+        if result.jacobian:
+            jacobians.append(result.jacobian)
+        sources[(direction, target_id)] = _overlay_loader(aset, target_id, result.paths)
+    extra = {"jacobian": summarize_jacobian(jacobians), "notes": NOTES} if jacobians else {"notes": NOTES}
+    report = write_report(rows, out, timings, extra=extra)
+    jacobian_csv = atomic_write_text(out / "jacobian.csv", to_csv(jacobians, JACOBIAN_COLUMNS)) if jacobians else None
+    figures: list[Path] = []
+    if plots:
+        ranked_by = overlay_method or (SIMNET if simnet is not None else methods[0] if methods else AFFINE_MV)
+        figures = write_figures(rows, out, sources, ranked_by)
+    return extended_report(report, jacobian_csv, figures)
+
+
+def aggregate(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, plots: bool = True) -> EvaluationReport:
+    """Concatenate the reports of every fold and direction of a run and summarise them.
+
+    Reads ``RUN/*/fold*/eval/results.csv`` (and the ``timings.csv`` and ``jacobian.csv``
+    beside each, when present), in natural order, and writes to ``out_dir`` (default ``RUN``)
+    ``results.csv``, ``timings.csv``, ``jacobian.csv``, ``summary.json`` (with a ``"sources"``
+    entry listing the files read) and, with ``plots``, box plots per direction.
+
+    Raises:
+        CmmasError: no results file under ``run_dir``.
+    """
+    run = Path(run_dir)
+    found = sorted(run.glob("*/fold*/eval/results.csv"), key=lambda p: natural_key(str(p.relative_to(run))))
+    if not found:
+        raise CmmasError(run, "no */fold*/eval/results.csv under it: evaluate the folds first")
+    rows, timings, jacobians = [], [], []
+    for path in found:
+        rows += read_results(path)
+        if (path.parent / "timings.csv").is_file():
+            timings += read_timings(path.parent / "timings.csv")
+        if (path.parent / "jacobian.csv").is_file():
+            jacobians += read_jacobian(path.parent / "jacobian.csv")
+    keys = [(r["direction"], r["case"], r["method"], r["label"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        logger.warning("%s: some (direction, case, method, structure) occur in several folds", run)
+    out = Path(out_dir) if out_dir is not None else run
+    extra: dict = {"sources": [str(p.relative_to(run)) for p in found]}
+    if jacobians:
+        extra["jacobian"] = summarize_jacobian(jacobians)
+    report = write_report(rows, out, timings, extra)
+    jacobian_csv = atomic_write_text(out / "jacobian.csv", to_csv(jacobians, JACOBIAN_COLUMNS)) if jacobians else None
+    return extended_report(report, jacobian_csv, write_figures(rows, out) if plots else [])

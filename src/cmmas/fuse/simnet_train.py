@@ -1,0 +1,581 @@
+"""Training SimNet: learn where a warped atlas label can be trusted (inference: :mod:`cmmas.fuse.simnet`).
+
+SimNet (:func:`cmmas.nn.networks.build_simnet`) reads the target image and one warped atlas label
+(one-hot) and predicts, at every voxel, the *agreement* of that atlas with the unknown target
+label: the fraction of the 3x3x3 window around the voxel where the warped atlas label equals
+the target label (:func:`agreement_target`). Fusion is then the weighted vote
+``argmax_l sum_i S_i [A_i == l]`` (:func:`cmmas.fuse.simnet.simnet_fuse`).
+
+Training data (:func:`generate_pairs`): every training atlas warped by a trained BiRegNet to
+every training target, cached on disk, one ``<target_id>.npz`` per target. Training
+(:func:`train`) runs :class:`SimNetTrainer`, a ``keras.Model`` whose ``train_step`` augments
+the atlas label in the graph (a random integer shift along the three spatial axes and a random
+similarity transform), recomputes the agreement target from the augmented label, and
+minimises the sigmoid cross-entropy between the target and SimNet's logits.
+
+Arrays are numpy in array order ``(z, y, x)``; tensors ``[B, D, H, W, C]``. Label maps hold
+data-set codes; ``codes`` lists them (the background 0 is always included); networks see their
+one-hot in ascending code order (:func:`cmmas.fuse.simnet.channel_codes`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from scipy import ndimage
+
+from cmmas.errors import AtlasSetError, DatasetError, GeometryError, ModelError
+from cmmas.fuse.simnet import channel_codes
+from cmmas.io import atomic_path, atomic_write_text, label_dtype
+from cmmas.nn import training
+from cmmas.nn.layers import warp
+from cmmas.nn.networks import build_simnet
+from cmmas.register import apply, augment, biregnet
+
+logger = logging.getLogger(__name__)
+
+#: File name of the trained SimNet in a training folder.
+MODEL_FILE = "simnet.keras"
+
+#: File name of the run's configuration (JSON) in a training folder.
+CONFIG_FILE = "config.json"
+
+#: Side of the cubic window of the agreement target, in voxels.
+WINDOW = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    """Everything that defines one SimNet training run.
+
+    Defaults reproduce the original cmmas where it is documented
+    (learning rate, decay every 1000 steps, 5003 steps, batch 2, rotation, translation and
+    scale ranges). The original's decay *rate* for SimNet is not recorded; 0.96 (BiRegNet's)
+    is used. ``shift_max`` and ``augment_probability`` are ours.
+
+    Attributes:
+        shape_zyx: network input shape ``(D, H, W)``, divisible by ``2**(levels - 1)``.
+        c0, levels: SimNet width (channels of the first level) and depth.
+        lr: initial Adam learning rate.
+        decay_rate, decay_steps: the rate is multiplied by ``decay_rate`` every
+            ``decay_steps`` optimiser steps (staircase).
+        steps: optimiser steps in total; training stops after exactly that many.
+        batch: pairs per step (the global batch under a distribution strategy).
+        steps_per_epoch: steps between checkpoints, log lines and backups.
+        augment: augment the atlas label (see :func:`augmentation_displacement`).
+        augment_probability: probability that a pair is augmented; the others keep the label
+            BiRegNet produced, so the network sees well and badly aligned atlases.
+        shift_max: random integer shift of the atlas label, up to this many voxels per axis.
+        rotation_max: random rotation about each axis, up to this angle (radians).
+        translation_max: random translation along each axis, up to this many voxels.
+        scale_range: random isotropic scale factor of the atlas label, uniform in this range.
+        seed: seeds the weights, the sampling of pairs and the augmentation.
+    """
+
+    shape_zyx: tuple[int, int, int]
+    c0: int = 16
+    levels: int = 4
+    lr: float = 1e-4
+    decay_rate: float = 0.96
+    decay_steps: int = 1000
+    steps: int = 5003
+    batch: int = 2
+    steps_per_epoch: int = 50
+    augment: bool = True
+    augment_probability: float = 0.5
+    shift_max: int = 5
+    rotation_max: float = math.pi / 28
+    translation_max: float = 10.0
+    scale_range: tuple[float, float] = (0.85, 1.45)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape_zyx", tuple(int(n) for n in self.shape_zyx))
+        object.__setattr__(self, "scale_range", tuple(float(s) for s in self.scale_range))
+        problems = []
+        if len(self.shape_zyx) != 3 or min(self.shape_zyx) < 1:
+            problems.append(f"shape_zyx must be 3 positive sizes, got {self.shape_zyx}")
+        for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 < self.decay_rate <= 1:
+            problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {self.lr}, {self.decay_rate}")
+        if not 0 <= self.augment_probability <= 1:
+            problems.append(f"augment_probability must be in [0, 1], got {self.augment_probability}")
+        if self.shift_max < 0 or self.rotation_max < 0 or self.translation_max < 0:
+            problems.append("shift_max, rotation_max and translation_max must be >= 0")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            problems.append(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
+        if problems:
+            raise ModelError("SimConfig", "; ".join(problems))
+
+
+def agreement_target(warped_label: np.ndarray, target_label: np.ndarray) -> np.ndarray:
+    """SimNet's training target: local agreement of a warped atlas label with the target label.
+
+    The fraction of voxels of the 3x3x3 window centred on each voxel where ``warped_label``
+    equals ``target_label``. At the volume's border the window is clipped to the volume (the
+    mean over the voxels that exist), as in TensorFlow's 'SAME' average pooling used in
+    training.
+
+    Args:
+        warped_label: ``[..., D, H, W]`` label codes (any leading axes, e.g. atlases).
+        target_label: ``[D, H, W]`` or ``[..., D, H, W]``, broadcastable to ``warped_label``.
+
+    Returns:
+        ``[..., D, H, W]`` float32 in [0, 1]: 1 where the window agrees everywhere.
+    """
+    warped = np.asarray(warped_label)
+    target = np.asarray(target_label)
+    if warped.ndim < 3 or target.ndim < 3:
+        raise GeometryError("agreement_target", f"labels must be [..., D, H, W], got {warped.shape} and {target.shape}")
+    try:
+        equal = (warped == target).astype(np.float64)
+    except ValueError:
+        raise GeometryError("agreement_target", f"shapes {warped.shape} and {target.shape} do not broadcast") from None
+    size = (1,) * (equal.ndim - 3) + (WINDOW,) * 3
+    summed = ndimage.uniform_filter(equal, size=size, mode="constant", cval=0.0)
+    counted = ndimage.uniform_filter(np.ones(equal.shape[-3:]), size=WINDOW, mode="constant", cval=0.0)
+    return np.clip(summed / counted, 0.0, 1.0).astype(np.float32)
+
+
+def agreement_map(atlas_one_hot, target_one_hot) -> tf.Tensor:
+    """In-graph :func:`agreement_target` of one-hot labels.
+
+    Args:
+        atlas_one_hot, target_one_hot: ``[B, D, H, W, L]`` one-hot labels.
+
+    Returns:
+        ``[B, D, H, W, 1]`` float32: 3x3x3 'SAME' average pooling of the equality mask (the
+        window is clipped to the volume at its border).
+    """
+    equal = tf.reduce_sum(tf.cast(atlas_one_hot, tf.float32) * tf.cast(target_one_hot, tf.float32),
+                          axis=-1, keepdims=True)
+    window = [1, WINDOW, WINDOW, WINDOW, 1]
+    return tf.nn.avg_pool3d(equal, ksize=window, strides=[1, 1, 1, 1, 1], padding="SAME")
+
+
+def augmentation_displacement(shape_zyx: Sequence[int], shift, angles, translation, scale) -> tf.Tensor:
+    """Displacement field that moves a label map by a shift and a similarity transform.
+
+    A point ``x`` of the label moves to ``T(x) = c + s R (x - c) + t + shift``, ``c`` the
+    volume's centre and ``R`` the rotation of :func:`cmmas.register.affine_matrix`; the
+    field samples the label at ``T^-1(x)`` (:func:`cmmas.register.affine_ddf`), so that
+    ``warp(label, ddf, "nearest")`` is the moved label (clamped at the border: edge voxels
+    repeat, as a shift with edge padding). With ``s = 1``, ``R = I`` and ``t = 0`` it is an
+    exact integer shift along the spatial axes; channels are never mixed.
+
+    Args:
+        shape_zyx: ``(D, H, W)``.
+        shift: ``[B, 3]`` voxels (integers for an exact shift), array-axis order.
+        angles: ``[B, 3]`` radians about the array axes ``(d, h, w)``.
+        translation: ``[B, 3]`` voxels.
+        scale: ``[B]`` isotropic scale factors (> 1 enlarges the label).
+
+    Returns:
+        ``[B, D, H, W, 3]`` float32 displacement in voxels (``ij`` order).
+    """
+    angles = tf.cast(angles, tf.float32)
+    rotation = augment.affine_matrix(angles, tf.ones_like(angles), tf.zeros_like(angles))[:, :, :3]
+    # T^-1(x) = A (x - c) + c - A (t + shift), with A = (s R)^-1 = R^T / s.
+    linear = tf.linalg.matrix_transpose(rotation) / tf.reshape(tf.cast(scale, tf.float32), [-1, 1, 1])
+    offset = tf.cast(translation, tf.float32) + tf.cast(shift, tf.float32)
+    matrices = tf.concat([linear, -tf.einsum("bij,bj->bi", linear, offset)[:, :, None]], axis=-1)
+    return augment.affine_ddf(matrices, [int(n) for n in shape_zyx])
+
+
+def random_augmentation(one_hot, config: SimConfig, seed) -> tf.Tensor:
+    """Randomly shift and similarity-transform a batch of one-hot atlas labels.
+
+    Each pair is augmented with probability ``config.augment_probability``: an integer shift
+    uniform in ``[-shift_max, shift_max]`` voxels per spatial axis, rotations uniform in
+    ``[-rotation_max, rotation_max]`` about each axis, a translation uniform in
+    ``[-translation_max, translation_max]`` voxels per axis and a scale uniform in
+    ``scale_range`` (see :func:`augmentation_displacement`). Nearest-neighbour sampling of the
+    one-hot map keeps it one-hot (channel sums stay 1).
+
+    The original cmmas rolled the channel axis of the one-hot label by mistake (relabelling
+    structures); here only the spatial axes move.
+
+    Args:
+        one_hot: ``[B, D, H, W, L]`` float one-hot labels, ``(D, H, W) == config.shape_zyx``.
+        config: the ranges and the shape.
+        seed: ``[2]`` int32/int64 tensor for the stateless random ops (same seed, same result).
+
+    Returns:
+        ``[B, D, H, W, L]``, the augmented one-hot labels.
+    """
+    one_hot = tf.convert_to_tensor(one_hot)
+    batch = tf.shape(one_hot)[0]
+    u = tf.random.stateless_uniform(tf.stack([batch, 11]), seed=seed)
+    apply = u[:, 0] < config.augment_probability
+    m = float(config.shift_max)
+    shift = tf.minimum(tf.floor(u[:, 1:4] * (2 * m + 1)), 2 * m) - m
+    angles = (2.0 * u[:, 4:7] - 1.0) * config.rotation_max
+    translation = (2.0 * u[:, 7:10] - 1.0) * config.translation_max
+    low, high = config.scale_range
+    scale = low + u[:, 10] * (high - low)
+    ddf = augmentation_displacement(config.shape_zyx, shift, angles, translation, scale)
+    moved = warp(one_hot, ddf, "nearest")
+    return tf.where(apply[:, None, None, None, None], moved, one_hot)
+
+
+class SimNetTrainer(keras.Model):
+    """Trains a SimNet: in-graph augmentation, agreement target, sigmoid cross-entropy.
+
+    ``fit`` data: dicts with ``target`` ``[B, D, H, W, 1]`` (target image), ``atlas_label``
+    ``[B, D, H, W, L]`` (one-hot warped atlas label) and ``target_label`` ``[B, D, H, W, L]``
+    (one-hot target label). Each step augments ``atlas_label`` (when ``config.augment``;
+    :func:`random_augmentation`, seeded by ``(config.seed, step, replica)`` so a resumed run
+    continues the same sequence), recomputes the agreement target with :func:`agreement_map`
+    and minimises the mean sigmoid cross-entropy of SimNet's logits against it.
+    Metrics: ``loss`` and ``mae`` (mean |similarity - target|).
+
+    The trainer is a training harness; the artefact to save and deploy is ``self.simnet``.
+    """
+
+    def __init__(self, simnet: keras.Model, config: SimConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.simnet = simnet
+        self.config = config
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.mae_tracker = keras.metrics.Mean(name="mae")
+        self.built = True
+
+    def call(self, inputs, training=False):
+        return self.simnet({"target": inputs["target"], "atlas_label": inputs["atlas_label"]},
+                           training=training)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.mae_tracker]
+
+    def _step_seed(self) -> tf.Tensor:
+        replica = tf.distribute.get_replica_context()
+        replica_id = 0 if replica is None else replica.replica_id_in_sync_group
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        step = tf.cast(self.optimizer.iterations, tf.int64) * replicas + tf.cast(replica_id, tf.int64)
+        return tf.stack([tf.constant(self.config.seed, tf.int64), step])
+
+    def train_step(self, data):
+        inputs = data[0] if isinstance(data, tuple) else data
+        atlas = tf.cast(inputs["atlas_label"], tf.float32)
+        if self.config.augment:
+            atlas = random_augmentation(atlas, self.config, self._step_seed())
+        agreement = agreement_map(atlas, inputs["target_label"])
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            outputs = self.simnet({"target": inputs["target"], "atlas_label": atlas}, training=True)
+            loss = tf.reduce_mean(
+                tf.nn.sigmoid_cross_entropy_with_logits(labels=agreement, logits=outputs["logits"]))
+            scaled = self.optimizer.scale_loss(loss / tf.cast(replicas, loss.dtype))
+        variables = self.simnet.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        self.loss_tracker.update_state(loss)
+        self.mae_tracker.update_state(tf.reduce_mean(tf.abs(outputs["similarity"] - agreement)))
+        return {m.name: m.result() for m in self.metrics}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPairs:
+    """Training targets with their warped atlases (the content of a pair cache).
+
+    Attributes:
+        target_images: ``[T, D, H, W]`` float32 target images.
+        target_labels: ``[T, D, H, W]`` target labels (codes).
+        warped_labels: one ``[N_t, D, H, W]`` array of warped atlas labels (codes) per target.
+        target_ids: the T target ids.
+    """
+
+    target_images: np.ndarray
+    target_labels: np.ndarray
+    warped_labels: tuple[np.ndarray, ...]
+    target_ids: tuple[str, ...]
+
+    @classmethod
+    def from_arrays(cls, target_images, target_labels, warped_labels, target_ids=None) -> "TrainingPairs":
+        """Validate and wrap arrays (``warped_labels``: ``[T, N, D, H, W]`` or a list of ``[N_t, ...]``)."""
+        images = np.asarray(target_images, dtype=np.float32)
+        labels = np.asarray(target_labels)
+        warped = tuple(np.asarray(w) for w in warped_labels)
+        ids = tuple(target_ids) if target_ids is not None else tuple(f"target{t}" for t in range(len(images)))
+        if images.ndim != 4 or labels.shape != images.shape or len(warped) != len(images) or len(ids) != len(images):
+            raise GeometryError("TrainingPairs", f"expected T target images and labels [T, D, H, W] and T "
+                                f"warped sets, got {images.shape}, {labels.shape}, {len(warped)} sets")
+        for target_id, stack in zip(ids, warped):
+            if stack.ndim != 4 or stack.shape[1:] != images.shape[1:] or len(stack) < 1:
+                raise GeometryError(target_id, f"warped labels must be [N, {', '.join(map(str, images.shape[1:]))}], "
+                                    f"got {stack.shape}")
+        return cls(images, labels, warped, ids)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(self.target_images.shape[1:])
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(w) for w in self.warped_labels)
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    with atomic_path(path, ".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def _cached_atlas_ids(path: Path) -> list[str] | None:
+    """The atlas ids recorded in a cache file, or None when it is unreadable."""
+    try:
+        with np.load(path) as data:
+            return [str(a) for a in data["atlas_ids"]]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def generate_pairs(
+    reg_model: keras.Model,
+    space,
+    atlas_ids: Sequence[str],
+    target_ids: Sequence[str],
+    cache_dir: str | os.PathLike,
+    codes: Sequence[int],
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[Path]:
+    """Warp every atlas to every target with BiRegNet and cache the pairs, one file per target.
+
+    ``cache_dir/<target_id>.npz`` holds ``warped_labels`` ``[N, D, H, W]`` and ``target_label``
+    ``[D, H, W]`` (codes in :func:`cmmas.io.label_dtype`, the smallest integer type that holds
+    them), ``target_image`` ``[D, H, W]`` float32, ``atlas_ids`` and ``codes``. Files are
+    written atomically; a file that exists with the same atlas ids is kept (so an interrupted
+    run resumes), another is rewritten. A target is never its own atlas (when the id is in both lists).
+
+    Args:
+        reg_model: a trained BiRegNet (:func:`cmmas.register.load_model`).
+        space: the prepared :class:`cmmas.align.atlas_set.AtlasSet` holding all cases.
+        atlas_ids, target_ids: labelled cases of the space.
+        cache_dir: folder of the cache (created).
+        codes: label codes with the background 0.
+        batch_size: atlases per BiRegNet batch.
+        progress: show a progress bar over targets.
+
+    Returns:
+        The cache files, in the order of ``target_ids``.
+
+    Raises:
+        AtlasSetError: unknown or unlabelled cases, or no atlas for a target.
+    """
+    from tqdm import tqdm
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    atlas_ids = list(atlas_ids)
+    atlas_images, atlas_labels = space.arrays(atlas_ids)
+    if atlas_labels is None:
+        raise AtlasSetError(space.root, f"every atlas needs a label; unlabelled among {atlas_ids}")
+    codes = channel_codes(codes)
+    dtype = label_dtype(codes)
+    paths = []
+    for target_id in tqdm(list(target_ids), desc="warp atlases", unit="target", disable=not progress):
+        path = cache / f"{target_id}.npz"
+        paths.append(path)
+        keep = [k for k, a in enumerate(atlas_ids) if a != target_id]
+        if not keep:
+            raise AtlasSetError(space.root, f"no atlas left for target {target_id!r}")
+        used = [atlas_ids[k] for k in keep]
+        if path.exists() and _cached_atlas_ids(path) == used:
+            logger.info("keeping cached pairs %s", path)
+            continue
+        images, labels = space.arrays([target_id])
+        if labels is None:
+            raise AtlasSetError(space.root, f"target {target_id!r} has no label (training targets need one)")
+        _, warped, _ = apply.warp_atlases(
+            reg_model, atlas_images[keep], atlas_labels[keep], images[0], codes, batch_size=batch_size)
+        _save_npz_atomic(path, warped_labels=warped.astype(dtype), target_image=images[0].astype(np.float32),
+                         target_label=labels[0].astype(dtype), atlas_ids=np.asarray(used),
+                         codes=np.asarray(codes))
+    return paths
+
+
+def load_pairs(cache_dir: str | os.PathLike, target_ids: Sequence[str] | None = None) -> TrainingPairs:
+    """Read a pair cache written by :func:`generate_pairs` (all its targets, or ``target_ids``).
+
+    Raises:
+        DatasetError: the folder holds no pairs, a file is missing or unreadable, or the
+            targets do not share one grid.
+    """
+    cache = Path(cache_dir)
+    if target_ids is None:
+        paths = sorted(cache.glob("*.npz"))
+        if not paths:
+            raise DatasetError(cache, "no training pairs (*.npz); run the gen step of train_fusion first")
+    else:
+        paths = [cache / f"{t}.npz" for t in target_ids]
+    images, labels, warped = [], [], []
+    for path in paths:
+        try:
+            with np.load(path) as data:
+                images.append(data["target_image"].astype(np.float32))
+                labels.append(data["target_label"])
+                warped.append(data["warped_labels"])
+        except FileNotFoundError:
+            raise DatasetError(path, "no such pair file; run the gen step of train_fusion first") from None
+        except (OSError, KeyError, ValueError) as err:
+            raise DatasetError(path, f"unreadable pair file ({type(err).__name__}: {err}); delete it and rerun "
+                               "the gen step") from None
+        if images[-1].shape != images[0].shape:
+            raise DatasetError(path, f"grid {images[-1].shape} differs from {paths[0].name}'s {images[0].shape}")
+    return TrainingPairs.from_arrays(np.stack(images), np.stack(labels), warped,
+                                     [p.name[: -len(".npz")] for p in paths])
+
+
+class _PairBatches(keras.utils.PyDataset):
+    """Random batches of (target, warped atlas) pairs, as the dicts :class:`SimNetTrainer` reads.
+
+    Batch ``index`` of pass ``e`` over the data (counted by ``on_epoch_end`` from
+    ``first_epoch``) is drawn with ``numpy.random.default_rng([seed, e, index])``. A run resumed
+    at epoch ``r`` passes ``first_epoch=r`` and sees the batches of the uninterrupted run (fit
+    with ``shuffle=False``).
+    """
+
+    def __init__(self, pairs: TrainingPairs, codes: Sequence[int], batch: int, steps: int, seed: int,
+                 first_epoch: int = 0):
+        super().__init__()
+        self._pairs = pairs
+        self.sorted_codes = list(codes)
+        self._index = [(t, i) for t, stack in enumerate(pairs.warped_labels) for i in range(len(stack))]
+        self._batch, self._steps, self._seed = batch, steps, seed
+        self._epoch = first_epoch
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self._seed, self._epoch, index])
+        chosen = [self._index[k] for k in rng.integers(len(self._index), size=self._batch)]
+        atlases = np.stack([self._pairs.warped_labels[t][i] for t, i in chosen])
+        targets = np.stack([self._pairs.target_labels[t] for t, _ in chosen])
+        images = np.stack([self._pairs.target_images[t] for t, _ in chosen])[..., None]
+        return ({"target": images,
+                 "atlas_label": biregnet.one_hot(atlases, self.sorted_codes),
+                 "target_label": biregnet.one_hot(targets, self.sorted_codes)},)
+
+    def on_epoch_end(self) -> None:
+        self._epoch += 1
+
+
+def _as_float(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):  # CSVLogger writes "NA" for metrics it did not get
+        return math.nan
+
+
+def _plot_curves(history_csv: Path, out_png: Path) -> Path:
+    """Every logged metric (loss, mae, ...) against the epoch, one panel each, written atomically.
+
+    :func:`cmmas.register.plot_history` draws BiRegNet's loss and Dice only; this draws
+    whatever the CSVLogger file holds.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with history_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    names = [name for name in (rows[0] if rows else ()) if name != "epoch"]
+    curves = {name: [_as_float(r.get(name)) for r in rows] for name in names}
+    curves = {name: values for name, values in curves.items() if np.isfinite(values).any()}
+    figure = Figure(figsize=(4 * max(len(curves), 1), 3))
+    FigureCanvasAgg(figure)
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    for index, (name, values) in enumerate(curves.items()):
+        axes = figure.add_subplot(1, len(curves), index + 1)
+        axes.plot(epochs, values)
+        axes.set_xlabel("epoch")
+        axes.set_title(name)
+    figure.tight_layout()
+    with atomic_path(out_png, ".png") as tmp:
+        figure.savefig(tmp, dpi=100)
+    return out_png
+
+
+def train(
+    config: SimConfig,
+    data: TrainingPairs | str | os.PathLike,
+    codes: Sequence[int],
+    out_dir: str | os.PathLike,
+    strategy: str = "default",
+    progress: bool = True,
+    init_weights: str | os.PathLike | None = None,
+) -> Path:
+    """Train a SimNet on cached pairs (a folder from :func:`generate_pairs`) or on arrays.
+
+    Writes into ``out_dir``: ``simnet.keras`` (the bare SimNet, atomically, once training is
+    complete), ``config.json``, ``history.csv`` (loss and mae per epoch), ``curves.png``,
+    ``checkpoints/`` (trainer weights per epoch), ``tensorboard/`` (when the tensorboard
+    package is installed) and, while the run is unfinished, ``backup/`` (Keras
+    BackupAndRestore: the same call again resumes from the last epoch). The callbacks are
+    BiRegNet's (:mod:`cmmas.register`). Training takes exactly ``config.steps`` steps.
+
+    Args:
+        config: the run (its ``shape_zyx`` must be the pairs' grid).
+        data: a pair cache folder or :class:`TrainingPairs`.
+        codes: label codes with the background 0 (the one-hot channels, sorted).
+        out_dir: output folder (created).
+        strategy: one of :data:`cmmas.register.STRATEGIES`; ``config.batch`` is the global
+            batch.
+        progress: show Keras' progress bar.
+        init_weights: a ``simnet.keras`` of the same architecture to start from (steps and
+            schedule start again at 0); ignored when resuming from ``backup/``.
+
+    Returns:
+        The path of ``simnet.keras``.
+
+    Raises:
+        ModelError: the config does not fit the data; DatasetError: unreadable cache.
+    """
+    pairs = data if isinstance(data, TrainingPairs) else load_pairs(data)
+    if pairs.shape_zyx != config.shape_zyx:
+        raise ModelError("SimConfig", f"shape_zyx {config.shape_zyx} differs from the training pairs' grid "
+                         f"{pairs.shape_zyx}")
+    codes = channel_codes(codes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(dataclasses.asdict(config), indent=1))
+    resume_epoch = training.resume_epoch_of(out / "backup")
+    if resume_epoch == 0 and (out / "history.csv").exists():
+        (out / "history.csv").unlink()  # a fresh run, not a resume: start a new log
+    elif resume_epoch:
+        logger.info("resuming %s at epoch %d", out, resume_epoch)
+
+    keras.utils.set_random_seed(config.seed)
+    distribution = training.get_strategy(strategy)
+    if config.batch % distribution.num_replicas_in_sync:
+        raise ModelError("SimConfig", f"batch {config.batch} is not divisible by the "
+                         f"{distribution.num_replicas_in_sync} replicas")
+    with distribution.scope():
+        simnet = build_simnet(config.shape_zyx, len(codes), c0=config.c0, levels=config.levels)
+        if init_weights is not None and resume_epoch == 0:
+            training.copy_weights(init_weights, simnet)
+        trainer = SimNetTrainer(simnet, config)
+        schedule = keras.optimizers.schedules.ExponentialDecay(
+            config.lr, config.decay_steps, config.decay_rate, staircase=True)
+        trainer.compile(optimizer=keras.optimizers.Adam(schedule))
+    batches = _PairBatches(pairs, codes, config.batch, config.steps_per_epoch, config.seed, resume_epoch)
+    logger.info("training SimNet on %d pairs of %d targets for %d steps", pairs.n_pairs,
+                len(pairs.target_ids), config.steps)
+    trainer.fit(batches, epochs=math.ceil(config.steps / config.steps_per_epoch), shuffle=False,
+                callbacks=training.training_callbacks(config, out, (), name="train_fusion"),
+                verbose=training.fit_verbosity(progress))
+    path = training.save_model(simnet, out / MODEL_FILE)
+    _plot_curves(out / "history.csv", out / "curves.png")
+    return path

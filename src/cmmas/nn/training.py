@@ -1,0 +1,219 @@
+"""The one Keras training harness and the one model loader: distribution strategies,
+the callbacks of a run folder (stop at a step count, CSV history, checkpoints, TensorBoard,
+BackupAndRestore, one progress line per epoch), atomic saving, weight copying, loss curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cmmas.errors import CmmasError, ModelError
+from cmmas.nn import layers, networks  # noqa: F401  (registers the custom layers that load_model deserialises)
+from cmmas.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("default", "mirrored", "multiworker")
+
+
+def get_strategy(name: str) -> "tf.distribute.Strategy":
+    """``"default"`` (one device), ``"mirrored"`` (local GPUs) or ``"multiworker"`` (TF_CONFIG hosts)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise CmmasError("strategy", f"unknown strategy {name!r}; expected one of {STRATEGIES}")
+
+
+class _StopAtStep(keras.callbacks.Callback):
+    """Stop ``fit`` once the optimiser has taken ``steps`` steps (mid-epoch if need be)."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = int(steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.steps:
+            self.model.stop_training = True
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One line per finished epoch on stdout, flushed (shows in logs and pipes, where the Keras
+    progress bar does not): ``<name> epoch 3/30 step 150: loss -0.512, dice 0.713, 42.1 s``."""
+
+    def __init__(self, name: str, epochs: int, steps_per_epoch: int, stream=None):
+        super().__init__()
+        self.name, self.epochs, self.steps_per_epoch = name, int(epochs), int(steps_per_epoch)
+        self.stream = stream
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        values = ", ".join(f"{k} {float(v):.4g}" for k, v in (logs or {}).items() if k != "learning_rate")
+        print(f"{self.name} epoch {epoch + 1}/{self.epochs} step {step}: {values}, "
+              f"{time.perf_counter() - self._start:.1f} s", file=self.stream or sys.stdout, flush=True)
+
+
+def fit_verbosity(progress: bool) -> int:
+    """Keras ``fit``'s ``verbose``: its progress bar only where ``progress`` is asked and stdout is
+    a terminal (elsewhere :class:`EpochLog`'s lines say the same, one per epoch)."""
+    return 1 if progress and sys.stdout.isatty() else 0
+
+
+def resume_epoch_of(backup_dir: Path) -> int:
+    """The epoch ``BackupAndRestore`` will resume at (0 when there is no usable backup)."""
+    try:
+        return int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def training_callbacks(config, out: Path, extra: Sequence, name: str = "train") -> list:
+    """The training callbacks of a run folder (also used by :mod:`cmmas.fuse.simnet_train`).
+
+    Stop after ``config.steps`` steps, one line per epoch on stdout (:class:`EpochLog`, headed
+    ``name``), ``history.csv`` (appended), per-epoch weights in
+    ``checkpoints/``, ``tensorboard/`` (if installed), ``backup/`` (BackupAndRestore, keeping
+    the previous backup too), then ``extra``.
+    """
+    callbacks = [
+        _StopAtStep(config.steps),
+        EpochLog(name, math.ceil(config.steps / config.steps_per_epoch), config.steps_per_epoch),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        keras.callbacks.ModelCheckpoint(
+            str(out / "checkpoints" / "epoch_{epoch:03d}.weights.h5"), save_weights_only=True
+        ),
+    ]
+    try:
+        import tensorboard  # noqa: F401  (tf.summary needs the package)
+
+        callbacks.append(
+            keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0)
+        )
+    except ImportError:
+        log.warning("the tensorboard package is not installed: no TensorBoard logs in %s", out)
+    callbacks.append(keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True))
+    return callbacks + list(extra)
+
+
+def save_model(net: keras.Model, path: str | os.PathLike) -> Path:
+    """Save a model as ``.keras`` atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    with atomic_path(path, ".keras") as tmp:
+        net.save(tmp)
+    return path
+
+
+def copy_weights(source: str | os.PathLike, net: keras.Model) -> None:
+    """Set ``net``'s weights from the saved model ``source`` (same architecture and shapes).
+
+    Raises:
+        ModelError: ``source`` is unreadable or its weights do not match ``net``'s.
+    """
+    weights = load_model(source).get_weights()
+    expected = [tuple(w.shape) for w in net.get_weights()]
+    found = [tuple(w.shape) for w in weights]
+    if found != expected:
+        raise ModelError(source, f"weights do not fit this network ({len(found)} arrays vs {len(expected)}, "
+                         "or different shapes): was it trained with the same shape, c0 and levels?")
+    net.set_weights(weights)
+
+
+def _number(text: str | None) -> float:
+    """A CSV cell as a float; empty or ``NA`` (CSVLogger's missing value) as NaN."""
+    try:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def plot_history(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
+    """Loss and Dice per epoch (training, and validation when logged) from a CSVLogger file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    csv_path, png_path = Path(csv_path), Path(png_path)
+    if not csv_path.exists():
+        raise CmmasError(csv_path, "training history not found")
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise CmmasError(csv_path, "training history is empty")
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    figure = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(figure)
+    for index, name in enumerate(("loss", "dice")):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for key, style in ((name, "-"), (f"val_{name}", "--")):
+            values = [_number(r.get(key)) for r in rows]
+            if any(np.isfinite(values)):
+                axes.plot(epochs, values, style, label=key)
+        axes.set_xlabel("epoch")
+        axes.set_title(name)
+        axes.legend()
+    figure.tight_layout()
+    with atomic_path(png_path, ".png") as tmp:
+        figure.savefig(tmp, dpi=100)
+    return png_path
+
+
+#: What each kind of cmmas network takes and gives: input names, the output that identifies it.
+MODEL_KINDS = {
+    "biregnet": (("atlas", "target"), "U"),
+    "simnet": (("target", "atlas_label"), "similarity"),
+}
+
+
+def check_kind(model: keras.Model, kind: str, where: str | os.PathLike | None = None) -> None:
+    """Raise :class:`ModelError` (naming ``where``, default the model's name) unless ``model`` is a
+    network of ``kind`` ("biregnet" or "simnet")."""
+    names, output = MODEL_KINDS[kind]
+    inputs, outputs = getattr(model, "input", None), getattr(model, "output", None)
+    if not (isinstance(inputs, dict) and set(inputs) == set(names) and isinstance(outputs, dict) and output in outputs):
+        raise ModelError(where or model.name, f"not a {'BiRegNet' if kind == 'biregnet' else 'SimNet'}: expected "
+                         f"inputs {' and '.join(repr(n) for n in names)} and an output {output!r}")
+
+
+def input_grid(model: keras.Model, kind: str) -> tuple[int, int, int]:
+    """The working-grid shape ``(D, H, W)`` a network of ``kind`` takes (checked with :func:`check_kind`)."""
+    check_kind(model, kind)
+    return tuple(int(n) for n in model.input[MODEL_KINDS[kind][0][0]].shape[1:4])  # type: ignore[return-value]
+
+
+def load_model(path: str | os.PathLike, kind: str | None = None) -> keras.Model:
+    """Load a ``.keras`` network saved by cmmas: the one loader of BiRegNet and SimNet files.
+
+    Args:
+        path: the ``.keras`` file.
+        kind: "biregnet" or "simnet" to check that the file holds that network; None accepts any.
+
+    Raises:
+        ModelError: the file is missing, not a loadable Keras model, or not of ``kind``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(path, "model file not found")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as err:  # Keras raises many types for a bad file; all mean the same here.
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise ModelError(path, f"not a loadable .keras model ({type(err).__name__}: {detail})") from None
+    if kind is not None:
+        check_kind(model, kind, path)
+    return model

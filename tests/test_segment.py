@@ -1,0 +1,282 @@
+"""pipeline.py: segment one target with an atlas set, on the target's own grid.
+
+Phantom CT atlases (40^3) form one atlas set on a 24^3 working grid at 4 mm; the target is an MR
+phantom of another subject, whose grid is rotated (non-identity direction). The networks are
+untrained: BiRegNet returns zero fields (atlases unchanged) and SimNet gives every atlas the same
+weight, so the pipeline's wiring, not the networks, is what is tested.
+"""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cmmas import preprocess
+from cmmas.align import atlas_set
+from cmmas.align import mapping
+from cmmas.align import prepare
+from cmmas.fuse import registry
+from cmmas.fuse import weights
+from cmmas import segment
+from cmmas.nn import training
+from cmmas.register import apply
+from cmmas.fuse import simnet as simnet_fusion
+from cmmas.datasets.mmwhs import MMWHS_LABELS
+from cmmas.datasets.phantom import make_subject
+from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError, ModelError
+from cmmas.io import read_image, read_label, write_image
+from cmmas.nn.networks import build_biregnet, build_simnet
+from phantom_data import numbered, write_phantom_folder
+
+SHAPE = (24, 24, 24)
+CODES = (0, *sorted(MMWHS_LABELS))
+
+
+def write_folder(root, n=3, modality="ct", seed=0, labels=MMWHS_LABELS):
+    """A folder-layout data set of ``n`` phantom subjects of one modality (seeds from ``seed``)."""
+    return write_phantom_folder(root, numbered(modality, range(seed, seed + n)), labels=labels)
+
+
+def write_models(root):
+    """Untrained BiRegNet and SimNet for the 24^3 grid, saved as .keras files."""
+    reg = training.save_model(build_biregnet(SHAPE, c0=4, levels=2), root / "reg.keras")
+    sim = training.save_model(build_simnet(SHAPE, len(CODES), c0=4, levels=2), root / "simnet.keras")
+    return reg, sim
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Atlas folder, prepared atlas set, models and an MR target (image + its true label)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_folder(root / "data")
+    aset = prepare.prepare_atlases(data, "ct", root / "set", shape_zyx=SHAPE, spacing_zyx=(4.0,) * 3, progress=False)
+    reg, sim = write_models(root)
+    image, label = make_subject("mr", 100, shape=40)
+    target = write_image(image, root / "target_image.nii.gz")
+    write_image(label, root / "target_label.nii.gz")
+    return {"root": root, "data": data, "set": aset, "reg": reg, "sim": sim, "target": target,
+            "truth": label}
+
+
+@pytest.fixture(scope="module")
+def simnet_run(world, tmp_path_factory):
+    """One SimNet segmentation, keeping its target -> reference transform."""
+    tdir = tmp_path_factory.mktemp("transform")
+    result = segment.segment(world["target"], world["set"], reg_model=world["reg"], fusion_model=world["sim"],
+                              fusion="simnet", transform_dir=tdir, progress=False)
+    return result, sorted(str(p) for p in tdir.glob("*.mat"))
+
+
+def _dice(a, b) -> float:
+    return 2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
+
+
+# ----------------------------------------------------------------------------- atlas sets
+
+
+def test_prepared_atlas_set_describes_itself(world):
+    again = atlas_set.AtlasSet(world["set"].root)
+    manifest = again.manifest
+    assert manifest.version == atlas_set.VERSION
+    assert manifest.labels == MMWHS_LABELS
+    assert manifest.geometry.shape == SHAPE
+    np.testing.assert_allclose(manifest.geometry.spacing, (4.0, 4.0, 4.0))
+    assert [c.modality for c in manifest.cases] == ["ct"] * 3
+    assert manifest.reference in again.ids()
+    assert segment.atlas_ids_of(again) == ["ct_00", "ct_01", "ct_02"]
+
+
+def test_validation_names_the_bad_atlas_before_aligning(tmp_path):
+    data = write_folder(tmp_path / "data", n=2)
+    label = data / "ct" / "ct_01_label.nii.gz"
+    empty = read_label(label)
+    write_image(empty.with_array(np.zeros_like(empty.array)), label)
+    with pytest.raises(LabelError) as info:
+        prepare.prepare_atlases(data, "ct", tmp_path / "set", shape_zyx=SHAPE, progress=False)
+    assert str(info.value).startswith(str(label)) and "empty" in str(info.value)
+    assert not (tmp_path / "set" / "transforms").exists()
+    with pytest.raises(DatasetError, match="no 'mr' cases"):
+        prepare.prepare_atlases(data, "mr", tmp_path / "set", shape_zyx=SHAPE, progress=False)
+
+
+def test_atlases_of_a_two_modality_space_are_the_reference_modality(world, tmp_path):
+    root = world["set"].root
+    shutil.copytree(root, tmp_path / "space")
+    manifest = json.loads((tmp_path / "space" / "manifest.json").read_text())
+    first = dict(manifest["cases"][0], id="mr_99", modality="mr")
+    manifest["cases"].append(first)
+    (tmp_path / "space" / "manifest.json").write_text(json.dumps(manifest))
+    space = atlas_set.AtlasSet(tmp_path / "space")
+    assert segment.atlas_ids_of(space) == ["ct_00", "ct_01", "ct_02"]
+    assert segment.atlas_ids_of(space, "mr") == ["mr_99"]
+
+
+def test_raw_atlas_folder_is_prepared_once_and_not_mixed_up(world, tmp_path):
+    out = world["root"] / "set"
+    again = prepare.raw_atlas_set(world["data"], None, out, SHAPE)  # the same atlases and grid: reused
+    assert again.manifest == world["set"].manifest
+    other = write_folder(tmp_path / "other", n=1, seed=7)
+    with pytest.raises(AtlasSetError, match="other atlases"):
+        prepare.raw_atlas_set(other, "ct", out, SHAPE)
+    with pytest.raises(AtlasSetError, match="another grid"):
+        prepare.raw_atlas_set(world["data"], "ct", out, (32, 32, 32))
+
+
+# ----------------------------------------------------------------------------- segment
+
+
+def test_segment_equals_the_step_by_step_pipeline(world, simnet_run):
+    result, transforms = simnet_run
+    aset = world["set"]
+    target = read_image(world["target"])
+    assert len(transforms) == 1
+
+    # an independent alignment lands the target near the same place (multi-threaded ANTs MI varies
+    # between runs: about 1 mm and 0.05 rad on this small phantom)
+    own = prepare.align(target, aset.reference_image(), world["root"] / "own", aset.manifest.align_spacing_mm)
+    own_working = mapping.to_space(target, own.forward, aset.geometry, kind="linear")
+    assert np.corrcoef(own_working.array.ravel(), result.target_working.array.ravel())[0, 1] > 0.97
+
+    working = mapping.to_space(target, transforms, aset.geometry, kind="linear")
+    np.testing.assert_array_equal(working.array, result.target_working.array)
+    ids = segment.atlas_ids_of(aset)
+    images, labels = aset.arrays(ids)
+    model = training.load_model(world["reg"])
+    _, warped, _ = apply.warp_atlases(model, images, labels, working.array, CODES)
+    np.testing.assert_array_equal(warped, labels)  # an untrained BiRegNet is the identity
+    fused = simnet_fusion.simnet_fuse(training.load_model(world["sim"], "simnet"), working.array, warped, CODES)
+    np.testing.assert_array_equal(result.working.array, fused.label)
+    # an untrained SimNet gives every atlas the same weight: its vote is the majority vote
+    np.testing.assert_array_equal(fused.label, registry.fuse("mv", warped, CODES).label)
+
+    back = [mapping.back_to_target(p, aset.geometry, transforms, target.geometry, kind="linear").array
+            for p in fused.probabilities]
+    foreground = np.clip(np.stack(back[1:]), 0, 1)
+    stack = np.concatenate([np.clip(1 - foreground.sum(0), 0, 1)[None], foreground])
+    np.testing.assert_array_equal(result.label.array, np.asarray(CODES)[np.argmax(stack, 0)])
+    # segment resamples onto boxes of the target grid: float32 rounding of their origins only
+    for k, code in enumerate(CODES):
+        np.testing.assert_allclose(result.probabilities[code].array, stack[k], atol=1e-5)
+    agreement = mapping.back_to_target(fused.agreement, aset.geometry, transforms, target.geometry, kind="linear")
+    np.testing.assert_allclose(result.agreement.array, np.clip(agreement.array, 0, 1), atol=1e-5)
+    assert result.atlas_ids == ids
+    assert set(result.seconds) == {"load", "align", "register", "fuse", "map_back", "total"}
+
+    # mapping the hard label back (generic-label) instead gives nearly the same map
+    hard = mapping.back_to_target(fused.label, aset.geometry, transforms, target.geometry, kind="label").array
+    assert np.mean(hard == result.label.array) > 0.98
+
+
+def test_segmentation_lies_on_the_target_and_overlaps_its_truth(world, simnet_run):
+    result, _ = simnet_run
+    target = read_image(world["target"])
+    assert not np.allclose(target.geometry.direction_matrix, np.eye(3))  # the MR phantom's grid is rotated
+    truth = world["truth"].array
+    assert _dice(result.label.array > 0, truth > 0) > 0.6
+    per_code = [_dice(result.label.array == c, truth == c) for c in CODES[1:]]
+    assert np.mean(per_code) > 0.35, per_code
+    total = sum(p.array for p in result.probabilities.values())
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+    assert 0.0 <= result.agreement.array.min() and result.agreement.array.max() <= 1.0
+    inside = result.label.array > 0
+    assert result.agreement.array[inside].mean() > 0.5
+
+
+def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
+    result, _ = simnet_run
+    target = read_image(world["target"])
+    written = segment.write_segmentation(result, tmp_path / "seg.nii.gz")
+    names = sorted(p.name for p in written)
+    assert names == sorted(["seg.nii.gz", "seg_agreement.nii.gz"] + [f"seg_prob_{c}.nii.gz" for c in CODES])
+    for path in written:
+        image = read_image(path)
+        assert target.geometry.differences(image.geometry) == [], path
+    label = read_label(tmp_path / "seg.nii.gz", allowed=MMWHS_LABELS)
+    np.testing.assert_array_equal(label.array, result.label.array)
+    assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetPixelID() == sitk.sitkInt16  # codes up to 850
+    only = segment.write_segmentation(result, tmp_path / "only.nii.gz", extras=False)
+    assert [p.name for p in only] == ["only.nii.gz"]
+
+
+def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
+    result, transforms = simnet_run
+    aset, target = world["set"], read_image(world["target"])
+    working = mapping.to_space(target, transforms, aset.geometry, kind="linear")
+    _, labels = aset.arrays(segment.atlas_ids_of(aset))
+    fused = registry.fuse("mv", labels, CODES)
+    label, probabilities, agreement = mapping.map_back(fused, working, transforms, target, maps=True)
+    only, no_probabilities, no_agreement = mapping.map_back(fused, working, transforms, target, maps=False)
+    np.testing.assert_array_equal(only.array, label.array)
+    assert no_probabilities is None and no_agreement is None and len(probabilities) == len(CODES)
+    assert target.geometry.differences(only.geometry) == []
+
+    lean = dataclasses.replace(result, probabilities=None, agreement=None)
+    with pytest.raises(CmmasError, match="no probability or agreement maps") as err:
+        segment.write_segmentation(lean, tmp_path / "lean.nii.gz")
+    assert "\n" not in str(err.value) and "lean.nii.gz" in str(err.value)
+    [path] = segment.write_segmentation(lean, tmp_path / "lean.nii.gz", extras=False)
+    np.testing.assert_array_equal(read_label(path, allowed=MMWHS_LABELS).array, result.label.array)
+
+
+def test_k_most_similar_atlases_are_chosen(world, simnet_run):
+    result, _ = simnet_run
+    aset = world["set"]
+    ids = segment.atlas_ids_of(aset)
+    images, _ = aset.arrays(ids)
+    scores = weights.global_similarity(result.target_working.array, images, similarity="mi")
+    expected = [ids[i] for i in np.argsort(-scores)[:2]]
+    assert segment.select_atlases(images, result.target_working.array, ids, 2) == expected
+    assert segment.select_atlases(images, result.target_working.array, ids, None) == ids
+    with pytest.raises(CmmasError, match="at least 1"):
+        segment.select_atlases(images, result.target_working.array, ids, 0)
+
+
+def test_without_prealign_the_target_is_taken_as_in_the_reference_space(world):
+    aset = world["set"]
+    reference = aset.reference_image()  # the reference atlas at the alignment spacing: in its own space
+    result = segment.segment(reference, aset, fusion="mv", prealign=False, progress=False)
+    assert reference.geometry.differences(result.label.geometry) == []
+    lean = segment.segment(reference, aset, fusion="mv", prealign=False, progress=False, maps=False)
+    np.testing.assert_array_equal(lean.label.array, result.label.array)
+    assert lean.probabilities is None and lean.agreement is None
+    truth = preprocess.resample(aset.label(aset.manifest.reference), geometry=reference.geometry, kind="label")
+    assert _dice(result.label.array > 0, truth.array > 0) > 0.7
+
+
+def test_models_that_do_not_fit_are_refused_before_aligning(world, tmp_path):
+    small = training.save_model(build_biregnet((16, 16, 16), c0=2, levels=2), tmp_path / "small.keras")
+    with pytest.raises(ModelError, match=r"\(16, 16, 16\) grid") as info:
+        segment.segment(world["target"], world["set"], reg_model=small, fusion="mv", progress=False)
+    assert str(info.value).startswith(str(small)) and "--shape 16,16,16" in str(info.value)
+    with pytest.raises(ModelError, match="needs a SimNet"):
+        segment.segment(world["target"], world["set"], fusion="simnet", progress=False)
+    with pytest.raises(CmmasError, match="unknown fusion 'vote'"):
+        segment.segment(world["target"], world["set"], fusion="vote", progress=False)
+    with pytest.raises(ModelError, match="BiRegNet model file not found"):
+        segment.segment(world["target"], world["set"], fusion="mv", reg_model=tmp_path / "none.keras")
+
+
+# ----------------------------------------------------------------------------- bundles
+
+
+def test_bundle_parts_and_explicit_paths(world, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(world["set"].root, bundle / "atlas_set")
+    shutil.copy(world["reg"], bundle / "reg_model.keras")
+    found = segment.resolve_bundle(bundle)
+    assert found == segment.Bundle(bundle / "atlas_set", bundle / "reg_model.keras", None)
+    other = segment.resolve_bundle(bundle, reg_model=world["reg"], fusion_model=world["sim"])
+    assert other.reg_model == world["reg"] and other.fusion_model == world["sim"]
+    assert segment.resolve_bundle(world["set"].root).atlas_set == world["set"].root  # a set is its own bundle
+    with pytest.raises(AtlasSetError, match="bundle folder not found"):
+        segment.resolve_bundle(tmp_path / "missing")
+    with pytest.raises(AtlasSetError, match="no atlas set given"):
+        segment.resolve_bundle(tmp_path, reg_model=world["reg"])
+
+
+def test_first_argmax_matches_numpy_with_ties():
+    scores = np.random.default_rng(0).integers(0, 3, (5, 7, 6, 4)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(mapping._first_argmax(scores), np.argmax(scores, axis=0))
