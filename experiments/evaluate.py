@@ -8,8 +8,8 @@
   network's) are scored too when --predictions P holds P/<target>/pred_<name>.nii.gz on the
   same grid.
 
---atlas_set DIR (the networks; cmmas.evaluate.evaluate_atlas_set): every labelled held-out
-  --target_modality case of the prepared space (experiments/prealign.py --mode reference) is
+--atlas_set DIR (the networks; cmmas.evaluate.runs.evaluate_atlas_set): every labelled held-out
+  --target_modality case of the prepared atlas set (experiments/prealign.py --mode reference) is
   segmented with the --atlas_modality training cases: "affine+mv" (majority vote of the
   pre-aligned atlases), each of --methods on the atlases warped by --reg_model (BiRegNet) and
   "simnet" (--fusion_model; skipped without one). Every prediction is mapped back onto the
@@ -28,7 +28,7 @@ median and worst case (overlay_<direction>_<tag>_<case>.png); prints the tables 
 Examples:
   python experiments/evaluate.py --pairs runs/prealign/ct2mr_affine --out runs/eval/ct2mr_affine \
       --methods mv,staple,lwv,jlf
-  python experiments/evaluate.py --atlas_set runs/demo/ct2mr/fold1/space \
+  python experiments/evaluate.py --atlas_set runs/demo/ct2mr/fold1/atlas_set \
       --reg_model runs/demo/ct2mr/fold1/reg/model.keras \
       --fusion_model runs/demo/ct2mr/fold1/fusion/simnet.keras \
       --atlas_modality ct --target_modality mr --out runs/demo/ct2mr/fold1/eval

@@ -39,8 +39,10 @@ def absl_main(name: str, run: Callable[[], int]) -> Callable[[list[str]], int]:
 
 def define_atlas_set(help_text: str) -> None:
     """``--atlas_set DIR`` (a prepared atlas set), with ``--space`` as its deprecated alias."""
-    flags.DEFINE_string("atlas_set", None, help_text)
-    flags.DEFINE_string("space", None, "Deprecated alias of --atlas_set (removed in the next release).")
+    script = sys.argv[0]  # listed with the script's own flags in its --help
+    flags.DEFINE_string("atlas_set", None, help_text, module_name=script)
+    flags.DEFINE_string("space", None, "Deprecated alias of --atlas_set (removed in the next release).",
+                        module_name=script)
 
 
 def atlas_set_flag(required: bool = True) -> str | None:
