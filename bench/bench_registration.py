@@ -2,7 +2,7 @@
 
 For each of --pairs (atlas, target) pairs, both methods register the atlas onto the target on
 the same working grid:
-  - BiRegNet: cmmas.register.warp_atlases (forward pass, image and label warps), after one
+  - BiRegNet: cmmas.register.apply.warp_atlases (forward pass, image and label warps), after one
     untimed warm-up call;
   - ANTs: cmmas.align.ants.register(kind="syn") (rigid, affine, then SyN; Mattes MI), the label
     warped with generic-label interpolation.
@@ -97,25 +97,23 @@ def _syn_folding_percent(syn, fixed) -> float:
     return 100.0 * float(np.mean(det <= 0))
 
 
-def _space_pairs():
-    """``(geometry, {code: name}, [(name, atlas, atlas_label, target, target_label)])`` from --atlas_set."""
-    from cmmas.align.atlas_set import AtlasSet
+def _atlas_set_pairs(aset):
+    """``(geometry, {code: name}, [(name, atlas, atlas_label, target, target_label)])`` of an atlas set."""
     from cmmas.errors import AtlasSetError
 
-    space = AtlasSet(atlas_set_flag())
-    atlases = space.ids(FLAGS.atlas_modality, role="train", labelled=True)
-    targets = space.ids(FLAGS.target_modality, role="test", labelled=True) or space.ids(
+    atlases = aset.ids(FLAGS.atlas_modality, role="train", labelled=True)
+    targets = aset.ids(FLAGS.target_modality, role="test", labelled=True) or aset.ids(
         FLAGS.target_modality, role="train", labelled=True)
     if not atlases or not targets:
-        raise AtlasSetError(atlas_set_flag(), f"needs labelled {FLAGS.atlas_modality} atlases and "
-                                         f"{FLAGS.target_modality} targets")
+        raise AtlasSetError(aset.root, f"needs labelled {FLAGS.atlas_modality} atlases and "
+                                       f"{FLAGS.target_modality} targets")
     pairs = []
     for k in range(FLAGS.pairs):
         a, t = atlases[k % len(atlases)], targets[k % len(targets)]
-        (ai,), (al,) = space.arrays([a])
-        (ti,), (tl,) = space.arrays([t])
+        (ai,), (al,) = aset.arrays([a])
+        (ti,), (tl,) = aset.arrays([t])
         pairs.append((f"{a}->{t}", ai, al, ti, tl))
-    return space.geometry, dict(sorted(space.labels.items())), pairs
+    return aset.geometry, dict(sorted(aset.labels.items())), pairs
 
 
 def _phantom_pairs(shape):
@@ -150,26 +148,24 @@ def _run() -> int:
     import numpy as np
 
     from cmmas.align import ants as align_ants
-    from cmmas.nn import training
-    from cmmas.register import apply
-    from cmmas.register import biregnet
+    from cmmas.align.atlas_set import AtlasSet
     from cmmas.io import Image
     from cmmas.metrics import jacobian_stats
+    from cmmas.nn import training
     from cmmas.nn.networks import build_biregnet
+    from cmmas.register import apply, biregnet
 
+    path = atlas_set_flag(required=False)
+    aset = AtlasSet(path) if path is not None else None
     if FLAGS.model:
-        model = training.load_model(FLAGS.model)
+        model = training.load_model(FLAGS.model, "biregnet")
         shape = training.input_grid(model, "biregnet")
         print(f"BiRegNet: {FLAGS.model}")
     else:
-        shape = parse_shape(FLAGS.shape)
-        if atlas_set_flag(required=False):
-            from cmmas.align.atlas_set import AtlasSet
-
-            shape = AtlasSet(atlas_set_flag()).geometry.shape
+        shape = aset.geometry.shape if aset is not None else parse_shape(FLAGS.shape)
         model = build_biregnet(shape)
         print(f"BiRegNet: UNTRAINED (identity) network at {shape}: its Dice is the input alignment's")
-    geometry, names, pairs = _space_pairs() if atlas_set_flag(required=False) else _phantom_pairs(shape)
+    geometry, names, pairs = _atlas_set_pairs(aset) if aset is not None else _phantom_pairs(shape)
     codes = list(names)
     if tuple(geometry.shape) != tuple(shape):
         from cmmas.errors import ModelError

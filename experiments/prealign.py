@@ -86,7 +86,7 @@ def _run() -> int:
         from cmmas.align import prepare
 
         cases = list(atlases) + list(others) + list(targets)
-        space = prepare.prepare(
+        aset = prepare.prepare(
             cases,
             dict(dataset.labels),
             FLAGS.out,
@@ -101,7 +101,7 @@ def _run() -> int:
             seed=FLAGS.seed,
             progress=FLAGS.progress,
         )
-        print(f"prealign: {len(cases)} case(s) in {space.root} (reference {space.manifest.reference})")
+        print(f"prealign: {len(cases)} case(s) in {aset.root} (reference {aset.manifest.reference})")
         return 0
 
     from cmmas.align.pairwise import prealign_targets

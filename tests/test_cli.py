@@ -192,6 +192,23 @@ def test_several_targets_need_a_folder_and_distinct_names(names, out, problem, c
     assert problem in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("content, targets, problem", [
+    (None, 1, "transform file not found"),
+    (b"not a transform", 1, "not an ITK/ANTs transform file"),
+    (b"not a transform", 2, "give one --target with it"),
+])
+def test_a_bad_transform_is_one_stderr_line(content, targets, problem, capsys, tmp_path):
+    transform = tmp_path / "affine.mat"
+    if content is not None:
+        transform.write_bytes(content)
+    scans = [str(tmp_path / f"scan{k}.nii.gz") for k in range(targets)]
+    argv = ["segment", "--target", *scans, "--atlas-set", str(tmp_path / "set"), "--fusion", "mv",
+            "--transform", str(transform), "--out", str(tmp_path / "segs")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert problem in err and str(transform) in err and err.count("\n") == 1
+
+
 def test_segment_raw_atlas_folder_reuses_the_prepared_set(world, simnet_label, capsys):
     out = world["out"] / "raw.nii.gz"  # beside out/atlas_set, prepared from the same atlases
     argv = ["segment", "--target", str(world["target"]), "--atlases", str(world["data"]), "--reg-model",

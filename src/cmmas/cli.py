@@ -193,9 +193,8 @@ def _segment(args) -> None:
     outs = segment.label_paths(args.target, args.out)
     if args.transform is not None and len(args.target) > 1:
         raise CmmasError(args.transform[0], "--transform is one scan's alignment: give one --target with it")
-    for path in args.transform or ():
-        if not path.is_file():
-            raise CmmasError(path, "transform file not found")
+    if args.transform is not None:
+        ants.check_transforms(args.transform)  # before the models load
     k = args.atlases if isinstance(args.atlases, int) else None
     atlas_set, reg_model = args.atlas_set, args.reg_model
     if isinstance(args.atlases, Path):

@@ -309,8 +309,7 @@ def segment(
     aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
     codes = [0, *sorted(aset.labels)]
     registry.check_names([fusion], {fusion: fusion_options or {}})
-    if fusion == SIMNET and fusion_model is None:
-        raise ModelError(None, "fusion 'simnet' needs a SimNet model (--fusion-model, or a bundle with simnet.keras)")
+    registry.check_model(fusion, fusion_model)  # before the alignment's seconds are spent
     candidates = atlas_ids_of(aset, modality)
     reg_net, simnet = load_models(reg_model, fusion_model if fusion == SIMNET else None, aset)
     seconds = {"load": time.perf_counter() - start}

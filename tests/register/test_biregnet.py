@@ -311,10 +311,13 @@ def test_trainer_augmentation_moves_atlas_and_target_together():
     assert np.abs(out["atlas"].numpy() - image).max() > 0.1  # it did move them
 
 
-def test_init_weights_starts_from_a_trained_model(trained, tmp_path):
+def test_init_weights_starts_from_a_trained_model(trained, tmp_path, capsys):
     config = dataclasses.replace(SMOKE, steps=1, steps_per_epoch=1, lr=1e-12)
     args = (config, ATLASES[0], ATLASES[1], TARGETS[0], TARGETS[1], CODES, tmp_path / "more")
     path = biregnet.train(*args, progress=False, init_weights=trained["path"])
+    # without the Keras bar (progress=False, no terminal) the epoch still shows: one line, step and Dice
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("train_reg epoch")]
+    assert line.startswith("train_reg epoch 1/1 step 1:") and " dice " in line and line.endswith(" s")
     # one step at a negligible rate: the trainable weights are the trained model's (BatchNorm's
     # moving statistics do move in that step, so compare trainable weights, not outputs)
     before = [w.numpy() for w in training.load_model(trained["path"]).trainable_weights]

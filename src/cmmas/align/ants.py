@@ -456,6 +456,21 @@ def transform_points(transforms: Sequence[str | os.PathLike], points: np.ndarray
     return np.array([composite.TransformPoint([float(c) for c in p]) for p in np.asarray(points, np.float64)])
 
 
+def check_transforms(transforms: Sequence[str | os.PathLike]) -> list[str]:
+    """The transform files as strings, each checked to exist and to hold an ITK/ANTs transform.
+
+    Raises:
+        ImageReadError: naming the first file that is missing or not a transform.
+    """
+    paths = _transform_paths(transforms)
+    for path in paths:
+        try:
+            sitk.ReadTransform(path)
+        except RuntimeError:
+            raise ImageReadError(path, "not an ITK/ANTs transform file") from None
+    return paths
+
+
 def _transform_paths(transforms: Sequence[str | os.PathLike]) -> list[str]:
     paths = [os.fspath(t) for t in transforms]
     if not paths:

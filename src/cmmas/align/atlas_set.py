@@ -46,7 +46,7 @@ VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class SpaceCase:
-    """One case of a prepared space (paths relative to the set's root).
+    """One case of an atlas set (paths relative to the set's root).
 
     ``role`` is "train" (labelled case used to train the networks and, in the atlas
     modality, as an atlas) or "test" (a held-out target: never seen in training).
@@ -64,7 +64,7 @@ class SpaceCase:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """What a prepared space holds.
+    """What an atlas set holds.
 
     Attributes:
         reference: id of the case whose space all others are aligned to.
@@ -121,7 +121,7 @@ class Manifest:
 
 
 class AtlasSet:
-    """Read access to a prepared space (see the module docstring for the layout)."""
+    """Read access to an atlas set (see the module docstring for the layout)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)

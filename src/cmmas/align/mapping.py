@@ -56,19 +56,6 @@ def to_space(image: Image, transforms: Sequence[str], geometry: Geometry, kind: 
     return normalize(moved)
 
 
-def back_to_target(
-    array: np.ndarray, geometry: Geometry, transforms: Sequence[str], target: Geometry, kind: str
-) -> Image:
-    """Map a working-grid array (label or probability) back onto a target's original grid.
-
-    Args:
-        array: ``[D, H, W]`` on ``geometry`` (the working grid).
-        transforms: the target -> reference transform files.
-        target: the target's original geometry.
-        kind: "label" (generic-label) or "linear".
-    """
-    return ants.apply(list(transforms), Image(array, geometry), target, kind=kind, invert=True)
-
 
 def covered_box(
     geometry: Geometry, transforms: Sequence[str], target: Geometry, source: str | os.PathLike | None = None
@@ -199,7 +186,7 @@ def map_back(fused: WorkingMaps, working: Image, transforms: Sequence[str], targ
     if transforms:
         covered = covered_box(working.geometry, transforms, target.geometry, target.path)
         [moved_agreement] = ants.apply_many(transforms, [agreement], target.geometry.sub_grid(covered),
-                                                kind="linear", invert=True)
+                                            kind="linear", invert=True)
         _clip_unit(moved_agreement.array, out=stack[(-1, *covered)])
     else:
         _clip_unit(preprocess.back_to_grid(agreement, target.geometry, kind="linear").array, out=stack[-1])

@@ -42,10 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cmmas import preprocess
+from cmmas.align import ants
 from cmmas.datasets.base import Case, natural_key
 from cmmas.datasets.loading import load_case
 from cmmas.errors import CmmasError, DatasetError
-from cmmas.io import Image, atomic_write_text, read_image, read_label, write_image
+from cmmas.io import Image, atomic_write_text, check_same_grid, read_image, read_label, write_image
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +284,6 @@ def _prepare_target(case: Case, labels: dict[int, str], folder: Path, settings: 
         return folder
     image, label = load_case(case, labels, settings.component)
     if settings.spacing_mm is not None:
-        from cmmas import preprocess
-
         image = preprocess.resample(image, spacing_zyx=settings.spacing_mm, kind="linear")
         if label is not None:
             label = preprocess.resample(label, geometry=image.geometry, kind="label")
@@ -374,9 +374,6 @@ class _Failure:
 
 def _register_pair(job: _Job) -> float | _Failure:
     """Register one atlas onto its target's working image and write the results; seconds."""
-    from cmmas import preprocess
-    from cmmas.align import ants
-
     folder = Path(job.folder)
     settings = job.settings
     try:
@@ -397,8 +394,6 @@ def _register_pair(job: _Job) -> float | _Failure:
 
 
 def _init_worker() -> None:
-    from cmmas.align import ants
-
     ants.set_threads(1)
 
 
@@ -489,8 +484,6 @@ def load_pairs(folder: str | os.PathLike, atlas_ids: Sequence[str] | None = None
         DatasetError: not such a folder, no finished pair, or an unknown atlas id.
         ImageReadError, LabelError, GeometryError: a file is missing, bad, or off the grid.
     """
-    from cmmas.io import check_same_grid
-
     folder = Path(folder)
     manifest = _read_manifest(folder)
     table = {int(k): str(v) for k, v in manifest["labels"].items()}

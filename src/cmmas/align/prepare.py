@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from cmmas import preprocess
-from cmmas.align import atlas_set
+from cmmas.align import ants, atlas_set
 from cmmas.align.atlas_set import MANIFEST, AtlasSet, Manifest, SpaceCase
 from cmmas.align.mapping import to_space
+from cmmas.datasets import open_dataset
 from cmmas.datasets.base import Case
 from cmmas.datasets.loading import load_case
 from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError
@@ -56,8 +57,6 @@ def align(
     Returns:
         :class:`cmmas.align.ants.Registration` with the transform written to ``transform_dir``.
     """
-    from cmmas.align import ants
-
     moving = _at_spacing(image, align_spacing_mm)
     return ants.register(moving, reference, kind="affine", seed=seed, fast=fast, out_dir=transform_dir)
 
@@ -265,8 +264,6 @@ def prepare_atlases(
         DatasetError: no such atlas; or an atlas is unreadable/inconsistent (see
             :func:`validate_atlases`), naming its file.
     """
-    from cmmas.datasets import open_dataset
-
     dataset = open_dataset(atlases, layout)
     if ids:
         cases = [dataset.case(i) for i in ids]
@@ -310,8 +307,6 @@ def raw_atlas_set(
         DatasetError: no modality given while both have labelled cases.
         AtlasSetError: ``out`` holds a set made from other atlases or on another grid.
     """
-    from cmmas.datasets import open_dataset
-
     dataset = open_dataset(atlases, "folder")
     if modality is None:
         found = [m for m, cases in dataset.cases.items() if any(c.label_path is not None for c in cases)]

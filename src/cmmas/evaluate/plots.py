@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cmmas.errors import CmmasError, GeometryError
+from cmmas.evaluate.report import case_means
 from cmmas.io import Image, atomic_path
+from cmmas.metrics import jacobian_determinant
 
 logger = logging.getLogger(__name__)
 if TYPE_CHECKING:
@@ -216,8 +218,6 @@ def best_median_worst(
     Raises:
         CmmasError: no row of that method (and direction).
     """
-    from cmmas.evaluate.report import case_means
-
     if method is None:
         if not rows:
             raise CmmasError(None, "no result rows to choose cases from")
@@ -317,8 +317,6 @@ def registration_panel(
         GeometryError: volumes of different shapes, a field that is not ``[D, H, W, 3]``, or a
             bad axis/index.
     """
-    from cmmas.metrics import jacobian_determinant
-
     plt = _pyplot()
     from matplotlib.colors import TwoSlopeNorm
 
@@ -407,8 +405,6 @@ def write_figures(
     Returns:
         The files written.
     """
-    from cmmas.evaluate import plots
-
     out = Path(out_dir)
     written = []
     directions = _ordered(r["direction"] for r in rows)
@@ -418,11 +414,11 @@ def write_figures(
         for metric in ("dice", "hd95"):
             if any(np.isfinite(r[metric]) for r in mine):
                 title = f"{direction}: {metric} per structure and method"
-                written.append(plots.boxplot(mine, metric, out / f"boxplot_{metric}{suffix}.png", title=title))
+                written.append(boxplot(mine, metric, out / f"boxplot_{metric}{suffix}.png", title=title))
     overlays = overlays or {}
     for direction in _ordered(d for d, _ in overlays):
         chosen: dict[str, list[str]] = {}
-        for tag, case in plots.best_median_worst(rows, method=method, direction=direction).items():
+        for tag, case in best_median_worst(rows, method=method, direction=direction).items():
             chosen.setdefault(case, []).append(tag)
         n_cases = len({c for d, c in overlays if d == direction})
         for case, tags in chosen.items():
@@ -433,5 +429,5 @@ def write_figures(
             tag = "-".join(tags)
             title = f"{direction} {case} ({tag} of {n_cases} by {method or rows[0]['method']} Dice)"
             name = f"overlay_{_tag(direction)}_{tag}_{case}.png"
-            written.append(plots.overlay(image, truth, preds, out / name, slices="auto", title=title))
+            written.append(overlay(image, truth, preds, out / name, slices="auto", title=title))
     return written

@@ -80,7 +80,7 @@ def original_target(aset: AtlasSet, case_id: str) -> tuple[Image, Image]:
 
     Label codes outside the atlas set's table become background (a set prepared with one
     ``component`` keeps only that structure, and so must the truth), except the data sets' known
-    alias codes (MM-WHS 421 for 420), rewritten as when the space was prepared.
+    alias codes (MM-WHS 421 for 420), rewritten as when the atlas set was prepared.
 
     Raises:
         AtlasSetError: no original label, or an original file is not found.
@@ -126,7 +126,8 @@ def _jacobian_row(ddfs: np.ndarray, case: dict) -> dict:
 def evaluate_target(
     aset: AtlasSet,
     target_id: str,
-    atlas_ids: Sequence[str],
+    atlas_images: np.ndarray,
+    atlas_labels: np.ndarray,
     reg_net,
     simnet,
     methods: Sequence[str],
@@ -136,19 +137,18 @@ def evaluate_target(
     batch_size: int,
     folder: Path,
 ) -> _TargetResult:
-    """Segment one held-out target as ``cmmas segment`` does (with its stored alignment), with every
-    fusion of ``methods`` (and "affine+mv"), write each label to ``folder/pred_<method>.nii.gz``
-    and score it on the target's original grid."""
+    """Segment one held-out target as ``cmmas segment`` does (with its stored alignment) with the
+    atlases ``[N, D, H, W]`` (images, labels) and every fusion of ``methods`` (and "affine+mv"),
+    write each label to ``folder/pred_<method>.nii.gz`` and score it on the target's original grid."""
     image, truth = original_target(aset, target_id)
     codes = [0, *sorted(aset.labels)]
     case = {"case": target_id, "direction": direction}
     transforms, working = segment.align_target(image, aset, folder, alignment=aset.transform(target_id))
-    atlas_images, atlas_labels = aset.arrays(list(atlas_ids))
     fused = {AFFINE_MV: registry.fuse_all(atlas_labels, codes, methods=("mv",))["mv"]}
     start = time.perf_counter()
     warped_images, warped_labels, ddfs = segment.register_atlases(reg_net, atlas_images, atlas_labels, working.array,
                                                                   codes, batch_size)
-    per_atlas = (time.perf_counter() - start) / len(atlas_ids)
+    per_atlas = (time.perf_counter() - start) / len(atlas_images)
     fused.update(registry.fuse_all(warped_labels, codes, warped_images, working.array, methods, options,
                                    simnet=simnet, batch_size=batch_size))
 
@@ -244,14 +244,15 @@ def evaluate_atlas_set(
         methods = [*methods, SIMNET]
     codes = [0, *sorted(aset.labels)]
     segment.warm_up(reg_net, simnet, aset, atlases, methods, batch_size, options)
+    atlas_images, atlas_labels = aset.arrays(atlases)
     out = Path(out_dir)
     rows, timings, jacobians, sources = [], [], [], {}
     for target_id in tqdm(targets, desc=f"evaluate {direction}", unit="target", disable=not progress):
-        keep = [a for a in atlases if a != target_id]
+        keep = [k for k, a in enumerate(atlases) if a != target_id]
         if not keep:
             raise AtlasSetError(aset.root, f"no atlas left for target {target_id!r}")
-        result = evaluate_target(aset, target_id, keep, reg_net, simnet, methods, options, direction, bounds,
-                                 batch_size, out / target_id)
+        result = evaluate_target(aset, target_id, atlas_images[keep], atlas_labels[keep], reg_net, simnet, methods,
+                                 options, direction, bounds, batch_size, out / target_id)
         rows += result.rows
         timings += result.timings
         if result.jacobian:

@@ -29,6 +29,7 @@ import numpy as np
 from cmmas import preprocess
 from cmmas.errors import CmmasError, GeometryError
 from cmmas.fuse.registry import fuse_all
+from cmmas.metrics import evaluate_labels
 
 if TYPE_CHECKING:
     pass
@@ -100,8 +101,6 @@ def evaluate_cropped(
     it is a surface voxel either way, and surfaces, distances and volumes are those of the whole
     volume; the distance transforms only cover the box, which matters on a 512 x 512 x 300 grid.
     """
-    from cmmas.metrics import evaluate_labels
-
     prediction, truth = np.asarray(prediction), np.asarray(truth)
     if prediction.shape != truth.shape:
         raise GeometryError(None, f"prediction shape {prediction.shape} differs from ground truth {truth.shape}")

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from cmmas.errors import CmmasError
+from cmmas.fuse.jlf_tf import joint_label_fusion
 from cmmas.fuse.vote import FusionInputs, count_votes, decide, index_of
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,6 @@ def jlf(
     if engine == "ants":
         label_index, posterior = _ants_jlf(index, images, target, region, inputs.codes, **options)
     else:
-        from cmmas.fuse.jlf_tf import joint_label_fusion
-
         options["alpha"] = options.pop("rho")
         posterior = joint_label_fusion(images, index, target, region, inputs.n_labels, **options).astype(np.float64)
         foreground = posterior[1:].sum(axis=0) > posterior[0]

@@ -86,6 +86,7 @@ def fuse(
         labels=inputs.codes,
     )
 
+
 #: Fusion methods by name. Each takes the validated inputs and its keyword-only options.
 METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "mv": majority_vote,
@@ -145,6 +146,12 @@ def check_names(fusions: Iterable[str], options: Mapping[str, Mapping] | None = 
             resolve(name)
 
 
+def check_model(name: str, simnet) -> None:
+    """Raise :class:`ModelError` when the fusion ``name`` needs a SimNet and ``simnet`` is None."""
+    if name == SIMNET and simnet is None:
+        raise ModelError(None, "fusion 'simnet' needs a SimNet model (--fusion-model, or a bundle with simnet.keras)")
+
+
 def fuse_named(
     name: str,
     target: np.ndarray,
@@ -175,8 +182,7 @@ def fuse_named(
     options = dict(options or {})
     if name == SIMNET:
         check_names([SIMNET], {SIMNET: options})
-        if simnet is None:
-            raise ModelError(None, "fusion 'simnet' needs a SimNet model (--fusion-model, or a bundle with simnet.keras)")
+        check_model(name, simnet)
         from cmmas.fuse import simnet as simnet_fusion  # TensorFlow: imported only when SimNet fuses
 
         return simnet_fusion.simnet_fuse(simnet, target, atlas_labels, codes, batch_size=batch_size, **options)

@@ -20,7 +20,7 @@ from cmmas.register import apply, biregnet
 def channel_codes(codes: Sequence[int]) -> tuple[int, ...]:
     """The label codes in SimNet's one-hot channel order: ascending, with the background 0.
 
-    The order of :func:`cmmas.fuse.fuse`'s labels, and :func:`cmmas.register.label_table`
+    The order of :func:`cmmas.fuse.registry.fuse`'s labels, and :func:`cmmas.register.biregnet.label_table`
     of the sorted codes (0 is added when missing).
 
     Raises:
@@ -103,7 +103,7 @@ def simnet_fuse(
         top_k: at each voxel, only the k atlases of highest similarity vote (all if None).
 
     Returns:
-        :class:`cmmas.fuse.FusionResult`: the label, per-label probabilities (normalised
+        :class:`cmmas.fuse.vote.FusionResult`: the label, per-label probabilities (normalised
         weighted votes) and the atlas-agreement map.
     """
     scores = score_atlases(simnet, target_image, warped_labels, codes, batch_size=batch_size)

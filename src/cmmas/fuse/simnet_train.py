@@ -169,8 +169,8 @@ def augmentation_displacement(shape_zyx: Sequence[int], shift, angles, translati
     """Displacement field that moves a label map by a shift and a similarity transform.
 
     A point ``x`` of the label moves to ``T(x) = c + s R (x - c) + t + shift``, ``c`` the
-    volume's centre and ``R`` the rotation of :func:`cmmas.register.affine_matrix`; the
-    field samples the label at ``T^-1(x)`` (:func:`cmmas.register.affine_ddf`), so that
+    volume's centre and ``R`` the rotation of :func:`cmmas.register.augment.affine_matrix`; the
+    field samples the label at ``T^-1(x)`` (:func:`cmmas.register.augment.affine_ddf`), so that
     ``warp(label, ddf, "nearest")`` is the moved label (clamped at the border: edge voxels
     repeat, as a shift with edge padding). With ``s = 1``, ``R = I`` and ``t = 0`` it is an
     exact integer shift along the spatial axes; channels are never mixed.
@@ -343,7 +343,7 @@ def _cached_atlas_ids(path: Path) -> list[str] | None:
 
 def generate_pairs(
     reg_model: keras.Model,
-    space,
+    aset,
     atlas_ids: Sequence[str],
     target_ids: Sequence[str],
     cache_dir: str | os.PathLike,
@@ -360,9 +360,9 @@ def generate_pairs(
     run resumes), another is rewritten. A target is never its own atlas (when the id is in both lists).
 
     Args:
-        reg_model: a trained BiRegNet (:func:`cmmas.register.load_model`).
-        space: the prepared :class:`cmmas.align.atlas_set.AtlasSet` holding all cases.
-        atlas_ids, target_ids: labelled cases of the space.
+        reg_model: a trained BiRegNet (:func:`cmmas.nn.training.load_model`).
+        aset: the prepared :class:`cmmas.align.atlas_set.AtlasSet` holding all cases.
+        atlas_ids, target_ids: labelled cases of the atlas set.
         cache_dir: folder of the cache (created).
         codes: label codes with the background 0.
         batch_size: atlases per BiRegNet batch.
@@ -379,9 +379,9 @@ def generate_pairs(
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     atlas_ids = list(atlas_ids)
-    atlas_images, atlas_labels = space.arrays(atlas_ids)
+    atlas_images, atlas_labels = aset.arrays(atlas_ids)
     if atlas_labels is None:
-        raise AtlasSetError(space.root, f"every atlas needs a label; unlabelled among {atlas_ids}")
+        raise AtlasSetError(aset.root, f"every atlas needs a label; unlabelled among {atlas_ids}")
     codes = channel_codes(codes)
     dtype = label_dtype(codes)
     paths = []
@@ -390,14 +390,14 @@ def generate_pairs(
         paths.append(path)
         keep = [k for k, a in enumerate(atlas_ids) if a != target_id]
         if not keep:
-            raise AtlasSetError(space.root, f"no atlas left for target {target_id!r}")
+            raise AtlasSetError(aset.root, f"no atlas left for target {target_id!r}")
         used = [atlas_ids[k] for k in keep]
         if path.exists() and _cached_atlas_ids(path) == used:
             logger.info("keeping cached pairs %s", path)
             continue
-        images, labels = space.arrays([target_id])
+        images, labels = aset.arrays([target_id])
         if labels is None:
-            raise AtlasSetError(space.root, f"target {target_id!r} has no label (training targets need one)")
+            raise AtlasSetError(aset.root, f"target {target_id!r} has no label (training targets need one)")
         _, warped, _ = apply.warp_atlases(
             reg_model, atlas_images[keep], atlas_labels[keep], images[0], codes, batch_size=batch_size)
         _save_npz_atomic(path, warped_labels=warped.astype(dtype), target_image=images[0].astype(np.float32),
@@ -483,7 +483,7 @@ def _as_float(text: str | None) -> float:
 def _plot_curves(history_csv: Path, out_png: Path) -> Path:
     """Every logged metric (loss, mae, ...) against the epoch, one panel each, written atomically.
 
-    :func:`cmmas.register.plot_history` draws BiRegNet's loss and Dice only; this draws
+    :func:`cmmas.nn.training.plot_history` draws BiRegNet's loss and Dice only; this draws
     whatever the CSVLogger file holds.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -531,7 +531,7 @@ def train(
         data: a pair cache folder or :class:`TrainingPairs`.
         codes: label codes with the background 0 (the one-hot channels, sorted).
         out_dir: output folder (created).
-        strategy: one of :data:`cmmas.register.STRATEGIES`; ``config.batch`` is the global
+        strategy: one of :data:`cmmas.nn.training.STRATEGIES`; ``config.batch`` is the global
             batch.
         progress: show Keras' progress bar.
         init_weights: a ``simnet.keras`` of the same architecture to start from (steps and

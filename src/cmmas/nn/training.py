@@ -54,10 +54,9 @@ class EpochLog(keras.callbacks.Callback):
     """One line per finished epoch on stdout, flushed (shows in logs and pipes, where the Keras
     progress bar does not): ``<name> epoch 3/30 step 150: loss -0.512, dice 0.713, 42.1 s``."""
 
-    def __init__(self, name: str, epochs: int, steps_per_epoch: int, stream=None):
+    def __init__(self, name: str, epochs: int, stream=None):
         super().__init__()
-        self.name, self.epochs, self.steps_per_epoch = name, int(epochs), int(steps_per_epoch)
-        self.stream = stream
+        self.name, self.epochs, self.stream = name, int(epochs), stream
         self._start = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -94,7 +93,7 @@ def training_callbacks(config, out: Path, extra: Sequence, name: str = "train") 
     """
     callbacks = [
         _StopAtStep(config.steps),
-        EpochLog(name, math.ceil(config.steps / config.steps_per_epoch), config.steps_per_epoch),
+        EpochLog(name, math.ceil(config.steps / config.steps_per_epoch)),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         keras.callbacks.ModelCheckpoint(
             str(out / "checkpoints" / "epoch_{epoch:03d}.weights.h5"), save_weights_only=True
