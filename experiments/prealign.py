@@ -8,9 +8,10 @@ Modes:
       OUT/<target>/atlases/<atlas>_image.nii.gz, <atlas>_label.nii.gz,
       OUT/<target>/transforms/<atlas>/affine.mat (+ warp.nii.gz, inverse_warp.nii.gz).
     --spacing S resamples the target to S mm isotropic first; the outputs lie on that grid.
-  reference: every case aligned once to a reference atlas and stored on one working grid of
-    --shape voxels of --spacing mm (cmmas.align.prepare.prepare: OUT/manifest.json, images/, labels/,
-    transforms/).
+  reference: every case aligned once to a reference atlas (cmmas.align.target.align_to_reference:
+    several starts along the cranio-caudal axis, one ANTs thread, so the same cases give the same set)
+    and stored on one working grid of --shape voxels of --spacing mm (cmmas.align.prepare.prepare:
+    OUT/manifest.json, images/, labels/, transforms/ with each case's QC record qc.json).
 
 Split (cmmas.datasets.splits.split_cases): --fold k (with --n_folds) takes, per modality, the k-th contiguous chunk of the target
 modality's cases as targets and the atlas modality's cases outside its own fold k as atlases
@@ -70,8 +71,8 @@ def _run() -> int:
 
     random.seed(FLAGS.seed)
     np.random.seed(FLAGS.seed)
-    if FLAGS.workers > 1:
-        ants.set_threads(1)
+    if FLAGS.workers > 1 or FLAGS.mode == "reference":
+        ants.set_threads(1)  # one thread per worker; in reference mode, the same cases give the same atlas set
     dataset = open_dataset(FLAGS.data, FLAGS.layout)
     targets, atlases, others = split_cases(dataset, FLAGS.atlas_modality, FLAGS.target_modality, FLAGS.fold,
                                            FLAGS.n_folds, FLAGS.targets, FLAGS.atlases, FLAGS.max_atlases,

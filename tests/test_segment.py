@@ -8,6 +8,7 @@ weight, so the pipeline's wiring, not the networks, is what is tested.
 
 import dataclasses
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -18,6 +19,8 @@ from cmmas import preprocess
 from cmmas.align import atlas_set
 from cmmas.align import mapping
 from cmmas.align import prepare
+from cmmas.align import target as target_alignment
+from cmmas.evaluate import alignment as alignment_eval
 from cmmas.fuse import registry
 from cmmas.fuse import weights
 from cmmas import segment
@@ -144,8 +147,9 @@ def test_segment_equals_the_step_by_step_pipeline(world, simnet_run):
 
     # an independent alignment lands the target near the same place (multi-threaded ANTs MI varies
     # between runs: about 1 mm and 0.05 rad on this small phantom)
-    own = prepare.align(target, aset.reference_image(), world["root"] / "own", aset.manifest.align_spacing_mm)
-    own_working = mapping.to_space(target, own.forward, aset.geometry, kind="linear")
+    own = target_alignment.align_to_reference(target, aset.reference_image(), world["root"] / "own",
+                                              aset.manifest.align_spacing_mm)
+    own_working = mapping.to_space(target, own.transforms, aset.geometry, kind="linear")
     assert np.corrcoef(own_working.array.ravel(), result.target_working.array.ravel())[0, 1] > 0.97
 
     working = mapping.to_space(target, transforms, aset.geometry, kind="linear")
@@ -198,15 +202,17 @@ def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
     target = read_image(world["target"])
     written = segment.write_segmentation(result, tmp_path / "seg.nii.gz")
     names = sorted(p.name for p in written)
-    assert names == sorted(["seg.nii.gz", "seg_agreement.nii.gz"] + [f"seg_prob_{c}.nii.gz" for c in CODES])
-    for path in written:
+    assert names == sorted(["seg.nii.gz", "seg_agreement.nii.gz", "seg_qc.json"]
+                           + [f"seg_prob_{c}.nii.gz" for c in CODES])
+    assert json.loads(written[-1].read_text())["alignment"]["starts"]
+    for path in written[:-1]:
         image = read_image(path)
         assert target.geometry.differences(image.geometry) == [], path
     label = read_label(tmp_path / "seg.nii.gz", allowed=MMWHS_LABELS)
     np.testing.assert_array_equal(label.array, result.label.array)
     assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetPixelID() == sitk.sitkInt16  # codes up to 850
     only = segment.write_segmentation(result, tmp_path / "only.nii.gz", extras=False)
-    assert [p.name for p in only] == ["only.nii.gz"]
+    assert [p.name for p in only] == ["only.nii.gz", "only_qc.json"]
 
 
 def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
@@ -225,7 +231,8 @@ def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
     with pytest.raises(CmmasError, match="no probability or agreement maps") as err:
         segment.write_segmentation(lean, tmp_path / "lean.nii.gz")
     assert "\n" not in str(err.value) and "lean.nii.gz" in str(err.value)
-    [path] = segment.write_segmentation(lean, tmp_path / "lean.nii.gz", extras=False)
+    path, qc = segment.write_segmentation(lean, tmp_path / "lean.nii.gz", extras=False)
+    assert qc.name == "lean_qc.json"
     np.testing.assert_array_equal(read_label(path, allowed=MMWHS_LABELS).array, result.label.array)
 
 
@@ -288,3 +295,51 @@ def test_bundle_parts_and_explicit_paths(world, tmp_path):
 def test_first_argmax_matches_numpy_with_ties():
     scores = np.random.default_rng(0).integers(0, 3, (5, 7, 6, 4)).astype(np.float32)  # many ties
     np.testing.assert_array_equal(mapping._first_argmax(scores), np.argmax(scores, axis=0))
+
+
+# ----------------------------------------------------------------------------- alignment QC and determinism
+
+
+@pytest.mark.parametrize("atlas_affine", [False, True])
+def test_two_calls_give_the_same_label_map(world, atlas_affine):
+    first, second = (segment.segment(world["target"], world["set"], fusion="mv", progress=False,
+                                     atlas_affine=atlas_affine) for _ in range(2))
+    np.testing.assert_array_equal(first.label.array, second.label.array)
+    assert first.qc()["alignment"] == {**second.qc()["alignment"], "seconds": first.qc()["alignment"]["seconds"]}
+    assert first.qc()["alignment"]["deterministic"]
+
+
+def test_an_atlas_given_its_own_affine_stage_still_segments_the_target(world):
+    result = segment.segment(world["target"], world["set"], fusion="mv", progress=False, atlas_affine=True)
+    truth = world["truth"].array
+    assert _dice(result.label.array > 0, truth > 0) > 0.5
+
+
+def test_a_broken_alignment_warns_and_is_flagged_in_the_qc_record(world, tmp_path, caplog):
+    image = read_image(world["target"])
+    noise = image.with_array(np.random.default_rng(0).random(image.shape).astype(np.float32))
+    with caplog.at_level(logging.WARNING, logger="cmmas.segment"):
+        result = segment.segment(noise, world["set"], fusion="mv", progress=False)
+    [warning] = [r.getMessage() for r in caplog.records if "uncertain" in r.getMessage()]
+    assert "\n" not in warning and "starts agree" in warning
+    assert result.flagged
+    *_, qc = segment.write_segmentation(result, tmp_path / "noise.nii.gz", extras=False)
+    record = json.loads(qc.read_text())
+    assert record["alignment"]["flagged"] and len(record["alignment"]["starts"]) == len(target_alignment.ROBUST.shifts)
+
+
+@pytest.mark.parametrize("side", ["top", "bottom"])
+def test_a_shorter_field_of_view_gives_the_same_segmentation_inside_it(world, side, tmp_path):
+    """7 mm of the 144 mm field of view blanked (air): the alignment moves by millimetres and the
+    label map inside the common region stays (the phantom's structures are a few voxels wide
+    on the 4 mm working grid, so a millimetre costs more Dice than on real organs)."""
+    image = read_image(world["target"])
+    full = segment.segment(image, world["set"], fusion="mv", progress=False, transform_dir=tmp_path / "full")
+    blanked, kept = alignment_eval.blank_z(image, 7.2, side)  # two slices
+    cropped = segment.segment(blanked, world["set"], fusion="mv", progress=False, transform_dir=tmp_path / "cut")
+    points = target_alignment.box_points(world["set"].reference_image())
+    moved = target_alignment.distance_mm([str(tmp_path / "full" / "affine.mat")],
+                                         [str(tmp_path / "cut" / "affine.mat")], points)
+    foreground = _dice(cropped.label.array[kept] > 0, full.label.array[kept] > 0)
+    dice = alignment_eval.organ_dice(cropped.label.array, full.label.array, CODES, kept)
+    assert moved < 6.0 and foreground > 0.8 and min(dice.values()) > 0.65

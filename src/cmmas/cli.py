@@ -95,12 +95,17 @@ def _segment_parser(sub) -> None:
     seg = sub.add_parser(
         "segment",
         help="segment one or more scans with an atlas set (or a bundle) and trained models",
-        description="Align the target once to the atlas set's reference (ANTs affine, mutual information), "
+        description="Align the target once to the atlas set's reference (ANTs affine, mutual information, started "
+        "from several positions along the cranio-caudal axis, the best kept), "
         "resample it onto the set's working grid (the region of the atlas labels; no target label is used), "
         "register the atlases to it with BiRegNet, fuse the warped labels (SimNet or a classic method) and "
         "write the label map on the target's original grid (spacing, origin, direction), with "
         "<stem>_prob_<code>.nii.gz (per-label probability) and <stem>_agreement.nii.gz (fraction of atlases "
-        "agreeing with the fused label) beside it. A progress bar shows the steps when stderr is a terminal; "
+        "agreeing with the fused label) and <stem>_qc.json beside it. The QC record (always written) holds the "
+        "alignment's quality: the fraction of its starts that land within 15 mm of the chosen result "
+        "('agreement'; below 0.4 the alignment is flagged: 'flagged': true, and a one-line warning is printed), "
+        "the chosen start, its mutual information and its 'margin' over the best refined start that disagrees, "
+        "every start, whether ANTs ran deterministically, and the seconds of each step. A progress bar shows the steps when stderr is a terminal; "
         "a line per scan gives the atlases used and the seconds of each step. Several scans in one call load the "
         "models and the atlas set once.",
     )
@@ -140,11 +145,21 @@ def _segment_parser(sub) -> None:
                           "transforms/<id>/affine.mat) instead of aligning the scan again (one target only)")
     seg.add_argument("--batch-size", type=int, default=2, metavar="N", help="atlases per network batch (default 2)")
     seg.add_argument("--no-extras", action="store_true",
-                     help="write only the label map (its probability and agreement maps are then not "
-                          "computed either: faster on large grids)")
-    seg.add_argument("--deterministic", action="store_true",
-                     help="align with one ANTs thread, so that running again gives the same label map "
-                     "(multi-threaded mutual information varies in the last digits; about 1 s slower)")
+                     help="write only the label map and its QC record (the probability and agreement maps are then "
+                          "not computed either: faster on large grids)")
+    seg.add_argument("--fast-nondeterministic", action="store_true",
+                     help="run ANTs on all threads: the alignment is ~0.4 s faster, but multi-threaded mutual "
+                     "information sums in a different order on every call, so the same scan may give a different "
+                     "label map (default: one ANTs thread, the same scan gives a byte-identical label map)")
+    seg.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)  # the default now
+    seg.add_argument("--single-start", action="store_true",
+                     help="align from the centre-of-mass translation only (antspyx's start), ~1 s faster; by default "
+                     "the alignment also starts 1/8 and 1/4 of the reference's height above and below it, refines "
+                     "the best three distinct starts and keeps the one of highest mutual information, so that a scan "
+                     "is not locked centimetres off")
+    seg.add_argument("--atlas-affine", action="store_true",
+                     help="give every atlas its own affine registration onto the aligned scan before the network "
+                     "(~0.1 s per atlas): a trapped alignment then costs one atlas instead of all of them")
 
 
 def _register_parser(sub) -> None:
@@ -170,7 +185,9 @@ def _progress() -> bool:
 
 
 def _prepare(args) -> None:
-    from cmmas.align import prepare
+    from cmmas.align import ants, prepare
+
+    ants.set_threads(1)  # the same atlases give the same atlas set
 
     aset = prepare.prepare_atlases(
         args.atlases, args.modality, args.out, layout=args.layout, reference=args.reference,
@@ -184,11 +201,11 @@ def _prepare(args) -> None:
 
 def _segment(args) -> None:
     from cmmas import segment
-    from cmmas.align import ants, prepare
+    from cmmas.align import ants, prepare, target
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.io import read_image
 
-    if args.deterministic:
+    if not args.fast_nondeterministic:
         ants.set_threads(1)  # before this process's first ANTs registration
     outs = segment.label_paths(args.target, args.out)
     if args.transform is not None and len(args.target) > 1:
@@ -220,11 +237,13 @@ def _segment(args) -> None:
             scan, aset, reg_model=reg_model, fusion_model=fusion_model,
             fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
             alignment=args.transform, batch_size=args.batch_size, progress=_progress(), maps=not args.no_extras,
+            starts=target.SINGLE if args.single_start else target.ROBUST, atlas_affine=args.atlas_affine,
         )
         written = segment.write_segmentation(result, out, extras=not args.no_extras)
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
-        print(f"wrote {written[0]} (+{len(written) - 1} maps) from {len(result.atlas_ids)} atlases "
-              f"[{', '.join(result.atlas_ids)}] with {args.fusion}; {timing}", flush=True)
+        flagged = f"; QC FLAGGED the alignment, see {written[-1]}" if result.flagged else ""
+        print(f"wrote {written[0]} (+{len(written) - 2} maps, QC record) from {len(result.atlas_ids)} atlases "
+              f"[{', '.join(result.atlas_ids)}] with {args.fusion}; {timing}{flagged}", flush=True)
 
 
 def _register(args) -> None:

@@ -4,9 +4,11 @@
 the evaluation (:mod:`cmmas.evaluate.runs`) calls in the same order so that it scores exactly
 what ``cmmas segment`` writes:
 
-1. :func:`align_target`: the scan's affine alignment to the set's reference (ANTs, MI) and the
-   scan on the working grid (:func:`cmmas.align.mapping.to_working`);
-2. :func:`select_atlases`: the K atlases most similar to it;
+1. :func:`align_target`: the scan's affine alignment to the set's reference (ANTs, MI, several
+   starts, with a QC record: :mod:`cmmas.align.target`) and the scan on the working grid
+   (:func:`cmmas.align.mapping.to_working`);
+2. :func:`select_atlases`: the K atlases most similar to it (optionally each given its own
+   affine stage onto it: :mod:`cmmas.align.per_atlas`);
 3. :func:`register_atlases`: every atlas warped onto it by BiRegNet;
 4. :func:`cmmas.fuse.registry.fuse_named`: the warped labels fused (SimNet or a classic fusion);
 5. :func:`cmmas.align.mapping.map_back`: the fusion mapped onto the scan's own grid.
@@ -19,6 +21,7 @@ and ``simnet.keras``, so that a user passes one path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -29,12 +32,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cmmas.align import mapping, prepare
+from cmmas.align import mapping, per_atlas
+from cmmas.align import target as target_alignment
 from cmmas.align.atlas_set import MANIFEST, AtlasSet
 from cmmas.errors import AtlasSetError, CmmasError, ModelError
 from cmmas.fuse import registry
 from cmmas.fuse.weights import global_similarity
-from cmmas.io import IMAGE_SUFFIXES, Image, label_dtype, read_image, write_image
+from cmmas.io import IMAGE_SUFFIXES, Image, atomic_write_text, label_dtype, read_image, write_image
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +143,8 @@ class Segmentation:
         working: the fused label on the working grid (int32 codes).
         target_working: the aligned target on the working grid (normalised to [0, 1]).
         codes: the atlas set's label codes, the background 0 first.
+        alignment: the alignment's QC record (:meth:`cmmas.align.target.TargetAlignment.qc`),
+            None when no alignment ran (``alignment=`` or ``prealign=False``).
     """
 
     label: Image
@@ -149,6 +155,18 @@ class Segmentation:
     working: Image
     target_working: Image
     codes: list[int]
+    alignment: dict | None = None
+
+    @property
+    def flagged(self) -> bool:
+        """The alignment's QC flagged it: the atlases may have been placed wrongly."""
+        return bool(self.alignment and self.alignment["flagged"])
+
+    def qc(self) -> dict:
+        """The QC record written beside the label map (``<stem>_qc.json``): the alignment's
+        record, the atlases used and the seconds of each step."""
+        return {"flagged": self.flagged, "alignment": self.alignment, "atlas_ids": list(self.atlas_ids),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
 def load_models(reg_model, fusion_model, aset: AtlasSet):
@@ -197,26 +215,31 @@ def align_target(
     transform_dir: str | os.PathLike,
     prealign: bool = True,
     alignment: Sequence[str | os.PathLike] | None = None,
-) -> tuple[list[str], Image]:
-    """The scan -> reference transform files and the scan on the working grid (normalised to [0, 1]).
+    starts: target_alignment.Starts = target_alignment.ROBUST,
+) -> tuple[list[str], Image, target_alignment.TargetAlignment | None]:
+    """The scan -> reference transform files, the scan on the working grid (normalised to [0, 1])
+    and what the alignment found (None when no alignment ran).
 
     Args:
         target: the scan on its own grid.
         aset: the atlas set.
         transform_dir: where the new alignment's transform is written.
-        prealign: align the scan (ANTs affine, MI, at the set's alignment spacing); False: the
-            scan already lies in the reference space (no transform).
+        prealign: align the scan (:func:`cmmas.align.target.align_to_reference` at the set's
+            alignment spacing); False: the scan already lies in the reference space (no transform).
         alignment: transform files of an alignment made before (e.g. the one stored when the
             atlas set was prepared): used instead of aligning again.
+        starts: the alignment's starts (:data:`cmmas.align.target.ROBUST`, or ``SINGLE``).
     """
+    found = None
     if alignment is not None:
         transforms = [str(a) for a in alignment]
     elif prealign:
-        reg = prepare.align(target, aset.reference_image(), transform_dir, aset.manifest.align_spacing_mm)
-        transforms = list(reg.forward)
+        found = target_alignment.align_to_reference(target, aset.reference_image(), transform_dir,
+                                                    aset.manifest.align_spacing_mm, starts=starts)
+        transforms = list(found.transforms)
     else:
         transforms = []
-    return transforms, mapping.to_working(target, transforms, aset.geometry)
+    return transforms, mapping.to_working(target, transforms, aset.geometry), found
 
 
 def register_atlases(reg_net, images: np.ndarray, labels: np.ndarray, target: np.ndarray, codes: Sequence[int],
@@ -271,6 +294,8 @@ def segment(
     fusion_options: dict | None = None,
     progress: bool = True,
     maps: bool = True,
+    starts: target_alignment.Starts = target_alignment.ROBUST,
+    atlas_affine: bool = False,
 ) -> Segmentation:
     """Segment ``target`` with the atlases of ``atlas_set`` (the steps of the module docstring).
 
@@ -294,6 +319,13 @@ def segment(
         progress: show a progress bar over the steps.
         maps: map the probability and agreement maps back too; False maps the label only
             (what ``cmmas segment --no-extras`` writes).
+        starts: the alignment's starts (:mod:`cmmas.align.target`). The same scan gives the same
+            label map on every call when ANTs runs on one thread in this process
+            (:func:`cmmas.align.ants.set_threads`, before its first registration; ``cmmas
+            segment`` does so unless ``--fast-nondeterministic``).
+        atlas_affine: give each chosen atlas its own affine stage onto the target on the working
+            grid before the network (:mod:`cmmas.align.per_atlas`): one trapped alignment then
+            costs one atlas (about 0.1 s per atlas).
 
     Returns:
         :class:`Segmentation`.
@@ -317,8 +349,12 @@ def segment(
     bar = tqdm(total=4, desc="align", unit="step", disable=not progress)
     with tempfile.TemporaryDirectory(prefix="cmmas-segment-") as tmp:
         t0 = time.perf_counter()
-        transforms, working = align_target(target, aset, Path(transform_dir or tmp), prealign, alignment)
+        transforms, working, found = align_target(target, aset, Path(transform_dir or tmp), prealign, alignment,
+                                                  starts)
         seconds["align"] = time.perf_counter() - t0
+        if found is not None and found.flagged:
+            log.warning("%s: the alignment to the atlas set is uncertain (%s); check the segmentation",
+                        target.path or "target", target_alignment.describe(found))
         bar.set_description("register")
         bar.update()
 
@@ -326,7 +362,11 @@ def segment(
         images, labels = aset.arrays(candidates)
         chosen = select_atlases(images, working.array, candidates, atlases)
         keep = [candidates.index(i) for i in chosen]
-        images, labels, _ = register_atlases(reg_net, images[keep], labels[keep], working.array, codes, batch_size)
+        images, labels = images[keep], labels[keep]
+        if atlas_affine:
+            corrected = per_atlas.correct_atlases(images, labels, working, aset.geometry)
+            images, labels = corrected.images, corrected.labels
+        images, labels, _ = register_atlases(reg_net, images, labels, working.array, codes, batch_size)
         seconds["register"] = time.perf_counter() - t0
         bar.set_description("fuse")
         bar.update()
@@ -353,6 +393,7 @@ def segment(
         working=working.with_array(fused.label.astype(np.int32)),
         target_working=working,
         codes=codes,
+        alignment=None if found is None else found.qc(),
     )
 
 
@@ -388,22 +429,24 @@ def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) ->
 
 
 def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path]:
-    """Where :func:`write_segmentation` puts each map: "label", "prob_<code>", "agreement"."""
+    """Where :func:`write_segmentation` puts each file: "label", "prob_<code>", "agreement", "qc"."""
     out = Path(out)
     stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
     paths = {"label": out}
     paths.update({f"prob_{int(c)}": out.with_name(f"{stem}_prob_{int(c)}.nii.gz") for c in codes})
     paths["agreement"] = out.with_name(f"{stem}_agreement.nii.gz")
+    paths["qc"] = out.with_name(f"{stem}_qc.json")
     return paths
 
 
 def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: bool = True) -> list[Path]:
-    """Write the label map to ``out`` (as :func:`cmmas.io.label_dtype` of its codes) and, with
-    ``extras``, ``<stem>_prob_<code>.nii.gz`` and ``<stem>_agreement.nii.gz`` beside it (each
-    atomically, all on the target's grid).
+    """Write the label map to ``out`` (as :func:`cmmas.io.label_dtype` of its codes), its QC record
+    ``<stem>_qc.json`` (:meth:`Segmentation.qc`) and, with ``extras``,
+    ``<stem>_prob_<code>.nii.gz`` and ``<stem>_agreement.nii.gz`` beside it (each atomically,
+    the maps on the target's grid).
 
     Returns:
-        The paths written, the label map first.
+        The paths written, the label map first, the QC record last.
 
     Raises:
         CmmasError: ``extras`` asked of a segmentation made without its maps (``maps=False``).
@@ -417,4 +460,5 @@ def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: boo
         for code, prob in result.probabilities.items():
             written.append(write_image(prob, paths[f"prob_{code}"]))
         written.append(write_image(result.agreement, paths["agreement"]))
+    written.append(atomic_write_text(paths["qc"], json.dumps(result.qc(), indent=1) + "\n"))
     return written

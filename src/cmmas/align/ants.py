@@ -13,6 +13,7 @@ work):
   mass (antspyx's default initial transform).
 - ``"affine"``: the rigid stage, then an affine stage started from its result.
 - ``"syn"``: rigid, affine, then a SyN (symmetric diffeomorphic) stage.
+- ``"affine_only"``: the affine stage alone, for a start a rigid stage has already found.
 
 Schedules (:class:`Schedule`) are antspyx's defaults or a fast preset, adapted to small grids
 (too-coarse levels dropped, metric sampling raised; :meth:`Schedule.fitted`).
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("rigid", "affine", "syn")
+KINDS = ("rigid", "affine", "syn", "affine_only")
 #: A multi-resolution level must leave at least this many voxels along every axis.
 MIN_LEVEL_VOXELS = 8
 #: The coarsest level's metric must see at least this many samples (a 32-bin joint histogram
@@ -192,15 +193,31 @@ class Registration:
             self._workdir = None
 
 
+#: ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` as it was at this process's first registration (ITK
+#: reads it then, once); None until then.
+_threads_at_first_use: list[str | None] = []
+
+
+def single_threaded() -> bool:
+    """Whether this process's ANTs registrations run (or, before the first, will run) on one
+    thread, the setting under which seeded registrations repeat byte for byte."""
+    value = _threads_at_first_use[0] if _threads_at_first_use else os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+    return value == "1"
+
+
 def set_threads(threads: int) -> None:
     """Choose how many threads ANTs (ITK) uses in this process.
 
     ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, at the first registration: call
     this before any ANTs registration runs in the process (at a script's start). One thread
-    makes seeded registrations bit-identical between runs.
+    makes seeded registrations bit-identical between runs. A later call cannot change the
+    setting: it logs a warning.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    if _threads_at_first_use and _threads_at_first_use[0] != str(int(threads)):
+        logger.warning("ANTs already ran in this process with ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=%s; "
+                       "asking for %d thread(s) now has no effect", _threads_at_first_use[0], threads)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
 
 
@@ -253,13 +270,15 @@ def register(
     syn_iterations: Sequence[int] | None = None,
     bins: int = 32,
     grad_step: float = 0.2,
+    initial: Sequence[str | os.PathLike] | None = None,
 ) -> Registration:
     """Register ``moving`` onto ``fixed`` with ANTs and warp the moving image (and label).
 
     Args:
         moving: image to align (e.g. an atlas), any grid.
         fixed: image defining the target space and output grid.
-        kind: "rigid", "affine" (rigid then affine) or "syn" (rigid, affine, then SyN).
+        kind: "rigid", "affine" (rigid then affine), "syn" (rigid, affine, then SyN) or
+            "affine_only" (the affine stage alone, usually with ``initial``).
         metric: "mattes" (mutual information, default; any modality pair), "GC" or
             "meansquares" for the linear stages; SyN uses mutual information unless
             "meansquares" is given.
@@ -280,6 +299,8 @@ def register(
         syn_iterations: override the SyN per-level iterations.
         bins: histogram bins of mutual information.
         grad_step: SyN gradient step.
+        initial: transform files (fixed -> moving, ITK convention) the first stage starts from;
+            None: antspyx's default, the translation that aligns the images' centres of mass.
 
     Returns:
         :class:`Registration` with images on ``fixed``'s grid and the transform files.
@@ -312,14 +333,16 @@ def register(
 
     import ants
 
+    if not _threads_at_first_use:
+        _threads_at_first_use.append(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"))
     start = time.perf_counter()
     workdir = tempfile.TemporaryDirectory(prefix="cmmas-prealign-")
     fixed_ants, moving_ants = to_ants(fixed), to_ants(moving)
-    linear = ["Rigid"] if kind == "rigid" else ["Rigid", "Affine"]
+    linear = {"rigid": ["Rigid"], "affine_only": ["Affine"]}.get(kind, ["Rigid", "Affine"])
     calls = [(stage, levels, rate) for stage in linear for levels, rate in schedule.calls()]
     if kind == "syn":
         calls.append(("SyNOnly", slice(None), schedule.sampling))
-    initial: list[str] | None = None
+    initial = None if initial is None else _transform_paths(initial)
     try:
         with _ants_seed(seed):
             for number, (stage, levels, rate) in enumerate(calls):

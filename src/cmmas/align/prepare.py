@@ -3,6 +3,7 @@ place the working grid on the union of the aligned atlas labels and store every 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cmmas import preprocess
-from cmmas.align import ants, atlas_set
+from cmmas.align import atlas_set, target
 from cmmas.align.atlas_set import MANIFEST, AtlasSet, Manifest, SpaceCase
 from cmmas.align.mapping import to_space
 from cmmas.datasets import open_dataset
@@ -39,26 +40,6 @@ def choose_reference(cases: Sequence[Case], labels: dict[int, str]) -> Case:
 
 def _at_spacing(image: Image, spacing_mm: float) -> Image:
     return preprocess.resample(image, spacing_zyx=(spacing_mm,) * 3, kind="linear")
-
-
-def align(
-    image: Image,
-    reference: Image,
-    transform_dir: str | os.PathLike,
-    align_spacing_mm: float,
-    fast: bool = True,
-    seed: int = 0,
-):
-    """Affine (rigid then affine, Mattes MI) alignment of ``image`` to ``reference``.
-
-    Both are first resampled to ``align_spacing_mm`` (isotropic, mm); the transform is physical,
-    so it applies to the full-resolution image too.
-
-    Returns:
-        :class:`cmmas.align.ants.Registration` with the transform written to ``transform_dir``.
-    """
-    moving = _at_spacing(image, align_spacing_mm)
-    return ants.register(moving, reference, kind="affine", seed=seed, fast=fast, out_dir=transform_dir)
 
 
 def working_grid(
@@ -91,6 +72,7 @@ def prepare(
     roi_margin_mm: float = 15.0,
     align_spacing_mm: float = 3.0,
     component: int | None = None,
+    starts: target.Starts = target.ROBUST,
     fast: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -112,7 +94,10 @@ def prepare(
         roi_margin_mm: margin added around the union of those labels.
         align_spacing_mm: isotropic spacing of the affine alignments.
         component: keep only this label code (others set to 0), as the original's single structure.
-        fast: use the fast ANTs schedule (a few seconds per case).
+        starts: how each case's alignment starts (:func:`cmmas.align.target.align_to_reference`,
+            the alignment ``cmmas segment`` gives a new scan); its QC record is written beside
+            the transform (``transforms/<id>/qc.json``).
+        fast: the final affine stage runs the fast ANTs schedule (else antspyx's default one).
         seed: ANTs sampling seed.
         progress: show a progress bar.
 
@@ -152,7 +137,12 @@ def prepare(
         rel = f"transforms/{case.id}/affine.mat"
         if not (out / rel).exists():
             image, _ = _load(case, labels, component)
-            align(image, ref_small, out / "transforms" / case.id, align_spacing_mm, fast=fast, seed=seed)
+            found = target.align_to_reference(image, ref_small, out / "transforms" / case.id, align_spacing_mm,
+                                              starts=starts, fast=fast, seed=seed)
+            atomic_write_text(out / "transforms" / case.id / "qc.json", json.dumps(found.qc(), indent=1))
+            if found.flagged:
+                log.warning("%s: its alignment to the reference %s is uncertain (%s)", case.id, ref_case.id,
+                            target.describe(found))
         transforms[case.id] = rel
 
     union = None

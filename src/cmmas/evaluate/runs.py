@@ -143,7 +143,7 @@ def evaluate_target(
     image, truth = original_target(aset, target_id)
     codes = [0, *sorted(aset.labels)]
     case = {"case": target_id, "direction": direction}
-    transforms, working = segment.align_target(image, aset, folder, alignment=aset.transform(target_id))
+    transforms, working, _ = segment.align_target(image, aset, folder, alignment=aset.transform(target_id))
     fused = {AFFINE_MV: registry.fuse_all(atlas_labels, codes, methods=("mv",))["mv"]}
     start = time.perf_counter()
     warped_images, warped_labels, ddfs = segment.register_atlases(reg_net, atlas_images, atlas_labels, working.array,

@@ -1,0 +1,213 @@
+"""How well and how repeatably new scans are aligned to an atlas set: affine + majority vote.
+
+Every labelled scan of --data whose modality differs from an atlas set's atlases is a target of
+that set. Each target is aligned (cmmas.align.target.align_to_reference) several times:
+--repeats calls with seed 0 (the spread between calls), one call per extra --seeds, and one call
+each with --blank_mm of its field of view blanked (set to air) at the top and at the bottom.
+After each alignment the set's atlases, as aligned (no network), are fused by majority vote and
+mapped back onto the scan's grid (cmmas.evaluate.alignment.affine_vote); Dice per organ against
+the scan's label (inside the unblanked region for the blanked calls).
+
+Methods (each runs in its own process, because ANTs's thread count is fixed at a process's first
+registration):
+  single     one start (the centre-of-mass translation), ANTs on the default threads: the
+             alignment before the multi-start one;
+  robust     the default of `cmmas segment`: several starts along the cranio-caudal axis, one
+             ANTs thread (deterministic);
+  robust_mt  the same on the default threads (`cmmas segment --fast-nondeterministic`).
+
+Printed per direction and method: the mean Dice over targets (each target's mean over its
+calls), the worst call of any target, collapses (calls with mean organ Dice < 0.3), targets
+whose worst call lies more than 0.05 below their median, the largest spread of the mean Dice
+between the repeat calls, how many targets gave byte-identical labels in every repeat call,
+seconds per alignment (median, max), the field-of-view figures (Dice between a blanked call and
+the first call inside the unblanked region, the lowest organ; mean and worst) and the QC
+separation (how many collapsed and how many good calls the alignment flags). --out writes
+bench_alignment.json (every call) and bench_alignment.md (the tables).
+
+The atlas sets are prepared beforehand, e.g. (10 atlases each; every scan of the other modality
+is then a target):
+  cmmas prepare-atlases --atlases ../shared/data/abdomen-ctmr --modality ct \
+      --ids ct_06,ct_07,ct_08,ct_09,ct_10,ct_11,ct_12,ct_13,ct_14,ct_15 \
+      --shape 56,48,64 --spacing 5 --align-spacing 4 --out runs/bench_alignment/ct_atlases
+  cmmas prepare-atlases --atlases ../shared/data/abdomen-ctmr --modality mr \
+      --ids mr_08,mr_10,mr_13,mr_15,mr_19,mr_20,mr_21,mr_22,mr_31,mr_32 \
+      --shape 56,48,64 --spacing 5 --align-spacing 4 --out runs/bench_alignment/mr_atlases
+  python bench/bench_alignment.py \
+      --atlas_set runs/bench_alignment/ct_atlases,runs/bench_alignment/mr_atlases \
+      --out runs/bench_alignment
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from cmmas.scripts import absl_main
+
+FLAGS = flags.FLAGS
+_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "abdomen-ctmr"
+METHODS = ("single", "robust", "robust_mt")
+
+flags.DEFINE_string("data", str(_DATA), "Data-set root holding the targets.")
+flags.DEFINE_enum("layout", "folder", ["folder", "mmwhs", "chaos"], "On-disk layout of --data.")
+flags.DEFINE_list("atlas_set", None, "Prepared atlas set(s); each segments the scans of the other modality.")
+flags.DEFINE_list("methods", ["single", "robust"], f"Alignment methods to compare, of {METHODS}.")
+flags.DEFINE_list("targets", None, "Only these target ids (default: every labelled scan of the other modality).")
+flags.DEFINE_integer("max_targets", None, "At most this many targets per atlas set.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Calls with seed 0 per target (the spread between calls).", lower_bound=1)
+flags.DEFINE_list("seeds", ["1"], "Extra ANTs sampling seeds, one call each.")
+flags.DEFINE_float("blank_mm", 40.0, "Field of view blanked at the top, then at the bottom (0: skip).", lower_bound=0)
+flags.DEFINE_float("collapse", 0.3, "A call whose mean organ Dice is below this has collapsed.")
+flags.DEFINE_string("out", None, "Folder for bench_alignment.json and bench_alignment.md.")
+flags.DEFINE_string("method", None, "Internal: run this one method in this process and write --json.")
+flags.DEFINE_string("json", None, "Internal: where --method writes its calls.")
+
+
+def _calls() -> list[dict]:
+    calls = [{"call": f"repeat{i + 1}", "seed": 0} for i in range(FLAGS.repeats)]
+    calls += [{"call": f"seed{s}", "seed": int(s)} for s in FLAGS.seeds if s]
+    if FLAGS.blank_mm > 0:
+        calls += [{"call": f"{side}{FLAGS.blank_mm:g}", "seed": 0, "blank": side} for side in ("top", "bottom")]
+    return calls
+
+
+def _targets(aset, dataset):
+    atlas_modality = aset.case(aset.manifest.reference).modality
+    atlas_ids = aset.ids(modality=atlas_modality, labelled=True)
+    cases = [c for m, cs in dataset.cases.items() if m != atlas_modality for c in cs if c.label_path is not None]
+    cases = [c for c in cases if c.id not in aset.ids() and (not FLAGS.targets or c.id in FLAGS.targets)]
+    return atlas_ids, cases[: FLAGS.max_targets], f"{atlas_modality}->{cases[0].modality if cases else '?'}"
+
+
+def _run_method(method: str) -> list[dict]:
+    from cmmas.align import ants, target as target_alignment
+    from cmmas.align.atlas_set import AtlasSet
+    from cmmas.datasets import open_dataset
+    from cmmas.datasets.loading import load_case
+    from cmmas.evaluate import alignment
+
+    if method == "robust":
+        ants.set_threads(1)
+    starts = target_alignment.SINGLE if method == "single" else target_alignment.ROBUST
+    dataset = open_dataset(FLAGS.data, FLAGS.layout)
+    rows = []
+    for path in FLAGS.atlas_set:
+        aset = AtlasSet(path)
+        reference = aset.reference_image()
+        codes = [0, *sorted(aset.labels)]
+        atlas_ids, cases, direction = _targets(aset, dataset)
+        for case in cases:
+            image, truth = load_case(case, aset.labels)
+            first = None
+            for call in _calls():
+                scan, kept = image, np.ones(image.shape, dtype=bool)
+                if "blank" in call:
+                    scan, kept = alignment.blank_z(image, FLAGS.blank_mm, call["blank"])
+                with tempfile.TemporaryDirectory() as tmp:
+                    found = target_alignment.align_to_reference(
+                        scan, reference, tmp, aset.manifest.align_spacing_mm, starts=starts, seed=call["seed"])
+                    label = alignment.affine_vote(aset, atlas_ids, scan, found.transforms)
+                dice = alignment.organ_dice(label.array, truth.array, codes, kept)
+                row = {"method": method, "direction": direction, "target": case.id, **call,
+                       "dice": dice, "mean": float(np.mean(list(dice.values()))), "seconds": found.seconds,
+                       "qc": found.qc(), "label_md5": hashlib.md5(label.array.tobytes()).hexdigest()}
+                if first is None:
+                    first = label.array
+                elif "blank" in call:
+                    row["fov_dice"] = alignment.organ_dice(label.array, first, codes, kept)
+                rows.append(row)
+                print(f"{method} {direction} {case.id} {call['call']}: mean Dice {row['mean']:.3f}, "
+                      f"{found.seconds:.2f} s, agreement {found.agreement:.2f}"
+                      + (" FLAGGED" if found.flagged else ""), flush=True)
+    return rows
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    lines = ["| direction | method | mean Dice | worst call | collapses (< %.2f) | targets worst < median - 0.05 "
+             "| largest spread between repeats | identical repeats | s / alignment, median (max) | FOV lowest organ "
+             "Dice, mean (worst) | QC flags: collapsed / good |" % FLAGS.collapse,
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["direction"], r["method"]) for r in rows}, key=lambda k: (k[0], METHODS.index(k[1])))
+    for direction, method in keys:
+        mine = [r for r in rows if r["direction"] == direction and r["method"] == method]
+        targets = sorted({r["target"] for r in mine})
+        per_target = {t: [r for r in mine if r["target"] == t] for t in targets}
+        means = [np.mean([r["mean"] for r in rs]) for rs in per_target.values()]
+        worst = min(mine, key=lambda r: r["mean"])
+        collapsed = [r for r in mine if r["mean"] < FLAGS.collapse]
+        unstable = sum(min(r["mean"] for r in rs) < np.median([r["mean"] for r in rs]) - 0.05
+                       for rs in per_target.values())
+        repeats = {t: [r for r in rs if r["call"].startswith("repeat")] for t, rs in per_target.items()}
+        spread = max(max(r["mean"] for r in rs) - min(r["mean"] for r in rs) for rs in repeats.values())
+        identical = sum(len({r["label_md5"] for r in rs}) == 1 for rs in repeats.values())
+        seconds = [r["seconds"] for r in mine]
+        fov = [min(r["fov_dice"].values()) for r in mine if "fov_dice" in r]
+        good = [r for r in mine if r["mean"] >= FLAGS.collapse]
+        flags_bad = sum(r["qc"]["flagged"] for r in collapsed)
+        flags_good = sum(r["qc"]["flagged"] for r in good)
+        fov_text = f"{np.mean(fov):.3f} ({min(fov):.3f})" if fov else "-"
+        lines.append(
+            f"| {direction} | {method} | {np.mean(means):.3f} | {worst['mean']:.3f} ({worst['target']} "
+            f"{worst['call']}) | {len(collapsed)} of {len(mine)} | {unstable} of {len(targets)} | {spread:.3f} | "
+            f"{identical} of {len(targets)} | {np.median(seconds):.2f} ({max(seconds):.2f}) | {fov_text} | "
+            f"{flags_bad} of {len(collapsed)} / {flags_good} of {len(good)} |")
+    return lines
+
+
+def _per_target(rows: list[dict]) -> list[str]:
+    calls = list(dict.fromkeys(r["call"] for r in rows))
+    lines = ["| direction | target | method | " + " | ".join(calls) + " | agreement (first call) |",
+             "|---|---|---|" + "---|" * len(calls) + "---|"]
+    keys = sorted({(r["direction"], r["target"], r["method"]) for r in rows},
+                  key=lambda k: (k[0], k[1], METHODS.index(k[2])))
+    for direction, target, method in keys:
+        mine = {r["call"]: r for r in rows if (r["direction"], r["target"], r["method"]) == (direction, target, method)}
+        cells = [f"{mine[c]['mean']:.3f}" if c in mine else "-" for c in calls]
+        lines.append(f"| {direction} | {target} | {method} | " + " | ".join(cells) +
+                     f" | {mine[calls[0]]['qc']['agreement']:.2f} |")
+    return lines
+
+
+def _main() -> int:
+    if not FLAGS.atlas_set:
+        raise app.UsageError("--atlas_set is required")
+    unknown = [m for m in FLAGS.methods if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"unknown method(s) {unknown}; choose from {METHODS}")
+    if FLAGS.method:
+        rows = _run_method(FLAGS.method)
+        Path(FLAGS.json).write_text(json.dumps(rows))
+        return 0
+    out = Path(FLAGS.out or "runs/bench_alignment")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in FLAGS.methods:
+        part = out / f"calls_{method}.json"
+        args = [f"--data={FLAGS.data}", f"--layout={FLAGS.layout}", f"--atlas_set={','.join(FLAGS.atlas_set)}",
+                f"--repeats={FLAGS.repeats}", f"--seeds={','.join(FLAGS.seeds)}", f"--blank_mm={FLAGS.blank_mm}"]
+        args += [f"--targets={','.join(FLAGS.targets)}"] if FLAGS.targets else []
+        args += [f"--max_targets={FLAGS.max_targets}"] if FLAGS.max_targets else []
+        start = time.perf_counter()
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        subprocess.run([sys.executable, __file__, *args, f"--method={method}", f"--json={part}"], check=True, env=env)
+        print(f"{method}: {time.perf_counter() - start:.0f} s", flush=True)
+        rows += json.loads(part.read_text())
+    (out / "bench_alignment.json").write_text(json.dumps(rows, indent=1))
+    text = ["## Summary", "", *_summary(rows), "", "## Mean organ Dice per call", "", *_per_target(rows)]
+    (out / "bench_alignment.md").write_text("\n".join(text) + "\n")
+    print("\n".join(_summary(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(absl_main("bench_alignment", _main))

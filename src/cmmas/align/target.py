@@ -1,0 +1,296 @@
+"""A new scan's affine alignment to the atlas set's reference: several starts, one answer, a QC record.
+
+ANTs's affine optimisation of mutual information is local: started from the translation that
+aligns the centres of mass (antspyx's default), it can lock onto a position several centimetres
+off along the cranio-caudal axis, and then every atlas misses every organ together. Here the
+alignment is started from several translations along the physical z axis (LPS: the
+cranio-caudal axis of any scan), each refined by a coarse rigid stage; the best few distinct
+coarse results (by mutual information) run the affine stage of
+:data:`cmmas.align.ants.FAST_SCHEDULE`, and the one with the highest mutual information with the
+reference is kept (:attr:`Starts.refine`).
+
+Quality control: every start's result is compared with the chosen one; the fraction that lands
+within :attr:`Starts.agree_mm` of it (``agreement``), the chosen mutual information and its
+``margin`` over the best refined start that disagrees are recorded (:class:`TargetAlignment`,
+:meth:`TargetAlignment.qc`). A scan whose starts scatter, or whose rival optima score alike,
+has no clear optimum: the pipeline warns and writes the record beside its output. (On the
+abdomen dev scans neither the margin nor the mutual information itself separated the alignments
+whose atlases missed the organs from the good ones better than the agreement: docs/results.md.)
+
+Determinism: ANTs's multi-threaded mutual information sums in a different order on every call;
+with one ITK thread (:func:`cmmas.align.ants.set_threads`, before the process's first
+registration) and fixed sampling seeds, the same scan gives byte-identical transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from cmmas import preprocess
+from cmmas.align import ants
+from cmmas.io import Image, atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Starts:
+    """Where the alignment starts and how its quality is judged.
+
+    Attributes:
+        shifts: start translations along the physical z axis, as fractions of the reference's
+            extent along z, added to the centre-of-mass translation (0: antspyx's own start).
+        coarse_iterations: iterations of each start's rigid stage at the coarsest fast level.
+        refine: how many distinct coarse results (best mutual information first, none within
+            ``agree_mm`` of another) run the full affine stage; the best of those is kept.
+        agree_mm: two starts agree when their results move the reference's box by at most
+            this much (root mean square over its corners and centre, mm).
+        min_agreement: below this fraction of agreeing starts the alignment is flagged.
+    """
+
+    shifts: tuple[float, ...] = (0.0, -0.125, 0.125, -0.25, 0.25)
+    coarse_iterations: int = 100
+    refine: int = 3
+    agree_mm: float = 15.0
+    min_agreement: float = 0.4
+
+    def __post_init__(self) -> None:
+        if not self.shifts:
+            raise ValueError("shifts is empty: the alignment needs at least one start")
+        if (self.coarse_iterations < 1 or self.refine < 1 or self.agree_mm <= 0
+                or not 0 <= self.min_agreement <= 1):
+            raise ValueError(f"bad start settings: {self}")
+
+
+#: One start (antspyx's centre-of-mass translation): today's single-start alignment.
+SINGLE = Starts(shifts=(0.0,))
+#: The default: five starts along the cranio-caudal axis.
+ROBUST = Starts()
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One start: its z shift (mm), the mutual information (nats) after its coarse rigid stage and,
+    when it was refined, after the full affine stage (else None), and how far (mm, RMS over the
+    reference's box) its result (refined if it was) lies from the chosen one."""
+
+    shift_mm: float
+    coarse_mutual_information: float
+    mutual_information: float | None
+    distance_mm: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetAlignment:
+    """What :func:`align_to_reference` found.
+
+    Attributes:
+        transforms: the scan -> reference transform files (ITK convention: reference points to
+            scan points), for :func:`cmmas.align.mapping.to_working` and ``map_back``.
+        shift_mm: the chosen start's z shift, mm.
+        mutual_information: mutual information of the final alignment with the reference (nats).
+        agreement: fraction of starts whose result lies within ``agree_mm`` of the chosen one.
+        margin: the chosen mutual information minus that of the best refined start that lies
+            farther than ``agree_mm`` from it (None when every refined start agrees).
+        candidates: every start.
+        seconds: wall time.
+        deterministic: whether ANTs ran with one thread (repeatable results).
+        flagged: the agreement is below the threshold: the alignment may be wrong.
+        agree_mm: the distance within which a start counted as agreeing, mm.
+    """
+
+    transforms: list[str]
+    shift_mm: float
+    mutual_information: float
+    agreement: float
+    margin: float | None
+    candidates: tuple[Candidate, ...]
+    seconds: float
+    deterministic: bool
+    flagged: bool
+    agree_mm: float
+
+    def qc(self) -> dict:
+        """The quality-control record (JSON-ready)."""
+        return {
+            "flagged": self.flagged,
+            "agreement": round(self.agreement, 4),
+            "agree_mm": self.agree_mm,
+            "margin": None if self.margin is None else round(self.margin, 5),
+            "mutual_information": round(self.mutual_information, 5),
+            "chosen_start_shift_mm": round(self.shift_mm, 2),
+            "starts": [dataclasses.asdict(c) for c in self.candidates],
+            "seconds": round(self.seconds, 3),
+            "deterministic": self.deterministic,
+        }
+
+
+def centre_of_mass(image: Image) -> np.ndarray:
+    """Intensity-weighted centre (above the image's minimum) as a physical point ``[3]`` (x, y, z, mm)."""
+    array = np.asarray(image.array, dtype=np.float64)
+    weights = array - array.min()
+    if not weights.any():
+        weights = np.ones_like(array)
+    index_zyx = np.asarray(ndimage.center_of_mass(weights))
+    return image.geometry.index_to_physical(index_zyx[::-1][None])[0]
+
+
+def z_extent(image: Image) -> float:
+    """The extent of ``image``'s grid along the physical z axis, mm."""
+    corners = image.geometry.corners()
+    return float(corners[:, 2].max() - corners[:, 2].min())
+
+
+def write_translation(offset_xyz: Sequence[float], path: str | os.PathLike) -> str:
+    """Write a translation (reference point + offset = scan point, mm) as an ANTs/ITK ``.mat`` file."""
+    transform = sitk.AffineTransform(3)
+    transform.SetTranslation([float(v) for v in offset_xyz])
+    with atomic_path(path, suffix=".mat") as tmp:
+        sitk.WriteTransform(transform, tmp)
+    return os.fspath(path)
+
+
+def box_points(image: Image) -> np.ndarray:
+    """The corners and centre of the central half of ``image``'s grid, ``[9, 3]`` mm (x, y, z):
+    where two alignments are compared (the organs lie inside the reference, not at its edges)."""
+    corners = image.geometry.corners()
+    centre = corners.mean(axis=0)
+    return np.vstack([centre + 0.5 * (corners - centre), centre])
+
+
+def distance_mm(a: Sequence[str], b: Sequence[str], points: np.ndarray) -> float:
+    """Root-mean-square distance (mm) between where two transform lists send ``points``."""
+    return float(np.sqrt(np.mean(np.sum((ants.transform_points(a, points) - ants.transform_points(b, points)) ** 2,
+                                        axis=1))))
+
+
+def mutual_information(fixed: Image, warped: Image, bins: int = 32, stride: int = 2) -> float:
+    """Mutual information (nats, higher is better) of two images on the same grid, from a joint
+    histogram of ``bins`` x ``bins`` over every ``stride``-th voxel along each axis."""
+    step = (slice(None, None, stride),) * 3
+    a = np.asarray(fixed.array, dtype=np.float64)[step].ravel()
+    b = np.asarray(warped.array, dtype=np.float64)[step].ravel()
+    joint, _, _ = np.histogram2d(a, b, bins=bins)
+    joint /= joint.sum()
+    pa, pb = joint.sum(axis=1, keepdims=True), joint.sum(axis=0, keepdims=True)
+    nonzero = joint > 0
+    return float(np.sum(joint[nonzero] * np.log(joint[nonzero] / (pa @ pb)[nonzero])))
+
+
+def describe(found: TargetAlignment) -> str:
+    """One line on an alignment's QC: how many starts agree, the chosen start and the mutual information."""
+    agreeing = sum(c.distance_mm <= found.agree_mm for c in found.candidates)
+    return (f"{agreeing} of {len(found.candidates)} starts agree within {found.agree_mm:g} mm, chosen start "
+            f"{found.shift_mm:+.0f} mm along z, mutual information {found.mutual_information:.3f}"
+            + ("" if found.margin is None else f", {found.margin:+.3f} over the best disagreeing start"))
+
+
+def align_to_reference(
+    image: Image,
+    reference: Image,
+    out_dir: str | os.PathLike,
+    align_spacing_mm: float,
+    starts: Starts = ROBUST,
+    fast: bool = True,
+    seed: int = 0,
+) -> TargetAlignment:
+    """Align a scan to the reference from several starts and keep the best (module docstring).
+
+    Args:
+        image: the scan, any grid.
+        reference: the atlas set's reference image (at ``align_spacing_mm``).
+        out_dir: where the chosen transform is written (``affine.mat``).
+        align_spacing_mm: isotropic spacing the scan is resampled to first, mm.
+        starts: the starts and the QC threshold (:data:`ROBUST`; :data:`SINGLE`: one start).
+        fast: the final affine stage runs :data:`cmmas.align.ants.FAST_SCHEDULE` (else antspyx's
+            default schedule); the starts' coarse rigid stages always run the fast one's coarsest level.
+        seed: ANTs's sampling seed.
+
+    Returns:
+        :class:`TargetAlignment`.
+    """
+    start = time.perf_counter()
+    moving = preprocess.resample(image, spacing_zyx=(align_spacing_mm,) * 3, kind="linear")
+    base = centre_of_mass(moving) - centre_of_mass(reference)
+    extent = z_extent(reference)
+    points = box_points(reference)
+    with tempfile.TemporaryDirectory(prefix="cmmas-align-") as tmp:
+        if len(starts.shifts) == 1:
+            shift = float(starts.shifts[0]) * extent
+            initial = write_translation(base + np.array([0.0, 0.0, shift]), Path(tmp) / "start.mat")
+            final = ants.register(moving, reference, kind="affine", seed=seed, fast=fast, initial=[initial],
+                                  out_dir=out_dir)
+            mi = mutual_information(reference, final.warped)
+            candidates = (Candidate(round(shift, 2), 0.0, round(mi, 5), 0.0),)
+            return _found(final.forward, shift, mi, candidates, starts, start)
+        coarse = [_coarse_rigid(moving, reference, base, float(f) * extent, starts, seed, Path(tmp) / f"start{n}")
+                  for n, f in enumerate(starts.shifts)]
+        order = sorted(range(len(coarse)), key=lambda i: (-coarse[i][2], abs(coarse[i][0])))
+        refined: dict[int, tuple[list[str], float]] = {}
+        for i in order:
+            if len(refined) == starts.refine:
+                break
+            if any(distance_mm(coarse[i][1], coarse[j][1], points) <= starts.agree_mm for j in refined):
+                continue
+            reg = ants.register(moving, reference, kind="affine_only", seed=seed, fast=fast, initial=coarse[i][1],
+                                out_dir=Path(tmp) / f"final{i}")
+            refined[i] = (list(reg.forward), mutual_information(reference, reg.warped))
+        best = max(refined, key=lambda i: (refined[i][1], -abs(coarse[i][0])))
+        candidates = tuple(
+            Candidate(shift_mm=round(shift, 2), coarse_mutual_information=round(mi, 5),
+                      mutual_information=round(refined[i][1], 5) if i in refined else None,
+                      distance_mm=round(distance_mm(refined[i][0] if i in refined else tfm, refined[best][0],
+                                                    points), 2))
+            for i, (shift, tfm, mi) in enumerate(coarse)
+        )
+        transforms = _keep(refined[best][0], out_dir)
+    return _found(transforms, coarse[best][0], refined[best][1], candidates, starts, start)
+
+
+def _coarse_rigid(moving: Image, reference: Image, base: np.ndarray, shift: float, starts: Starts, seed: int,
+                  folder: Path) -> tuple[float, list[str], float]:
+    """One start: the centre-of-mass translation shifted by ``shift`` mm along z, refined by a rigid
+    stage at the fast schedule's coarsest level: ``(shift, transforms, mutual information)``."""
+    folder.mkdir(parents=True)
+    initial = write_translation(base + np.array([0.0, 0.0, shift]), folder / "start.mat")
+    reg = ants.register(moving, reference, kind="rigid", seed=seed, fast=True, initial=[initial],
+                        aff_shrink_factors=ants.FAST_SCHEDULE.shrink_factors[:1],
+                        aff_smoothing_sigmas=ants.FAST_SCHEDULE.smoothing_sigmas[:1],
+                        aff_iterations=(starts.coarse_iterations,), out_dir=folder)
+    return shift, list(reg.forward), mutual_information(reference, reg.warped)
+
+
+def _keep(transforms: Sequence[str], out_dir: str | os.PathLike) -> list[str]:
+    """Copy a temporary transform list into ``out_dir`` (atomically, names kept)."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    kept = []
+    for path in transforms:
+        destination = Path(out_dir) / Path(path).name
+        with atomic_path(destination, suffix=Path(path).suffix) as tmp:
+            shutil.copyfile(path, tmp)
+        kept.append(os.fspath(destination))
+    return kept
+
+
+def _found(transforms: list[str], shift: float, mi: float, candidates: tuple[Candidate, ...], starts: Starts,
+           began: float) -> TargetAlignment:
+    """The :class:`TargetAlignment` of a chosen result, its QC figures computed from ``candidates``."""
+    agreement = float(np.mean([c.distance_mm <= starts.agree_mm for c in candidates]))
+    rivals = [c.mutual_information for c in candidates
+              if c.mutual_information is not None and c.distance_mm > starts.agree_mm]
+    margin = mi - max(rivals) if rivals else None
+    flagged = len(candidates) > 1 and agreement < starts.min_agreement
+    return TargetAlignment(transforms=list(transforms), shift_mm=shift, mutual_information=mi, agreement=agreement,
+                           margin=margin, candidates=candidates, seconds=time.perf_counter() - began,
+                           deterministic=ants.single_threaded(), flagged=flagged, agree_mm=starts.agree_mm)
