@@ -10,6 +10,11 @@ For each target (a labelled scan of --data, segmented with atlases of the other 
       map, as (a) makes, or with --maps the probability and agreement maps too), timed per
       fusion. Without --fusion_model, "simnet" is dropped from --fusions (majority vote if
       nothing is left) and it says so; without --reg_model (b) uses the affine alignment only.
+      (b) runs once per --alignments variant (each in its own process, ITK's thread count being
+      fixed at a process's first registration): "robust", what `cmmas segment` does (several
+      starts, one ANTs thread); "robust_mt" (--fast-nondeterministic); "single_mt" (one start on
+      the default threads: the alignment before the multi-start one); "robust_atlas"
+      (--atlas-affine). The first variant picks the atlases and is the one the goals judge.
 (b) runs first and picks the --atlases most similar atlases; (a) uses the same atlases.
 
 Each part of each target runs in a fresh process (multiprocessing, spawn), so its peak memory
@@ -74,6 +79,12 @@ flags.DEFINE_bool("maps", False, "(b) maps the probability and agreement maps ba
                   "`cmmas segment` writes without --no-extras); off: the label map only, as (a) makes.")
 flags.DEFINE_string("out", None, "Folder for bench_mas.csv and bench_mas.md (and the predicted label maps).")
 flags.DEFINE_integer("seed", 0, "Seed of ANTs' sampling.", lower_bound=0)
+flags.DEFINE_list("alignments", ["robust"], "Variants of (b)'s alignment, each timed in its own process, of "
+                  "robust, robust_mt, single_mt, robust_atlas (the module docstring).")
+
+#: (b)'s alignment variants: (multi-start, one ANTs thread, each atlas's own affine stage).
+ALIGNMENTS = {"robust": (True, True, False), "robust_mt": (True, False, False), "single_mt": (False, False, False),
+              "robust_atlas": (True, True, True)}
 
 #: Goals of the issue: seconds per target of (b), speed-up over (a), peak memory (MB).
 GOAL_SECONDS = 10.0
@@ -114,15 +125,21 @@ def _in_fresh_process(fn, *args):
 
 
 def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repeats: int, maps: bool,
-              out: str | None) -> dict:
+              out: str | None, alignment: str = "robust") -> dict:
     """(b) in this process: setup (imports, models, cmmas.segment.warm_up), then ``repeats`` timed
-    segment() calls per fusion."""
+    segment() calls per fusion, aligned as the :data:`ALIGNMENTS` variant ``alignment``."""
     start = time.perf_counter()
     import ants  # noqa: F401  (imported in the setup, as the CLI's first registration would)
     import numpy as np
 
     from cmmas import segment
+    from cmmas.align import ants as cmmas_ants
+    from cmmas.align import target as target_alignment
     from cmmas.align.atlas_set import AtlasSet
+
+    multi_start, one_thread, atlas_affine = ALIGNMENTS[alignment]
+    if one_thread:
+        cmmas_ants.set_threads(1)
 
     aset = AtlasSet(job.atlas_set)
     reg, simnet = segment.load_models(job.reg_model, job.fusion_model, aset)
@@ -133,12 +150,14 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
     for fusion in fusions:
         call = functools.partial(segment.segment, str(job.target.image_path), aset, reg_model=reg,
                                  fusion_model=simnet, fusion=fusion, atlases=atlases, modality=job.atlas_modality,
-                                 batch_size=batch_size, progress=False, maps=maps)
+                                 batch_size=batch_size, progress=False, maps=maps, atlas_affine=atlas_affine,
+                                 starts=target_alignment.ROBUST if multi_start else target_alignment.SINGLE)
         result = call()  # the first call's labels are scored and written
         steps = [result.seconds] + [call().seconds for _ in range(repeats - 1)]  # target-sized maps not kept
         t0 = time.perf_counter()
         if out:
-            segment.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{fusion}.nii.gz", extras=maps)
+            segment.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{alignment}_{fusion}.nii.gz",
+                                       extras=maps)
         found["write_seconds"][fusion] = time.perf_counter() - t0 if out else float("nan")
         totals = [seconds["total"] for seconds in steps]
         found["seconds"][fusion] = float(np.median(totals))
@@ -238,8 +257,8 @@ def _report(results: list[dict], labels: dict) -> tuple[str, list[dict]]:
     rows, notes = [], []
     for res in results:
         best_classical = {}
-        for part in ("classical", "cmmas"):
-            out = res.get(part)
+        parts = [("classical", res.get("classical"))] + [(f"cmmas {a}", o) for a, o in res["cmmas"].items()]
+        for part, out in parts:
             if out is None:
                 continue
             for fusion, dice in out["dice"].items():
@@ -262,7 +281,7 @@ def _report(results: list[dict], labels: dict) -> tuple[str, list[dict]]:
 
 
 def _goals(res: dict, best_classical: dict, labels: dict) -> str:
-    ours = res["cmmas"]
+    alignment, ours = next(iter(res["cmmas"].items()))
     theirs = res.get("classical")
     text = [f"{res['target']} ({res['direction']}, {len(res['atlas_ids'])} atlases): setup "
             f"{ours['setup_seconds']:.1f} s untimed, peak {ours['peak_mb']:.0f} MB (peak under "
@@ -272,10 +291,15 @@ def _goals(res: dict, best_classical: dict, labels: dict) -> str:
         ratios = ", ".join(f"{name} {s:.1f} s" for name, s in theirs["seconds"].items())
         text.append(f"  classical: registration {theirs['register_seconds']:.1f} s; with fusion {ratios}; "
                     f"peak {theirs['peak_mb']:.0f} MB")
+    for other, theirs_too in list(res["cmmas"].items())[1:]:
+        for fusion, seconds in theirs_too["seconds"].items():
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in theirs_too["steps"][fusion].items() if k != "total")
+            text.append(f"  cmmas {other} {fusion}: {seconds:.1f} s ({seconds / ours['seconds'][fusion]:.2f}x "
+                        f"{alignment}; median steps {steps})")
     for fusion, seconds in ours["seconds"].items():
         steps = ", ".join(f"{k} {v:.1f}" for k, v in ours["steps"][fusion].items() if k != "total")
         low, high = ours["range"][fusion]
-        text.append(f"  cmmas {fusion}: {seconds:.1f} s, median of {FLAGS.repeats} (range {low:.1f}-{high:.1f} s; "
+        text.append(f"  cmmas {alignment} {fusion}: {seconds:.1f} s, median of {FLAGS.repeats} (range {low:.1f}-{high:.1f} s; "
                     f"median steps {steps}; writing its output {ours['write_seconds'][fusion]:.1f} s)")
         text.append(f"    goal under {GOAL_SECONDS:.0f} s: {'yes' if seconds < GOAL_SECONDS else 'NO'}")
         if theirs is None:
@@ -312,6 +336,9 @@ def _run() -> int:
 
     registry.check_names(FLAGS.classical_fusions)
     registry.check_names(FLAGS.fusions)
+    unknown = [a for a in FLAGS.alignments if a not in ALIGNMENTS]
+    if unknown or not FLAGS.alignments:
+        raise app.UsageError(f"--alignments must name some of {tuple(ALIGNMENTS)}, got {FLAGS.alignments}")
     dataset = open_dataset(FLAGS.data, FLAGS.layout)
     labels = dict(dataset.labels)
     jobs = _jobs(dataset)
@@ -330,12 +357,16 @@ def _run() -> int:
         direction = f"{job.atlas_modality}->{job.target.modality}"
         truth = read_label(job.target.label_path, allowed=labels).array
         fusions = [f for f in FLAGS.fusions if f != "simnet" or job.fusion_model] or ["mv"]
-        ours = _in_fresh_process(run_cmmas, job, FLAGS.atlases, FLAGS.batch_size, fusions, FLAGS.repeats,
-                                 FLAGS.maps, FLAGS.out)
-        ours["dice"] = {f: _dice_rows(pred, truth, labels) for f, pred in ours.pop("labels").items()}
-        res = {"target": job.target.id, "direction": direction, "atlas_ids": ours["atlas_ids"], "cmmas": ours}
-        timings = ", ".join(f"{fusion} {seconds:.1f} s" for fusion, seconds in ours["seconds"].items())
-        print(f"bench_mas: {job.target.id}: cmmas {timings} with atlases {ours['atlas_ids']}")
+        variants = {}
+        for alignment in FLAGS.alignments:
+            ours = _in_fresh_process(run_cmmas, job, FLAGS.atlases, FLAGS.batch_size, fusions, FLAGS.repeats,
+                                     FLAGS.maps, FLAGS.out, alignment)
+            ours["dice"] = {f: _dice_rows(pred, truth, labels) for f, pred in ours.pop("labels").items()}
+            variants[alignment] = ours
+            timings = ", ".join(f"{fusion} {seconds:.1f} s" for fusion, seconds in ours["seconds"].items())
+            print(f"bench_mas: {job.target.id}: cmmas ({alignment}) {timings} with atlases {ours['atlas_ids']}")
+        first = variants[FLAGS.alignments[0]]
+        res = {"target": job.target.id, "direction": direction, "atlas_ids": first["atlas_ids"], "cmmas": variants}
         if FLAGS.classical:
             atlases = [dataset.case(i) for i in ours["atlas_ids"]]
             theirs = _in_fresh_process(run_classical, atlases, job.target, labels, FLAGS.spacing,

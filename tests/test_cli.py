@@ -270,25 +270,27 @@ def test_bench_help_lists_its_flags():
     done = _python(str(REPO / "bench" / "bench_mas.py"), "--help")
     assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr  # absl's --help exits 1
     for flag in ("--atlas_set", "--reg_model", "--fusion_model", "--targets", "--atlases", "--fusions",
-                 "--repeats", "--[no]classical", "--spacing", "--out"):
+                 "--repeats", "--[no]classical", "--spacing", "--alignments", "--out"):
         assert flag in done.stdout, flag
 
 
 def test_bench_runs_cmmas_on_a_phantom_target(world, tmp_path):
     done = _python(str(REPO / "bench" / "bench_mas.py"), f"--data={world['data']}", f"--atlas_set={world['set']}",
                    f"--reg_model={world['reg']}", "--targets=mr_00", "--atlases=2", "--noclassical",
-                   "--fusions=simnet,mv,jlf_tf", "--repeats=2", f"--out={tmp_path}")
+                   "--fusions=simnet,mv,jlf_tf", "--repeats=2", "--alignments=robust,single_mt", f"--out={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(b) leaves out simnet" in done.stdout
     with open(tmp_path / "bench_mas.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(r["label"]) for r in rows] == sorted(MMWHS_LABELS) * 2
-    assert {r["target"] for r in rows} == {"mr_00"} and [r["fusion"] for r in rows[::len(MMWHS_LABELS)]] == ["mv", "jlf_tf"]
+    assert [int(r["label"]) for r in rows] == sorted(MMWHS_LABELS) * 4
+    firsts = rows[::len(MMWHS_LABELS)]
+    assert {r["target"] for r in rows} == {"mr_00"} and [r["fusion"] for r in firsts] == ["mv", "jlf_tf"] * 2
+    assert [r["pipeline"] for r in firsts] == ["cmmas robust"] * 2 + ["cmmas single_mt"] * 2
     assert all(r["atlases"] == "2" for r in rows)
     dice = np.array([float(r["dice"]) for r in rows])
     assert np.all((dice >= 0) & (dice <= 1)) and dice.mean() > 0.3
     assert float(rows[0]["peak_mb"]) > 100  # the segmenting process's own peak (TensorFlow alone is more)
     assert (tmp_path / "bench_mas.md").read_text().startswith("| target |")
-    assert (tmp_path / "mr_00" / "cmmas_mv.nii.gz").is_file()
-    assert not (tmp_path / "mr_00" / "cmmas_mv_agreement.nii.gz").exists()  # the label only, as (a); --maps for more
-    assert "median of 2" in done.stdout
+    assert (tmp_path / "mr_00" / "cmmas_robust_mv.nii.gz").is_file()
+    assert not (tmp_path / "mr_00" / "cmmas_robust_mv_agreement.nii.gz").exists()  # the label only, as (a)
+    assert "median of 2" in done.stdout and "x robust" in done.stdout
