@@ -35,6 +35,7 @@ ATLAS_SET := $(DIR)/atlas_set/manifest.json
 REG := $(DIR)/reg/model.keras
 SIM := $(DIR)/fusion/simnet.keras
 EVAL := $(DIR)/eval/summary.json
+BUNDLE := $(RUN)/bundle-$(ATLAS_MOD)2$(TARGET_MOD)
 
 MODS := --atlas_modality=$(ATLAS_MOD) --target_modality=$(TARGET_MOD)
 SHAPE_FLAG := $(if $(SHAPE),--shape=$(SHAPE))
@@ -43,8 +44,8 @@ MMWHS_HELP := MM-WHS 2017 (request it at zxh.me, MM-WHS challenge): DATA must ho
 CHAOS_HELP := CHAOS (download CHAOS_Train_Sets.zip from chaos.grand-challenge.org): DATA must hold CT/<id>/DICOM_anon + CT/<id>/Ground and MR/<id>/T2SPIR/DICOM_anon + MR/<id>/T2SPIR/Ground
 ABDOMEN := $(abspath ../shared/data/abdomen-ctmr)
 
-.PHONY: install test demo clean prealign train-reg train-fusion evaluate chain \
-        reproduce-mmwhs reproduce-chaos reproduce-abdomen
+.PHONY: install test demo clean prealign train-reg train-fusion evaluate chain bundle \
+        reproduce-mmwhs reproduce-chaos reproduce-abdomen bundle-abdomen
 
 install: $(STAMP)
 
@@ -79,14 +80,23 @@ $(EVAL): $(SIM)
 	$(PY) experiments/evaluate.py --flagfile=$(CONFIGS)/evaluate.flags --atlas_set=$(DIR)/atlas_set \
 	    --reg_model=$(REG) --fusion_model=$(SIM) $(MODS) --out=$(DIR)/eval
 
+# a bundle: the fold's atlas set, both models and a README.txt with the evaluation's Dice, in one
+# folder for `cmmas segment --bundle`
+bundle: $(BUNDLE)/README.txt
+$(BUNDLE)/README.txt: $(EVAL)
+	$(PY) experiments/make_bundle.py --atlas_set=$(DIR)/atlas_set --reg_model=$(REG) --fusion_model=$(SIM) \
+	    --summary=$(EVAL) --title="cmmas $(EXP) bundle: $(ATLAS_MOD) atlases for $(TARGET_MOD) scans (fold $(FOLD))" \
+	    --out=$(BUNDLE)
+
 # ---------------------------------------------------------------------------- demo
 $(RUN)/data/.done: | $(STAMP)
 	$(PY) experiments/make_phantom.py --out $(RUN)/data --n 12 --shape 64 --preview $(RUN)/phantom_preview.png
 	touch $@
 
 demo: install $(RUN)/data/.done
-	$(MAKE) --no-print-directory evaluate EXP=demo DATA=$(RUN)/data RUN=$(RUN)
+	$(MAKE) --no-print-directory bundle EXP=demo DATA=$(RUN)/data RUN=$(RUN)
 	@echo "demo: Dice table above; overlays: $$(ls $(DIR)/eval/overlay_*.png | head -n 3 | tr '\n' ' ')"
+	@echo "demo: segment a scan with the bundle: $(VENV)/bin/cmmas segment --bundle $(BUNDLE) --target SCAN --out SEG.nii.gz"
 
 # ---------------------------------------------------------------------------- reproduce
 reproduce-mmwhs:
@@ -100,6 +110,12 @@ reproduce-chaos:
 reproduce-abdomen:
 	@test -d "$(ABDOMEN)" || { echo "reproduce-abdomen: $(ABDOMEN) not found (the shared real CT/MR abdomen set)" >&2; exit 2; }
 	$(MAKE) --no-print-directory _folds EXP=abdomen DATA=$(ABDOMEN) FOLDS="$(ABDOMEN_FOLDS)"
+
+bundle-abdomen:
+	@test -d "$(ABDOMEN)" || { echo "bundle-abdomen: $(ABDOMEN) not found (the shared real CT/MR abdomen set)" >&2; exit 2; }
+	set -e; for pair in ct:mr mr:ct; do \
+	    $(MAKE) --no-print-directory bundle EXP=abdomen DATA=$(ABDOMEN) ATLAS_MOD=$${pair%:*} TARGET_MOD=$${pair#*:} FOLD=1; \
+	done
 
 FOLDS ?= 1 2 3 4
 # reproduce-abdomen runs fold 1 unless FOLDS is given on the command line (the default above is

@@ -1,0 +1,78 @@
+"""A bundle (cmmas.bundle, experiments/make_bundle.py): the README recipe on the phantom, end to end.
+
+Atlas set and untrained networks for the 24^3 grid, bundled by the script; then `cmmas segment
+--bundle` on a new MR scan, as the README's recipe does."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmmas import bundle, cli
+from cmmas.align import prepare
+from cmmas.align.atlas_set import AtlasSet
+from cmmas.datasets.mmwhs import MMWHS_LABELS
+from cmmas.datasets.phantom import make_subject
+from cmmas.errors import CmmasError
+from cmmas.io import read_label, write_image
+from test_segment import SHAPE, write_folder, write_models
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src")}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    aset = prepare.prepare_atlases(write_folder(root / "data"), "ct", root / "set", shape_zyx=SHAPE,
+                                   spacing_zyx=(4.0,) * 3, progress=False)
+    reg, sim = write_models(root)
+    summary = {"n_cases": {"ct->mr": 3}, "metrics": {"ct->mr": {"jlf": {
+        "left atrium": {"dice": {"mean": 0.8}}, "mean": {"dice": {"mean": 0.75}}}}}}
+    (root / "summary.json").write_text(json.dumps(summary))
+    return {"root": root, "set": aset.root, "reg": reg, "sim": sim, "summary": root / "summary.json"}
+
+
+def test_the_readme_recipe_segments_a_new_scan_with_the_bundle(parts, tmp_path):
+    out = tmp_path / "bundle-ct2mr"
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / "make_bundle.py"), f"--atlas_set={parts['set']}",
+                           f"--reg_model={parts['reg']}", f"--fusion_model={parts['sim']}",
+                           f"--summary={parts['summary']}", f"--out={out}"],
+                          capture_output=True, encoding="utf-8", env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "reg_model.keras", "simnet.keras"]
+    readme = (out / "README.txt").read_text()
+    assert "cmmas segment --bundle" in readme and "ct->mr jlf (3 targets): 0.750 (left atrium 0.800)" in readme
+    assert "24 x 24 x 24 voxels" in readme and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+    image, _ = make_subject("mr", 100, shape=40)
+    scan = write_image(image, tmp_path / "scan.nii.gz")
+    assert cli.main(["segment", "--bundle", str(out), "--target", str(scan), "--out", str(tmp_path / "seg.nii.gz"),
+                     "--no-extras"]) == 0
+    label = read_label(tmp_path / "seg.nii.gz", allowed=MMWHS_LABELS)
+    assert image.geometry.differences(label.geometry) == [] and label.array.any()
+
+
+def test_a_bundle_is_replaced_whole_and_keeps_the_model_sidecars(parts, tmp_path):
+    card = Path(str(parts["reg"]) + ".json")
+    card.write_text("{}")
+    try:
+        out = bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b")
+        (out / "stale.txt").write_text("left from an earlier bundle")
+        bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b")
+    finally:
+        card.unlink()
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "reg_model.keras",
+                                                     "reg_model.keras.json"]
+    assert "no SimNet: use --fusion jlf_tf" in (out / "README.txt").read_text()
+    assert AtlasSet(out / "atlas_set").geometry.shape == SHAPE
+
+
+def test_a_missing_model_is_one_line_naming_it(parts, tmp_path):
+    with pytest.raises(CmmasError, match="not found") as err:
+        bundle.write_bundle(parts["set"], tmp_path / "nope.keras", tmp_path / "b")
+    assert "nope.keras" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "b").exists()
