@@ -144,13 +144,17 @@ def test_a_bad_atlas_is_one_stderr_line_naming_its_file(tmp_path, problem):
 def simnet_label(world):
     out = world["out"] / "simnet" / "seg.nii.gz"
     status = cli.main(["segment", "--target", str(world["target"]), "--atlas-set", str(world["set"]),
-                       "--reg-model", str(world["reg"]), "--fusion-model", str(world["sim"]), "--out", str(out)])
+                       "--reg-model", str(world["reg"]), "--fusion-model", str(world["sim"]), "--out", str(out),
+                       "--preview"])
     assert status == 0
     return _check_maps(out, world)
 
 
 def test_segment_with_simnet_writes_every_map_on_the_target_grid(world, simnet_label):
     assert set(np.unique(simnet_label)) <= set(CODES)
+    beside = world["out"] / "simnet"
+    for name in ("seg_volumes.csv", "seg_labels.itksnap.txt", "seg_labels.ctbl", "seg_preview.png", "seg_qc.json"):
+        assert (beside / name).is_file(), name
     assert _foreground_dice(simnet_label, world["truth"].array) > 0.6
 
 
@@ -164,6 +168,7 @@ def test_segment_from_a_bundle_with_mv_and_two_atlases(world, simnet_label, caps
                        "--atlases", "2", "--out", str(out)])
     assert status == 0
     assert "from 2 atlases" in capsys.readouterr().out
+    assert not (tmp_path / "seg_preview.png").exists()  # without --preview
     label = _check_maps(out, world)
     assert _foreground_dice(label, world["truth"].array) > 0.5
 

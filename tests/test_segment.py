@@ -6,6 +6,7 @@ untrained: BiRegNet returns zero fields (atlases unchanged) and SimNet gives eve
 weight, so the pipeline's wiring, not the networks, is what is tested.
 """
 
+import csv
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ from cmmas.align import target as target_alignment
 from cmmas.evaluate import alignment as alignment_eval
 from cmmas.fuse import registry
 from cmmas.fuse import weights
-from cmmas import segment
+from cmmas import outputs, segment
 from cmmas.nn import training
 from cmmas.register import apply
 from cmmas.fuse import simnet as simnet_fusion
@@ -201,18 +202,44 @@ def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
     result, _ = simnet_run
     target = read_image(world["target"])
     written = segment.write_segmentation(result, tmp_path / "seg.nii.gz")
-    names = sorted(p.name for p in written)
-    assert names == sorted(["seg.nii.gz", "seg_agreement.nii.gz", "seg_qc.json"]
-                           + [f"seg_prob_{c}.nii.gz" for c in CODES])
+    assert [p.name for p in written] == (["seg.nii.gz"] + [f"seg_prob_{c}.nii.gz" for c in CODES]
+                                         + ["seg_agreement.nii.gz", "seg_volumes.csv", "seg_labels.itksnap.txt",
+                                            "seg_labels.ctbl", "seg_qc.json"])
     assert json.loads(written[-1].read_text())["alignment"]["starts"]
-    for path in written[:-1]:
+    for path in written[:-4]:
         image = read_image(path)
         assert target.geometry.differences(image.geometry) == [], path
     label = read_label(tmp_path / "seg.nii.gz", allowed=MMWHS_LABELS)
     np.testing.assert_array_equal(label.array, result.label.array)
     assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetPixelID() == sitk.sitkInt16  # codes up to 850
     only = segment.write_segmentation(result, tmp_path / "only.nii.gz", extras=False)
-    assert [p.name for p in only] == ["only.nii.gz", "only_qc.json"]
+    assert [p.name for p in only] == ["only.nii.gz", "only_volumes.csv", "only_labels.itksnap.txt",
+                                      "only_labels.ctbl", "only_qc.json"]
+
+
+def test_written_side_outputs_agree_with_the_label_map(simnet_run, tmp_path):
+    result, _ = simnet_run
+    assert result.names == MMWHS_LABELS and result.target.geometry.matches(result.label.geometry)
+    written = segment.write_segmentation(result, tmp_path / "seg.nii.gz", extras=False, preview=True)
+    paths = segment.output_paths(tmp_path / "seg.nii.gz", CODES)
+    assert written == [paths[k] for k in ("label", "volumes", "itksnap", "slicer", "preview", "qc")]
+    with open(paths["volumes"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    label = read_label(paths["label"], allowed=MMWHS_LABELS)
+    voxel_ml = np.prod(label.geometry.spacing) / 1000
+    assert [int(r["code"]) for r in rows] == sorted(MMWHS_LABELS)
+    for row in rows:
+        voxels = np.count_nonzero(label.array == int(row["code"]))
+        assert row["name"] == MMWHS_LABELS[int(row["code"])] and int(row["voxels"]) == voxels
+        assert float(row["millilitres"]) == pytest.approx(voxels * voxel_ml, abs=1e-4)
+        assert row["mean_agreement"] == "" or 0.0 <= float(row["mean_agreement"]) <= 1.0
+    assert sum(int(r["voxels"]) for r in rows) == np.count_nonzero(label.array)
+    itksnap, slicer = paths["itksnap"].read_text(), paths["slicer"].read_text()
+    for code, name in MMWHS_LABELS.items():
+        red, green, blue = outputs.palette(MMWHS_LABELS)[code]
+        assert f'{code:5d} {red:5d} {green:4d} {blue:4d}' in itksnap and f'"{name}"' in itksnap
+        assert f"\n{code} {name.replace(' ', '_')} {red} {green} {blue} 255\n" in slicer
+    assert paths["preview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
@@ -231,7 +258,7 @@ def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
     with pytest.raises(CmmasError, match="no probability or agreement maps") as err:
         segment.write_segmentation(lean, tmp_path / "lean.nii.gz")
     assert "\n" not in str(err.value) and "lean.nii.gz" in str(err.value)
-    path, qc = segment.write_segmentation(lean, tmp_path / "lean.nii.gz", extras=False)
+    path, *_, qc = segment.write_segmentation(lean, tmp_path / "lean.nii.gz", extras=False)
     assert qc.name == "lean_qc.json"
     np.testing.assert_array_equal(read_label(path, allowed=MMWHS_LABELS).array, result.label.array)
 

@@ -101,12 +101,15 @@ def _segment_parser(sub) -> None:
         "register the atlases to it with BiRegNet, fuse the warped labels (SimNet or a classic method) and "
         "write the label map on the target's original grid (spacing, origin, direction), with "
         "<stem>_prob_<code>.nii.gz (per-label probability) and <stem>_agreement.nii.gz (fraction of atlases "
-        "agreeing with the fused label) and <stem>_qc.json beside it. The QC record (always written) holds the "
-        "alignment's quality: the fraction of its starts that land within 15 mm of the chosen result "
-        "('agreement'; below 0.4 the alignment is flagged: 'flagged': true, and a one-line warning is printed), "
-        "the chosen start, its mutual information and its 'margin' over the best refined start that disagrees, "
-        "every start, whether ANTs ran deterministically, and the seconds of each step. A progress bar shows the steps when stderr is a terminal; "
-        "a line per scan gives the atlases used and the seconds of each step. Several scans in one call load the "
+        "agreeing with the fused label), <stem>_volumes.csv (each structure's voxels, millilitres and mean "
+        "agreement), <stem>_labels.itksnap.txt and <stem>_labels.ctbl (the label names and colours for ITK-SNAP "
+        "and 3D Slicer), <stem>_preview.png with --preview, and <stem>_qc.json beside it. The QC record (always "
+        "written) holds the alignment's quality: the fraction of its starts that land within 15 mm of the chosen "
+        "result ('agreement'; below 0.4 the alignment is flagged: 'flagged': true, and a one-line warning is "
+        "printed), the chosen start, its mutual information and its 'margin' over the best refined start that "
+        "disagrees, every start, whether ANTs ran deterministically, and the seconds of each step. A progress bar "
+        "shows the steps when stderr is a terminal; a line per scan gives the atlases used and the seconds of each "
+        "step. Several scans in one call load the "
         "models and the atlas set once.",
     )
     seg.add_argument("--target", type=Path, required=True, nargs="+", metavar="SCAN",
@@ -147,6 +150,10 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--no-extras", action="store_true",
                      help="write only the label map and its QC record (the probability and agreement maps are then "
                           "not computed either: faster on large grids)")
+    seg.add_argument("--preview", action="store_true",
+                     help="also write <stem>_preview.png: the axial, coronal and sagittal slices through the "
+                     "segmented structures' centre, the scan in grey with each structure filled in its colour and "
+                     "a legend of their names")
     seg.add_argument("--fast-nondeterministic", action="store_true",
                      help="run ANTs on all threads: the alignment is ~0.4 s faster, but multi-threaded mutual "
                      "information sums in a different order on every call, so the same scan may give a different "
@@ -239,10 +246,10 @@ def _segment(args) -> None:
             alignment=args.transform, batch_size=args.batch_size, progress=_progress(), maps=not args.no_extras,
             starts=target.SINGLE if args.single_start else target.ROBUST, atlas_affine=args.atlas_affine,
         )
-        written = segment.write_segmentation(result, out, extras=not args.no_extras)
+        written = segment.write_segmentation(result, out, extras=not args.no_extras, preview=args.preview)
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
         flagged = f"; QC FLAGGED the alignment, see {written[-1]}" if result.flagged else ""
-        print(f"wrote {written[0]} (+{len(written) - 2} maps, QC record) from {len(result.atlas_ids)} atlases "
+        print(f"wrote {written[0]} (+{len(written) - 1} files beside it) from {len(result.atlas_ids)} atlases "
               f"[{', '.join(result.atlas_ids)}] with {args.fusion}; {timing}{flagged}", flush=True)
 
 

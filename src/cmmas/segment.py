@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cmmas import outputs
 from cmmas.align import mapping, per_atlas
 from cmmas.align import target as target_alignment
 from cmmas.align.atlas_set import MANIFEST, AtlasSet
@@ -142,7 +143,9 @@ class Segmentation:
             choosing and warping the atlases), "fuse", "map_back", "total".
         working: the fused label on the working grid (int32 codes).
         target_working: the aligned target on the working grid (normalised to [0, 1]).
+        target: the scan as given, on its own grid (the grid of ``label``).
         codes: the atlas set's label codes, the background 0 first.
+        names: the atlas set's label table, code -> structure name (0 excluded).
         alignment: the alignment's QC record (:meth:`cmmas.align.target.TargetAlignment.qc`),
             None when no alignment ran (``alignment=`` or ``prealign=False``).
     """
@@ -154,7 +157,9 @@ class Segmentation:
     seconds: dict[str, float]
     working: Image
     target_working: Image
+    target: Image
     codes: list[int]
+    names: dict[int, str]
     alignment: dict | None = None
 
     @property
@@ -392,7 +397,9 @@ def segment(
         seconds=seconds,
         working=working.with_array(fused.label.astype(np.int32)),
         target_working=working,
+        target=target,
         codes=codes,
+        names=dict(aset.labels),
         alignment=None if found is None else found.qc(),
     )
 
@@ -429,21 +436,34 @@ def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) ->
 
 
 def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path]:
-    """Where :func:`write_segmentation` puts each file: "label", "prob_<code>", "agreement", "qc"."""
+    """Where :func:`write_segmentation` puts each file, in the order it writes them: "label",
+    "prob_<code>", "agreement", "volumes", "itksnap", "slicer", "preview", "qc"."""
     out = Path(out)
     stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
     paths = {"label": out}
     paths.update({f"prob_{int(c)}": out.with_name(f"{stem}_prob_{int(c)}.nii.gz") for c in codes})
     paths["agreement"] = out.with_name(f"{stem}_agreement.nii.gz")
+    paths["volumes"] = out.with_name(f"{stem}_volumes.csv")
+    paths["itksnap"] = out.with_name(f"{stem}_labels.itksnap.txt")
+    paths["slicer"] = out.with_name(f"{stem}_labels.ctbl")
+    paths["preview"] = out.with_name(f"{stem}_preview.png")
     paths["qc"] = out.with_name(f"{stem}_qc.json")
     return paths
 
 
-def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: bool = True) -> list[Path]:
-    """Write the label map to ``out`` (as :func:`cmmas.io.label_dtype` of its codes), its QC record
-    ``<stem>_qc.json`` (:meth:`Segmentation.qc`) and, with ``extras``,
-    ``<stem>_prob_<code>.nii.gz`` and ``<stem>_agreement.nii.gz`` beside it (each atomically,
-    the maps on the target's grid).
+def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: bool = True,
+                       preview: bool = False) -> list[Path]:
+    """Write the label map to ``out`` (as :func:`cmmas.io.label_dtype` of its codes) and beside it,
+    each atomically (:func:`output_paths`):
+
+    - with ``extras``, ``<stem>_prob_<code>.nii.gz`` and ``<stem>_agreement.nii.gz`` (on the
+      target's grid);
+    - ``<stem>_volumes.csv``, each structure's voxels, millilitres and mean agreement (empty when
+      the segmentation has no agreement map), ``<stem>_labels.itksnap.txt`` and
+      ``<stem>_labels.ctbl``, the label names and colours for ITK-SNAP and 3D Slicer
+      (:mod:`cmmas.outputs`);
+    - with ``preview``, ``<stem>_preview.png``: three slices of the scan with the labels filled;
+    - ``<stem>_qc.json``, the QC record (:meth:`Segmentation.qc`).
 
     Returns:
         The paths written, the label map first, the QC record last.
@@ -460,5 +480,11 @@ def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: boo
         for code, prob in result.probabilities.items():
             written.append(write_image(prob, paths[f"prob_{code}"]))
         written.append(write_image(result.agreement, paths["agreement"]))
+    rows = outputs.label_volumes(result.label, result.names, result.agreement)
+    written.append(outputs.write_volumes_csv(rows, paths["volumes"]))
+    written.append(outputs.write_itksnap_labels(result.names, paths["itksnap"]))
+    written.append(outputs.write_slicer_color_table(result.names, paths["slicer"]))
+    if preview:
+        written.append(outputs.write_preview(result.target, result.label, result.names, paths["preview"]))
     written.append(atomic_write_text(paths["qc"], json.dumps(result.qc(), indent=1) + "\n"))
     return written

@@ -1,0 +1,215 @@
+"""The side outputs of a segmentation that a person reads: volumes, viewer label tables, a preview.
+
+:func:`cmmas.segment.write_segmentation` writes them beside the label map:
+
+- ``<stem>_volumes.csv`` (:func:`label_volumes`, :func:`write_volumes_csv`): each structure's
+  voxel count, volume in millilitres and mean atlas agreement;
+- ``<stem>_labels.itksnap.txt`` (:func:`write_itksnap_labels`): an ITK-SNAP label description
+  file (Segmentation > Import Label Descriptions);
+- ``<stem>_labels.ctbl`` (:func:`write_slicer_color_table`): a 3D Slicer colour table (load it
+  with the label map, then pick it as the label map's lookup table);
+- ``<stem>_preview.png`` (:func:`write_preview`): three orthogonal slices with the labels filled.
+
+A code has the same colour in all three (:func:`palette`). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import csv
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cmmas.errors import LabelError
+from cmmas.io import Image, atomic_path, atomic_write_text, check_same_grid
+
+#: matplotlib's tab10 then the lighter tab20 tones, without the two greys (unseen over a grey scan).
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+            "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+#: Opacity of the labels over the scan in the preview.
+PREVIEW_ALPHA = 0.4
+#: Columns of the volumes CSV.
+VOLUME_COLUMNS = ("code", "name", "voxels", "millilitres", "mean_agreement")
+
+
+def palette(codes: Iterable[int]) -> dict[int, tuple[int, int, int]]:
+    """A fixed colour ``(R, G, B)``, each 0..255, per foreground code, by the code's rank among ``codes``.
+
+    The first 18 ranks take :data:`_COLOURS` (distinct hues); later ones hues spaced by the golden
+    ratio. The background 0 gets none.
+    """
+    ranked = sorted({int(c) for c in codes} - {0})
+    return {code: _colour(rank) for rank, code in enumerate(ranked)}
+
+
+def _colour(rank: int) -> tuple[int, int, int]:
+    if rank < len(_COLOURS):
+        value = _COLOURS[rank]
+        return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)
+    red, green, blue = colorsys.hsv_to_rgb((rank * 0.618034) % 1.0, 0.6, 0.9)
+    return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def _voxel_counts(label: Image, names: Mapping[int, str]) -> dict[int, int]:
+    """Voxels of each foreground code of ``names`` in ``label``; raises on a code ``names`` lacks."""
+    array = np.asarray(label.array)
+    codes = sorted({int(c) for c in names} - {0})
+    counts = {code: int(np.count_nonzero(array == code)) for code in codes}
+    if sum(counts.values()) + np.count_nonzero(array == 0) != array.size:
+        unknown = sorted(set(np.unique(array).tolist()) - set(codes) - {0})
+        raise LabelError(label.path, f"label codes {unknown} have no name (named: {codes})")
+    return counts
+
+
+def label_volumes(label: Image, names: Mapping[int, str], agreement: Image | None = None) -> list[dict]:
+    """The size of each named structure: one row per foreground code of ``names``, by code.
+
+    Args:
+        label: label map ``[D, H, W]`` of integer codes.
+        names: code -> structure name (the background 0, if present, is skipped).
+        agreement: fraction of atlases agreeing with the label ``[D, H, W]`` (0..1) on the label's
+            grid, or None.
+
+    Returns:
+        Rows ``{"code", "name", "voxels", "millilitres", "mean_agreement"}``: millilitres are
+        voxels x voxel volume (mm^3) / 1000; mean_agreement is the mean of ``agreement`` over the
+        structure's voxels (NaN without ``agreement`` or without voxels).
+
+    Raises:
+        LabelError: the label holds a code that ``names`` lacks.
+        GeometryError: ``agreement`` is not on the label's grid.
+    """
+    if agreement is not None:
+        check_same_grid(label, agreement, what="agreement")
+    counts = _voxel_counts(label, names)
+    voxel_mm3 = math.prod(label.geometry.spacing)
+    rows = []
+    for code, voxels in counts.items():
+        mean = math.nan
+        if agreement is not None and voxels:
+            mean = float(np.mean(agreement.array[label.array == code], dtype=np.float64))
+        rows.append({"code": code, "name": names[code], "voxels": voxels,
+                     "millilitres": voxels * voxel_mm3 / 1000.0, "mean_agreement": mean})
+    return rows
+
+
+def write_volumes_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """Write :func:`label_volumes` rows as CSV (columns :data:`VOLUME_COLUMNS`; millilitres and
+    agreement to 4 decimals, a NaN agreement as an empty cell), atomically."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(VOLUME_COLUMNS)
+    for row in rows:
+        mean = row["mean_agreement"]
+        writer.writerow([row["code"], row["name"], row["voxels"], f"{row['millilitres']:.4f}",
+                         "" if math.isnan(mean) else f"{mean:.4f}"])
+    return atomic_write_text(path, text.getvalue())
+
+
+def _words(code: int, name: str) -> list[str]:
+    """The words of a name on one line (``label_<code>`` for an empty name)."""
+    return str(name).split() or [f"label_{code}"]
+
+
+def write_itksnap_labels(names: Mapping[int, str], path: str | os.PathLike) -> Path:
+    """Write an ITK-SNAP label description file: 0 "Clear Label" (transparent), then each foreground
+    code of ``names`` with its :func:`palette` colour (R, G, B 0..255; opacity 0..1 is 1), visible
+    and meshed. Double quotes in a name become single ones. Written atomically."""
+    lines = [
+        "################################################",
+        "# ITK-SnAP Label Description File",
+        "# File format:",
+        "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL",
+        "# Fields:",
+        "#    IDX:   Zero-based index",
+        "#    -R-:   Red color component (0..255)",
+        "#    -G-:   Green color component (0..255)",
+        "#    -B-:   Blue color component (0..255)",
+        "#    -A-:   Label transparency (0.00 .. 1.00)",
+        "#    VIS:   Label visibility (0 or 1)",
+        "#    MSH:   Label mesh visibility (0 or 1)",
+        "#  LABEL:   Label description",
+        "################################################",
+        f'{0:5d} {0:5d} {0:4d} {0:4d} {0:8d} {0:2d} {0:2d}    "Clear Label"',
+    ]
+    for code, (red, green, blue) in palette(names).items():
+        label = " ".join(_words(code, names[code])).replace('"', "'")
+        lines.append(f'{code:5d} {red:5d} {green:4d} {blue:4d} {1:8d} {1:2d} {1:2d}    "{label}"')
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_slicer_color_table(names: Mapping[int, str], path: str | os.PathLike) -> Path:
+    """Write a 3D Slicer colour table (``.ctbl``): ``code name R G B A`` per line (0..255 each),
+    0 "Background" transparent, then each foreground code of ``names`` in its :func:`palette`
+    colour, opaque; spaces in a name become underscores, as Slicer reads names as one word.
+    Written atomically."""
+    colours = palette(names)
+    lines = [f"# Color table file {Path(path).name}", f"# {len(colours) + 1} values", "0 Background 0 0 0 0"]
+    for code, (red, green, blue) in colours.items():
+        lines.append(f"{code} {'_'.join(_words(code, names[code]))} {red} {green} {blue} 255")
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _centre(mask: np.ndarray) -> tuple[int, int, int]:
+    """The voxel ``(z, y, x)`` nearest the centroid of ``mask`` (the volume's middle when empty)."""
+    if not np.any(mask):
+        return tuple(int(s) // 2 for s in mask.shape)  # type: ignore[return-value]
+    centre = np.rint(np.argwhere(mask).mean(axis=0)).astype(int)
+    return tuple(int(c) for c in centre)  # type: ignore[return-value]
+
+
+def write_preview(image: Image, label: Image, names: Mapping[int, str], path: str | os.PathLike) -> Path:
+    """Write a PNG of the axial, coronal and sagittal slices through the centroid of the label's
+    foreground: the scan in grey (windowed to its 1st-99th percentiles), each structure filled in
+    its :func:`palette` colour at opacity :data:`PREVIEW_ALPHA`, a legend of the structures present.
+
+    The slices are drawn in array order (axial seen from ``z`` as stored, coronal and sagittal
+    with ``z`` up) with their true aspect ratio from the voxel spacing (mm). Written atomically.
+
+    Args:
+        image: the scan ``[D, H, W]``.
+        label: its label map ``[D, H, W]`` on the same grid.
+        names: code -> structure name.
+        path: the PNG file.
+
+    Raises:
+        GeometryError: ``label`` is not on ``image``'s grid.
+        LabelError: the label holds a code that ``names`` lacks.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.patches import Patch
+
+    check_same_grid(image, label, what="label")
+    counts = _voxel_counts(label, names)
+    colours = palette(names)
+    scan, codes = np.asarray(image.array, dtype=np.float32), np.asarray(label.array)
+    z, y, x = _centre(codes > 0)
+    sz, sy, sx = image.spacing_zyx
+    low, high = (float(v) for v in np.percentile(scan, [1, 99]))
+    views = ((f"axial (z = {z})", np.s_[z, :, :], sy / sx, "upper"),
+             (f"coronal (y = {y})", np.s_[:, y, :], sz / sx, "lower"),
+             (f"sagittal (x = {x})", np.s_[:, :, x], sz / sy, "lower"))
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    for ax, (title, where, aspect, origin) in zip(fig.subplots(1, 3), views):
+        plane = codes[where]
+        fill = np.zeros(plane.shape + (4,), dtype=np.float32)
+        for code, colour in colours.items():
+            fill[plane == code] = (*(c / 255 for c in colour), PREVIEW_ALPHA)
+        ax.imshow(scan[where], cmap="gray", vmin=low, vmax=max(high, low + 1e-6), aspect=aspect, origin=origin)
+        ax.imshow(fill, aspect=aspect, origin=origin, interpolation="nearest")
+        ax.set_title(title)
+        ax.set_axis_off()
+    present = [code for code, voxels in counts.items() if voxels]
+    if present:
+        handles = [Patch(color=tuple(c / 255 for c in colours[code]), label=names[code]) for code in present]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False)
+    else:
+        fig.suptitle("no structure segmented")
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return Path(path)
