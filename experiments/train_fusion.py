@@ -6,7 +6,8 @@ Two steps:
         labelled); one OUT/pairs/<target>.npz per target (cmmas.fuse.simnet_train.generate_pairs).
         Files already there are kept, so a re-run only adds what is missing. --skip_gen skips
         the step (the cache must exist).
-  train SimNet on the cached pairs (cmmas.fuse.simnet_train.train): OUT/simnet.keras, config.json,
+  train SimNet on the cached pairs (cmmas.fuse.simnet_train.train): OUT/simnet.keras (+ its
+        model card simnet.keras.json: the atlas set's grid, spacing and labels), config.json,
         history.csv, curves.png, checkpoints/, tensorboard/; a killed run started again with
         the same flags resumes from OUT/backup/.
 
@@ -75,6 +76,7 @@ def _run() -> int:
     from cmmas.nn import training
     from cmmas.fuse import simnet as simnet_fusion
     from cmmas.fuse import simnet_train
+    from cmmas.nn.model_card import card_from_atlas_set
 
     out = Path(FLAGS.out)
     cache = Path(FLAGS.cache) if FLAGS.cache else out / "pairs"
@@ -102,7 +104,8 @@ def _run() -> int:
     pairs = simnet_train.load_pairs(cache, targets)
     print(f"train_fusion: training SimNet on {pairs.n_pairs} pairs for {config.steps} steps into {out}")
     path = simnet_train.train(config, pairs, codes, out, strategy=FLAGS.strategy, progress=FLAGS.progress,
-                            init_weights=FLAGS.init_weights)
+                            init_weights=FLAGS.init_weights,
+                            card=card_from_atlas_set(aset, "simnet", FLAGS.atlas_modality, FLAGS.target_modality))
     print(path)
     return 0
 

@@ -4,9 +4,10 @@ Atlases are the labelled "train" cases of --atlas_modality, targets the labelled
 of --target_modality (held-out "test" cases are never read). The defaults reproduce the original
 cmmas: Adam 1e-3 decayed x0.96 every 100 steps (staircase), 1503 steps of batch 2, c0 4, the
 multi-scale Dice loss in both directions plus 0.1 x cycle consistency, one random affine per
-pair applied to atlas and target alike. Writes OUT/model.keras (+ config.json, history.csv,
-curves.png, checkpoints/, tensorboard/); killed and re-run with the same flags, it resumes
-from the last finished epoch.
+pair applied to atlas and target alike. Writes OUT/model.keras (+ model.keras.json, its model
+card: the atlas set's grid, spacing and labels; config.json, history.csv, curves.png,
+checkpoints/, tensorboard/); killed and re-run with the same flags, it resumes from the last
+finished epoch.
 
 Example:
   python experiments/train_reg.py --atlas_set runs/atlas_set --out runs/reg --shape 64 --steps 300
@@ -62,6 +63,7 @@ def _run() -> int:
     from cmmas.register import biregnet
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.errors import AtlasSetError
+    from cmmas.nn.model_card import card_from_atlas_set
 
     random.seed(FLAGS.seed)
     np.random.seed(FLAGS.seed)
@@ -91,6 +93,7 @@ def _run() -> int:
     path = biregnet.train(
         config, atlas_images, atlas_labels, target_images, target_labels, sorted(aset.labels), FLAGS.out,
         strategy=FLAGS.strategy, progress=FLAGS.progress, init_weights=FLAGS.init_weights,
+        card=card_from_atlas_set(aset, "biregnet", FLAGS.atlas_modality, FLAGS.target_modality),
     )
     print(f"train_reg: model written to {path}")
     return 0

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,10 +19,82 @@ from cmmas.align.mapping import to_space
 from cmmas.datasets import open_dataset
 from cmmas.datasets.base import Case
 from cmmas.datasets.loading import load_case
-from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError
+from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError, ModelError
 from cmmas.io import Geometry, Image, atomic_write_text, write_image
+from cmmas.nn.model_card import SPACING_TOLERANCE_MM, flag_value, require_card
 
 log = logging.getLogger(__name__)
+
+#: Working-grid shape in voxels (array order) when neither given nor taken from a model.
+DEFAULT_SHAPE_ZYX = (64, 64, 64)
+
+#: Working-grid spacing in mm (array order) when neither given nor taken from a model.
+DEFAULT_SPACING_ZYX = (4.0, 4.0, 4.0)
+
+#: Isotropic spacing of the affine alignments in mm when neither given nor taken from a model.
+DEFAULT_ALIGN_SPACING_MM = 3.0
+
+
+class Settings(NamedTuple):
+    """How to prepare an atlas set (:func:`resolve_settings`).
+
+    Attributes:
+        shape_zyx: working-grid shape, voxels, array order.
+        spacing_zyx: working-grid spacing, mm, array order.
+        align_spacing_mm: isotropic spacing of the affine alignments, mm.
+        component: keep only this label code (None: every label).
+        codes: the label codes the set must hold (a model's), None when any will do.
+    """
+
+    shape_zyx: tuple[int, int, int]
+    spacing_zyx: tuple[float, float, float]
+    align_spacing_mm: float
+    component: int | None
+    codes: tuple[int, ...] | None
+
+
+def resolve_settings(
+    like: str | os.PathLike | None = None,
+    shape_zyx: Sequence[int] | None = None,
+    spacing_zyx: Sequence[float] | None = None,
+    align_spacing_mm: float | None = None,
+    component: int | None = None,
+) -> Settings:
+    """The grid to prepare on: given values, else the model card of ``like``, else the defaults.
+
+    With ``like`` (a trained ``.keras`` model with a card, :mod:`cmmas.nn.model_card`), the
+    shape, spacing and alignment spacing are the card's, and so is the component of a model
+    trained on one structure; the set must then hold the card's label codes.
+
+    Args:
+        like: a model whose training grid to reproduce, or None.
+        shape_zyx: working-grid shape, voxels, array order (None: the card's or 64^3).
+        spacing_zyx: working-grid spacing, mm, array order (None: the card's or 4 mm).
+        align_spacing_mm: isotropic alignment spacing, mm (None: the card's or 3 mm).
+        component: keep only this label code (None: the card's single code, or every label).
+
+    Raises:
+        ModelError: ``like`` has no (valid) card, or a given value disagrees with it (naming ``like``).
+    """
+    if like is None:
+        return Settings(
+            tuple(int(n) for n in (DEFAULT_SHAPE_ZYX if shape_zyx is None else shape_zyx)),
+            tuple(float(s) for s in (DEFAULT_SPACING_ZYX if spacing_zyx is None else spacing_zyx)),
+            float(DEFAULT_ALIGN_SPACING_MM if align_spacing_mm is None else align_spacing_mm),
+            component,
+            None,
+        )
+    card = require_card(like)
+    given = (("--shape", shape_zyx, card.shape_zyx), ("--spacing", spacing_zyx, card.spacing_zyx),
+             ("--align-spacing", None if align_spacing_mm is None else (align_spacing_mm,), (card.align_spacing_mm,)))
+    for flag, value, wanted in given:
+        if value is not None and (len(value) != len(wanted) or
+                                  not np.allclose(value, wanted, rtol=0.0, atol=SPACING_TOLERANCE_MM)):
+            raise ModelError(like, f"was trained with {flag} {flag_value(wanted)}, but {flag} {flag_value(value)} "
+                                   "was given: drop it or drop --like")
+    single = next(iter(card.labels)) if len(card.labels) == 1 else None
+    return Settings(card.shape_zyx, card.spacing_zyx, card.align_spacing_mm,
+                    single if component is None else component, tuple(sorted(card.labels)))
 
 
 def choose_reference(cases: Sequence[Case], labels: dict[int, str]) -> Case:
@@ -227,14 +300,18 @@ def prepare_atlases(
     layout: str = "folder",
     reference: str = "auto",
     ids: Sequence[str] | None = None,
-    shape_zyx: Sequence[int] = (64, 64, 64),
-    spacing_zyx: Sequence[float] = (4.0, 4.0, 4.0),
+    shape_zyx: Sequence[int] | None = None,
+    spacing_zyx: Sequence[float] | None = None,
     margin_mm: float = 15.0,
-    align_spacing_mm: float = 3.0,
+    align_spacing_mm: float | None = None,
     component: int | None = None,
     progress: bool = True,
+    like: str | os.PathLike | None = None,
 ) -> AtlasSet:
     """Validate the labelled ``modality`` atlases of a data-set folder and prepare an atlas set.
+
+    The grid is the given one, else that of the model ``like`` (:func:`resolve_settings`), else
+    64^3 voxels at 4 mm aligned at 3 mm.
 
     Args:
         atlases: data-set root (``layout``: folder, mmwhs or chaos).
@@ -249,11 +326,15 @@ def prepare_atlases(
         align_spacing_mm: isotropic spacing of the affine alignments, mm.
         component: keep only this label code.
         progress: show progress bars.
+        like: a trained ``.keras`` model whose card gives the grid (and label codes) to prepare on.
 
     Raises:
         DatasetError: no such atlas; or an atlas is unreadable/inconsistent (see
             :func:`validate_atlases`), naming its file.
+        ModelError: ``like`` has no card, a given value disagrees with it, or the atlases' label
+            codes are not the model's (before any alignment runs).
     """
+    settings = resolve_settings(like, shape_zyx, spacing_zyx, align_spacing_mm, component)
     dataset = open_dataset(atlases, layout)
     if ids:
         cases = [dataset.case(i) for i in ids]
@@ -265,17 +346,22 @@ def prepare_atlases(
     if not cases:
         raise DatasetError(dataset.root, f"no labelled {modality} atlas found")
     labels = dict(dataset.labels)
+    kept = [code for code in sorted(labels) if settings.component in (None, code)]
+    if settings.codes is not None and tuple(kept) != settings.codes:
+        component = "" if settings.component is None else f", of which --component {settings.component} keeps {kept}"
+        raise ModelError(like, f"was trained on label codes {list(settings.codes)}, but the {modality} atlases of "
+                               f"{dataset.root} hold {sorted(labels)}{component}")
     validate_atlases(cases, labels)
     return prepare(
         cases,
         labels,
         out,
-        shape_zyx=tuple(shape_zyx),
-        spacing_zyx=tuple(spacing_zyx),
+        shape_zyx=settings.shape_zyx,
+        spacing_zyx=settings.spacing_zyx,
         reference=reference,
         roi_margin_mm=margin_mm,
-        align_spacing_mm=align_spacing_mm,
-        component=component,
+        align_spacing_mm=settings.align_spacing_mm,
+        component=settings.component,
         progress=progress,
     )
 
@@ -284,19 +370,24 @@ def raw_atlas_set(
     atlases: str | os.PathLike,
     modality: str | None,
     out: str | os.PathLike,
-    shape_zyx: Sequence[int],
-    spacing_zyx: Sequence[float] = (4.0, 4.0, 4.0),
+    shape_zyx: Sequence[int] | None = None,
+    spacing_zyx: Sequence[float] | None = None,
     progress: bool = True,
+    like: str | os.PathLike | None = None,
 ) -> AtlasSet:
     """An atlas set for a folder of raw atlases (folder layout), prepared once into ``out``.
 
-    ``modality`` defaults to the only modality with labelled cases. A set already in ``out``
-    is reused when it was prepared from the same atlas files on the same grid.
+    ``modality`` defaults to the only modality with labelled cases. The grid is ``shape_zyx``
+    (voxels) at ``spacing_zyx`` (mm), else the card's of the model ``like``, else the defaults
+    (:func:`resolve_settings`). A set already in ``out`` is reused when it was prepared from the
+    same atlas files on the same grid.
 
     Raises:
         DatasetError: no modality given while both have labelled cases.
         AtlasSetError: ``out`` holds a set made from other atlases or on another grid.
+        ModelError: ``like`` has no card or disagrees with a given value.
     """
+    settings = resolve_settings(like, shape_zyx, spacing_zyx)
     dataset = open_dataset(atlases, "folder")
     if modality is None:
         found = [m for m, cases in dataset.cases.items() if any(c.label_path is not None for c in cases)]
@@ -309,11 +400,11 @@ def raw_atlas_set(
         existing = AtlasSet(out)
         wanted = {os.path.abspath(c.image_path) for c in dataset.of(modality) if c.label_path is not None}
         have = {os.path.abspath(c.source_image) for c in existing.manifest.cases}
-        same_grid = existing.geometry.shape == tuple(shape_zyx) and np.allclose(
-            existing.geometry.spacing_zyx, spacing_zyx, atol=1e-3)
+        same_grid = existing.geometry.shape == settings.shape_zyx and np.allclose(
+            existing.geometry.spacing_zyx, settings.spacing_zyx, atol=SPACING_TOLERANCE_MM)
         if have != wanted or not same_grid:
             raise AtlasSetError(out, f"holds an atlas set of other atlases or another grid than {atlases}; "
                                      "remove it or write the output elsewhere")
         return existing
     return prepare_atlases(dataset.root, modality, out, shape_zyx=shape_zyx, spacing_zyx=spacing_zyx,
-                           progress=progress)
+                           progress=progress, like=like)

@@ -39,6 +39,7 @@ from cmmas.fuse.simnet import channel_codes
 from cmmas.io import atomic_path, atomic_write_text, label_dtype
 from cmmas.nn import training
 from cmmas.nn.layers import warp
+from cmmas.nn.model_card import ModelCard
 from cmmas.nn.networks import build_simnet
 from cmmas.register import apply, augment, biregnet
 
@@ -516,6 +517,7 @@ def train(
     strategy: str = "default",
     progress: bool = True,
     init_weights: str | os.PathLike | None = None,
+    card: ModelCard | None = None,
 ) -> Path:
     """Train a SimNet on cached pairs (a folder from :func:`generate_pairs`) or on arrays.
 
@@ -536,17 +538,21 @@ def train(
         progress: show Keras' progress bar.
         init_weights: a ``simnet.keras`` of the same architecture to start from (steps and
             schedule start again at 0); ignored when resuming from ``backup/``.
+        card: what the network is trained on (:func:`cmmas.nn.model_card.card_from_atlas_set`),
+            written beside ``simnet.keras`` (``simnet.keras.json``).
 
     Returns:
         The path of ``simnet.keras``.
 
     Raises:
-        ModelError: the config does not fit the data; DatasetError: unreadable cache.
+        ModelError: the config does not fit the data or the card; DatasetError: unreadable cache.
     """
     pairs = data if isinstance(data, TrainingPairs) else load_pairs(data)
     if pairs.shape_zyx != config.shape_zyx:
         raise ModelError("SimConfig", f"shape_zyx {config.shape_zyx} differs from the training pairs' grid "
                          f"{pairs.shape_zyx}")
+    if card is not None:
+        card.check_shape(config.shape_zyx, "SimConfig")
     codes = channel_codes(codes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -576,6 +582,6 @@ def train(
     trainer.fit(batches, epochs=math.ceil(config.steps / config.steps_per_epoch), shuffle=False,
                 callbacks=training.training_callbacks(config, out, (), name="train_fusion"),
                 verbose=training.fit_verbosity(progress))
-    path = training.save_model(simnet, out / MODEL_FILE)
+    path = training.save_model(simnet, out / MODEL_FILE, card=card)
     _plot_curves(out / "history.csv", out / "curves.png")
     return path

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from cmmas.errors import CmmasError, ModelError
 from cmmas.nn import layers, networks  # noqa: F401  (registers the custom layers that load_model deserialises)
+from cmmas.nn.model_card import ModelCard, card_path, write_card
 from cmmas.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,27 @@ def training_callbacks(config, out: Path, extra: Sequence, name: str = "train") 
     return callbacks + list(extra)
 
 
-def save_model(net: keras.Model, path: str | os.PathLike) -> Path:
-    """Save a model as ``.keras`` atomically (temporary name in the same folder, then rename)."""
+def save_model(net: keras.Model, path: str | os.PathLike, card: ModelCard | None = None) -> Path:
+    """Save a model as ``.keras`` atomically (temporary name in the same folder, then rename).
+
+    Args:
+        net: the network.
+        path: the ``.keras`` file.
+        card: what the network was trained on, written beside it (:func:`cmmas.nn.model_card.card_path`)
+            once the model is in place. A card left there by an earlier model is removed first, so
+            that an interrupted save leaves a model without a card rather than with a wrong one.
+
+    Raises:
+        ModelError: ``card`` is not of ``net``'s kind or grid shape.
+    """
     path = Path(path)
+    if card is not None:
+        card.check_shape(input_grid(net, card.kind), path)
+    card_path(path).unlink(missing_ok=True)
     with atomic_path(path, ".keras") as tmp:
         net.save(tmp)
+    if card is not None:
+        write_card(card, path)
     return path
 
 

@@ -41,6 +41,7 @@ import tensorflow as tf
 from cmmas.errors import CmmasError, GeometryError, LabelError, ModelError
 from cmmas.io import atomic_write_text
 from cmmas.nn.layers import warp
+from cmmas.nn.model_card import ModelCard
 from cmmas.nn.losses import Grad, LocalNCC, MultiScaleDice, MutualInformation, NegativeJacobian
 from cmmas.nn.networks import build_biregnet
 from cmmas.nn.training import (
@@ -402,6 +403,7 @@ def train(
     val: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
     callbacks: Sequence = (),
     init_weights: str | os.PathLike | None = None,
+    card: ModelCard | None = None,
 ) -> Path:
     """Train BiRegNet on random atlas x target pairs; re-running an interrupted call resumes it.
 
@@ -423,12 +425,17 @@ def train(
         init_weights: a ``model.keras`` of the same architecture to start from (to extend a
             finished run with more steps: the step count and the learning-rate schedule start
             again at 0). Ignored when resuming from ``backup/``.
+        card: what the network is trained on (:func:`cmmas.nn.model_card.card_from_atlas_set`),
+            written beside ``model.keras`` (``model.keras.json``); checked against
+            ``config.shape_zyx`` before training.
 
     Returns:
         The path of ``model.keras``.
     """
     out = Path(out_dir)
     shape = tuple(config.shape_zyx)
+    if card is not None:
+        card.check_shape(shape, "RegConfig")
     atlas_images, atlas_labels = _check_training_set(atlas_images, atlas_labels, shape, "atlas")
     target_images, target_labels = _check_training_set(target_images, target_labels, shape, "target")
     table = label_table(codes)
@@ -478,6 +485,6 @@ def train(
         shuffle=False,
         verbose=fit_verbosity(progress),
     )
-    path = save_model(net, out / MODEL_FILE)
+    path = save_model(net, out / MODEL_FILE, card=card)
     plot_history(out / "history.csv", out / "curves.png")
     return path

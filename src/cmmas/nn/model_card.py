@@ -1,0 +1,228 @@
+"""Model cards: the working grid, labels and data a network was trained on, kept beside its ``.keras`` file.
+
+A BiRegNet or SimNet only fits an atlas set on the grid it was trained on (shape *and* spacing)
+with the same label codes. The network itself records only its input shape, so training writes a
+card, a JSON sidecar ``<model>.keras.json`` (:func:`card_path`), next to the model
+(:func:`cmmas.nn.training.save_model`'s ``card``). Whoever copies a model copies its sidecar too
+(:mod:`cmmas.bundle` copies every ``<model>.keras.*``). Models saved before cards existed have
+none: :func:`read_card` gives None for them.
+
+This module imports neither TensorFlow nor Keras: the card of a model can be read (e.g. by
+``cmmas prepare-atlases --like MODEL``) without loading the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cmmas.align.atlas_set import AtlasSet
+from cmmas.align.mapping import PERCENTILES
+from cmmas.errors import ModelError
+from cmmas.io import atomic_write_text
+
+#: Version of the card's JSON layout.
+VERSION = 1
+
+#: The kinds of network a card describes, and their names in messages.
+KINDS = {"biregnet": "BiRegNet", "simnet": "SimNet"}
+
+#: How an atlas set's images are brought to the networks' input range (:func:`cmmas.align.mapping.normalize`).
+NORMALISATION = f"clip to the {PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles, then min-max to [0, 1]"
+
+#: Two spacings closer than this (mm, per axis) are the same.
+SPACING_TOLERANCE_MM = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """What a trained network was trained on.
+
+    Attributes:
+        kind: "biregnet" or "simnet".
+        shape_zyx: working-grid shape in voxels, array order ``(D, H, W)``.
+        spacing_zyx: working-grid spacing in mm, array order.
+        labels: label table of the training set, code -> name (background 0 excluded).
+        atlas_modality: modality of the atlases ("ct" or "mr"; None when not recorded).
+        target_modality: modality of the targets (None when not recorded).
+        normalisation: how the images were normalised (:data:`NORMALISATION` when trained).
+        align_spacing_mm: isotropic spacing, mm, of the affine alignments of the training set.
+        training_set: absolute path of the atlas set the network was trained on.
+        created: when the card was made, ISO 8601, UTC.
+        version: the card's layout version.
+    """
+
+    kind: str
+    shape_zyx: tuple[int, int, int]
+    spacing_zyx: tuple[float, float, float]
+    labels: dict[int, str]
+    atlas_modality: str | None
+    target_modality: str | None
+    normalisation: str
+    align_spacing_mm: float
+    training_set: str
+    created: str
+    version: int = VERSION
+
+    def to_json(self) -> str:
+        """Serialise (label codes become strings, as JSON keys must)."""
+        data = dataclasses.asdict(self)
+        data["labels"] = {str(code): name for code, name in self.labels.items()}
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str | os.PathLike | None = None) -> "ModelCard":
+        """Parse :meth:`to_json`'s text; anything else raises :class:`ModelError` naming ``source``."""
+        try:
+            data = json.loads(text)
+            if data.get("version") != VERSION:
+                raise ModelError(source, f"model card version {data.get('version')} is not {VERSION}")
+            if data["kind"] not in KINDS:
+                raise ModelError(source, f"model card of unknown kind {data['kind']!r}; "
+                                         f"expected one of {sorted(KINDS)}")
+            shape, spacing = tuple(int(n) for n in data["shape_zyx"]), tuple(float(s) for s in data["spacing_zyx"])
+            if len(shape) != 3 or len(spacing) != 3:
+                raise ModelError(source, f"model card grid {shape} at {spacing} mm is not three-dimensional")
+            return cls(
+                kind=data["kind"],
+                shape_zyx=shape,
+                spacing_zyx=spacing,
+                labels={int(code): str(name) for code, name in data["labels"].items()},
+                atlas_modality=data["atlas_modality"],
+                target_modality=data["target_modality"],
+                normalisation=str(data["normalisation"]),
+                align_spacing_mm=float(data["align_spacing_mm"]),
+                training_set=str(data["training_set"]),
+                created=str(data["created"]),
+            )
+        except ModelError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelError(source, f"invalid model card ({type(err).__name__}: {err})") from None
+
+    def grid(self) -> str:
+        """The working grid in words, e.g. ``56x48x64 voxels at 5 mm``."""
+        return f"{'x'.join(map(str, self.shape_zyx))} voxels at {flag_value(self.spacing_zyx)} mm"
+
+    def prepare_flags(self) -> str:
+        """The ``cmmas prepare-atlases`` flags that reproduce this grid, e.g.
+        ``--shape 56,48,64 --spacing 5 --align-spacing 4`` (and ``--component CODE`` for a
+        one-structure model)."""
+        flags = (f"--shape {','.join(map(str, self.shape_zyx))} --spacing {flag_value(self.spacing_zyx)} "
+                 f"--align-spacing {self.align_spacing_mm:g}")
+        return flags + (f" --component {next(iter(self.labels))}" if len(self.labels) == 1 else "")
+
+    def check_shape(self, shape_zyx: Sequence[int], source: str | os.PathLike | None = None) -> None:
+        """Raise :class:`ModelError` naming ``source`` unless ``shape_zyx`` (voxels) is the card's grid shape."""
+        if tuple(shape_zyx) != self.shape_zyx:
+            raise ModelError(source, f"the network's grid {tuple(shape_zyx)} is not its model card's "
+                                     f"{self.shape_zyx} (the atlas set {self.training_set})")
+
+
+def flag_value(values: Sequence[float]) -> str:
+    """Values as a flag takes them: ``5`` when all are equal, else ``5,4,4`` (``--spacing``, ``--shape``)."""
+    return f"{values[0]:g}" if len(set(values)) == 1 else ",".join(f"{v:g}" for v in values)
+
+
+def card_path(model_path: str | os.PathLike) -> Path:
+    """The card of a model: ``<model>.keras.json`` beside it."""
+    path = Path(model_path)
+    return path.with_name(path.name + ".json")
+
+
+def write_card(card: ModelCard, model_path: str | os.PathLike) -> Path:
+    """Write ``card`` beside ``model_path`` atomically; returns the card's path."""
+    return atomic_write_text(card_path(model_path), card.to_json())
+
+
+def read_card(model_path: str | os.PathLike) -> ModelCard | None:
+    """The card of the model at ``model_path``; None when it has none (a model saved before cards).
+
+    Raises:
+        ModelError: the card exists but is unreadable or invalid (naming the card's file).
+    """
+    path = card_path(model_path)
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(path, f"unreadable model card ({err})") from None
+    return ModelCard.from_json(text, path)
+
+
+def require_card(model_path: str | os.PathLike) -> ModelCard:
+    """:func:`read_card`, but a model without a card raises :class:`ModelError` naming the model."""
+    card = read_card(model_path)
+    if card is None:
+        raise ModelError(model_path, f"has no model card ({card_path(model_path).name}): it was saved before models "
+                                     "recorded their grid; give --shape, --spacing and --align-spacing instead")
+    return card
+
+
+def card_from_atlas_set(
+    aset: AtlasSet, kind: str, atlas_modality: str | None = None, target_modality: str | None = None
+) -> ModelCard:
+    """The card of a network of ``kind`` ("biregnet" or "simnet") trained on ``aset``, made now.
+
+    Args:
+        aset: the atlas set the network is trained on (its grid, labels and alignment spacing).
+        kind: "biregnet" or "simnet".
+        atlas_modality, target_modality: the modalities of the training atlases and targets.
+
+    Raises:
+        ModelError: an unknown ``kind``.
+    """
+    if kind not in KINDS:
+        raise ModelError(None, f"unknown model kind {kind!r}; expected one of {sorted(KINDS)}")
+    geometry = aset.geometry
+    return ModelCard(
+        kind=kind,
+        shape_zyx=tuple(int(n) for n in geometry.shape),
+        spacing_zyx=tuple(float(s) for s in geometry.spacing_zyx),
+        labels=dict(aset.labels),
+        atlas_modality=atlas_modality,
+        target_modality=target_modality,
+        normalisation=NORMALISATION,
+        align_spacing_mm=float(aset.manifest.align_spacing_mm),
+        training_set=str(aset.root.resolve()),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def mismatch(card: ModelCard, aset: AtlasSet, model: str | os.PathLike | None = None) -> str | None:
+    """One line saying how ``aset`` differs from what ``card``'s network was trained on, with the remedy.
+
+    Compared: the working-grid shape (voxels), its spacing (mm, within
+    :data:`SPACING_TOLERANCE_MM`) and the label codes (names are not compared). The alignment
+    spacing is not: it changes how scans are aligned, not what the network takes.
+
+    Args:
+        card: the network's card.
+        aset: the atlas set the network is to run on.
+        model: the model's path, named in the ``--like`` remedy (default ``MODEL``).
+
+    Returns:
+        None when ``aset`` fits, else e.g. ``the atlas set runs/set has grid 64x64x64 voxels, not
+        56x48x64; spacing 4 mm, not 5 (BiRegNet trained on 56x48x64 voxels at 5 mm): prepare the
+        atlas set with --shape 56,48,64 --spacing 5 --align-spacing 4, or with --like MODEL``.
+    """
+    geometry = aset.geometry
+    differences = []
+    if tuple(geometry.shape) != card.shape_zyx:
+        differences.append(f"grid {'x'.join(map(str, geometry.shape))} voxels, "
+                           f"not {'x'.join(map(str, card.shape_zyx))}")
+    if not np.allclose(geometry.spacing_zyx, card.spacing_zyx, rtol=0.0, atol=SPACING_TOLERANCE_MM):
+        differences.append(f"spacing {flag_value(geometry.spacing_zyx)} mm, not {flag_value(card.spacing_zyx)}")
+    if sorted(aset.labels) != sorted(card.labels):
+        differences.append(f"label codes {sorted(aset.labels)}, not {sorted(card.labels)}")
+    if not differences:
+        return None
+    return (f"the atlas set {aset.root} has {'; '.join(differences)} ({KINDS[card.kind]} trained on {card.grid()}): "
+            f"prepare the atlas set with {card.prepare_flags()}, or with --like {model or 'MODEL'}")
