@@ -79,12 +79,15 @@ def _prepare_parser(sub) -> None:
     prep.add_argument("--ids", default=None, metavar="ID,ID,...",
                       help="comma-separated atlas ids to use (default: every labelled case)")
     prep.add_argument("--out", type=Path, required=True, metavar="ATLAS_SET", help="atlas-set folder to write")
-    prep.add_argument("--shape", type=_int_triple, default=(64, 64, 64), metavar="D,H,W",
-                      help="working grid D,H,W in voxels: the BiRegNet's input shape (default 64)")
-    prep.add_argument("--spacing", type=_triple, default=(4.0, 4.0, 4.0), metavar="MM",
-                      help="working grid spacing D,H,W in mm (default 4)")
-    prep.add_argument("--align-spacing", type=float, default=3.0, metavar="MM",
-                      help="isotropic spacing the affine alignments run at, mm (default 3)")
+    prep.add_argument("--like", type=Path, default=None, metavar="MODEL.keras",
+                      help="take the grid (shape, spacing, alignment spacing) from this trained model's card "
+                      "(MODEL.keras.json, written when it was trained), so that the model fits the atlas set")
+    prep.add_argument("--shape", type=_int_triple, default=None, metavar="D,H,W",
+                      help="working grid D,H,W in voxels: the BiRegNet's input shape (default 64, or --like's)")
+    prep.add_argument("--spacing", type=_triple, default=None, metavar="MM",
+                      help="working grid spacing D,H,W in mm (default 4, or --like's)")
+    prep.add_argument("--align-spacing", type=float, default=None, metavar="MM",
+                      help="isotropic spacing the affine alignments run at, mm (default 3, or --like's)")
     prep.add_argument("--margin", type=float, default=15.0, metavar="MM",
                       help="margin around the union of the aligned atlas labels, mm (default 15)")
     prep.add_argument("--component", type=int, default=None, metavar="CODE",
@@ -141,8 +144,9 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--prealign", action=argparse.BooleanOptionalAction, default=True,
                      help="align the target to the reference first (default); --no-prealign: the target "
                      "already lies in the reference space")
-    seg.add_argument("--spacing", type=_triple, default=(4.0, 4.0, 4.0), metavar="MM",
-                     help="working grid spacing in mm when preparing a raw --atlases DIR (default 4)")
+    seg.add_argument("--spacing", type=_triple, default=None, metavar="MM",
+                     help="working grid spacing in mm when preparing a raw --atlases DIR (default: the --reg-model's "
+                     "card, else 4)")
     seg.add_argument("--transform", type=Path, nargs="+", default=None, metavar="MAT",
                      help="use this scan -> reference alignment (ANTs transform files, e.g. an atlas set's "
                           "transforms/<id>/affine.mat) instead of aligning the scan again (one target only)")
@@ -200,7 +204,7 @@ def _prepare(args) -> None:
         args.atlases, args.modality, args.out, layout=args.layout, reference=args.reference,
         ids=args.ids.split(",") if args.ids else None, shape_zyx=args.shape, spacing_zyx=args.spacing,
         margin_mm=args.margin, align_spacing_mm=args.align_spacing, component=args.component,
-        progress=_progress(),
+        progress=_progress(), like=args.like,
     )
     print(f"atlas set of {len(aset.ids())} atlases (reference {aset.manifest.reference}, grid "
           f"{aset.geometry.shape} at {aset.geometry.spacing_zyx} mm) written to {args.out}")
@@ -224,14 +228,18 @@ def _segment(args) -> None:
     if isinstance(args.atlases, Path):
         if args.atlas_set is not None or args.bundle is not None:
             raise CmmasError(args.atlases, "give raw --atlases DIR, or --atlas-set/--bundle, not both")
-        shape = (64, 64, 64)
-        if reg_model is not None:
+        from cmmas.nn import model_card
+
+        shape, like = None, None
+        if reg_model is not None and model_card.read_card(reg_model) is not None:
+            like = reg_model  # the grid it was trained on
+        elif reg_model is not None:  # a model without a card: its input shape at least
             from cmmas.nn import training
 
             reg_model = training.load_model(reg_model, "biregnet")
             shape = training.input_grid(reg_model, "biregnet")
         atlas_set = prepare.raw_atlas_set(args.atlases, args.atlas_modality, outs[0].parent / "atlas_set",
-                                           shape, args.spacing, progress=_progress()).root
+                                           shape, args.spacing, progress=_progress(), like=like).root
     bundle = segment.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
     if reg_model is None:
         reg_model = bundle.reg_model

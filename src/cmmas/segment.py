@@ -40,6 +40,7 @@ from cmmas.errors import AtlasSetError, CmmasError, ModelError
 from cmmas.fuse import registry
 from cmmas.fuse.weights import global_similarity
 from cmmas.io import IMAGE_SUFFIXES, Image, atomic_write_text, label_dtype, read_image, write_image
+from cmmas.nn import model_card
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +177,22 @@ class Segmentation:
 
 def load_models(reg_model, fusion_model, aset: AtlasSet):
     """``(BiRegNet, SimNet)`` loaded from paths (objects pass through; None stays None), checked
-    against the atlas set's working grid and label table: load them once to segment several scans.
+    against the atlas set's working grid and label table (by a model's card, naming the flags
+    that would fit, before the network loads; else by its input shape): load them once to segment
+    several scans.
 
     Raises:
         ModelError: a missing or unloadable file, or a model that does not fit the atlas set.
     """
     shape = tuple(aset.geometry.shape)
     for model, what in ((reg_model, "BiRegNet"), (fusion_model, "SimNet")):
-        if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():  # before TensorFlow is imported
-            raise ModelError(model, f"{what} model file not found")
+        if isinstance(model, (str, os.PathLike)):  # before TensorFlow is imported
+            if not Path(model).is_file():
+                raise ModelError(model, f"{what} model file not found")
+            card = model_card.read_card(model)
+            problem = card and model_card.mismatch(card, aset, model)
+            if problem:
+                raise ModelError(model, problem)
     if reg_model is None and fusion_model is None:
         return None, None
     from cmmas.nn import training  # TensorFlow: imported only when a network runs
