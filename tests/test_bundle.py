@@ -3,12 +3,15 @@
 Atlas set and untrained networks for the 24^3 grid, bundled by the script; then `cmmas segment
 --bundle` on a new MR scan, as the README's recipe does."""
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from cmmas import bundle, cli
@@ -18,6 +21,7 @@ from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.datasets.phantom import make_subject
 from cmmas.errors import CmmasError
 from cmmas.io import read_label, write_image
+from cmmas.nn import model_card
 from test_segment import SHAPE, write_folder, write_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +34,8 @@ def parts(tmp_path_factory):
     aset = prepare.prepare_atlases(write_folder(root / "data"), "ct", root / "set", shape_zyx=SHAPE,
                                    spacing_zyx=(4.0,) * 3, progress=False)
     reg, sim = write_models(root)
+    for model, kind in ((reg, "biregnet"), (sim, "simnet")):  # as the training scripts write them
+        model_card.write_card(model_card.card_from_atlas_set(aset, kind, "ct", "mr"), model)
     summary = {"n_cases": {"ct->mr": 3}, "metrics": {"ct->mr": {"jlf": {
         "left atrium": {"dice": {"mean": 0.8}}, "mean": {"dice": {"mean": 0.75}}}}}}
     (root / "summary.json").write_text(json.dumps(summary))
@@ -43,7 +49,8 @@ def test_the_readme_recipe_segments_a_new_scan_with_the_bundle(parts, tmp_path):
                            f"--summary={parts['summary']}", f"--out={out}"],
                           capture_output=True, encoding="utf-8", env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "reg_model.keras", "simnet.keras"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "reg_model.keras",
+                                                     "reg_model.keras.json", "simnet.keras", "simnet.keras.json"]
     readme = (out / "README.txt").read_text()
     assert "cmmas segment --bundle" in readme and "ct->mr jlf (3 targets): 0.750 (left atrium 0.800)" in readme
     assert "24 x 24 x 24 voxels" in readme and not any(p.name.startswith(".") for p in tmp_path.iterdir())
@@ -51,22 +58,27 @@ def test_the_readme_recipe_segments_a_new_scan_with_the_bundle(parts, tmp_path):
     image, _ = make_subject("mr", 100, shape=40)
     scan = write_image(image, tmp_path / "scan.nii.gz")
     assert cli.main(["segment", "--bundle", str(out), "--target", str(scan), "--out", str(tmp_path / "seg.nii.gz"),
-                     "--no-extras"]) == 0
+                     "--no-extras", "--preview"]) == 0
     label = read_label(tmp_path / "seg.nii.gz", allowed=MMWHS_LABELS)
     assert image.geometry.differences(label.geometry) == [] and label.array.any()
+    with open(tmp_path / "seg_volumes.csv", newline="") as handle:
+        rows = {int(r["code"]): r for r in csv.DictReader(handle)}
+    voxel_ml = np.prod(label.geometry.spacing) / 1000.0
+    for code, name in MMWHS_LABELS.items():
+        voxels = int(np.count_nonzero(label.array == code))
+        assert rows[code]["name"] == name and int(rows[code]["voxels"]) == voxels
+        assert float(rows[code]["millilitres"]) == pytest.approx(voxels * voxel_ml, abs=1e-4)
+    assert all(f'"{name}"' in (tmp_path / "seg_labels.itksnap.txt").read_text() for name in MMWHS_LABELS.values())
+    assert plt.imread(tmp_path / "seg_preview.png").shape[0] > 200
 
 
-def test_a_bundle_is_replaced_whole_and_keeps_the_model_sidecars(parts, tmp_path):
-    card = Path(str(parts["reg"]) + ".json")
-    card.write_text("{}")
-    try:
-        out = bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b")
-        (out / "stale.txt").write_text("left from an earlier bundle")
-        bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b")
-    finally:
-        card.unlink()
+def test_a_bundle_is_replaced_whole_and_keeps_the_model_cards(parts, tmp_path):
+    out = bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b")
+    (out / "stale.txt").write_text("left from an earlier bundle")
+    bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b")
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "reg_model.keras",
                                                      "reg_model.keras.json"]
+    assert model_card.read_card(out / "reg_model.keras") == model_card.read_card(parts["reg"])
     assert "no SimNet: use --fusion jlf_tf" in (out / "README.txt").read_text()
     assert AtlasSet(out / "atlas_set").geometry.shape == SHAPE
 
