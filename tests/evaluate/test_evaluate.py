@@ -196,7 +196,9 @@ def test_boxplot_and_overlay_write_pngs(tmp_path):
     image = Image(_image(truth).astype(np.float32), Geometry.identity(SHAPE, SPACING))
     out = plots.overlay(image, truth, {"mv": np.roll(truth, 2, axis=0), "jlf": truth}, tmp_path / "o.png", title="t")
     width, height = _png_size(out)
-    assert width > 600 and height > 200
+    assert width > 600 and height > 600
+    one, _ = _png_size(plots.overlay(image, truth, {}, tmp_path / "truth_only.png"))
+    assert width > 2.5 * one  # a column per method: truth, mv, jlf
     assert plt.get_fignums() == []
     with pytest.raises(GeometryError, match="differs from the image"):
         plots.overlay(image, truth, {"mv": truth[:-1]}, tmp_path / "bad.png")

@@ -142,14 +142,17 @@ def overlay(
     spacing_zyx: Sequence[float] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Axial, coronal and sagittal slices with the contours of the truth and each prediction.
+    """One column per label map (the truth first, then each prediction), one row per view
+    (axial, coronal, sagittal): the image in grey with the structures filled semi-transparently
+    in the colours of :func:`cmmas.outputs.palette`, so that each method reads at a glance.
 
     Args:
         image: ``[D, H, W]`` intensities (an :class:`Image` gives the spacing too).
-        truth: ground-truth label map (drawn white), or None.
-        preds: name -> label map, each drawn in its own colour (every structure's outline).
+        truth: ground-truth label map, or None (no truth column).
+        preds: name -> label map.
         out_png: output file.
-        slices: "mid" or "auto" (through the centre of the truth, else of the predictions).
+        slices: "mid" or "auto" (through the centre of the truth, else of the predictions); the
+            same slices in every column.
         spacing_zyx: voxel size in mm for the aspect ratio (default: the image's, else 1).
         title: figure title.
 
@@ -157,7 +160,9 @@ def overlay(
         GeometryError: volumes of different shapes.
     """
     plt = _pyplot()
-    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from cmmas.outputs import PREVIEW_ALPHA, palette
 
     volume = _array(image, "image")
     if spacing_zyx is None:
@@ -178,24 +183,27 @@ def overlay(
         (f"coronal y={y}", np.s_[:, y, :], sz / sx, "lower"),
         (f"sagittal x={x}", np.s_[:, :, x], sz / sy, "lower"),
     )
+    codes = sorted({int(c) for m in maps.values() for c in np.unique(m) if c != 0})
+    colours = {code: np.asarray(rgb) / 255.0 for code, rgb in palette(codes).items()}
     low, high = np.percentile(volume, [1, 99])
-    colours = plt.get_cmap("tab10")
-    styles = {"truth": ("white", 1.8)}
-    styles.update({name: (colours(k % 10), 1.1) for k, name in enumerate(preds)})
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
-    for ax, (name, where, aspect, origin) in zip(axes, views):
-        ax.imshow(volume[where], cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, origin=origin)
-        for key, array in maps.items():
-            colour, width = styles[key]
-            _label_contours(ax, array[where], colour, width, origin)
-        ax.set_title(name)
-        ax.set_axis_off()
-    handles = [Line2D([], [], color=styles[k][0], lw=2, label=k) for k in maps]
-    if handles:
-        legend = fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-        for text in legend.get_texts():
-            text.set_color("black")
-        fig.patch.set_facecolor("0.85")
+    columns = list(maps) or ["image"]
+    fig, axes = plt.subplots(3, len(columns), figsize=(3.2 * len(columns) + 0.6, 9.6), squeeze=False)
+    for row, (view, where, aspect, origin) in enumerate(views):
+        for col, name in enumerate(columns):
+            ax = axes[row, col]
+            ax.imshow(volume[where], cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect,
+                      origin=origin)
+            if name in maps:
+                plane = maps[name][where]
+                fill = np.zeros((*plane.shape, 4))
+                for code, rgb in colours.items():
+                    fill[plane == code] = (*rgb, PREVIEW_ALPHA)
+                ax.imshow(fill, aspect=aspect, origin=origin, interpolation="nearest")
+            ax.set_title(f"{name}, {view}" if row == 0 else view, fontsize=9)
+            ax.set_axis_off()
+    if codes:
+        handles = [Patch(color=colours[c], label=str(c)) for c in codes]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), frameon=False, title="label code")
     if title:
         fig.suptitle(title)
     return _save(fig, out_png)
