@@ -155,12 +155,30 @@ def write_slicer_color_table(names: Mapping[int, str], path: str | os.PathLike) 
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _centre(mask: np.ndarray) -> tuple[int, int, int]:
-    """The voxel ``(z, y, x)`` nearest the centroid of ``mask`` (the volume's middle when empty)."""
-    if not np.any(mask):
-        return tuple(int(s) // 2 for s in mask.shape)  # type: ignore[return-value]
-    centre = np.rint(np.argwhere(mask).mean(axis=0)).astype(int)
-    return tuple(int(c) for c in centre)  # type: ignore[return-value]
+def orthogonal_views(centre_zyx: Sequence[int], spacing_zyx: Sequence[float]) -> list[tuple[str, tuple, float, str]]:
+    """The axial, coronal and sagittal slices through voxel ``centre_zyx``: ``(title, index,
+    aspect, origin)`` each, for ``imshow`` of a ``[D, H, W]`` volume in array order (axial as
+    stored, coronal and sagittal with ``z`` up), the aspect ratio from the spacing (mm)."""
+    z, y, x = (int(c) for c in centre_zyx)
+    sz, sy, sx = (float(s) for s in spacing_zyx)
+    return [(f"axial z={z}", np.s_[z, :, :], sy / sx, "upper"),
+            (f"coronal y={y}", np.s_[:, y, :], sz / sx, "lower"),
+            (f"sagittal x={x}", np.s_[:, :, x], sz / sy, "lower")]
+
+
+def draw_filled(ax, scan: np.ndarray, label: np.ndarray | None, colours: Mapping[int, tuple[int, int, int]],
+                window: tuple[float, float], aspect: float, origin: str) -> None:
+    """Draw a 2D ``scan`` plane in grey (``window``: the intensities shown black and white) on
+    ``ax`` and, over it, each code of ``colours`` (R, G, B 0..255) present in the ``label`` plane
+    filled at opacity :data:`PREVIEW_ALPHA`."""
+    low, high = window
+    ax.imshow(scan, cmap="gray", vmin=low, vmax=max(high, low + 1e-6), aspect=aspect, origin=origin)
+    if label is not None:
+        fill = np.zeros(label.shape + (4,), dtype=np.float32)
+        for code, colour in colours.items():
+            fill[label == code] = (*(c / 255 for c in colour), PREVIEW_ALPHA)
+        ax.imshow(fill, aspect=aspect, origin=origin, interpolation="nearest")
+    ax.set_axis_off()
 
 
 def write_preview(image: Image, label: Image, names: Mapping[int, str], path: str | os.PathLike) -> Path:
@@ -184,26 +202,18 @@ def write_preview(image: Image, label: Image, names: Mapping[int, str], path: st
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     from matplotlib.patches import Patch
 
+    from cmmas.evaluate.plots import slice_indices
+
     check_same_grid(image, label, what="label")
     counts = _voxel_counts(label, names)
     colours = palette(names)
     scan, codes = np.asarray(image.array, dtype=np.float32), np.asarray(label.array)
-    z, y, x = _centre(codes > 0)
-    sz, sy, sx = image.spacing_zyx
-    low, high = (float(v) for v in np.percentile(scan, [1, 99]))
-    views = ((f"axial (z = {z})", np.s_[z, :, :], sy / sx, "upper"),
-             (f"coronal (y = {y})", np.s_[:, y, :], sz / sx, "lower"),
-             (f"sagittal (x = {x})", np.s_[:, :, x], sz / sy, "lower"))
+    window = tuple(float(v) for v in np.percentile(scan, [1, 99]))
     fig = Figure(figsize=(12, 4.8), layout="constrained")
+    views = orthogonal_views(slice_indices(codes.shape, codes > 0, "auto"), image.spacing_zyx)
     for ax, (title, where, aspect, origin) in zip(fig.subplots(1, 3), views):
-        plane = codes[where]
-        fill = np.zeros(plane.shape + (4,), dtype=np.float32)
-        for code, colour in colours.items():
-            fill[plane == code] = (*(c / 255 for c in colour), PREVIEW_ALPHA)
-        ax.imshow(scan[where], cmap="gray", vmin=low, vmax=max(high, low + 1e-6), aspect=aspect, origin=origin)
-        ax.imshow(fill, aspect=aspect, origin=origin, interpolation="nearest")
+        draw_filled(ax, scan[where], codes[where], colours, window, aspect, origin)
         ax.set_title(title)
-        ax.set_axis_off()
     present = [code for code, voxels in counts.items() if voxels]
     if present:
         handles = [Patch(color=tuple(c / 255 for c in colours[code]), label=names[code]) for code in present]

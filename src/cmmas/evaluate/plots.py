@@ -162,12 +162,11 @@ def overlay(
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    from cmmas.outputs import PREVIEW_ALPHA, palette
+    from cmmas.outputs import draw_filled, orthogonal_views, palette
 
     volume = _array(image, "image")
     if spacing_zyx is None:
         spacing_zyx = image.spacing_zyx if isinstance(image, Image) else (1.0, 1.0, 1.0)
-    sz, sy, sx = (float(s) for s in spacing_zyx)
     maps = {} if truth is None else {"truth": _array(truth, "truth")}
     maps.update({name: _array(p, name) for name, p in preds.items()})
     for name, array in maps.items():
@@ -177,32 +176,18 @@ def overlay(
         focus = maps["truth"] > 0
     else:
         focus = np.any([m > 0 for m in maps.values()], axis=0) if maps else None
-    z, y, x = slice_indices(volume.shape, focus, slices)
-    views = (
-        (f"axial z={z}", np.s_[z, :, :], sy / sx, "upper"),
-        (f"coronal y={y}", np.s_[:, y, :], sz / sx, "lower"),
-        (f"sagittal x={x}", np.s_[:, :, x], sz / sy, "lower"),
-    )
-    codes = sorted({int(c) for m in maps.values() for c in np.unique(m) if c != 0})
-    colours = {code: np.asarray(rgb) / 255.0 for code, rgb in palette(codes).items()}
-    low, high = np.percentile(volume, [1, 99])
+    views = orthogonal_views(slice_indices(volume.shape, focus, slices), spacing_zyx)
+    colours = palette(c for m in maps.values() for c in np.unique(m))
+    window = tuple(float(v) for v in np.percentile(volume, [1, 99]))
     columns = list(maps) or ["image"]
     fig, axes = plt.subplots(3, len(columns), figsize=(3.2 * len(columns) + 0.6, 9.6), squeeze=False)
     for row, (view, where, aspect, origin) in enumerate(views):
         for col, name in enumerate(columns):
-            ax = axes[row, col]
-            ax.imshow(volume[where], cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect,
-                      origin=origin)
-            if name in maps:
-                plane = maps[name][where]
-                fill = np.zeros((*plane.shape, 4))
-                for code, rgb in colours.items():
-                    fill[plane == code] = (*rgb, PREVIEW_ALPHA)
-                ax.imshow(fill, aspect=aspect, origin=origin, interpolation="nearest")
-            ax.set_title(f"{name}, {view}" if row == 0 else view, fontsize=9)
-            ax.set_axis_off()
-    if codes:
-        handles = [Patch(color=colours[c], label=str(c)) for c in codes]
+            label = maps[name][where] if name in maps else None
+            draw_filled(axes[row, col], volume[where], label, colours, window, aspect, origin)
+            axes[row, col].set_title(f"{name}, {view}" if row == 0 else view, fontsize=9)
+    if colours:
+        handles = [Patch(color=tuple(v / 255 for v in rgb), label=str(c)) for c, rgb in colours.items()]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), frameon=False, title="label code")
     if title:
         fig.suptitle(title)
