@@ -238,13 +238,9 @@ def _jobs(dataset) -> list[Job]:
 
 
 def _dice_rows(prediction, truth, labels: dict) -> dict[int, float]:
-    import warnings
+    from cmmas.evaluate.alignment import organ_dice
 
-    from cmmas.metrics import dice
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {code: dice(prediction == code, truth == code) for code in labels}
+    return organ_dice(prediction, truth, labels)
 
 
 def _report(results: list[dict], labels: dict) -> tuple[str, list[dict]]:

@@ -383,7 +383,7 @@ def register(
         )
     owned: tempfile.TemporaryDirectory | None = workdir
     if out_dir is not None:
-        forward, inverse = _export(forward, inverse, Path(out_dir))
+        forward, inverse = export(forward, inverse, out_dir)
         workdir.cleanup()
         owned = None
     return Registration(
@@ -577,11 +577,13 @@ def _ants_seed(seed: int | None) -> Iterator[None]:
             os.environ["ANTS_RANDOM_SEED"] = previous
 
 
-def _export(forward: list[str], inverse: list[str], out_dir: Path) -> tuple[list[str], list[str]]:
-    """Copy the transforms into ``out_dir`` under stable names; return the new lists."""
+def export(forward: Sequence[str], inverse: Sequence[str], out_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Copy transform files into ``out_dir`` under stable names (``affine.mat``, ``warp.nii.gz``,
+    ``inverse_warp.nii.gz``), each atomically; return the new lists."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     renamed: dict[str, str] = {}
-    for path in dict.fromkeys(forward + inverse):
+    for path in dict.fromkeys([*forward, *inverse]):
         if path.endswith("InverseWarp.nii.gz"):
             name = "inverse_warp.nii.gz"
         elif path.endswith("Warp.nii.gz"):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -81,12 +80,13 @@ ROBUST = Starts()
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One start: its z shift (mm), the mutual information (nats) after its coarse rigid stage and,
-    when it was refined, after the full affine stage (else None), and how far (mm, RMS over the
-    reference's box) its result (refined if it was) lies from the chosen one."""
+    """One start: its z shift (mm), the mutual information (nats) after its coarse rigid stage
+    (None for a single start, which has none) and, when it was refined, after the full affine
+    stage (else None), and how far (mm, RMS over the reference's box) its result (refined if it
+    was) lies from the chosen one."""
 
     shift_mm: float
-    coarse_mutual_information: float
+    coarse_mutual_information: float | None
     mutual_information: float | None
     distance_mm: float
 
@@ -232,7 +232,7 @@ def align_to_reference(
             final = ants.register(moving, reference, kind="affine", seed=seed, fast=fast, initial=[initial],
                                   out_dir=out_dir)
             mi = mutual_information(reference, final.warped)
-            candidates = (Candidate(round(shift, 2), 0.0, round(mi, 5), 0.0),)
+            candidates = (Candidate(round(shift, 2), None, round(mi, 5), 0.0),)
             return _found(final.forward, shift, mi, candidates, starts, start)
         coarse = [_coarse_rigid(moving, reference, base, float(f) * extent, starts, seed, Path(tmp) / f"start{n}")
                   for n, f in enumerate(starts.shifts)]
@@ -254,7 +254,7 @@ def align_to_reference(
                                                     points), 2))
             for i, (shift, tfm, mi) in enumerate(coarse)
         )
-        transforms = _keep(refined[best][0], out_dir)
+        transforms, _ = ants.export(refined[best][0], [], out_dir)
     return _found(transforms, coarse[best][0], refined[best][1], candidates, starts, start)
 
 
@@ -269,18 +269,6 @@ def _coarse_rigid(moving: Image, reference: Image, base: np.ndarray, shift: floa
                         aff_smoothing_sigmas=ants.FAST_SCHEDULE.smoothing_sigmas[:1],
                         aff_iterations=(starts.coarse_iterations,), out_dir=folder)
     return shift, list(reg.forward), mutual_information(reference, reg.warped)
-
-
-def _keep(transforms: Sequence[str], out_dir: str | os.PathLike) -> list[str]:
-    """Copy a temporary transform list into ``out_dir`` (atomically, names kept)."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    kept = []
-    for path in transforms:
-        destination = Path(out_dir) / Path(path).name
-        with atomic_path(destination, suffix=Path(path).suffix) as tmp:
-            shutil.copyfile(path, tmp)
-        kept.append(os.fspath(destination))
-    return kept
 
 
 def _found(transforms: list[str], shift: float, mi: float, candidates: tuple[Candidate, ...], starts: Starts,
