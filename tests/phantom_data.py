@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
+
 from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.datasets.phantom import make_subject
 from cmmas.io import write_image
@@ -38,3 +40,18 @@ def write_phantom_folder(
     table = {"0": "background", **{str(code): name for code, name in labels.items()}}
     (root / "labels.json").write_text(json.dumps(table))
     return root
+
+
+#: The codes of :func:`nested_spheres`, the background first.
+SPHERE_CODES = (0, 3, 7)
+
+
+def nested_spheres(shape=(20, 20, 20), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """Two nested spheres (codes 7 and 3 inside) and a textured [0, 1] image following them."""
+    rng = np.random.default_rng(seed)
+    r2 = sum((c - n / 2) ** 2 for c, n in zip(np.indices(shape), shape))
+    label = np.zeros(shape, dtype=np.int32)
+    label[r2 < 40] = 7
+    label[r2 < 10] = 3
+    image = np.clip(0.2 + 0.3 * (label > 0) + 0.2 * (label == 3) + rng.normal(0.0, 0.05, shape), 0.0, 1.0)
+    return label, image.astype(np.float32)

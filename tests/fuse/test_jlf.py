@@ -6,19 +6,8 @@ import pytest
 from cmmas.errors import CmmasError
 from cmmas.fuse.registry import fuse
 from cmmas.fuse.jlf_tf import joint_label_fusion, offsets
-
-CODES = (0, 3, 7)
-
-
-def _phantom(shape=(20, 20, 20), seed=0):
-    """Two nested spheres (codes 7 and 3 inside) and a textured [0, 1] image following them."""
-    rng = np.random.default_rng(seed)
-    r2 = sum((c - n / 2) ** 2 for c, n in zip(np.indices(shape), shape))
-    label = np.zeros(shape, dtype=np.int32)
-    label[r2 < 40] = 7
-    label[r2 < 10] = 3
-    image = np.clip(0.2 + 0.3 * (label > 0) + 0.2 * (label == 3) + rng.normal(0.0, 0.05, shape), 0.0, 1.0)
-    return label, image.astype(np.float32)
+from phantom_data import SPHERE_CODES as CODES
+from phantom_data import nested_spheres as _phantom
 
 
 def test_offsets_nearest_first():

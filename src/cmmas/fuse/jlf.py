@@ -17,6 +17,9 @@ from cmmas.fuse.vote import FusionInputs, count_votes, decide, index_of
 
 logger = logging.getLogger(__name__)
 
+#: What JLF's patches compare (the ``features`` option).
+FEATURES = ("intensity", "mind")
+
 
 def _ants_deterministic(ants) -> None:
     """Switch ANTs to deterministic mode without disturbing the caller's random generators."""
@@ -62,6 +65,7 @@ def jlf(
     mask: str = "union",
     mask_dilation: int = 2,
     engine: str = "ants",
+    features: str = "intensity",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Joint label fusion (Wang et al.): antspyx ``joint_label_fusion`` or the same algorithm in
     TensorFlow (:mod:`cmmas.fuse.jlf_tf`, method ``"jlf_tf"``).
@@ -73,6 +77,9 @@ def jlf(
             ``mask_dilation`` voxels (background outside); ``"all"`` fuses everywhere.
         engine: ``"ants"`` (antspyx) or ``"tensorflow"`` (a few times faster on CPU; the same
             label on 99.7 % or more of the voxels of the abdomen targets, docs/results.md).
+        features: what patches compare: ``"intensity"`` (JLF as published: one modality) or
+            ``"mind"`` (the 12 MIND-SSC channels of target and atlases, :mod:`cmmas.nn.mind`:
+            atlases of another modality are weighed by local structure; tensorflow engine only).
 
     Atlases with a constant (flat) image are left out: JLF can give such a failed atlas
     the highest weight. With one atlas left, JLF cannot run (antspyx raises IndexError) and
@@ -83,10 +90,18 @@ def jlf(
     """
     if engine not in ("ants", "tensorflow"):
         raise CmmasError(None, f"JLF engine must be 'ants' or 'tensorflow', got {engine!r}")
+    if features not in FEATURES or (features != "intensity" and engine != "tensorflow"):
+        raise CmmasError(None, f"JLF features must be one of {FEATURES} ('mind' with the tensorflow engine), "
+                               f"got {features!r} with engine {engine!r}")
     method = "jlf" if engine == "ants" else "jlf_tf"
     index, images, target, region = _jlf_region(inputs, method, mask, mask_dilation)
     if region is None:
         return decide(count_votes(index, inputs.n_labels))
+    if features == "mind":
+        from cmmas.nn.mind import FUSION, descriptors  # TensorFlow: imported only when asked for
+
+        described = descriptors(np.concatenate([target[None], images]), **FUSION)
+        target, images = described[0], described[1:]
     options = dict(rad=int(rad), search=int(r_search), beta=float(beta), rho=float(rho))
     if engine == "ants":
         label_index, posterior = _ants_jlf(index, images, target, region, inputs.codes, **options)

@@ -14,6 +14,11 @@ At every voxel ``x`` of a region, with patch radius ``rad`` and search radius ``
 3. *Voting*: each atlas votes with its weight for its label at ``n + o_i(x)`` at every voxel
    ``n`` of the patch around ``x``; a voxel's posterior is its summed votes per label.
 
+Images may carry a trailing channel axis ``C`` (e.g. the 12 MIND-SSC channels of
+:mod:`cmmas.nn.mind`, what ``jlf_mind`` fuses with): a patch is then the ``P x C`` values of its
+voxels, standardised together, and the search compares them all. With ``C = 1`` this is JLF on
+intensities.
+
 The decision is antspyx's: foreground where the summed foreground votes exceed the background's,
 then the foreground label with the most votes. On the abdomen data this agrees with
 antspyx ``joint_label_fusion`` on 99.7 % or more of the working grid's voxels (docs/results.md), and it
@@ -37,8 +42,8 @@ def offsets(radius: int) -> np.ndarray:
     return grid[np.argsort((grid**2).sum(axis=1), kind="stable")]
 
 
-#: Values of one ``[N, chunk, P]`` patch array (float32: 64 MB): voxels are fused in chunks of
-#: ``_CHUNK_VALUES // (N * P)`` so that memory stays bounded on large working grids.
+#: Values of one ``[N, chunk, P C]`` patch array (float32: 64 MB): voxels are fused in chunks of
+#: ``_CHUNK_VALUES // (N P C)`` so that memory stays bounded on large working grids.
 _CHUNK_VALUES = 2**24
 
 
@@ -51,21 +56,23 @@ def _search_graph(rad: int, search: int):
     box = 2 * rad + 1
     search_count = (2 * search + 1) ** 3
     signature = [
-        tf.TensorSpec([None, None, None], tf.float32),  # target, padded crop [D, H, W]
-        tf.TensorSpec([None, None, None, None], tf.float32),  # atlases [N, D, H, W]
+        tf.TensorSpec([None, None, None, None], tf.float32),  # target, padded crop [D, H, W, C]
+        tf.TensorSpec([None, None, None, None, None], tf.float32),  # atlases [N, D, H, W, C]
         tf.TensorSpec([None], tf.int32),  # flat indices of the voxels to fuse [V]
         tf.TensorSpec([None], tf.int32),  # flat search offsets [S]
     ]
 
     @tf.function(input_signature=signature, autograph=False, reduce_retracing=True)
     def best_offsets(target, atlases, voxels, search_offsets):
-        shape = tf.shape(target)
+        shape = tf.shape(target)[:3]
         volume = tf.reduce_prod(shape)
-        target_flat = tf.reshape(target, [-1])
+        channels = tf.shape(target)[3]
+        target_flat = tf.reshape(target, [volume, channels])
 
-        def best_offset(atlas):  # [volume] -> [V]
+        def best_offset(atlas):  # [volume, C] -> [V]
             squared = tf.stack(
-                [tf.square(target_flat - tf.roll(atlas, -search_offsets[k], axis=0)) for k in range(search_count)],
+                [tf.reduce_sum(tf.square(target_flat - tf.roll(atlas, -search_offsets[k], axis=0)), axis=-1)
+                 for k in range(search_count)],
                 axis=-1,
             )
             mean = tf.nn.avg_pool3d(tf.reshape(squared, tf.concat([[1], shape, [search_count]], 0)),
@@ -73,7 +80,8 @@ def _search_graph(rad: int, search: int):
             at_voxels = tf.gather(tf.reshape(mean, [volume, search_count]), voxels)
             return tf.argmin(at_voxels, axis=-1, output_type=tf.int32)  # ties: the first, nearest
 
-        return tf.map_fn(best_offset, tf.reshape(atlases, [tf.shape(atlases)[0], -1]), fn_output_signature=tf.int32)
+        return tf.map_fn(best_offset, tf.reshape(atlases, [tf.shape(atlases)[0], volume, channels]),
+                         fn_output_signature=tf.int32)
 
     return best_offsets
 
@@ -86,8 +94,8 @@ def _vote_graph(rad: int, n_labels: int):
 
     patch_count = (2 * rad + 1) ** 3
     signature = [
-        tf.TensorSpec([None, None, None], tf.float32),  # target, padded crop [D, H, W]
-        tf.TensorSpec([None, None, None, None], tf.float32),  # atlases [N, D, H, W]
+        tf.TensorSpec([None, None, None, None], tf.float32),  # target, padded crop [D, H, W, C]
+        tf.TensorSpec([None, None, None, None, None], tf.float32),  # atlases [N, D, H, W, C]
         tf.TensorSpec([None, None, None, None], tf.int32),  # label indices [N, D, H, W] (n_labels: none)
         tf.TensorSpec([None], tf.int32),  # flat indices of the voxels [V]
         tf.TensorSpec([None, None], tf.int32),  # flat indices of the matched atlas patches [N, V]
@@ -96,21 +104,26 @@ def _vote_graph(rad: int, n_labels: int):
         tf.TensorSpec([], tf.float32),  # alpha
     ]
 
-    def standardised(values):  # [..., P] -> mean 0, sample std 1 (NaN for a flat patch)
-        mean = tf.reduce_mean(values, axis=-1, keepdims=True)
-        centred = values - mean
-        std = tf.sqrt(tf.reduce_sum(tf.square(centred), axis=-1, keepdims=True) / (patch_count - 1))
+    def standardised(values, size):  # [..., P, C] -> [..., P C], mean 0, sample std 1 (NaN if flat)
+        values = tf.reshape(values, tf.concat([tf.shape(values)[:-2], [size]], 0))
+        centred = values - tf.reduce_mean(values, axis=-1, keepdims=True)
+        std = tf.sqrt(tf.reduce_sum(tf.square(centred), axis=-1, keepdims=True) / tf.cast(size - 1, tf.float32))
         return centred / std
 
     @tf.function(input_signature=signature, autograph=False, reduce_retracing=True)
     def votes_of(target, atlases, labels, voxels, centres, patch_offsets, beta, alpha):
-        volume = tf.reduce_prod(tf.shape(target))
+        volume = tf.reduce_prod(tf.shape(target)[:3])
+        channels = tf.shape(target)[3]
+        size = patch_count * channels
         n_atlases = tf.shape(atlases)[0]
-        target_patch = standardised(tf.gather(tf.reshape(target, [-1]), voxels[:, None] + patch_offsets[None, :]))
+        target_patch = standardised(
+            tf.gather(tf.reshape(target, [-1, channels]), voxels[:, None] + patch_offsets[None, :]), size)
         centres_all = centres + (tf.range(n_atlases) * volume)[:, None]  # into the atlases' flat array
-        atlas_patch = standardised(tf.gather(tf.reshape(atlases, [-1]), centres_all[..., None] + patch_offsets))
-        difference = tf.abs(tf.transpose(atlas_patch, [1, 0, 2]) - target_patch[:, None, :])  # [V, N, P]
-        gram = tf.pow(tf.matmul(difference, difference, transpose_b=True) / (patch_count - 1), beta)
+        atlas_patch = standardised(
+            tf.gather(tf.reshape(atlases, [-1, channels]), centres_all[..., None] + patch_offsets), size)
+        difference = tf.abs(tf.transpose(atlas_patch, [1, 0, 2]) - target_patch[:, None, :])  # [V, N, P C]
+        gram = tf.matmul(difference, difference, transpose_b=True) / tf.cast(size - 1, tf.float32)
+        gram = tf.pow(gram, beta)
         gram = tf.where(tf.math.is_finite(gram), gram, tf.zeros_like(gram))  # a flat patch: no term
         system = tf.cast(gram + alpha * tf.eye(n_atlases, dtype=gram.dtype), tf.float64)
         weights = tf.linalg.solve(system, tf.ones([tf.shape(voxels)[0], n_atlases, 1], tf.float64))
@@ -146,15 +159,17 @@ def joint_label_fusion(
     """Joint label fusion votes inside ``region``.
 
     Args:
-        atlas_images: ``[N, D, H, W]`` warped atlas intensities (N >= 1).
+        atlas_images: ``[N, D, H, W]`` warped atlas intensities (N >= 1), or ``[N, D, H, W, C]``
+            features.
         atlas_index: ``[N, D, H, W]`` warped atlas labels as indices ``0 .. n_labels-1`` (0 the
             background).
-        target_image: ``[D, H, W]`` target intensities, on the same scale as the atlases'.
+        target_image: ``[D, H, W]`` target intensities, on the same scale as the atlases', or
+            ``[D, H, W, C]`` features.
         region: ``[D, H, W]`` bool, the voxels to fuse.
         n_labels: number of labels L, the background included.
         rad, search: patch and search radius, voxels; beta, alpha: JLF's weight sharpness and
             the ridge added to the diagonal (antspyx's ``beta`` and ``rho``).
-        chunk_voxels: voxels weighed per pass (default: what keeps one ``[N, chunk, P]`` array at
+        chunk_voxels: voxels weighed per pass (default: what keeps one ``[N, chunk, P C]`` array at
             64 MB); the result does not depend on it.
 
     Returns:
@@ -172,20 +187,25 @@ def joint_label_fusion(
     upper = np.array([b.stop for b in box]) + margin
     crop = tuple(slice(a, b) for a, b in zip(np.maximum(lower, 0), np.minimum(upper, region.shape)))
     pad = [(int(a), int(b)) for a, b in zip(np.maximum(-lower, 0), np.maximum(upper - region.shape, 0))]
-    target = np.pad(np.asarray(target_image[crop], np.float32), pad, mode="edge")
-    atlases = np.pad(np.asarray(atlas_images[(slice(None), *crop)], np.float32), [(0, 0), *pad], mode="edge")
+    target_image, atlas_images = np.asarray(target_image), np.asarray(atlas_images)
+    if target_image.ndim == 3:
+        target_image, atlas_images = target_image[..., None], atlas_images[..., None]
+    target = np.pad(np.asarray(target_image[crop], np.float32), [*pad, (0, 0)], mode="edge")
+    atlases = np.pad(np.asarray(atlas_images[(slice(None), *crop)], np.float32), [(0, 0), *pad, (0, 0)],
+                     mode="edge")
     labels = np.pad(np.asarray(atlas_index[(slice(None), *crop)], np.int32), [(0, 0), *pad],
                     constant_values=n_labels)  # outside the image: no vote
     inside = np.pad(region[crop], pad)
     strides = np.array([target.shape[1] * target.shape[2], target.shape[2], 1])
+    channels = target.shape[3]
     voxels = np.flatnonzero(inside).astype(np.int32)
     search_offsets = (offsets(search) @ strides).astype(np.int32)
     patch_offsets = (offsets(rad) @ strides).astype(np.int32)
     best = _search_graph(int(rad), int(search))(target, atlases, voxels, search_offsets).numpy()
     centres = (voxels[None, :] + search_offsets[best]).astype(np.int32)  # [N, V]
-    chunk = int(chunk_voxels or max(1, _CHUNK_VALUES // (len(atlases) * len(patch_offsets))))
+    chunk = int(chunk_voxels or max(1, _CHUNK_VALUES // (len(atlases) * len(patch_offsets) * channels)))
     vote = _vote_graph(int(rad), int(n_labels))
-    summed = np.zeros((n_labels + 1) * target.size, dtype=np.float32)
+    summed = np.zeros((n_labels + 1) * target.size // channels, dtype=np.float32)
     for first in range(0, len(voxels), chunk):
         part = slice(first, first + chunk)
         summed += vote(target, atlases, labels, voxels[part], centres[:, part], patch_offsets,

@@ -101,7 +101,8 @@ METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
 
 #: Named fusion set-ups: name -> (method of :func:`fuse`, its options).
 #: Cross-modality defaults: similarity-weighted votes use mutual information, and JLF uses
-#: small patches (``rad=1, r_search=1``: seconds instead of minutes on a 96^3 grid).
+#: small patches (``rad=1, r_search=1``: seconds instead of minutes on a 96^3 grid). The
+#: ``*_mind`` presets compare MIND-SSC descriptors instead of intensities (:mod:`cmmas.nn.mind`).
 PRESETS: dict[str, tuple[str, dict]] = {
     "mv": ("mv", {}),
     "staple": ("staple", {}),
@@ -111,6 +112,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "jlf": ("jlf", {"rad": 1, "r_search": 1}),
     "jlf_r2": ("jlf", {"rad": 2, "r_search": 2}),
     "jlf_tf": ("jlf_tf", {"rad": 1, "r_search": 1}),
+    "lwv_mind": ("lwv", {"similarity": "mind"}),
+    "jlf_mind": ("jlf_tf", {"rad": 1, "r_search": 1, "features": "mind"}),
 }
 
 

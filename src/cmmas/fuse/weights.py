@@ -1,5 +1,6 @@
 """Similarity weights for voting: global (one weight per atlas) and local (per voxel)
-NCC or mutual information between each warped atlas image and the target."""
+NCC or mutual information between each warped atlas image and the target, and locally the
+MIND-SSC distance (:mod:`cmmas.nn.mind`), which compares structure across modalities."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from cmmas.errors import CmmasError
 from cmmas.fuse.vote import FusionInputs, count_votes, decide
 
 #: Default softmax temperature per similarity measure (in units of that measure:
-#: NCC is unitless in [-1, 1], MI and pointwise MI are in nats).
-DEFAULT_TEMPERATURE = {"ncc": 0.1, "mi": 0.5}
+#: NCC is unitless in [-1, 1], MI and pointwise MI are in nats, MIND is minus a mean squared
+#: descriptor difference in [-1, 0]; MIND is a local measure only).
+DEFAULT_TEMPERATURE = {"ncc": 0.1, "mi": 0.5, "mind": 0.01}
+_LOCAL_ONLY = ("mind",)
 
 #: Local variance (of a globally standardised image) at or below which a window counts as flat.
 _FLAT_VARIANCE = 1e-6
@@ -54,7 +57,7 @@ def _pointwise_mi(atlas: np.ndarray, target_bins: np.ndarray, bins: int) -> tupl
 
 def _check_measure(similarity: str, temperature: float | None) -> float:
     if similarity not in DEFAULT_TEMPERATURE:
-        raise CmmasError(None, f"unknown similarity {similarity!r} (choose 'ncc' or 'mi')")
+        raise CmmasError(None, f"unknown similarity {similarity!r} (choose from {', '.join(DEFAULT_TEMPERATURE)})")
     temperature = DEFAULT_TEMPERATURE[similarity] if temperature is None else float(temperature)
     if not temperature > 0:
         raise CmmasError(None, f"temperature must be > 0, got {temperature}")
@@ -79,6 +82,8 @@ def local_similarity(
     ``"ncc"``: normalised cross-correlation in a Gaussian window of ``sigma`` voxels, in [-1, 1].
     ``"mi"``: local mutual information approximated as the Gaussian-smoothed pointwise MI
     ``log p(a, t) / (p(a) p(t))`` from each atlas' global joint histogram (``bins`` bins), nats.
+    ``"mind"``: minus the Gaussian-smoothed mean squared difference of the MIND-SSC descriptors
+    (:func:`cmmas.nn.mind.mind_ssc` with :data:`cmmas.nn.mind.FUSION`, 12 channels in (0, 1]) of atlas and target, in [-1, 0].
 
     Floors (what keeps a failed atlas from winning): where an atlas window is flat (local
     variance <= 1e-6 of its global variance, e.g. an empty warp) and the target window is
@@ -90,6 +95,8 @@ def local_similarity(
         atlas_images: ``[N, D, H, W]`` on the target grid.
     """
     _check_measure(similarity, None)
+    if similarity == "mind":
+        return _mind_similarity(target_image, atlas_images, sigma)
     target = _standardise(np.asarray(target_image, dtype=np.float64))
     atlases = np.asarray(atlas_images, dtype=np.float64)
     t_mean, t_var = _local_variance(target, sigma)
@@ -111,6 +118,15 @@ def local_similarity(
     floor = -1.0 if similarity == "ncc" else min(0.0, float(out.min()))
     out[flat] = floor
     return out
+
+
+def _mind_similarity(target_image: np.ndarray, atlas_images: np.ndarray, sigma: float) -> np.ndarray:
+    """``[N, D, H, W]`` minus the locally averaged MIND-SSC distance of each atlas to the target."""
+    from cmmas.nn.mind import FUSION, descriptors  # TensorFlow: imported only when asked for
+
+    described = descriptors(np.concatenate([np.asarray(target_image)[None], np.asarray(atlas_images)]), **FUSION)
+    distance = np.mean(np.square(described[1:] - described[:1]), axis=-1)
+    return -ndimage.gaussian_filter(distance.astype(np.float64), (0, sigma, sigma, sigma))
 
 
 def local_weights(
@@ -138,6 +154,8 @@ def global_similarity(
     A constant (flat) atlas image gets the floor: -1 for NCC, 0 (the lower bound) for MI.
     """
     _check_measure(similarity, None)
+    if similarity in _LOCAL_ONLY:
+        raise CmmasError(None, f"similarity {similarity!r} is local only (use it with 'lwv')")
     target = _standardise(np.asarray(target_image, dtype=np.float64))
     target_bins = _quantise(target, bins)
     out = []
