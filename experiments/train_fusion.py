@@ -11,8 +11,10 @@ Two steps:
         history.csv, curves.png, checkpoints/, tensorboard/; a killed run started again with
         the same flags resumes from OUT/backup/.
 
-Held-out ("test") cases are never used. Defaults reproduce the original SimNet training
-(lr 1e-4 decayed every 1000 steps, 5003 steps, batch 2). Prints the model path.
+Held-out ("test") cases are never used. The schedule defaults are the original SimNet's (lr 1e-4
+decayed x0.96 every 1000 steps, 5003 steps, batch 2); the network (4 levels), the augmentation
+and, unless BiRegNet was trained with --simnet_holdout, the pairs are not (docs/fidelity.md).
+Prints the model path.
 
 Example:
   python experiments/train_fusion.py --atlas_set runs/atlas_set --reg_model runs/reg/model.keras \

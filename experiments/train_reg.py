@@ -1,13 +1,17 @@
 """Train BiRegNet on random atlas x target pairs of a prepared atlas set (cmmas.align.atlas_set).
 
 Atlases are the labelled "train" cases of --atlas_modality, targets the labelled "train" cases
-of --target_modality (held-out "test" cases are never read). The defaults reproduce the original
-cmmas: Adam 1e-3 decayed x0.96 every 100 steps (staircase), 1503 steps of batch 2, c0 4, the
-multi-scale Dice loss in both directions plus 0.1 x cycle consistency, one random affine per
-pair applied to atlas and target alike. Writes OUT/model.keras (+ model.keras.json, its model
-card: the atlas set's grid, spacing and labels; config.json, history.csv, curves.png,
-checkpoints/, tensorboard/); killed and re-run with the same flags, it resumes from the last
-finished epoch.
+of --target_modality (held-out "test" cases are never read). The schedule and loss defaults are
+the original cmmas's: Adam 1e-3 decayed x0.96 every 100 steps (staircase), 1503 steps of batch 2,
+c0 4, the multi-scale Dice loss in both directions plus 0.1 x cycle consistency. Two defaults are
+ours (docs/fidelity.md): the network (4 levels; the original's 5-level design is
+cmmas.nn.networks.build_biregnet(arch="original")) and one random affine per pair applied to atlas
+and target alike (the original draws one per image). --simnet_holdout=K withholds the last K
+atlases and targets from BiRegNet, as the original (4), so that SimNet trains on warps of cases
+BiRegNet never saw (experiments/train_fusion.py warps every training atlas onto every training
+target). Writes OUT/model.keras (+ model.keras.json, its model card: the atlas set's grid,
+spacing and labels; config.json, history.csv, curves.png, checkpoints/, tensorboard/); killed and
+re-run with the same flags, it resumes from the last finished epoch.
 
 Example:
   python experiments/train_reg.py --atlas_set runs/atlas_set --out runs/reg --shape 64 --steps 300
@@ -42,6 +46,8 @@ flags.DEFINE_integer("steps", 1503, "Optimiser steps in total.", lower_bound=1)
 flags.DEFINE_integer("batch", 2, "Pairs per step (global batch).", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", 50, "Steps between logs, checkpoints and backups.", lower_bound=1)
 flags.DEFINE_bool("augment", True, "One random affine per pair, applied to atlas and target alike.")
+flags.DEFINE_integer("simnet_holdout", 0, "Withhold the last K training atlases and targets (natural id order) "
+                     "from BiRegNet, for SimNet's training pairs (the original: 4).", lower_bound=0)
 flags.DEFINE_float("aug_rotation", 10.0, "Largest augmentation rotation about each axis, degrees.", lower_bound=0.0)
 flags.DEFINE_float("aug_scale", 0.1, "Largest augmentation scale change per axis (0.1 = +-10 %).", lower_bound=0.0)
 flags.DEFINE_float("aug_shift", 4.0, "Largest augmentation translation per axis, voxels.", lower_bound=0.0)
@@ -62,6 +68,7 @@ def _run() -> int:
 
     from cmmas.register import biregnet
     from cmmas.align.atlas_set import AtlasSet
+    from cmmas.datasets import splits
     from cmmas.errors import AtlasSetError
     from cmmas.nn.model_card import card_from_atlas_set
 
@@ -79,6 +86,10 @@ def _run() -> int:
     for ids, modality in ((atlas_ids, FLAGS.atlas_modality), (target_ids, FLAGS.target_modality)):
         if not ids:
             raise AtlasSetError(aset.root, f"no labelled train case of modality {modality!r}")
+    if FLAGS.simnet_holdout:
+        held = splits.simnet_holdout(atlas_ids, target_ids, FLAGS.simnet_holdout)
+        atlas_ids, target_ids = list(held.reg_atlases), list(held.reg_targets)
+        print(f"train_reg: withheld for SimNet: {', '.join(held.held_atlases + held.held_targets)}")
     config = biregnet.RegConfig(
         shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels, diffeomorphic=FLAGS.diffeomorphic,
         sim_loss=FLAGS.sim_loss, lambda_consis=FLAGS.lambda_consis, lambda_smooth=FLAGS.lambda_smooth,

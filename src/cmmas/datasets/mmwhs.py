@@ -3,6 +3,8 @@
 Files are named ``{ct,mr}_{train,test}_<number>_image.nii.gz`` with a ``_label.nii.gz`` beside
 each training image, and may sit in the root folder or one or two folders below it
 (``root/ct_train/ct_train_1001_image.nii.gz``). Case ids drop the split word: ``"ct_1001"``.
+Only the training cases are read: the challenge's ``*_test_*`` images (released without labels)
+are skipped with a note in the log, so they never enter a fold.
 
 Labels keep the challenge's codes (:data:`MMWHS_LABELS`). Some released label files hold a
 few voxels of code 421 next to the left atrium (420); every MM-WHS case reads 421 as 420
@@ -11,11 +13,14 @@ few voxels of code 421 next to the left atrium (420); every MM-WHS case reads 42
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from cmmas.datasets.base import Case, Dataset, group_by_modality
 from cmmas.errors import DatasetError
+
+log = logging.getLogger(__name__)
 
 #: MM-WHS label code -> structure (background 0 excluded).
 MMWHS_LABELS = {
@@ -43,16 +48,23 @@ def open_mmwhs(root: Path) -> Dataset:
     """
     images: dict[str, Path] = {}
     labels: dict[str, Path] = {}
+    skipped: list[Path] = []
     for path in _candidates(root):
         match = _NAME.match(path.name)
         if match is None:
             continue
-        modality, _, number, kind, _ = match.groups()
+        modality, split, number, kind, _ = match.groups()
+        if split == "test":
+            skipped.append(path)
+            continue
         found = images if kind == "image" else labels
         case_id = f"{modality}_{number}"
         if case_id in found:
             raise DatasetError(path, f"MM-WHS case {case_id} found twice (also {found[case_id]})")
         found[case_id] = path
+    if skipped:
+        log.info("MM-WHS: skipped %d challenge test file(s) (*_test_*, e.g. %s): only training cases are read",
+                 len(skipped), skipped[0].name)
     if not images:
         raise DatasetError(root, f"no MM-WHS images found; expected {_EXPECTED}")
     orphans = sorted(set(labels) - set(images))

@@ -1,5 +1,6 @@
 """Which cases are atlases and which are targets: cross-validation folds as the paper made them,
-explicit lists, and the split rules of a cross-modality run (:func:`split_cases`)."""
+explicit lists, the split rules of a cross-modality run (:func:`split_cases`), and the original's
+hold-out of training cases from BiRegNet for SimNet (:func:`simnet_holdout`)."""
 
 from __future__ import annotations
 
@@ -129,3 +130,52 @@ def split_cases(
     chosen_atlases = chosen_atlases[:max_atlases] if max_atlases else chosen_atlases
     chosen_targets = chosen_targets[:max_targets] if max_targets else chosen_targets
     return Split(tuple(chosen_targets), tuple(chosen_atlases), tuple(others))
+
+
+class SimNetHoldout(NamedTuple):
+    """A fold's training cases split between BiRegNet and SimNet, as the original cmmas
+    (``proj/learn2reg/sampler.py``: of each fold's 15 atlases and 15 training targets, the last 4
+    of each are withheld from BiRegNet).
+
+    Attributes:
+        reg_atlases, reg_targets: case ids BiRegNet trains on (every atlas x every target).
+        held_atlases, held_targets: case ids withheld from BiRegNet.
+    """
+
+    reg_atlases: tuple[str, ...]
+    reg_targets: tuple[str, ...]
+    held_atlases: tuple[str, ...]
+    held_targets: tuple[str, ...]
+
+    def registration_pairs(self) -> list[tuple[str, str]]:
+        """BiRegNet's ``(atlas, target)`` training pairs: no held-out case is in any of them."""
+        return [(a, t) for a in self.reg_atlases for t in self.reg_targets]
+
+    def simnet_pairs(self) -> list[tuple[str, str]]:
+        """SimNet's ``(atlas, target)`` training pairs, as the original's: every atlas x every
+        target (its 'gen_fusion_train' sampler), so the pairs with a held-out case are warps
+        BiRegNet never saw."""
+        atlases, targets = self.reg_atlases + self.held_atlases, self.reg_targets + self.held_targets
+        return [(a, t) for a in atlases for t in targets]
+
+
+def simnet_holdout(atlases: Sequence[str], targets: Sequence[str], k: int) -> SimNetHoldout:
+    """Withhold the last ``k`` atlases and the last ``k`` targets (natural id order) from BiRegNet.
+
+    At test time the original fuses the remaining atlases (11 of 15 with ``k = 4``).
+
+    Args:
+        atlases: ids of a fold's training atlases.
+        targets: ids of its training targets (the target modality's cases outside the fold).
+        k: cases withheld from each side; 0 withholds nothing.
+
+    Raises:
+        DatasetError: ``k`` negative, or not leaving BiRegNet at least one atlas and one target.
+    """
+    atlases = sorted(atlases, key=natural_key)
+    targets = sorted(targets, key=natural_key)
+    if k < 0 or k >= min(len(atlases), len(targets)):
+        raise DatasetError(None, f"cannot withhold {k} of {len(atlases)} atlas(es) and {len(targets)} "
+                                 "target(s) from BiRegNet: it needs at least one of each")
+    cut_a, cut_t = len(atlases) - k, len(targets) - k
+    return SimNetHoldout(tuple(atlases[:cut_a]), tuple(targets[:cut_t]), tuple(atlases[cut_a:]), tuple(targets[cut_t:]))

@@ -11,7 +11,10 @@ every training target, cached on disk, one ``<target_id>.npz`` per target. Train
 (:func:`train`) runs :class:`SimNetTrainer`, a ``keras.Model`` whose ``train_step`` augments
 the atlas label in the graph (a random integer shift along the three spatial axes and a random
 similarity transform), recomputes the agreement target from the augmented label, and
-minimises the sigmoid cross-entropy between the target and SimNet's logits.
+minimises the sigmoid cross-entropy between the target and SimNet's logits. The original cmmas
+moves target image, target label and atlas label by one similarity transform on every sample
+and then shifts the atlas label alone (fusion/sampler_network.py); moving the atlas label alone
+changes the agreement targets SimNet learns (docs/fidelity.md).
 
 Arrays are numpy in array order ``(z, y, x)``; tensors ``[B, D, H, W, C]``. Label maps hold
 data-set codes; ``codes`` lists them (the background 0 is always included); networks see their
@@ -59,10 +62,14 @@ WINDOW = 3
 class SimConfig:
     """Everything that defines one SimNet training run.
 
-    Defaults reproduce the original cmmas where it is documented
-    (learning rate, decay every 1000 steps, 5003 steps, batch 2, rotation, translation and
-    scale ranges). The original's decay *rate* for SimNet is not recorded; 0.96 (BiRegNet's)
-    is used. ``shift_max`` and ``augment_probability`` are ours.
+    The schedule defaults are the original cmmas's (labelintensityfusionnet.py with
+    slurm/run_fusionnet.slurm; fusion/fusionnetworks.py ``LabIntSimNet``): Adam 1e-4 decayed
+    x0.96 every 1000 steps, 5003 steps, batch 2; so are the ranges of the similarity transform
+    (rotation, scale; the original's translation is +-10 mm, here voxels). Ours: ``levels`` 4
+    (the original has 5), ``augment_probability`` (the original augments every sample), the
+    transform moving the atlas label alone (the original moves target and atlas jointly) and
+    ``shift_max`` 5 along three axes (the original shifts the atlas label by -4..3 voxels along
+    two axes); docs/fidelity.md.
 
     Attributes:
         shape_zyx: network input shape ``(D, H, W)``, divisible by ``2**(levels - 1)``.
@@ -205,8 +212,9 @@ def random_augmentation(one_hot, config: SimConfig, seed) -> tf.Tensor:
     ``scale_range`` (see :func:`augmentation_displacement`). Nearest-neighbour sampling of the
     one-hot map keeps it one-hot (channel sums stay 1).
 
-    The original cmmas rolled the channel axis of the one-hot label by mistake (relabelling
-    structures); here only the spatial axes move.
+    The original's shift is ``np.roll`` of its binary ``[D, H, W, 1]`` atlas label over axes
+    (0, 1, 3) (fusion/sampler_network.py, ``shift``): axis 3 is the size-1 channel axis, so it
+    moves the label along D and H only and relabels nothing. Here the shift moves D, H and W.
 
     Args:
         one_hot: ``[B, D, H, W, L]`` float one-hot labels, ``(D, H, W) == config.shape_zyx``.

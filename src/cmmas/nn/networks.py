@@ -1,10 +1,19 @@
 """BiRegNet and SimNet, and the 3D U-Net blocks they share.
 
-Both networks follow the original cmmas (Ding et al.): a residual U-Net with
-attention-gated skip connections whose outputs are the sum, over every decoder level, of a
-zero-initialised 3x3x3 convolution resized to full resolution. Zero heads make the untrained
-BiRegNet the identity (both displacement fields exactly zero) and the untrained SimNet
+Two architectures (``arch``): ``"cmmas"`` (ours, the default) and ``"original"`` (Ding et al.'s,
+rebuilt in :mod:`cmmas.nn.original`). Both end in the original's heads: the sum, over every
+level, of a zero-initialised 3x3x3 convolution resized to full resolution. Zero heads make the
+untrained BiRegNet the identity (both displacement fields exactly zero) and the untrained SimNet
 undecided (similarity exactly 0.5), so training starts from a sane state.
+
+Ours departs from the original (docs/fidelity.md): 4 levels by default (the original 5, bottleneck
+at 1/16); a decoder that upsamples, gates the skip with a 1-channel additive attention gate
+(Oktay et al.) and concatenates it with the upsampled coarse feature (the original: one gate
+channel per skip channel, and the coarse feature reaches the decoder only through the gate);
+the skip is the encoder level's residual output (the original: its first convolution); SimNet
+reuses BiRegNet's attention U-Net with a 3^3 first kernel (the original SimNet has no attention,
+a 7^3 first kernel and a transposed-convolution + additive-upsampling decoder); coarse
+displacement heads are scaled by their upsampling factor (the original resizes them unscaled).
 
 Tensors are ``[B, D, H, W, C]`` with the spatial axes in array order ``(z, y, x)``.
 Displacement fields are in voxels of the input grid, channels in array-axis order
@@ -29,6 +38,9 @@ from cmmas.nn.layers import VecInt
 
 #: Momentum of every BatchNormalization (the original's ``decay=0.9``).
 BN_MOMENTUM = 0.9
+
+#: Architectures of both networks -> their default number of levels.
+ARCH_LEVELS = {"cmmas": 4, "original": 5}
 
 
 @keras.saving.register_keras_serializable(package="cmmas")
@@ -205,6 +217,13 @@ def summed_heads(features: Sequence, channels: int, is_displacement: bool, name:
     return keras.layers.Add(name=f"{name}_sum")(terms)
 
 
+def _arch_levels(name: str, arch: str, levels: int | None) -> int:
+    """``levels``, or the architecture's default when None; ModelError for an unknown ``arch``."""
+    if arch not in ARCH_LEVELS:
+        raise ModelError(name, f"unknown architecture {arch!r}; expected one of {sorted(ARCH_LEVELS)}")
+    return ARCH_LEVELS[arch] if levels is None else levels
+
+
 def _check_config(name: str, shape_zyx: Sequence[int], c0: int, levels: int) -> tuple[int, int, int]:
     """Validate the common arguments; return the shape as a tuple of 3 ints."""
     if len(tuple(shape_zyx)) != 3:
@@ -221,15 +240,18 @@ def _check_config(name: str, shape_zyx: Sequence[int], c0: int, levels: int) -> 
     return shape
 
 
-def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels: int = 4,
-                   diffeomorphic: bool = False, int_steps: int = 7,
+def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels: int | None = None,
+                   diffeomorphic: bool = False, int_steps: int = 7, arch: str = "cmmas",
                    name: str = "biregnet") -> keras.Model:
     """BiRegNet: bidirectional registration of an atlas and a target image.
 
     Inputs (named): ``atlas`` and ``target``, each ``[B, D, H, W, 1]``, concatenated.
-    One residual attention U-Net (first kernel 7, ``c0`` channels doubling per level) feeds two
+    One residual U-Net (first kernel 7, ``c0`` channels doubling per level; ``arch`` "cmmas":
+    :func:`unet_features`, "original": :func:`cmmas.nn.original.biregnet_features`) feeds two
     sets of zero-initialised heads, one per level (bottleneck included), summed at full
-    resolution (see :func:`summed_heads`).
+    resolution (see :func:`summed_heads`). ``levels`` None: the architecture's
+    (:data:`ARCH_LEVELS`). With ``arch="original"``, ``c0=4`` and 5 levels it has the original's
+    249,530 trainable parameters.
 
     Outputs: a dict ``{"U": [B, D, H, W, 3], "V": [B, D, H, W, 3]}`` (also the names of the output
     layers): ``U`` maps the atlas onto the target (warp the atlas with it), ``V`` the target onto
@@ -241,14 +263,21 @@ def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels:
     Raises:
         ModelError: when the shape is not divisible by ``2**(levels-1)`` or an argument is invalid.
     """
+    levels = _arch_levels(name, arch, levels)
     shape = _check_config(name, shape_zyx, c0, levels)
     atlas = keras.Input((*shape, 1), name="atlas")
     target = keras.Input((*shape, 1), name="target")
     x = keras.layers.Concatenate(name="atlas_target")([atlas, target])
-    features = unet_features(x, c0, levels, first_kernel=7, name="reg")
+    if arch == "original":
+        from cmmas.nn import original  # imported here: it builds on this module's layers
+
+        features = original.biregnet_features(x, c0, levels, name="reg")
+    else:
+        features = unet_features(x, c0, levels, first_kernel=7, name="reg")
     outputs = {}
     for field in ("U", "V"):
-        summed = summed_heads(features, 3, is_displacement=True, name=field.lower())
+        # The original resizes its coarse heads without scaling their values.
+        summed = summed_heads(features, 3, is_displacement=arch != "original", name=field.lower())
         if diffeomorphic:
             summed = keras.layers.Identity(name=f"{field}_velocity")(summed)
             outputs[field] = VecInt(int_steps, name=field)(summed)
@@ -257,14 +286,19 @@ def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels:
     return keras.Model({"atlas": atlas, "target": target}, outputs, name=name)
 
 
-def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, levels: int = 4,
-                 name: str = "simnet") -> keras.Model:
+def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, levels: int | None = None,
+                 arch: str = "cmmas", name: str = "simnet") -> keras.Model:
     """SimNet: voxel-wise similarity between a target image and one warped atlas label.
 
     Inputs (named): ``target`` ``[B, D, H, W, 1]`` (image) and ``atlas_label``
     ``[B, D, H, W, L]`` (one-hot of the warped atlas label, ``L = n_label_channels``, background
-    included), concatenated into a residual attention U-Net (same blocks as BiRegNet, first
-    kernel 3) with one zero-initialised 1-channel head per level, resized and summed.
+    channel 0 included), concatenated into a residual U-Net with one zero-initialised 1-channel
+    head per level, resized and summed. ``arch`` "cmmas": BiRegNet's attention U-Net
+    (:func:`unet_features`, first kernel 3); "original": :func:`cmmas.nn.original.simnet_features`
+    (no attention, first kernel 7), which reads the label without its background channel, as the
+    original reads the binary label of its one structure (``L = 2``, ``c0=16``, 5 levels: the
+    original's 4,727,925 trainable parameters). ``levels`` None: the architecture's
+    (:data:`ARCH_LEVELS`).
 
     Design: one map per atlas from the multi-label one-hot input, not one map per label. The
     training target is label-agnostic (the fraction of voxels of a 3^3 window where the warped
@@ -279,13 +313,24 @@ def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, 
     Raises:
         ModelError: when the shape is not divisible by ``2**(levels-1)`` or an argument is invalid.
     """
+    levels = _arch_levels(name, arch, levels)
     shape = _check_config(name, shape_zyx, c0, levels)
     if int(n_label_channels) != n_label_channels or n_label_channels < 1:
         raise ModelError(name, f"n_label_channels must be a positive integer, got {n_label_channels!r}")
+    if arch == "original" and n_label_channels < 2:
+        raise ModelError(name, "the original SimNet reads the label without its background channel: "
+                               f"n_label_channels must be at least 2, got {n_label_channels}")
     target = keras.Input((*shape, 1), name="target")
     atlas_label = keras.Input((*shape, int(n_label_channels)), name="atlas_label")
-    x = keras.layers.Concatenate(name="target_atlas_label")([target, atlas_label])
-    features = unet_features(x, c0, levels, first_kernel=3, name="sim")
+    if arch == "original":
+        from cmmas.nn import original  # imported here: it builds on this module's layers
+
+        foreground = original.DropBackground(name="foreground")(atlas_label)
+        x = keras.layers.Concatenate(name="target_atlas_label")([target, foreground])
+        features = original.simnet_features(x, c0, levels, name="sim")
+    else:
+        x = keras.layers.Concatenate(name="target_atlas_label")([target, atlas_label])
+        features = unet_features(x, c0, levels, first_kernel=3, name="sim")
     logits = keras.layers.Identity(name="logits")(
         summed_heads(features, 1, is_displacement=False, name="sim"))
     similarity = keras.layers.Activation("sigmoid", name="similarity")(logits)

@@ -1,8 +1,8 @@
 """Training BiRegNet: atlas-to-target deformable registration (applying it: :mod:`cmmas.register.apply`).
 
-Training follows the original cmmas. For a pair of an atlas (image ``I_a``,
-one-hot label ``L_a``) and a target (``I_t``, ``L_t``) the network predicts ``U`` (warps the atlas
-onto the target) and ``V`` (the target onto the atlas), and the default loss is::
+The default loss is the original cmmas's (learn2reg/regnet.py, ``LabAttentionReg``). For a pair of
+an atlas (image ``I_a``, one-hot label ``L_a``) and a target (``I_t``, ``L_t``) the network predicts
+``U`` (warps the atlas onto the target) and ``V`` (the target onto the atlas), and the loss is::
 
     -Dice_ms(L_t, L_a o U) - Dice_ms(L_a, L_t o V)
         + lambda_consis (|I_t - I_t o V o U|_1 + |I_a - I_a o U o V|_1)
@@ -12,7 +12,9 @@ with ``Dice_ms`` the soft Dice over the foreground channels averaged over Gaussi
 (``sim_loss``) compare the warped atlas image with the target image and the warped target image
 with the atlas image (local NCC, global mutual information), optionally with the Dice terms.
 Optional regularisers: ``lambda_smooth`` (squared gradients of ``U`` and ``V``) and
-``lambda_fold`` (negative Jacobian determinants).
+``lambda_fold`` (negative Jacobian determinants). The schedule is the original's too; the default
+network (``levels`` 4), the [0, 1] normalisation (the original z-scores each crop) and the
+augmentation (one affine per pair; the original draws one per image) are not: docs/fidelity.md.
 
 Conventions: images are ``[N, D, H, W]`` numpy arrays in ``[0, 1]`` on a working grid (array
 order ``(z, y, x)``); labels are integer codes, one-hot encoded here only, background (code 0)
@@ -72,7 +74,8 @@ CONFIG_FILE = "config.json"
 
 @dataclasses.dataclass
 class RegConfig:
-    """Everything that defines a BiRegNet training run (defaults reproduce the original).
+    """Everything that defines a BiRegNet training run (the loss and schedule defaults are the
+    original's; ``levels`` and ``augment`` depart from it, docs/fidelity.md).
 
     Attributes:
         shape_zyx: working-grid shape ``(D, H, W)``, divisible by ``2**(levels-1)``.
@@ -90,8 +93,9 @@ class RegConfig:
         batch: pairs per step (global batch, split across replicas).
         steps_per_epoch: steps between logs, checkpoints and backups.
         augment: one random affine per pair, applied to the atlas and the target alike (it adds
-            pose and size variety while keeping the pair's pre-alignment; independent affines
-            per image made the network hurt at test time, see docs/results.md).
+            pose and size variety while keeping the pair's pre-alignment). The original draws an
+            independent affine per image; on the phantom that made held-out pairs worse (lab
+            notebook, 2026-11-25).
         aug_rotation: largest rotation about each array axis, degrees.
         aug_scale: largest relative scale change per axis.
         aug_shift: largest translation per axis, voxels of the working grid.
