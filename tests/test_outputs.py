@@ -76,6 +76,20 @@ def test_millilitres_are_voxels_times_the_anisotropic_voxel_volume(tmp_path):
     assert read[2]["name"] == 'the "spleen"'
 
 
+def test_volumes_read_a_uint8_agreement_and_count_in_chunks(monkeypatch):
+    _, label = _volume()
+    rng = np.random.default_rng(0)
+    fractions = rng.integers(0, 256, label.shape).astype(np.uint8)  # map_back's maps: value / 255
+    monkeypatch.setattr(outputs, "_CHUNK", 1000)  # several chunks, one cut inside a structure
+    rows = outputs.label_volumes(label, NAMES, label.with_array(fractions))
+    for row in rows[:2]:
+        inside = label.array == row["code"]
+        assert row["voxels"] == np.count_nonzero(inside)
+        assert row["mean_agreement"] == pytest.approx(fractions[inside].mean() / 255, rel=1e-12)
+    with pytest.raises(LabelError, match="negative"):
+        outputs.label_volumes(label.with_array(label.array.astype(np.int16) - 1), NAMES)
+
+
 def test_volumes_reject_an_unnamed_code_and_an_agreement_on_another_grid():
     _, label = _volume()
     with pytest.raises(LabelError, match=r"label codes \[2\] have no name") as err:

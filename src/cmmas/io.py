@@ -29,6 +29,10 @@ GEOMETRY_TOL = 1e-3
 #: File endings of the image formats written (and named) here.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
+#: Probability and agreement maps on a scan's grid are stored as uint8: the stored value divided
+#: by this is the fraction in [0, 1] (rounded to the nearest 1/255).
+PROBABILITY_SCALE = 255
+
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -193,8 +197,10 @@ def reference_image(geometry: Geometry, pixel_type: int = sitk.sitkFloat32) -> s
     return ref
 
 
-def from_sitk(image: sitk.Image, path: str | os.PathLike | None = None) -> Image:
-    """Convert a 3D single-component SimpleITK image to an :class:`Image`."""
+def from_sitk(image: sitk.Image, path: str | os.PathLike | None = None,
+              dtype: np.dtype | type | None = None) -> Image:
+    """Convert a 3D single-component SimpleITK image to an :class:`Image` (its array as ``dtype``,
+    None: the image's own pixel type), with one copy of the voxels."""
     src = None if path is None else os.fspath(path)
     if image.GetDimension() != 3:
         raise ImageReadError(src, f"expected a 3D image, got {image.GetDimension()}D")
@@ -202,7 +208,11 @@ def from_sitk(image: sitk.Image, path: str | os.PathLike | None = None) -> Image
         raise ImageReadError(
             src, f"expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}"
         )
-    return Image(sitk.GetArrayFromImage(image), geometry_of(image), src)
+    if dtype is None or np.dtype(dtype) == sitk.GetArrayViewFromImage(image).dtype:
+        array = sitk.GetArrayFromImage(image)
+    else:  # converted straight from a view of the image's buffer: no second copy
+        array = sitk.GetArrayViewFromImage(image).astype(dtype)
+    return Image(array, geometry_of(image), src)
 
 
 def _read_sitk(path: Path) -> sitk.Image:
@@ -283,12 +293,13 @@ def _squeeze_to_3d(image: sitk.Image, path: Path) -> sitk.Image:
     return image
 
 
-def read_image(path: str | os.PathLike, dtype: np.dtype | type = np.float32) -> Image:
+def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float32) -> Image:
     """Read a NIfTI/MHA/NRRD file or a DICOM series folder as a 3D image.
 
     Args:
         path: file path, or a folder holding exactly one DICOM series.
-        dtype: numpy dtype of the returned array (float32 by default).
+        dtype: numpy dtype of the returned array (float32 by default); None keeps the file's own
+            (an int16 CT stays int16: half the memory of float32, and no conversion pass).
 
     Returns:
         :class:`Image` with the array in ``(z, y, x)`` order and the file's geometry.
@@ -300,12 +311,12 @@ def read_image(path: str | os.PathLike, dtype: np.dtype | type = np.float32) -> 
     image = _squeeze_to_3d(_read_sitk(path), path)
     if path.name.endswith((".nii", ".nii.gz")):
         _check_nifti_payload(path)
-    out = from_sitk(image, path)
+    out = from_sitk(image, path, dtype)
     array = out.array
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise ImageReadError(path, f"{bad} voxel(s) are NaN or infinite")
-    return out.with_array(array.astype(dtype, copy=False))
+    return out
 
 
 def read_label(

@@ -10,6 +10,9 @@
   with the label map, then pick it as the label map's lookup table);
 - ``<stem>_preview.png`` (:func:`write_preview`): three orthogonal slices with the labels filled.
 
+A clinical scan's label map has hundreds of millions of voxels: each output reads it once
+(volumes: one counting pass; preview: three slices and a subsample), never copying it whole.
+
 A code has the same colour in all three (:func:`palette`). Every file is written atomically.
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cmmas.errors import LabelError
-from cmmas.io import Image, atomic_path, atomic_write_text, check_same_grid
+from cmmas.io import PROBABILITY_SCALE, Image, atomic_path, atomic_write_text, check_same_grid
 
 #: matplotlib's tab10 then the lighter tab20 tones, without the two greys (unseen over a grey scan).
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
@@ -55,44 +58,76 @@ def _colour(rank: int) -> tuple[int, int, int]:
     return round(red * 255), round(green * 255), round(blue * 255)
 
 
+#: Voxels counted per pass of :func:`_sums` (bounds its temporary copies to a few tens of MB).
+_CHUNK = 1 << 22
+
+
+def _sums(label: Image, agreement: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Voxels of each code of ``label`` (``[max code + 1]``) and the sum of ``agreement`` over them
+    (None without it), in one pass over the map, in chunks: only the foreground voxels (a few
+    percent of a scan) are gathered, so no full-size copy is made."""
+    flat = np.asarray(label.array).reshape(-1)
+    if flat.size and int(flat.min()) < 0:
+        raise LabelError(label.path, f"label codes must not be negative, found {int(flat.min())}")
+    length = int(flat.max()) + 1 if flat.size else 1
+    counts = np.zeros(length, dtype=np.int64)
+    sums = None if agreement is None else np.zeros(length, dtype=np.float64)
+    weights = None if agreement is None else agreement.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start:start + _CHUNK]
+        inside = np.flatnonzero(part)
+        codes = part[inside]
+        counts += np.bincount(codes, minlength=length)
+        if sums is not None:
+            sums += np.bincount(codes, weights=weights[start:start + _CHUNK][inside], minlength=length)
+    counts[0] = flat.size - counts[1:].sum()
+    return counts, sums
+
+
 def _voxel_counts(label: Image, names: Mapping[int, str]) -> dict[int, int]:
     """Voxels of each foreground code of ``names`` in ``label``; raises on a code ``names`` lacks."""
-    array = np.asarray(label.array)
+    counts, _ = _sums(label, None)
+    return _named(label, names, counts)
+
+
+def _named(label: Image, names: Mapping[int, str], counts: np.ndarray) -> dict[int, int]:
     codes = sorted({int(c) for c in names} - {0})
-    counts = {code: int(np.count_nonzero(array == code)) for code in codes}
-    if sum(counts.values()) + np.count_nonzero(array == 0) != array.size:
-        unknown = sorted(set(np.unique(array).tolist()) - set(codes) - {0})
+    unknown = sorted(set(np.flatnonzero(counts).tolist()) - set(codes) - {0})
+    if unknown:
         raise LabelError(label.path, f"label codes {unknown} have no name (named: {codes})")
-    return counts
+    return {code: int(counts[code]) if code < len(counts) else 0 for code in codes}
 
 
 def label_volumes(label: Image, names: Mapping[int, str], agreement: Image | None = None) -> list[dict]:
     """The size of each named structure: one row per foreground code of ``names``, by code.
 
     Args:
-        label: label map ``[D, H, W]`` of integer codes.
+        label: label map ``[D, H, W]`` of non-negative integer codes.
         names: code -> structure name (the background 0, if present, is skipped).
-        agreement: fraction of atlases agreeing with the label ``[D, H, W]`` (0..1) on the label's
-            grid, or None.
+        agreement: fraction of atlases agreeing with the label ``[D, H, W]`` on the label's grid:
+            floats in [0, 1], or uint8 of :data:`cmmas.io.PROBABILITY_SCALE` (as
+            :func:`cmmas.align.mapping.map_back` gives it); or None.
 
     Returns:
         Rows ``{"code", "name", "voxels", "millilitres", "mean_agreement"}``: millilitres are
         voxels x voxel volume (mm^3) / 1000; mean_agreement is the mean of ``agreement`` over the
-        structure's voxels (NaN without ``agreement`` or without voxels).
+        structure's voxels as a fraction (NaN without ``agreement`` or without voxels).
 
     Raises:
-        LabelError: the label holds a code that ``names`` lacks.
+        LabelError: the label holds a code that ``names`` lacks, or a negative one.
         GeometryError: ``agreement`` is not on the label's grid.
     """
+    values = None
     if agreement is not None:
         check_same_grid(label, agreement, what="agreement")
-    counts = _voxel_counts(label, names)
+        values = np.asarray(agreement.array)
+    counts, sums = _sums(label, values)
+    named = _named(label, names, counts)
+    scale = PROBABILITY_SCALE if values is not None and values.dtype == np.uint8 else 1.0
     voxel_mm3 = math.prod(label.geometry.spacing)
     rows = []
-    for code, voxels in counts.items():
-        mean = math.nan
-        if agreement is not None and voxels:
-            mean = float(np.mean(agreement.array[label.array == code], dtype=np.float64))
+    for code, voxels in named.items():
+        mean = float(sums[code]) / voxels / scale if sums is not None and voxels else math.nan
         rows.append({"code": code, "name": names[code], "voxels": voxels,
                      "millilitres": voxels * voxel_mm3 / 1000.0, "mean_agreement": mean})
     return rows
@@ -204,15 +239,17 @@ def write_preview(image: Image, label: Image, names: Mapping[int, str], path: st
 
     from cmmas.evaluate.plots import slice_indices
 
+    from cmmas.preprocess import sample
+
     check_same_grid(image, label, what="label")
     counts = _voxel_counts(label, names)
     colours = palette(names)
-    scan, codes = np.asarray(image.array, dtype=np.float32), np.asarray(label.array)
-    window = tuple(float(v) for v in np.percentile(scan, [1, 99]))
+    scan, codes = np.asarray(image.array), np.asarray(label.array)
+    window = tuple(float(v) for v in np.percentile(sample(scan), [1, 99]))
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     views = orthogonal_views(slice_indices(codes.shape, codes > 0, "auto"), image.spacing_zyx)
     for ax, (title, where, aspect, origin) in zip(fig.subplots(1, 3), views):
-        draw_filled(ax, scan[where], codes[where], colours, window, aspect, origin)
+        draw_filled(ax, scan[where].astype(np.float32), codes[where], colours, window, aspect, origin)
         ax.set_title(title)
     present = [code for code, voxels in counts.items() if voxels]
     if present:

@@ -169,10 +169,15 @@ def _respaced(geometry: Geometry, spacing_zyx: float | Sequence[float], source: 
 
 
 def _sitk_ready(image: Image, kind: str) -> tuple[Image, Callable[[np.ndarray], np.ndarray]]:
-    """The image in a pixel type SimpleITK can interpolate with ``kind``, and how to restore the dtype."""
+    """The image in a pixel type SimpleITK can interpolate with ``kind``, and how to restore the dtype.
+
+    Intensities keep their own dtype (SimpleITK interpolates any numeric type in double precision
+    and writes float32): an int16 CT is not first copied to float32."""
     array = image.array
     if kind in ("linear", "bspline"):
-        return image.with_array(array.astype(np.float32, copy=False)), lambda out: out
+        if array.dtype in (np.bool_, np.float16):
+            return image.with_array(array.astype(np.float32)), lambda out: out
+        return image, lambda out: out
     if array.dtype == np.bool_:
         return image.with_array(array.astype(np.uint8)), lambda out: out.astype(np.bool_)
     if kind == "label" and not np.issubdtype(array.dtype, np.integer):
@@ -218,11 +223,10 @@ def resample(
         interpolator = sitk.sitkNearestNeighbor
     ready, restore = _sitk_ready(image, kind)
     src = to_sitk(ready)
-    integer = np.issubdtype(ready.array.dtype, np.integer)
+    pixel = sitk.sitkFloat32 if kind in ("linear", "bspline") else src.GetPixelID()
+    integer = pixel != sitk.sitkFloat32 and np.issubdtype(ready.array.dtype, np.integer)
     fill = float(round(default)) if integer else float(default)
-    out = sitk.Resample(
-        src, reference_image(target, src.GetPixelID()), sitk.Transform(), interpolator, fill, src.GetPixelID()
-    )
+    out = sitk.Resample(src, reference_image(target, pixel), sitk.Transform(), interpolator, fill, pixel)
     return Image(restore(sitk.GetArrayFromImage(out)), target, image.path)
 
 
@@ -253,6 +257,20 @@ def _mask_array(mask: np.ndarray | Image, shape: tuple[int, ...], source: str | 
     return array != 0
 
 
+#: Voxels :func:`sample` keeps at most: percentiles of a clinical scan from every voxel would sort
+#: hundreds of millions of values; a regular subsample of this size estimates them within a
+#: fraction of a grey level.
+SAMPLE_VOXELS = 1 << 21
+
+
+def sample(values: np.ndarray, limit: int = SAMPLE_VOXELS) -> np.ndarray:
+    """A regular subsample of ``values`` (every k-th of the flattened array, in its own dtype) of at
+    most ``limit`` values; all of them (flattened) when there are no more."""
+    flat = values.reshape(-1)
+    step = -(-flat.size // limit)
+    return flat[::step] if step > 1 else flat
+
+
 def normalize_intensity(
     data: np.ndarray | Image,
     method: Literal["zscore", "minmax"] = "zscore",
@@ -269,6 +287,10 @@ def normalize_intensity(
         mask: where to measure percentiles, mean, std, min and max (same shape); the whole
             array is transformed. None: everywhere.
 
+    The statistics come from at most :data:`SAMPLE_VOXELS` voxels (of the mask), a regular
+    subsample beyond that (:func:`sample`); the array is transformed in single precision,
+    without a double-precision copy.
+
     Returns:
         float32 values of the same type as ``data`` (array or Image on the same grid).
         A constant input (after clipping) gives zeros, never NaN.
@@ -277,24 +299,28 @@ def normalize_intensity(
     array = data.array if isinstance(data, Image) else np.asarray(data)
     if method not in ("zscore", "minmax"):
         raise CmmasError(source, f"unknown normalisation {method!r}; expected 'zscore' or 'minmax'")
-    values = array.astype(np.float64)
-    sample = values.ravel() if mask is None else values[_mask_array(mask, values.shape, source)]
-    if sample.size == 0:
+    picked = array if mask is None else array[_mask_array(mask, array.shape, source)]
+    if picked.size == 0:
         raise LabelError(_source(mask) or source, "normalisation mask is empty")
+    values = sample(picked).astype(np.float64)
+    out = array.astype(np.float32)
     if percentiles is not None:
         low, high = (float(p) for p in percentiles)
         if not 0.0 <= low < high <= 100.0:
             raise CmmasError(source, f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles!r}")
-        lo, hi = np.percentile(sample, [low, high])
-        values = np.clip(values, lo, hi)
-        sample = np.clip(sample, lo, hi)
-    smin, smax = float(sample.min()), float(sample.max())
+        lo, hi = np.percentile(values, [low, high])
+        np.clip(values, lo, hi, out=values)
+        np.clip(out, lo, hi, out=out)
+    smin, smax = float(values.min()), float(values.max())
     if smax <= smin:
-        out = np.zeros(values.shape, dtype=np.float32)
+        out[...] = 0.0
     elif method == "zscore":
-        out = ((values - sample.mean()) / sample.std()).astype(np.float32)
+        out -= values.mean()
+        out /= values.std()
     else:
-        out = np.clip((values - smin) / (smax - smin), 0.0, 1.0).astype(np.float32)
+        out -= smin
+        out /= smax - smin
+        np.clip(out, 0.0, 1.0, out=out)
     return data.with_array(out) if isinstance(data, Image) else out
 
 

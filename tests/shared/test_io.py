@@ -230,3 +230,11 @@ def test_errors_survive_pickling():
 
     err = pickle.loads(pickle.dumps(LabelError("/data/a.nii.gz", "unknown label values [7]")))
     assert isinstance(err, LabelError) and str(err) == "/data/a.nii.gz: unknown label values [7]"
+
+
+def test_read_keeps_the_file_dtype_when_asked(tmp_path):
+    array = np.arange(-60, 60, dtype=np.int16).reshape(4, 5, 6)
+    path = write_image(Image(array, Geometry.identity(array.shape)), tmp_path / "ct.nii.gz")
+    native = read_image(path, dtype=None)
+    assert native.array.dtype == np.int16 and np.array_equal(native.array, array)
+    assert read_image(path).array.dtype == np.float32 and np.array_equal(read_image(path).array, array)

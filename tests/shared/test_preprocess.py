@@ -15,6 +15,7 @@ from cmmas.preprocess import (
     reorient,
     resample,
     roi_from_mask,
+    sample,
     to_working_grid,
     working_geometry,
 )
@@ -291,3 +292,26 @@ def test_roi_from_mask_centres_the_mask_with_a_margin():
     assert roi_from_mask(image, mask, 2.0, shape_zyx=(10, 10, 20)).fits
     with pytest.raises(LabelError, match="scan.nii.gz: mask is empty"):
         roi_from_mask(image, np.zeros(image.shape), 2.0)
+
+
+def test_linear_resampling_keeps_the_input_dtype_and_gives_what_float32_gives():
+    rng = np.random.default_rng(1)
+    image = Image(rng.integers(-1000, 1500, (30, 28, 26)).astype(np.int16), Geometry.identity((30, 28, 26), (1.0, 0.8, 0.7)))
+    native = resample(image, spacing_zyx=2.3, kind="linear", default=-1000)
+    as_float = resample(image.with_array(image.array.astype(np.float32)), spacing_zyx=2.3, kind="linear", default=-1000)
+    assert native.array.dtype == np.float32
+    np.testing.assert_array_equal(native.array, as_float.array)
+
+
+def test_normalisation_of_a_large_array_uses_a_subsample_and_no_double_copy():
+    rng = np.random.default_rng(2)
+    large = rng.normal(100.0, 20.0, (64, 64, 1100)).astype(np.int16)  # 4.5 M voxels > SAMPLE_VOXELS
+    assert sample(large).size <= (1 << 21) and sample(large[:2]).size == large[:2].size
+    out = normalize_intensity(large, method="minmax")
+    exact_low, exact_high = np.percentile(large, [0.5, 99.5])
+    exact = np.clip((large.astype(np.float64) - exact_low) / (exact_high - exact_low), 0, 1)
+    assert out.dtype == np.float32 and np.abs(out - exact).max() < 0.01
+    small = large[:4]  # all voxels: the exact percentiles
+    exact_low, exact_high = np.percentile(small, [0.5, 99.5])
+    expected = np.clip((small.astype(np.float64) - exact_low) / (exact_high - exact_low), 0, 1)
+    np.testing.assert_allclose(normalize_intensity(small, method="minmax"), expected, atol=1e-6)
