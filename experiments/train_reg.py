@@ -35,7 +35,10 @@ flags.DEFINE_string("shape", "96", "Working-grid shape in voxels: one integer or
 flags.DEFINE_integer("c0", 4, "Channels of the first U-Net level.", lower_bound=1)
 flags.DEFINE_integer("levels", 4, "U-Net resolution levels.", lower_bound=1)
 flags.DEFINE_bool("diffeomorphic", False, "Integrate stationary velocity fields (scaling and squaring).")
-flags.DEFINE_enum("sim_loss", "dice", ["dice", "ncc", "mi", "dice+mi", "dice+ncc"], "Similarity terms of the loss.")
+flags.DEFINE_enum("sim_loss", "dice", ["dice", "ncc", "mi", "mind", "dice+mi", "dice+ncc", "dice+mind"],
+                  "Similarity terms of the loss (mind: the MIND-SSC distance of the images, weighted by "
+                  "--lambda_mind).")
+flags.DEFINE_float("lambda_mind", 1.0, "Weight of the MIND-SSC terms when --sim_loss has mind.", lower_bound=0.0)
 flags.DEFINE_float("lambda_consis", 0.1, "Weight of the cycle-consistency L1 terms.", lower_bound=0.0)
 flags.DEFINE_float("lambda_smooth", 0.0, "Weight of the squared-gradient smoothness of U and V.", lower_bound=0.0)
 flags.DEFINE_float("lambda_fold", 0.0, "Weight of the negative-Jacobian folding penalty.", lower_bound=0.0)
@@ -92,8 +95,9 @@ def _run() -> int:
         print(f"train_reg: withheld for SimNet: {', '.join(held.held_atlases + held.held_targets)}")
     config = biregnet.RegConfig(
         shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels, diffeomorphic=FLAGS.diffeomorphic,
-        sim_loss=FLAGS.sim_loss, lambda_consis=FLAGS.lambda_consis, lambda_smooth=FLAGS.lambda_smooth,
-        lambda_fold=FLAGS.lambda_fold, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate, decay_steps=FLAGS.decay_steps,
+        sim_loss=FLAGS.sim_loss, lambda_mind=FLAGS.lambda_mind, lambda_consis=FLAGS.lambda_consis,
+        lambda_smooth=FLAGS.lambda_smooth, lambda_fold=FLAGS.lambda_fold, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate,
+        decay_steps=FLAGS.decay_steps,
         steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch, augment=FLAGS.augment,
         aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale, aug_shift=FLAGS.aug_shift, seed=FLAGS.seed,
     )

@@ -170,11 +170,13 @@ def test_segment_equals_the_step_by_step_pipeline(world, simnet_run):
     foreground = np.clip(np.stack(back[1:]), 0, 1)
     stack = np.concatenate([np.clip(1 - foreground.sum(0), 0, 1)[None], foreground])
     np.testing.assert_array_equal(result.label.array, np.asarray(CODES)[np.argmax(stack, 0)])
-    # segment resamples onto boxes of the target grid: float32 rounding of their origins only
+    # the maps are uint8 (value / 255), resampled onto boxes of the target grid: rounded to the
+    # nearest 1/255, plus float32 rounding of the boxes' origins
     for k, code in enumerate(CODES):
-        np.testing.assert_allclose(result.probabilities[code].array, stack[k], atol=1e-5)
+        assert result.probabilities[code].array.dtype == np.uint8
+        np.testing.assert_allclose(result.probabilities[code].array / 255, stack[k], atol=0.5 / 255 + 1e-5)
     agreement = _whole_grid_back(fused.agreement, aset.geometry, transforms, target.geometry, kind="linear")
-    np.testing.assert_allclose(result.agreement.array, np.clip(agreement.array, 0, 1), atol=1e-5)
+    np.testing.assert_allclose(result.agreement.array / 255, np.clip(agreement.array, 0, 1), atol=0.5 / 255 + 1e-5)
     assert result.atlas_ids == ids
     assert set(result.seconds) == {"load", "align", "register", "fuse", "map_back", "total"}
 
@@ -191,11 +193,10 @@ def test_segmentation_lies_on_the_target_and_overlaps_its_truth(world, simnet_ru
     assert _dice(result.label.array > 0, truth > 0) > 0.6
     per_code = [_dice(result.label.array == c, truth == c) for c in CODES[1:]]
     assert np.mean(per_code) > 0.35, per_code
-    total = sum(p.array for p in result.probabilities.values())
-    np.testing.assert_allclose(total, 1.0, atol=1e-5)
-    assert 0.0 <= result.agreement.array.min() and result.agreement.array.max() <= 1.0
+    total = sum(p.array / 255 for p in result.probabilities.values())
+    np.testing.assert_allclose(total, 1.0, atol=len(CODES) * 0.5 / 255 + 1e-5)
     inside = result.label.array > 0
-    assert result.agreement.array[inside].mean() > 0.5
+    assert result.agreement.array[inside].mean() / 255 > 0.5
 
 
 def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
@@ -342,6 +343,20 @@ def test_an_atlas_given_its_own_affine_stage_still_segments_the_target(world):
     assert _dice(result.label.array > 0, truth > 0) > 0.5
 
 
+def test_refined_warps_are_recorded_and_repeatable(world):
+    from cmmas.register.refine import Refinement
+
+    settings = Refinement(steps=5)
+    first, second = (segment.segment(world["target"], world["set"], reg_model=world["reg"], fusion="mv",
+                                     progress=False, refinement=settings) for _ in range(2))
+    np.testing.assert_array_equal(first.label.array, second.label.array)
+    record = first.qc()["refinement"]
+    assert record["mind_distance"][1] < record["mind_distance"][0]
+    assert record["folding_percent"][1] <= 1.0
+    assert "refine" in first.seconds
+    assert _dice(first.label.array > 0, world["truth"].array > 0) > 0.5
+
+
 def test_a_broken_alignment_warns_and_is_flagged_in_the_qc_record(world, tmp_path, caplog):
     image = read_image(world["target"])
     noise = image.with_array(np.random.default_rng(0).random(image.shape).astype(np.float32))
@@ -370,3 +385,18 @@ def test_a_shorter_field_of_view_gives_the_same_segmentation_inside_it(world, si
     foreground = _dice(cropped.label.array[kept] > 0, full.label.array[kept] > 0)
     dice = alignment_eval.organ_dice(cropped.label.array, full.label.array, CODES, kept)
     assert moved < 6.0 and foreground > 0.8 and min(dice.values()) > 0.65
+
+
+@pytest.mark.parametrize("ending", [".nii", ".mha"])
+def test_uncompressed_outputs_take_the_label_map_s_format(world, simnet_run, tmp_path, ending):
+    result, _ = simnet_run
+    target = read_image(world["target"])
+    written = segment.write_segmentation(result, tmp_path / f"seg{ending}")
+    images = [p for p in written if p.suffix in (".nii", ".mha")]
+    assert [p.name for p in images] == ([f"seg{ending}"] + [f"seg_prob_{c}{ending}" for c in CODES]
+                                        + [f"seg_agreement{ending}"])
+    for path in images:
+        assert target.geometry.differences(read_image(path).geometry) == [], path
+    agreement = read_image(images[-1], dtype=None)
+    assert agreement.array.dtype == np.uint8
+    np.testing.assert_array_equal(agreement.array, result.agreement.array)

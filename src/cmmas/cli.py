@@ -17,7 +17,7 @@ from pathlib import Path
 from cmmas.errors import CmmasError
 
 #: Fusion names ``--fusion`` accepts (the names of cmmas.fuse.registry.names(), which segment checks again).
-FUSIONS = ("simnet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2", "jlf_tf")
+FUSIONS = ("simnet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2", "jlf_tf", "lwv_mind", "jlf_mind")
 
 
 def _triple(text: str, kind=float) -> tuple:
@@ -118,8 +118,13 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--target", type=Path, required=True, nargs="+", metavar="SCAN",
                      help="scan(s) to segment (NIfTI/MHA/NRRD file or DICOM folder)")
     seg.add_argument("--out", type=Path, required=True, metavar="SEG.nii.gz|DIR",
-                     help="output label map (.nii.gz); with several --target scans a folder, each map named "
-                     "<scan name>.nii.gz")
+                     help="output label map (.nii.gz, or uncompressed .nii / .mha: the probability and agreement "
+                     "maps take its format); with several --target scans a folder, each map named "
+                     "<scan name>.<--format>")
+    seg.add_argument("--format", default="nii.gz", choices=["nii.gz", "nii", "mha"],
+                     help="image format of the maps written into a folder (several --target scans; one scan: "
+                     "--out's ending): nii.gz is compressed (small files; gzip runs on one core), nii and mha are not "
+                     "(faster to write and read, scan-sized files; see the README). Default nii.gz")
     seg.add_argument("--bundle", type=Path, default=None, metavar="DIR",
                      help="one folder holding atlas_set/ (or itself an atlas set), reg_model.keras and "
                      "simnet.keras; explicit --atlas-set/--reg-model/--fusion-model override its parts")
@@ -140,7 +145,8 @@ def _segment_parser(sub) -> None:
                      help="label fusion: simnet (SimNet-weighted vote), mv (majority vote), staple, global or "
                      "lwv (vote weighted by global / local mutual information; lwv_ncc: local NCC), jlf "
                      "(ANTs joint label fusion, patch radius 1; jlf_r2: radius 2), jlf_tf (the same joint label fusion in "
-                     "TensorFlow, faster). Default simnet")
+                     "TensorFlow, faster), lwv_mind and jlf_mind (the locally weighted vote and jlf_tf on MIND-SSC "
+                     "descriptors instead of intensities, for atlases of another modality). Default simnet")
     seg.add_argument("--prealign", action=argparse.BooleanOptionalAction, default=True,
                      help="align the target to the reference first (default); --no-prealign: the target "
                      "already lies in the reference space")
@@ -171,6 +177,12 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--atlas-affine", action="store_true",
                      help="give every atlas its own affine registration onto the aligned scan before the network "
                      "(~0.1 s per atlas): a trapped alignment then costs one atlas instead of all of them")
+    seg.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                     help="refine every atlas's field on the scan with N Adam steps on the MIND-SSC distance "
+                     "(modality-independent structure) plus a diffusion penalty, starting from BiRegNet's field "
+                     "(default 0: off; see docs/results.md for what it gains and costs)")
+    seg.add_argument("--refine-scale", type=float, default=0.5, metavar="S",
+                     help="the refinement's grid, as a fraction of the working grid's voxels per axis (default 0.5)")
 
 
 def _register_parser(sub) -> None:
@@ -219,6 +231,8 @@ def _segment(args) -> None:
     if not args.fast_nondeterministic:
         ants.set_threads(1)  # before this process's first ANTs registration
     outs = segment.label_paths(args.target, args.out)
+    if len(outs) > 1:
+        outs = [out.with_name(out.name[: -len(".nii.gz")] + "." + args.format) for out in outs]
     if args.transform is not None and len(args.target) > 1:
         raise CmmasError(args.transform[0], "--transform is one scan's alignment: give one --target with it")
     if args.transform is not None:
@@ -244,15 +258,21 @@ def _segment(args) -> None:
     if reg_model is None:
         reg_model = bundle.reg_model
     aset = AtlasSet(bundle.atlas_set)
-    scans = [read_image(args.target[0]), *args.target[1:]]  # a bad first scan fails before the models load
+    scans = [read_image(args.target[0], dtype=None), *args.target[1:]]  # a bad first scan fails before the models load
     reg_model, fusion_model = segment.load_models(  # once for all targets
         reg_model, bundle.fusion_model if args.fusion == "simnet" else None, aset)
+    refinement = None
+    if args.refine_steps:
+        from cmmas.register.refine import Refinement
+
+        refinement = Refinement(steps=args.refine_steps, scale=args.refine_scale)
     for scan, out in zip(scans, outs):
         result = segment.segment(
             scan, aset, reg_model=reg_model, fusion_model=fusion_model,
             fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
             alignment=args.transform, batch_size=args.batch_size, progress=_progress(), maps=not args.no_extras,
             starts=target.SINGLE if args.single_start else target.ROBUST, atlas_affine=args.atlas_affine,
+            refinement=refinement,
         )
         written = segment.write_segmentation(result, out, extras=not args.no_extras, preview=args.preview)
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -41,6 +42,9 @@ from cmmas.fuse import registry
 from cmmas.fuse.weights import global_similarity
 from cmmas.io import IMAGE_SUFFIXES, Image, atomic_write_text, label_dtype, read_image, write_image
 from cmmas.nn import model_card
+
+if TYPE_CHECKING:  # TensorFlow: imported only when refinement runs
+    from cmmas.register.refine import Refinement
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +135,15 @@ class Segmentation:
     """What :func:`segment` produced.
 
     Attributes:
-        label: fused label map (data-set codes, int32) on the target's original grid.
-        probabilities: code -> probability map (float32 in [0, 1], background included,
-            summing to 1 over codes) on the target's grid; outside the working grid the
-            background has probability 1. None when :func:`segment` ran with ``maps=False``.
+        label: fused label map (data-set codes, in the smallest integer type that holds them,
+            :func:`cmmas.io.label_dtype`) on the target's original grid.
+        probabilities: code -> probability map on the target's grid, uint8: value /
+            :data:`cmmas.io.PROBABILITY_SCALE` (255) is the probability (background included,
+            summing to ~1 over codes); outside the working grid the background has probability 1.
+            None when :func:`segment` ran with ``maps=False``.
         agreement: fraction of atlases whose label equals the fused label (1 = unanimous), on
-            the target's grid; 0 outside the working grid, where no atlas voted. None when
-            :func:`segment` ran with ``maps=False``.
+            the target's grid, uint8 scaled as the probabilities; 0 outside the working grid,
+            where no atlas voted. None when :func:`segment` ran with ``maps=False``.
         atlas_ids: the atlases used (most similar first when ``atlases=K`` chose them).
         seconds: wall time of each step and in all, seconds: "load" (the target, the atlas
             set's manifest and the models given as files), "align", "register" (reading,
@@ -149,6 +155,8 @@ class Segmentation:
         names: the atlas set's label table, code -> structure name (0 excluded).
         alignment: the alignment's QC record (:meth:`cmmas.align.target.TargetAlignment.qc`),
             None when no alignment ran (``alignment=`` or ``prealign=False``).
+        refinement: what the test-time refinement did (MIND distance and folding % before and
+            after, :class:`cmmas.register.refine.Refined`), None when it did not run.
     """
 
     label: Image
@@ -162,6 +170,7 @@ class Segmentation:
     codes: list[int]
     names: dict[int, str]
     alignment: dict | None = None
+    refinement: dict | None = None
 
     @property
     def flagged(self) -> bool:
@@ -172,7 +181,7 @@ class Segmentation:
         """The QC record written beside the label map (``<stem>_qc.json``): the alignment's
         record, the atlases used and the seconds of each step."""
         return {"flagged": self.flagged, "alignment": self.alignment, "atlas_ids": list(self.atlas_ids),
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                "refinement": self.refinement, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
 def load_models(reg_model, fusion_model, aset: AtlasSet):
@@ -267,6 +276,17 @@ def register_atlases(reg_net, images: np.ndarray, labels: np.ndarray, target: np
     return apply.warp_atlases(reg_net, images, labels, target, codes, batch_size=batch_size)
 
 
+def refine_atlases(target: np.ndarray, images: np.ndarray, labels: np.ndarray, fields: np.ndarray | None,
+                   codes: Sequence[int], refinement: Refinement):
+    """Atlases ``[N, D, H, W]`` as aligned (before the network) warped onto ``target`` by their
+    refined fields (``fields`` from the network, or None): ``(images, labels, Refined)``."""
+    from cmmas.register import apply, refine  # TensorFlow: imported only when refinement runs
+
+    refined = refine.refine_fields(target, images, fields, refinement)
+    warped_images, warped_labels = apply.warp_by_fields(images, labels, refined.fields, codes)
+    return warped_images, warped_labels, refined
+
+
 def warm_up(reg_net, simnet, aset: AtlasSet, atlas_ids: Sequence[str], fusions: Sequence[str], batch_size: int = 2,
             options: dict | None = None) -> None:
     """Untimed passes, so that one-off set-up (graph tracing, libraries loading on first use) is
@@ -309,6 +329,7 @@ def segment(
     maps: bool = True,
     starts: target_alignment.Starts = target_alignment.ROBUST,
     atlas_affine: bool = False,
+    refinement: Refinement | None = None,
 ) -> Segmentation:
     """Segment ``target`` with the atlases of ``atlas_set`` (the steps of the module docstring).
 
@@ -319,7 +340,7 @@ def segment(
             fuses the atlases as affinely aligned.
         fusion_model: a SimNet (model or path), needed when ``fusion`` is "simnet".
         fusion: a name of :func:`cmmas.fuse.registry.names` ("simnet", mv, staple, global, lwv,
-            lwv_ncc, jlf, jlf_r2, jlf_tf).
+            lwv_ncc, jlf, jlf_r2, jlf_tf, lwv_mind, jlf_mind).
         atlases: use the K atlases most similar to the aligned target (all if None).
         modality: the atlases' modality (default: the reference's; see :func:`atlas_ids_of`).
         prealign: align the target to the reference first; False means the target already
@@ -339,6 +360,8 @@ def segment(
         atlas_affine: give each chosen atlas its own affine stage onto the target on the working
             grid before the network (:mod:`cmmas.align.per_atlas`): one trapped alignment then
             costs one atlas (about 0.1 s per atlas).
+        refinement: refine every atlas's field on this target with MIND-SSC before fusing
+            (:mod:`cmmas.register.refine`; ``cmmas segment --refine-steps``); None or 0 steps: off.
 
     Returns:
         :class:`Segmentation`.
@@ -350,7 +373,7 @@ def segment(
         CmmasError: unknown fusion name or option.
     """
     start = time.perf_counter()
-    target = target if isinstance(target, Image) else read_image(target)
+    target = target if isinstance(target, Image) else read_image(target, dtype=None)
     aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
     codes = [0, *sorted(aset.labels)]
     registry.check_names([fusion], {fusion: fusion_options or {}})
@@ -379,8 +402,15 @@ def segment(
         if atlas_affine:
             corrected = per_atlas.correct_atlases(images, labels, working, aset.geometry)
             images, labels = corrected.images, corrected.labels
-        images, labels, _ = register_atlases(reg_net, images, labels, working.array, codes, batch_size)
+        aligned_images, aligned_labels = images, labels
+        images, labels, fields = register_atlases(reg_net, images, labels, working.array, codes, batch_size)
         seconds["register"] = time.perf_counter() - t0
+        refined = None
+        if refinement is not None and refinement.steps > 0:
+            t0 = time.perf_counter()
+            images, labels, refined = refine_atlases(working.array, aligned_images, aligned_labels, fields, codes,
+                                                     refinement)
+            seconds["refine"] = time.perf_counter() - t0
         bar.set_description("fuse")
         bar.update()
 
@@ -409,13 +439,16 @@ def segment(
         codes=codes,
         names=dict(aset.labels),
         alignment=None if found is None else found.qc(),
+        refinement=None if refined is None else {"mind_distance": list(refined.distance),
+                                                 "folding_percent": list(refined.folding_percent)},
     )
 
 
 def write_label(label: Image, path: str | os.PathLike, codes: Sequence[int]) -> Path:
     """Write a label map atomically as the smallest integer type holding ``codes``
-    (:func:`cmmas.io.label_dtype`): how every label map of the pipeline is written."""
-    return write_image(label.with_array(label.array.astype(label_dtype(codes))), path)
+    (:func:`cmmas.io.label_dtype`; a map already of that type is not copied): how every label
+    map of the pipeline is written."""
+    return write_image(label.with_array(label.array.astype(label_dtype(codes), copy=False)), path)
 
 
 def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
@@ -445,12 +478,16 @@ def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) ->
 
 def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path]:
     """Where :func:`write_segmentation` puts each file, in the order it writes them: "label",
-    "prob_<code>", "agreement", "volumes", "itksnap", "slicer", "preview", "qc"."""
+    "prob_<code>", "agreement", "volumes", "itksnap", "slicer", "preview", "qc". The probability
+    and agreement maps take the label map's format (its ending of :data:`cmmas.io.IMAGE_SUFFIXES`:
+    ``.nii.gz``, or the uncompressed ``.nii`` / ``.mha``; ``.nii.gz`` when it has none of them)."""
     out = Path(out)
-    stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
+    ending = next((e for e in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if out.name.endswith(e)), None)
+    stem = out.name[: -len(ending)] if ending else out.stem
+    ending = ending or ".nii.gz"
     paths = {"label": out}
-    paths.update({f"prob_{int(c)}": out.with_name(f"{stem}_prob_{int(c)}.nii.gz") for c in codes})
-    paths["agreement"] = out.with_name(f"{stem}_agreement.nii.gz")
+    paths.update({f"prob_{int(c)}": out.with_name(f"{stem}_prob_{int(c)}{ending}") for c in codes})
+    paths["agreement"] = out.with_name(f"{stem}_agreement{ending}")
     paths["volumes"] = out.with_name(f"{stem}_volumes.csv")
     paths["itksnap"] = out.with_name(f"{stem}_labels.itksnap.txt")
     paths["slicer"] = out.with_name(f"{stem}_labels.ctbl")
@@ -462,10 +499,10 @@ def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path
 def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: bool = True,
                        preview: bool = False) -> list[Path]:
     """Write the label map to ``out`` (as :func:`cmmas.io.label_dtype` of its codes) and beside it,
-    each atomically (:func:`output_paths`):
+    each atomically (:func:`output_paths`; the image format follows ``out``'s ending):
 
     - with ``extras``, ``<stem>_prob_<code>.nii.gz`` and ``<stem>_agreement.nii.gz`` (on the
-      target's grid);
+      target's grid; uint8, value / 255 = the fraction: :data:`cmmas.io.PROBABILITY_SCALE`);
     - ``<stem>_volumes.csv``, each structure's voxels, millilitres and mean agreement (empty when
       the segmentation has no agreement map), ``<stem>_labels.itksnap.txt`` and
       ``<stem>_labels.ctbl``, the label names and colours for ITK-SNAP and 3D Slicer

@@ -10,6 +10,7 @@ from cmmas.nn.losses import (
     Grad,
     LocalMutualInformation,
     LocalNCC,
+    MindDistance,
     MultiScaleDice,
     MutualInformation,
     NegativeJacobian,
@@ -99,6 +100,25 @@ def test_mutual_information_sees_monotone_and_non_monotone_remaps(loss):
         assert mi[remap] > mi["shifted"] + 0.3, mi
     assert mi["shifted"] > mi["noise"]
     assert mi["noise"] < 0.2  # the small-sample bias of 8^3-voxel patches; ~0 globally
+
+
+def test_mind_distance_ignores_intensity_remaps_but_sees_shifts():
+    x = _textured(32)
+    affine = 3.0 * x - 1.0
+    squared = 4.0 * (x - 0.5) ** 2  # non-monotone
+    shifted = np.roll(x, 3, axis=1)
+    loss = MindDistance()
+    assert _is_scalar_float32(loss(x, x))
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-7)
+    assert float(loss(x, affine)) == pytest.approx(0.0, abs=1e-4)
+    assert float(loss(x, squared)) < 0.5 * float(loss(x, shifted))
+    with tf.GradientTape() as tape:
+        moving = tf.Variable(shifted)
+        value = loss(x, moving)
+    gradient = tape.gradient(value, moving)
+    assert np.isfinite(gradient.numpy()).all() and float(tf.reduce_max(tf.abs(gradient))) > 0
+    with pytest.raises(ModelError, match="radius"):
+        MindDistance(radius=0)
 
 
 def test_mutual_information_is_symmetric_and_differentiable():

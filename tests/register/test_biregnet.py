@@ -30,7 +30,7 @@ from cmmas.register import augment
 
 from cmmas.register import biregnet
 from cmmas.nn.layers import warp  # noqa: E402
-from cmmas.nn.losses import MultiScaleDice, cycle_consistency  # noqa: E402
+from cmmas.nn.losses import MindDistance, MultiScaleDice, cycle_consistency  # noqa: E402
 from cmmas.metrics import dice  # noqa: E402
 from cmmas.nn.networks import build_biregnet  # noqa: E402
 from cmmas.nn.folding import inference_copy  # noqa: E402
@@ -215,6 +215,22 @@ def test_loss_terms_match_the_reference_losses_for_nonzero_fields():
     ncc = trainer._ncc(t, warp(a, u)) + trainer._ncc(a, warp(t, v))
     assert float(terms["sim"]) == pytest.approx(float(dice_terms + ncc), rel=1e-4)
     assert float(terms["loss"]) == pytest.approx(float(terms["sim"]) + 0.1 * float(consis), rel=1e-4)
+
+
+def test_mind_term_is_weighted_and_not_mistaken_for_mutual_information():
+    net = _with_constant_fields(build_biregnet((N, N, N), levels=2), [1.5, 0.0, -0.7], [-0.4, 1.0, 0.3])
+    batch = _batch()
+    terms = {}
+    for kind, weight in (("dice", 1.0), ("dice+mind", 1.0), ("dice+mind", 3.0)):
+        config = biregnet.RegConfig(shape_zyx=(N, N, N), levels=2, sim_loss=kind, lambda_mind=weight)
+        terms[kind, weight] = float(biregnet.BiRegNetTrainer(net, config).pair_losses(batch)["sim"])
+    fields = net({"atlas": batch["atlas"], "target": batch["target"]})
+    mind = MindDistance()
+    a, t = batch["atlas"], batch["target"]
+    expected = float(mind(t, warp(a, fields["U"])) + mind(a, warp(t, fields["V"])))
+    assert expected > 0
+    assert terms["dice+mind", 1.0] == pytest.approx(terms["dice", 1.0] + expected, rel=1e-4)
+    assert terms["dice+mind", 3.0] == pytest.approx(terms["dice", 1.0] + 3.0 * expected, rel=1e-4)
 
 
 # ------------------------------------------------------------------- training (shared run)

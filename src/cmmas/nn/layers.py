@@ -149,6 +149,15 @@ def _resize_axis(x: tf.Tensor, axis: int, size) -> tf.Tensor:
     return tf.gather(x, low, axis=axis) * (1.0 - frac) + tf.gather(x, high, axis=axis) * frac
 
 
+def resize_volume(vol, shape: Sequence) -> tf.Tensor:
+    """Resample a volume ``[B, D, H, W, C]`` onto a grid ``shape = (D', H', W')`` (same extent):
+    trilinear, voxel centres aligned as in :func:`_resize_axis`."""
+    out = tf.convert_to_tensor(vol)
+    for k in range(3):
+        out = _resize_axis(out, k + 1, shape[k])
+    return out
+
+
 def resize_displacement(ddf, shape: Sequence) -> tf.Tensor:
     """Resample a field ``[B, D, H, W, 3]`` onto a grid ``shape = (D', H', W')`` (same extent).
 
@@ -157,9 +166,7 @@ def resize_displacement(ddf, shape: Sequence) -> tf.Tensor:
     """
     ddf = tf.convert_to_tensor(ddf)
     in_sizes = tf.shape(ddf)[1:4]
-    out = ddf
-    for k in range(3):
-        out = _resize_axis(out, k + 1, shape[k])
+    out = resize_volume(ddf, shape)
     scale = tf.cast(tf.stack(list(shape)), out.dtype) / tf.cast(in_sizes, out.dtype)
     return out * scale
 

@@ -219,6 +219,33 @@ def gaussian_kernel(sigma: float):
     return k / tf.reduce_sum(k)
 
 
+class MindDistance:
+    """Mean squared difference of the MIND-SSC descriptors of two images (:mod:`cmmas.nn.mind`).
+
+    A modality-independent image similarity: descriptors compare each voxel's neighbourhood
+    with itself, so a CT and an MR of the same anatomy have similar descriptors where their
+    intensities do not relate. Inputs ``[B, D, H, W, 1]`` (any intensity scale); the loss is the
+    mean over voxels and batch of the 12-channel squared difference, in ``[0, 1]``, 0 for equal
+    images and for images related by an affine intensity remap.
+    """
+
+    def __init__(self, radius: int = 1, dilation: int = 2):
+        self.radius = _positive_int(radius, "radius", "MindDistance")
+        self.dilation = _positive_int(dilation, "dilation", "MindDistance")
+
+    def __call__(self, y_true, y_pred):
+        import tensorflow as tf
+
+        from cmmas.nn.mind import mind_distance, mind_ssc
+
+        y_true = tf.cast(y_true, tf.float32)
+        y_pred = tf.cast(y_pred, tf.float32)
+        _check_pair(y_true, y_pred, "MindDistance")
+        both = mind_ssc(tf.concat([y_true, y_pred], axis=0), self.radius, self.dilation)
+        a, b = tf.split(both, 2, axis=0)
+        return tf.reduce_mean(mind_distance(a, b))
+
+
 class MultiScaleDice:
     """Soft Dice of one-hot label volumes, averaged over Gaussian blurs of both inputs.
 

@@ -42,6 +42,31 @@ def _compiled_warp(model: keras.Model):
     return run
 
 
+@functools.lru_cache(maxsize=1)
+def _compiled_fields():
+    """A graph-compiled warp of atlases and their one-hot labels by given fields."""
+
+    @tf.function(reduce_retracing=True, autograph=False)
+    def run(atlases, onehot, ddf):
+        warped = warp(tf.concat([atlases[..., None], onehot], axis=-1), ddf, "linear")
+        return warped[..., 0], tf.argmax(warped[..., 1:], axis=-1)
+
+    return run
+
+
+def warp_by_fields(
+    atlas_images: np.ndarray, atlas_labels: np.ndarray, fields: np.ndarray, codes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Atlases ``[N, D, H, W]`` (images, integer-code labels) warped by ``fields`` ``[N, D, H, W, 3]``
+    (voxels): ``(images float32, labels int32 codes)``, as :func:`warp_atlases` warps them (images
+    linearly; labels one-hot linearly, then argmax)."""
+    table = np.asarray(label_table(codes), dtype=np.int32)
+    onehot = one_hot(np.asarray(atlas_labels), table)
+    images, index = _compiled_fields()(tf.constant(np.asarray(atlas_images, np.float32)), tf.constant(onehot),
+                                       tf.constant(np.asarray(fields, np.float32)))
+    return images.numpy(), table[index.numpy()].astype(np.int32)
+
+
 def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
     """``array`` ``[n, ...]`` with its last item repeated up to ``size`` items (unchanged if n >= size).
 

@@ -10,7 +10,8 @@ an atlas (image ``I_a``, one-hot label ``L_a``) and a target (``I_t``, ``L_t``) 
 with ``Dice_ms`` the soft Dice over the foreground channels averaged over Gaussian blurs
 ``sigma in {0, 1, 2, 4}`` voxels (:class:`cmmas.nn.losses.MultiScaleDice`). Other similarity terms
 (``sim_loss``) compare the warped atlas image with the target image and the warped target image
-with the atlas image (local NCC, global mutual information), optionally with the Dice terms.
+with the atlas image (local NCC, global mutual information, the MIND-SSC distance weighted by
+``lambda_mind``), optionally with the Dice terms.
 Optional regularisers: ``lambda_smooth`` (squared gradients of ``U`` and ``V``) and
 ``lambda_fold`` (negative Jacobian determinants). The schedule is the original's too; the default
 network (``levels`` 4), the [0, 1] normalisation (the original z-scores each crop) and the
@@ -44,7 +45,7 @@ from cmmas.errors import CmmasError, GeometryError, LabelError, ModelError
 from cmmas.io import atomic_write_text
 from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
-from cmmas.nn.losses import Grad, LocalNCC, MultiScaleDice, MutualInformation, NegativeJacobian
+from cmmas.nn.losses import Grad, LocalNCC, MindDistance, MultiScaleDice, MutualInformation, NegativeJacobian
 from cmmas.nn.networks import build_biregnet
 from cmmas.nn.training import (
     copy_weights,
@@ -59,7 +60,7 @@ from cmmas.register.augment import AUG_MAX_ROTATION_DEG, AUG_MAX_SCALE, AUG_MAX_
 
 log = logging.getLogger(__name__)
 
-SIM_LOSSES = ("dice", "ncc", "mi", "dice+mi", "dice+ncc")
+SIM_LOSSES = ("dice", "ncc", "mi", "mind", "dice+mi", "dice+ncc", "dice+mind")
 
 #: Names of the quantities the trainer tracks (``val_`` prefixed on validation data).
 METRIC_NAMES = ("loss", "sim", "dice", "consis", "smooth", "fold")
@@ -83,6 +84,7 @@ class RegConfig:
         levels: U-Net resolution levels.
         diffeomorphic: predict stationary velocity fields integrated by scaling and squaring.
         sim_loss: one of :data:`SIM_LOSSES`.
+        lambda_mind: weight of the MIND-SSC distance terms when ``sim_loss`` has "mind".
         lambda_consis: weight of the cycle-consistency L1 terms.
         lambda_smooth: weight of the squared-gradient smoothness of ``U`` and ``V``.
         lambda_fold: weight of the negative-Jacobian folding penalty of ``U`` and ``V``.
@@ -107,6 +109,7 @@ class RegConfig:
     levels: int = 4
     diffeomorphic: bool = False
     sim_loss: str = "dice"
+    lambda_mind: float = 1.0
     lambda_consis: float = 0.1
     lambda_smooth: float = 0.0
     lambda_fold: float = 0.0
@@ -132,7 +135,8 @@ class RegConfig:
         for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lambda_consis", "lambda_smooth", "lambda_fold", "aug_rotation", "aug_scale", "aug_shift"):
+        for name in ("lambda_mind", "lambda_consis", "lambda_smooth", "lambda_fold", "aug_rotation", "aug_scale",
+                     "aug_shift"):
             if float(getattr(self, name)) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 < self.decay_rate <= 1):
@@ -302,6 +306,7 @@ class BiRegNetTrainer(keras.Model):
         self._dice = MultiScaleDice((0.0,))
         self._ncc = LocalNCC(9)
         self._mi = MutualInformation()
+        self._mind = MindDistance()
         self._grad = Grad("l2")
         self._fold = NegativeJacobian()
         self.built = True
@@ -331,7 +336,7 @@ class BiRegNetTrainer(keras.Model):
         moved_images, moved_labels = moved[..., :1], moved[..., 1:]
         fixed_images = tf.concat([target, atlas], axis=0)
         fixed_labels = tf.concat([target_label, atlas_label], axis=0)
-        kind = self.config.sim_loss
+        kind = self.config.sim_loss.split("+")
         sim = tf.constant(0.0)
         if "dice" in kind:
             sim += 2.0 * self._dice_ms(fixed_labels[..., 1:], moved_labels[..., 1:])
@@ -339,6 +344,8 @@ class BiRegNetTrainer(keras.Model):
             sim += 2.0 * self._ncc(fixed_images, moved_images)
         if "mi" in kind:
             sim += 2.0 * self._mi(fixed_images, moved_images)
+        if "mind" in kind:
+            sim += 2.0 * self.config.lambda_mind * self._mind(fixed_images, moved_images)
         round_trip = warp(moved_images, backward, "linear")  # [I_a o U o V; I_t o V o U]
         consis = 2.0 * tf.reduce_mean(tf.abs(tf.concat([atlas, target], axis=0) - round_trip))
         smooth = 2.0 * self._grad(forward)

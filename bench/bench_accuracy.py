@@ -1,0 +1,148 @@
+"""Cross-modality accuracy of the MIND-SSC options: fusion on descriptors and test-time refinement.
+
+For each prepared atlas set (one per direction and fold) and each of its held-out targets, the
+steps of `cmmas segment` run once up to the warped atlases (the alignment stored in the atlas
+set, the --atlases most similar atlases, BiRegNet), and then each variant:
+
+  jlf_tf              today's default fusion on BiRegNet's warps;
+  jlf_mind            JLF on MIND-SSC descriptors (cmmas.fuse.registry "jlf_mind");
+  refine+jlf_tf       every field refined on the target (cmmas.register.refine), then jlf_tf;
+  refine+jlf_mind     both.
+
+Each label is mapped back as `segment` maps it and scored on the target's original grid.
+Printed: Dice per organ and direction/fold (mean over targets, worst target), seconds of the
+refinement and of each fusion (ratios against jlf_tf's), and folding % before and after the
+refinement. --out writes bench_accuracy.csv (one row per target x variant x organ).
+
+Example:
+  python bench/bench_accuracy.py \\
+      --atlas_set=runs/abdomen/ct2mr/fold1/atlas_set,runs/abdomen/mr2ct/fold1/atlas_set \\
+      --reg_model=runs/abdomen/ct2mr/fold1/reg/model.keras,runs/abdomen/mr2ct/fold1/reg/model.keras \\
+      --refine_steps=30 --out=runs/bench_accuracy
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from cmmas.scripts import absl_main
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("atlas_set", None, "Prepared atlas sets (e.g. runs/abdomen/ct2mr/fold1/atlas_set).")
+flags.DEFINE_list("reg_model", None, "BiRegNet .keras per atlas set (same order).")
+flags.DEFINE_integer("atlases", 10, "Atlases per target (the most similar after alignment).", lower_bound=1)
+flags.DEFINE_integer("refine_steps", 30, "Adam steps of the refinement.", lower_bound=1)
+flags.DEFINE_float("refine_scale", 0.5, "Refinement grid / working grid, voxels per axis.")
+flags.DEFINE_float("refine_smoothness", 0.1, "Weight of the refinement's diffusion penalty.")
+flags.DEFINE_string("out", None, "Folder for bench_accuracy.csv.")
+
+FUSIONS = ("jlf_tf", "jlf_mind")
+
+
+def _direction(atlas_set: str) -> str:
+    """``"ct2mr fold1"`` for ``runs/abdomen/ct2mr/fold1/atlas_set``."""
+    return f"{Path(atlas_set).parent.parent.name} {Path(atlas_set).parent.name}"
+
+
+def run_set(atlas_set: str, reg_model: str, refinement) -> list[dict]:
+    """Rows (case, variant, organ, dice, seconds, folding) of every held-out target of one set."""
+    from cmmas import segment
+    from cmmas.align import mapping
+    from cmmas.align.atlas_set import AtlasSet
+    from cmmas.evaluate.runs import original_target
+    from cmmas.evaluate.scoring import score
+    from cmmas.fuse import registry
+
+    aset = AtlasSet(atlas_set)
+    name = _direction(atlas_set)
+    atlas_mod, target_mod = Path(atlas_set).parent.parent.name.split("2")
+    codes = [0, *sorted(aset.labels)]
+    reg_net, _ = segment.load_models(reg_model, None, aset)
+    atlases = aset.ids(atlas_mod, role="train", labelled=True)
+    segment.warm_up(reg_net, None, aset, atlases, FUSIONS, 2)
+    images_all, labels_all = aset.arrays(atlases)
+    rows = []
+    for target_id in aset.ids(target_mod, role="test", labelled=True):
+        image, truth = original_target(aset, target_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            transforms, working, _ = segment.align_target(image, aset, tmp, alignment=aset.transform(target_id))
+        chosen = segment.select_atlases(images_all, working.array, atlases, FLAGS.atlases)
+        keep = [atlases.index(i) for i in chosen]
+        images, labels = images_all[keep], labels_all[keep]
+        warped = segment.register_atlases(reg_net, images, labels, working.array, codes, 2)
+        start = time.perf_counter()
+        refined_images, refined_labels, refined = segment.refine_atlases(working.array, images, labels, warped[2],
+                                                                        codes, refinement)
+        refine_seconds = time.perf_counter() - start
+        for prefix, (warp_images, warp_labels) in (("", warped[:2]), ("refine+", (refined_images, refined_labels))):
+            for fusion in FUSIONS:
+                start = time.perf_counter()
+                fused = registry.fuse_named(fusion, working.array, warp_images, warp_labels, codes)
+                seconds = time.perf_counter() - start
+                label, _, _ = mapping.map_back(fused, working, transforms, image, False)
+                extra = {"fuse_s": seconds, "refine_s": refine_seconds if prefix else 0.0,
+                         "folding_before": refined.folding_percent[0],
+                         "folding_after": refined.folding_percent[1] if prefix else refined.folding_percent[0]}
+                for row in score(label.array, truth.array, aset.labels, truth.spacing_zyx, method=prefix + fusion,
+                                 case=target_id, direction=name):
+                    rows.append({**row, **extra})
+        print(f"{name} {target_id}: refinement {refine_seconds:.1f} s, MIND distance "
+              f"{refined.distance[0]:.4f} -> {refined.distance[1]:.4f}", flush=True)
+    return rows
+
+
+def _mean(values) -> float:
+    return float(np.mean(list(values)))
+
+
+def report(rows: list[dict]) -> str:
+    """Markdown tables: Dice per organ (mean, worst target) per direction/fold and variant; seconds; folding."""
+    lines = []
+    for direction in dict.fromkeys(r["direction"] for r in rows):
+        part = [r for r in rows if r["direction"] == direction]
+        organs = list(dict.fromkeys(r["name"] for r in part))
+        cases = list(dict.fromkeys(r["case"] for r in part))
+        base_fuse = _mean(r["fuse_s"] for r in part if r["method"] == "jlf_tf")
+        lines += [f"\n### {direction} ({len(cases)} targets)\n",
+                  "| variant | " + " | ".join(organs) + " | mean | worst target | refine s | fuse s (x jlf_tf) | "
+                  "folding % |", "|---" * (len(organs) + 6) + "|"]
+        for method in dict.fromkeys(r["method"] for r in part):
+            sub = [r for r in part if r["method"] == method]
+            dice = [_mean(r["dice"] for r in sub if r["name"] == organ) for organ in organs]
+            worst = min(_mean(r["dice"] for r in sub if r["case"] == case) for case in cases)
+            fuse = _mean(r["fuse_s"] for r in sub)
+            lines.append(f"| {method} | " + " | ".join(f"{d:.3f}" for d in dice) + f" | {np.mean(dice):.3f} | "
+                         f"{worst:.3f} | {_mean(r['refine_s'] for r in sub):.1f} | {fuse:.2f} ({fuse / base_fuse:.1f}x) | "
+                         f"{_mean(r['folding_after'] for r in sub):.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    from cmmas.register.refine import Refinement
+
+    if not FLAGS.atlas_set or len(FLAGS.atlas_set) != len(FLAGS.reg_model or []):
+        raise app.UsageError("give one --reg_model per --atlas_set")
+    refinement = Refinement(steps=FLAGS.refine_steps, scale=FLAGS.refine_scale, smoothness=FLAGS.refine_smoothness)
+    rows = []
+    for atlas_set, reg_model in zip(FLAGS.atlas_set, FLAGS.reg_model):
+        rows += run_set(atlas_set, reg_model, refinement)
+    text = report(rows)
+    print(text)
+    if FLAGS.out:
+        from cmmas.evaluate.report import to_csv
+        from cmmas.io import atomic_write_text
+
+        out = Path(FLAGS.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "bench_accuracy.csv", to_csv(rows, list(rows[0])))
+        atomic_write_text(out / "bench_accuracy.md", text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(absl_main("bench_accuracy", main))
