@@ -99,17 +99,34 @@ demo: install $(RUN)/data/.done
 	@echo "demo: segment a scan with the bundle: $(VENV)/bin/cmmas segment --bundle $(BUNDLE) --target SCAN --out SEG.nii.gz"
 
 # ---------------------------------------------------------------------------- reproduce
+# SETTING=paper: the original cmmas's setting (experiments/configs/paper-<data>/: oracle crop per
+# case, the original networks, schedules, augmentations and SimNet hold-out; docs/fidelity.md);
+# SETTING=cmmas: our pipeline (experiments/configs/<data>/). reproduce-mmwhs and reproduce-chaos
+# default to paper, reproduce-abdomen to cmmas. MM-WHS in the paper setting runs each structure
+# of COMPONENTS (the original's myocardium 205 and LV 500) into runs/paper-mmwhs-<code>.
+SETTING ?= paper
+ABDOMEN_SETTING := $(if $(filter command line,$(origin SETTING)),$(SETTING),cmmas)
+COMPONENTS ?= 205 500
+SETTINGS := paper cmmas
+check_setting = $(if $(filter $(1),$(SETTINGS)),,$(error SETTING must be paper or cmmas, not '$(1)'))
+
 reproduce-mmwhs:
+	$(call check_setting,$(SETTING))
 	@test -n "$(DATA)" && test -d "$(DATA)" || { echo "reproduce-mmwhs: set DATA=/path/to/MM-WHS; $(MMWHS_HELP)" >&2; exit 2; }
-	$(MAKE) --no-print-directory _folds EXP=mmwhs
+	$(if $(filter paper,$(SETTING)),set -e; for code in $(COMPONENTS); do \
+	    $(MAKE) --no-print-directory _folds EXP=paper-mmwhs COMPONENT=$$code RUN=runs/paper-mmwhs-$$code; done,\
+	    $(MAKE) --no-print-directory _folds EXP=mmwhs)
 
 reproduce-chaos:
+	$(call check_setting,$(SETTING))
 	@test -n "$(DATA)" && test -d "$(DATA)" || { echo "reproduce-chaos: set DATA=/path/to/CHAOS_Train_Sets; $(CHAOS_HELP)" >&2; exit 2; }
-	$(MAKE) --no-print-directory _folds EXP=chaos
+	$(MAKE) --no-print-directory _folds EXP=$(if $(filter paper,$(SETTING)),paper-chaos,chaos)
 
 reproduce-abdomen:
+	$(call check_setting,$(ABDOMEN_SETTING))
 	@test -d "$(ABDOMEN)" || { echo "reproduce-abdomen: $(ABDOMEN) not found (the shared real CT/MR abdomen set)" >&2; exit 2; }
-	$(MAKE) --no-print-directory _folds EXP=abdomen DATA=$(ABDOMEN) FOLDS="$(ABDOMEN_FOLDS)"
+	$(MAKE) --no-print-directory _folds EXP=$(if $(filter paper,$(ABDOMEN_SETTING)),paper-abdomen,abdomen) \
+	    DATA=$(ABDOMEN) FOLDS="$(ABDOMEN_FOLDS)"
 
 bundle-abdomen:
 	@test -d "$(ABDOMEN)" || { echo "bundle-abdomen: $(ABDOMEN) not found (the shared real CT/MR abdomen set)" >&2; exit 2; }
@@ -127,6 +144,7 @@ _folds: install
 	    $(MAKE) --no-print-directory evaluate EXP=$(EXP) DATA=$(DATA) ATLAS_MOD=$${pair%:*} TARGET_MOD=$${pair#*:} FOLD=$$fold; \
 	done; done
 	$(PY) experiments/evaluate.py --aggregate=$(RUN) --out=$(RUN)
+	$(if $(filter paper-%,$(EXP)),$(PY) experiments/evaluate.py --aggregate=$(RUN) --aggregate_grid=crop --out=$(RUN)/crop)
 
 clean:
 	rm -rf runs

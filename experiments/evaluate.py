@@ -17,8 +17,16 @@
   to OUT/<target>/pred_<method>.nii.gz with the target's header, and jacobian.csv holds the
   folding statistics of the BiRegNet fields.
 
+  An oracle atlas set (experiments/prealign.py --roi oracle, the paper's setting;
+  cmmas.evaluate.oracle.evaluate_oracle_set) is evaluated on each target's own crop instead:
+  scores on the crop in OUT/crop/ (Dice, HD95 and ASSD: the original's "HD" column was ASSD) and,
+  beside them, on the original grid through the exact oracle inverse in OUT/; "crop+mv" is the
+  majority vote of the unregistered cropped atlases. --simnet_holdout K fuses the atlases
+  BiRegNet trained on only (the original's 11 of 15 with K 4), in either kind of set.
+
 --aggregate RUN (after every fold and direction; cmmas.evaluate.runs.aggregate): concatenates
-  RUN/*/fold*/eval/results.csv (and their timings.csv, jacobian.csv) into OUT.
+  RUN/*/fold*/eval/results.csv (--aggregate_grid crop: RUN/*/fold*/eval/crop/results.csv) and
+  their timings.csv, jacobian.csv into OUT.
 
 Writes to --out: results.csv (one row per case x structure x method), timings.csv (seconds per
 registration and per fusion), summary.json, boxplot_dice.png, boxplot_hd95.png (one per
@@ -48,6 +56,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("pairs", None, "Folder of pre-aligned pairs (experiments/prealign.py --mode pairwise).")
 define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference): evaluate its held-out targets.")
 flags.DEFINE_string("aggregate", None, "Run folder: concatenate RUN/*/fold*/eval/results.csv.")
+flags.DEFINE_enum("aggregate_grid", "original", ["original", "crop"], "--aggregate: the original-grid scores, or "
+                  "an oracle run's crop scores.")
+flags.DEFINE_integer("simnet_holdout", 0, "--atlas_set: do not fuse the last K training atlases (withheld from "
+                     "BiRegNet by train_reg.py --simnet_holdout K).", lower_bound=0)
 flags.DEFINE_string("reg_model", None, "--atlas_set: trained BiRegNet (.keras).")
 flags.DEFINE_string("fusion_model", None, "--atlas_set: trained SimNet (.keras); without it 'simnet' is skipped.")
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "--atlas_set: modality of the atlases.")
@@ -81,7 +93,7 @@ def _run() -> int:
     if FLAGS.aggregate is not None:
         from cmmas.evaluate import runs
 
-        report = runs.aggregate(FLAGS.aggregate, FLAGS.out, plots=FLAGS.plots)
+        report = runs.aggregate(FLAGS.aggregate, FLAGS.out, plots=FLAGS.plots, grid=FLAGS.aggregate_grid)
     elif FLAGS.pairs is not None:
         from cmmas.evaluate import baseline
 
@@ -100,12 +112,22 @@ def _run() -> int:
         import keras
 
         keras.utils.set_random_seed(FLAGS.seed)
-        report = runs.evaluate_atlas_set(
-            aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
-            target_modality=FLAGS.target_modality, methods=FLAGS.methods, options=_options(), bounds=FLAGS.bounds,
-            plots=FLAGS.plots, overlay_method=FLAGS.overlay_method, batch_size=FLAGS.batch_size,
-            progress=FLAGS.progress,
-        )
+        if aset.manifest.oracle:
+            from cmmas.evaluate import oracle
+
+            report = oracle.evaluate_oracle_set(
+                aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
+                target_modality=FLAGS.target_modality, methods=FLAGS.methods, options=_options(),
+                holdout=FLAGS.simnet_holdout, bounds=FLAGS.bounds, plots=FLAGS.plots, batch_size=FLAGS.batch_size,
+                progress=FLAGS.progress,
+            )
+        else:
+            report = runs.evaluate_atlas_set(
+                aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
+                target_modality=FLAGS.target_modality, methods=FLAGS.methods, options=_options(),
+                bounds=FLAGS.bounds, plots=FLAGS.plots, overlay_method=FLAGS.overlay_method,
+                batch_size=FLAGS.batch_size, progress=FLAGS.progress, holdout=FLAGS.simnet_holdout,
+            )
     print(report.table)
     print(f"evaluate: results {report.results_csv}; summary {report.summary_json}"
           + (f"; jacobian {report.jacobian_csv}" if report.jacobian_csv else ""))

@@ -12,6 +12,10 @@ Modes:
     several starts along the cranio-caudal axis, one ANTs thread, so the same cases give the same set)
     and stored on one working grid of --shape voxels of --spacing mm (cmmas.align.prepare.prepare:
     OUT/manifest.json, images/, labels/, transforms/ with each case's QC record qc.json).
+    With --roi oracle (the original cmmas's setting, to reproduce the paper only): no ANTs; every
+    case, targets included, is cropped around its OWN ground-truth --component (+10 mm), turned to
+    the identity direction, stretched to --shape voxels and z-scored
+    (cmmas.align.prepare.prepare_oracle; --spacing and --align_spacing are not used).
 
 Split (cmmas.datasets.splits.split_cases): --fold k (with --n_folds) takes, per modality, the k-th contiguous chunk of the target
 modality's cases as targets and the atlas modality's cases outside its own fold k as atlases
@@ -54,6 +58,8 @@ flags.DEFINE_string("spacing", "3", "Working-grid spacing in mm: one value or z,
 flags.DEFINE_string("shape", "96", "reference: working-grid shape in voxels: one integer or z,y,x.")
 flags.DEFINE_float("align_spacing", 3.0, "reference: isotropic spacing of the alignments, mm.", lower_bound=0.1)
 flags.DEFINE_string("reference", "auto", "reference: the reference case id, or 'auto'.")
+flags.DEFINE_enum("roi", "atlases", ["atlases", "oracle"], "reference: the working grid around the union of the "
+                  "aligned atlas labels, or each case cropped around its own label (the paper's oracle, no ANTs).")
 flags.DEFINE_bool("fast", False, "Use ANTs' short schedule (seconds per pair, less accurate).")
 flags.DEFINE_string("out", None, "Output folder.")
 flags.DEFINE_integer("seed", 0, "Seed of Python, numpy and ANTs' metric sampling.", lower_bound=0)
@@ -71,7 +77,9 @@ def _run() -> int:
 
     random.seed(FLAGS.seed)
     np.random.seed(FLAGS.seed)
-    if FLAGS.workers > 1 or FLAGS.mode == "reference":
+    if FLAGS.roi == "oracle" and FLAGS.mode != "reference":
+        raise CmmasError("--roi", "the oracle ROI makes an atlas set: use it with --mode reference")
+    if FLAGS.workers > 1 or (FLAGS.mode == "reference" and FLAGS.roi == "atlases"):
         ants.set_threads(1)  # one thread per worker; in reference mode, the same cases give the same atlas set
     dataset = open_dataset(FLAGS.data, FLAGS.layout)
     targets, atlases, others = split_cases(dataset, FLAGS.atlas_modality, FLAGS.target_modality, FLAGS.fold,
@@ -87,6 +95,12 @@ def _run() -> int:
         from cmmas.align import prepare
 
         cases = list(atlases) + list(others) + list(targets)
+        roles = {c.id: ("test" if c in targets else "train") for c in cases}
+        if FLAGS.roi == "oracle":
+            aset = prepare.prepare_oracle(cases, dict(dataset.labels), FLAGS.out, parse_shape(FLAGS.shape), roles=roles,
+                                          component=FLAGS.component, progress=FLAGS.progress)
+            print(f"prealign: {len(cases)} case(s) in {aset.root}, each cropped around its own label (oracle ROI)")
+            return 0
         aset = prepare.prepare(
             cases,
             dict(dataset.labels),
@@ -95,7 +109,7 @@ def _run() -> int:
             spacing_zyx=spacing,
             reference=FLAGS.reference,
             roi_ids=[a.id for a in atlases],
-            roles={c.id: ("test" if c in targets else "train") for c in cases},
+            roles=roles,
             align_spacing_mm=FLAGS.align_spacing,
             component=FLAGS.component,
             fast=FLAGS.fast,

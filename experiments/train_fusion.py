@@ -12,8 +12,10 @@ Two steps:
         the same flags resumes from OUT/backup/.
 
 Held-out ("test") cases are never used. The schedule defaults are the original SimNet's (lr 1e-4
-decayed x0.96 every 1000 steps, 5003 steps, batch 2); the network (4 levels), the augmentation
-and, unless BiRegNet was trained with --simnet_holdout, the pairs are not (docs/fidelity.md).
+decayed x0.96 every 1000 steps, 5003 steps, batch 2); the network (--arch cmmas, 4 levels), the
+augmentation (--augment_mode atlas) and, unless BiRegNet was trained with --simnet_holdout, the
+pairs are not (docs/fidelity.md). --arch original --augment_mode joint --augment_probability 1
+--shift_max 4 are the original's; the architecture is saved in simnet.keras.
 Prints the model path.
 
 Example:
@@ -41,17 +43,24 @@ flags.DEFINE_string("cache", None, "Folder of the warped pairs (default: OUT/pai
 flags.DEFINE_bool("skip_gen", False, "Skip the gen step and train on the existing cache.")
 flags.DEFINE_integer("gen_batch", 4, "Atlases per BiRegNet batch in the gen step.", lower_bound=1)
 flags.DEFINE_string("shape", None, "Network shape in voxels: one integer or z,y,x (default: the atlas set's working grid, which it must equal).")
+flags.DEFINE_enum("arch", "cmmas", ["cmmas", "original"], "Network: ours, or the original cmmas's (5 levels, no "
+                  "attention, 7^3 first kernel; docs/fidelity.md).")
 flags.DEFINE_integer("c0", 16, "Channels of the first U-Net level.", lower_bound=1)
-flags.DEFINE_integer("levels", 4, "U-Net levels.", lower_bound=1)
+flags.DEFINE_integer("levels", None, "U-Net levels (default: the architecture's, cmmas 4, original 5).", lower_bound=1)
 flags.DEFINE_float("lr", 1e-4, "Initial Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_float("decay_rate", 0.96, "Learning-rate factor applied every --decay_steps steps.")
 flags.DEFINE_integer("decay_steps", 1000, "Steps between learning-rate decays.", lower_bound=1)
 flags.DEFINE_integer("steps", 5003, "Optimiser steps.", lower_bound=1)
 flags.DEFINE_integer("batch", 2, "Pairs per step (global batch).", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", 50, "Steps between logs, checkpoints and backups.", lower_bound=1)
-flags.DEFINE_bool("augment", True, "Augment the atlas labels (random shift and similarity transform).")
+flags.DEFINE_bool("augment", True, "Augment the pairs (see --augment_mode).")
+flags.DEFINE_enum("augment_mode", "atlas", ["atlas", "joint"], "atlas: the atlas label alone moved by a random shift "
+                  "and similarity transform (ours); joint: one similarity transform applied to target image, target "
+                  "label and atlas label together, then the atlas label alone shifted along axes 0 and 1 (the "
+                  "original's).")
 flags.DEFINE_float("augment_probability", 0.5, "Probability that a pair is augmented.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("shift_max", 5, "Random integer shift of the atlas label, voxels per axis.", lower_bound=0)
+flags.DEFINE_integer("shift_max", 5, "Random integer shift of the atlas label, voxels per axis (joint: "
+                     "-shift_max..shift_max-1 along axes 0 and 1).", lower_bound=0)
 flags.DEFINE_float("rotation_max", math.pi / 28, "Random rotation about each axis, radians.", lower_bound=0.0)
 flags.DEFINE_float("translation_max", 10.0, "Random translation along each axis, voxels.", lower_bound=0.0)
 flags.DEFINE_float("scale_min", 0.85, "Smallest random scale of the atlas label.", lower_bound=0.0)
@@ -79,6 +88,7 @@ def _run() -> int:
     from cmmas.fuse import simnet as simnet_fusion
     from cmmas.fuse import simnet_train
     from cmmas.nn.model_card import card_from_atlas_set
+    from cmmas.nn.networks import ARCH_LEVELS
 
     out = Path(FLAGS.out)
     cache = Path(FLAGS.cache) if FLAGS.cache else out / "pairs"
@@ -98,9 +108,11 @@ def _run() -> int:
         simnet_train.generate_pairs(reg_model, aset, atlases, targets, cache, codes, batch_size=FLAGS.gen_batch,
                                   progress=FLAGS.progress)
     config = simnet_train.SimConfig(
-        shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate,
+        shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels or ARCH_LEVELS[FLAGS.arch], arch=FLAGS.arch,
+        lr=FLAGS.lr, decay_rate=FLAGS.decay_rate,
         decay_steps=FLAGS.decay_steps, steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch,
-        augment=FLAGS.augment, augment_probability=FLAGS.augment_probability, shift_max=FLAGS.shift_max,
+        augment=FLAGS.augment, augment_mode=FLAGS.augment_mode, augment_probability=FLAGS.augment_probability,
+        shift_max=FLAGS.shift_max,
         rotation_max=FLAGS.rotation_max, translation_max=FLAGS.translation_max,
         scale_range=(FLAGS.scale_min, FLAGS.scale_max), seed=FLAGS.seed)
     pairs = simnet_train.load_pairs(cache, targets)

@@ -4,9 +4,11 @@ Atlases are the labelled "train" cases of --atlas_modality, targets the labelled
 of --target_modality (held-out "test" cases are never read). The schedule and loss defaults are
 the original cmmas's: Adam 1e-3 decayed x0.96 every 100 steps (staircase), 1503 steps of batch 2,
 c0 4, the multi-scale Dice loss in both directions plus 0.1 x cycle consistency. Two defaults are
-ours (docs/fidelity.md): the network (4 levels; the original's 5-level design is
-cmmas.nn.networks.build_biregnet(arch="original")) and one random affine per pair applied to atlas
-and target alike (the original draws one per image). --simnet_holdout=K withholds the last K
+ours (docs/fidelity.md): the network (--arch cmmas, 4 levels; --arch original is the original's
+5-level design, cmmas.nn.original) and one random affine per pair applied to atlas and target
+alike (--augment_mode pair; --augment_mode image draws the original's, one per image). The
+architecture is saved in model.keras (and config.json), so evaluate and `cmmas segment` load it
+as trained. --simnet_holdout=K withholds the last K
 atlases and targets from BiRegNet, as the original (4), so that SimNet trains on warps of cases
 BiRegNet never saw (experiments/train_fusion.py warps every training atlas onto every training
 target). Writes OUT/model.keras (+ model.keras.json, its model card: the atlas set's grid,
@@ -32,8 +34,11 @@ flags.DEFINE_string("atlas_modality", "ct", "Modality of the atlases.")
 flags.DEFINE_string("target_modality", "mr", "Modality of the targets.")
 flags.DEFINE_string("out", None, "Run folder (model.keras, history.csv, ...).")
 flags.DEFINE_string("shape", "96", "Working-grid shape in voxels: one integer or z,y,x; must equal the atlas set's grid.")
+flags.DEFINE_enum("arch", "cmmas", ["cmmas", "original"], "Network: ours, or the original cmmas's (5 levels, "
+                  "per-channel attention gates; docs/fidelity.md).")
 flags.DEFINE_integer("c0", 4, "Channels of the first U-Net level.", lower_bound=1)
-flags.DEFINE_integer("levels", 4, "U-Net resolution levels.", lower_bound=1)
+flags.DEFINE_integer("levels", None, "U-Net resolution levels (default: the architecture's, cmmas 4, original 5).",
+                     lower_bound=1)
 flags.DEFINE_bool("diffeomorphic", False, "Integrate stationary velocity fields (scaling and squaring).")
 flags.DEFINE_enum("sim_loss", "dice", ["dice", "ncc", "mi", "mind", "dice+mi", "dice+ncc", "dice+mind"],
                   "Similarity terms of the loss (mind: the MIND-SSC distance of the images, weighted by "
@@ -48,7 +53,10 @@ flags.DEFINE_integer("decay_steps", 100, "Steps between learning-rate decays.", 
 flags.DEFINE_integer("steps", 1503, "Optimiser steps in total.", lower_bound=1)
 flags.DEFINE_integer("batch", 2, "Pairs per step (global batch).", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", 50, "Steps between logs, checkpoints and backups.", lower_bound=1)
-flags.DEFINE_bool("augment", True, "One random affine per pair, applied to atlas and target alike.")
+flags.DEFINE_bool("augment", True, "Random affine augmentation (see --augment_mode).")
+flags.DEFINE_enum("augment_mode", "pair", ["pair", "image"], "pair: one random affine per pair, applied to atlas "
+                  "and target alike (ours); image: an independent random affine per image, the original's "
+                  "(corners moved by up to 0.1 of the half-extent; the --aug_* ranges are then unused).")
 flags.DEFINE_integer("simnet_holdout", 0, "Withhold the last K training atlases and targets (natural id order) "
                      "from BiRegNet, for SimNet's training pairs (the original: 4).", lower_bound=0)
 flags.DEFINE_float("aug_rotation", 10.0, "Largest augmentation rotation about each axis, degrees.", lower_bound=0.0)
@@ -74,6 +82,7 @@ def _run() -> int:
     from cmmas.datasets import splits
     from cmmas.errors import AtlasSetError
     from cmmas.nn.model_card import card_from_atlas_set
+    from cmmas.nn.networks import ARCH_LEVELS
 
     random.seed(FLAGS.seed)
     np.random.seed(FLAGS.seed)
@@ -94,12 +103,14 @@ def _run() -> int:
         atlas_ids, target_ids = list(held.reg_atlases), list(held.reg_targets)
         print(f"train_reg: withheld for SimNet: {', '.join(held.held_atlases + held.held_targets)}")
     config = biregnet.RegConfig(
-        shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels, diffeomorphic=FLAGS.diffeomorphic,
+        shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels or ARCH_LEVELS[FLAGS.arch], arch=FLAGS.arch,
+        diffeomorphic=FLAGS.diffeomorphic,
         sim_loss=FLAGS.sim_loss, lambda_mind=FLAGS.lambda_mind, lambda_consis=FLAGS.lambda_consis,
         lambda_smooth=FLAGS.lambda_smooth, lambda_fold=FLAGS.lambda_fold, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate,
         decay_steps=FLAGS.decay_steps,
         steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch, augment=FLAGS.augment,
-        aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale, aug_shift=FLAGS.aug_shift, seed=FLAGS.seed,
+        augment_mode=FLAGS.augment_mode, aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale,
+        aug_shift=FLAGS.aug_shift, seed=FLAGS.seed,
     )
     atlas_images, atlas_labels = aset.arrays(atlas_ids)
     target_images, target_labels = aset.arrays(target_ids)

@@ -32,7 +32,7 @@ from cmmas.register import biregnet
 from cmmas.nn.layers import warp  # noqa: E402
 from cmmas.nn.losses import MindDistance, MultiScaleDice, cycle_consistency  # noqa: E402
 from cmmas.metrics import dice  # noqa: E402
-from cmmas.nn.networks import build_biregnet  # noqa: E402
+from cmmas.nn.networks import ARCH_LEVELS, build_biregnet  # noqa: E402
 from cmmas.nn.folding import inference_copy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -441,6 +441,9 @@ def test_train_reg_flag_defaults_are_the_config_defaults():
     for field in biregnet.RegConfig.__dataclass_fields__:
         if field == "shape_zyx":
             assert parse_shape(script.FLAGS["shape"].default) == defaults.shape_zyx
+        elif field == "levels":  # None: the architecture's, which for the default one is the config's
+            assert script.FLAGS["levels"].default is None
+            assert ARCH_LEVELS[script.FLAGS["arch"].default] == defaults.levels
         else:
             assert script.FLAGS[field].default == getattr(defaults, field), field
     assert parse_shape("16,24,32") == (16, 24, 32)

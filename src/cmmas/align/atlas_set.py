@@ -19,6 +19,14 @@ On disk (``root/``)::
 
 The same structure serves as the training set of the networks (cases of both modalities)
 and as the atlas set of ``cmmas segment`` (cases of the atlas modality).
+
+An *oracle* set (``roi == "oracle"``, :func:`cmmas.align.prepare.prepare_oracle`, the original
+cmmas's setting, for reproducing the paper only) stores every case on its OWN grid instead: the
+box of its own ground-truth structure (+10 mm) stretched to the working shape, identity
+direction, z-scored intensities, no alignment (no ``transforms/``, no ``reference.nii.gz``).
+Every case's array has the working shape, so the networks read it as any set; each NIfTI's
+header is that case's grid, and the manifest's ``geometry`` is a nominal one (the shape, the
+median spacing of the cases, identity direction, origin 0).
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ MANIFEST = "manifest.json"
 STACK = "stack.npz"
 
 VERSION = 1
+
+#: How a set's region of interest was placed (:attr:`Manifest.roi`): around the union of the
+#: aligned atlas labels (our pipeline), or around each case's own label (the original's oracle).
+ROIS = ("atlases", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +83,10 @@ class Manifest:
         labels: label table, code -> name (0 excluded).
         geometry: the working grid (reference space, LPS directions).
         align_spacing_mm: isotropic spacing the affine alignments ran at.
-        roi_margin_mm: margin around the union of atlas labels that centred the grid.
+        roi_margin_mm: margin around the union of atlas labels that centred the grid (an
+            oracle set: around each case's own label).
         cases: every case, in the order they were given.
+        roi: one of :data:`ROIS` ("oracle": each case on its own grid, module docstring).
     """
 
     reference: str
@@ -82,6 +96,12 @@ class Manifest:
     roi_margin_mm: float
     cases: tuple[SpaceCase, ...]
     version: int = VERSION
+    roi: str = "atlases"
+
+    @property
+    def oracle(self) -> bool:
+        """Whether every case was cropped around its own label (:data:`ROIS`)."""
+        return self.roi == "oracle"
 
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
@@ -106,6 +126,9 @@ class Manifest:
                 raise AtlasSetError(path, f"manifest version {data.get('version')} is not {VERSION}")
             geometry = Geometry(**{k: tuple(v) for k, v in data["geometry"].items()})
             cases = tuple(SpaceCase(**c) for c in data["cases"])
+            roi = data.get("roi", "atlases")
+            if roi not in ROIS:
+                raise AtlasSetError(path, f"unknown roi {roi!r}; expected one of {list(ROIS)}")
             return cls(
                 reference=data["reference"],
                 labels={int(k): v for k, v in data["labels"].items()},
@@ -113,6 +136,7 @@ class Manifest:
                 align_spacing_mm=float(data["align_spacing_mm"]),
                 roi_margin_mm=float(data["roi_margin_mm"]),
                 cases=cases,
+                roi=roi,
             )
         except AtlasSetError:
             raise
@@ -156,7 +180,8 @@ class AtlasSet:
         return self._cases[case_id]
 
     def image(self, case_id: str) -> Image:
-        """A case's normalised image on the working grid, float32 in [0, 1]."""
+        """A case's normalised image on the working grid, float32 in [0, 1] (an oracle set: its
+        own grid, z-scores)."""
         return read_image(self.root / self.case(case_id).image)
 
     def label(self, case_id: str) -> Image:
@@ -229,7 +254,14 @@ class AtlasSet:
         return self._stack
 
     def transform(self, case_id: str) -> list[str]:
-        """The case -> reference transform files (for :func:`cmmas.align.ants.apply`)."""
+        """The case -> reference transform files (for :func:`cmmas.align.ants.apply`).
+
+        Raises:
+            AtlasSetError: an oracle set (it has no alignment: it cannot segment a new scan).
+        """
+        if self.manifest.oracle:
+            raise AtlasSetError(self.root, "an oracle atlas set (the paper's setting: each case cropped around its "
+                                           "own label) has no alignment; it cannot segment a new scan")
         return [str(self.root / self.case(case_id).transform)]
 
     def reference_image(self) -> Image:

@@ -1,5 +1,7 @@
 """Building an atlas set: choose a reference, align every case to it once (ANTs affine, MI),
-place the working grid on the union of the aligned atlas labels and store every case on it."""
+place the working grid on the union of the aligned atlas labels and store every case on it
+(:func:`prepare`); or, for the paper's setting only, crop every case around its own label
+without any alignment (:func:`prepare_oracle`)."""
 
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from cmmas.align import atlas_set, target
 from cmmas.align.atlas_set import MANIFEST, AtlasSet, Manifest, SpaceCase
 from cmmas.align.mapping import to_space
 from cmmas.datasets import open_dataset
+from cmmas.datasets import oracle_roi
 from cmmas.datasets.base import Case
 from cmmas.datasets.loading import load_case
 from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError, ModelError
-from cmmas.io import Geometry, Image, atomic_write_text, write_image
+from cmmas.io import Geometry, Image, atomic_write_text, read_image, write_image
 from cmmas.nn.model_card import SPACING_TOLERANCE_MM, flag_value, require_card
 
 log = logging.getLogger(__name__)
@@ -258,6 +261,87 @@ def prepare(
         roi_margin_mm=float(roi_margin_mm),
         cases=tuple(entries),
     )
+    atomic_write_text(out / MANIFEST, manifest.to_json())
+    prepared = AtlasSet(out)
+    prepared.write_stack()
+    return prepared
+
+
+def prepare_oracle(
+    cases: Sequence[Case],
+    labels: dict[int, str],
+    out_dir: str | os.PathLike,
+    shape_zyx: Sequence[int],
+    roles: dict[str, str] | None = None,
+    margin_mm: float = oracle_roi.MARGIN_MM,
+    component: int | None = None,
+    progress: bool = True,
+) -> AtlasSet:
+    """An oracle atlas set, the original cmmas's setting: every case (atlas AND target) cropped
+    around its OWN ground-truth structure, without any alignment.
+
+    Each case's box is its label's (``component``, else every structure) plus ``margin_mm`` on
+    each side, identity direction, stretched to ``shape_zyx`` voxels; its image is linearly
+    resampled and z-scored over the box, its label resampled by nearest neighbour
+    (:func:`cmmas.datasets.oracle_roi.crop_case`). The set is an :class:`AtlasSet` with
+    ``roi == "oracle"`` (see :mod:`cmmas.align.atlas_set`); re-running keeps the cases already
+    written. It needs every case's label, the targets' included: it is for reproducing the
+    paper's numbers, never for segmenting a new scan.
+
+    Args:
+        cases: the cases (any modality), each with a label.
+        labels: the data set's label table (code -> name).
+        out_dir: the set's root folder.
+        shape_zyx: voxels of every case's box, array order (the networks' input shape).
+        roles: case id -> "train" or "test"; default "train" for all.
+        margin_mm: margin around each label's tight box, mm (the original: 10 voxels at 1 mm).
+        component: keep only this label code (others set to 0) and crop around it.
+        progress: show a progress bar.
+
+    Returns:
+        The prepared :class:`AtlasSet`.
+
+    Raises:
+        AtlasSetError: a case without a label, an unknown component or role.
+        LabelError: a case whose label lacks the structure (naming its file).
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    if component is not None and component not in labels:
+        raise AtlasSetError(None, f"component {component} is not in the label table {labels}")
+    unlabelled = [c.id for c in cases if c.label_path is None]
+    if unlabelled:
+        raise AtlasSetError(out, f"the oracle ROI needs every case's label; none for {unlabelled}")
+    bad_roles = sorted(set((roles or {}).values()) - {"train", "test"})
+    if bad_roles:
+        raise AtlasSetError(out, f"roles must be 'train' or 'test', got {bad_roles}")
+    codes = None if component is None else (component,)
+    entries, spacings = [], []
+    for case in tqdm(cases, desc="oracle crop", unit="case", disable=not progress):
+        image_rel, label_rel = f"images/{case.id}.nii.gz", f"labels/{case.id}.nii.gz"
+        if (out / image_rel).exists() and (out / label_rel).exists():
+            spacings.append(read_image(out / image_rel).spacing_zyx)
+        else:
+            image, label = _load(case, labels, component)
+            geometry = oracle_roi.oracle_geometry(label, codes, margin_mm, shape_zyx)
+            cropped, cropped_label = oracle_roi.crop_case(image, label, geometry)
+            write_image(cropped_label, out / label_rel)
+            write_image(cropped, out / image_rel)
+            spacings.append(cropped.spacing_zyx)
+        entries.append(SpaceCase(
+            id=case.id, modality=case.modality, image=image_rel, label=label_rel, transform="",
+            source_image=str(Path(case.image_path).resolve()), source_label=str(Path(case.label_path).resolve()),
+            role=(roles or {}).get(case.id, "train"),
+        ))
+    # float32, as a NIfTI header stores them: a resumed run (reading them back) gives the same grid
+    spacing_zyx = np.median(np.asarray(spacings, dtype=np.float32), axis=0).astype(np.float64)
+    nominal = Geometry(size=tuple(int(n) for n in tuple(shape_zyx)[::-1]),
+                       spacing=tuple(float(s) for s in spacing_zyx[::-1]),
+                       origin=(0.0, 0.0, 0.0), direction=preprocess.IDENTITY_DIRECTION)
+    manifest = Manifest(reference="", labels=dict(labels) if component is None else {component: labels[component]},
+                        geometry=nominal, align_spacing_mm=0.0, roi_margin_mm=float(margin_mm),
+                        cases=tuple(entries), roi="oracle")
     atomic_write_text(out / MANIFEST, manifest.to_json())
     prepared = AtlasSet(out)
     prepared.write_stack()

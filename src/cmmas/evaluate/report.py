@@ -119,7 +119,7 @@ def _cell(stats: dict, digits: int) -> str:
 
 
 def format_table(summary: dict) -> str:
-    """Markdown tables from :func:`summarize`: Dice and HD95 (method rows x structure columns), seconds.
+    """Markdown tables from :func:`summarize`: Dice, HD95 and ASSD (method rows x structure columns), seconds.
 
     A cell reads ``mean ± std`` over cases; ``(k/n)`` marks distances defined in only k of n
     cases (a structure missing from the prediction).
@@ -127,7 +127,7 @@ def format_table(summary: dict) -> str:
     blocks = []
     for direction, methods in summary["metrics"].items():
         n = summary["n_cases"][direction]
-        for metric, title, digits in (("dice", "Dice", 3), ("hd95", "HD95 (mm)", 1)):
+        for metric, title, digits in (("dice", "Dice", 3), ("hd95", "HD95 (mm)", 1), ("assd", "ASSD (mm)", 1)):
             structures = _ordered(s for entry in methods.values() for s in entry)
             header = f"**{direction} — {title}, mean ± std over {n} target(s)**\n\n"
             lines = ["| method | " + " | ".join(structures) + " |", "|---" * (len(structures) + 1) + "|"]

@@ -29,6 +29,7 @@ from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets.base import Case, natural_key
 from cmmas.datasets.loading import load_case
 from cmmas.datasets.mmwhs import MMWHS_ALIASES
+from cmmas.datasets.splits import simnet_holdout
 from cmmas.errors import AtlasSetError, CmmasError
 from cmmas.evaluate.plots import OverlaySource, write_figures
 from cmmas.evaluate.report import (
@@ -102,6 +103,17 @@ def original_target(aset: AtlasSet, case_id: str) -> tuple[Image, Image]:
     return image, label
 
 
+def fused_atlases(aset: AtlasSet, atlas_modality: str, target_modality: str, holdout: int = 0) -> list[str]:
+    """The atlases fused at test time: the labelled training cases of ``atlas_modality``, less the
+    last ``holdout`` withheld from BiRegNet for SimNet (:func:`cmmas.datasets.splits.simnet_holdout`,
+    the original's 11 of 15 with ``holdout`` 4)."""
+    atlases = aset.ids(atlas_modality, role="train", labelled=True)
+    if not holdout:
+        return atlases
+    targets = aset.ids(target_modality, role="train", labelled=True)
+    return list(simnet_holdout(atlases, targets, holdout).reg_atlases)
+
+
 class _TargetResult(NamedTuple):
     rows: list[dict]
     timings: list[dict]
@@ -109,7 +121,7 @@ class _TargetResult(NamedTuple):
     paths: dict[str, Path]
 
 
-def _jacobian_row(ddfs: np.ndarray, case: dict) -> dict:
+def jacobian_row(ddfs: np.ndarray, case: dict) -> dict:
     """Folding statistics of a target's BiRegNet fields ``[N, D, H, W, 3]`` (means over the atlases)."""
     stats = [jacobian_stats(ddf) for ddf in ddfs]
     logs = np.asarray([s["std_log_jac"] for s in stats])
@@ -170,7 +182,7 @@ def evaluate_target(
 
     timings = [{**case, "step": "registration", "method": BIREGNET, "seconds": per_atlas}]
     timings += [{**case, "step": "fusion", "method": name, "seconds": f.seconds} for name, f in fused.items()]
-    jacobian = _jacobian_row(ddfs, case) if ddfs is not None else {}
+    jacobian = jacobian_row(ddfs, case) if ddfs is not None else {}
     return _TargetResult(rows, timings, jacobian, paths)
 
 
@@ -200,11 +212,13 @@ def evaluate_atlas_set(
     overlay_method: str | None = None,
     batch_size: int = 2,
     progress: bool = True,
+    holdout: int = 0,
 ) -> EvaluationReport:
     """Segment every held-out target of a prepared atlas set and score it on its original grid.
 
     For each labelled "test" case of ``target_modality``, the labelled "train" cases of
-    ``atlas_modality`` are the atlases (the target itself excluded). The predictions, by name:
+    ``atlas_modality`` are the atlases (the target itself excluded), less the last ``holdout``
+    when BiRegNet was trained with that SimNet hold-out (:func:`fused_atlases`). The predictions, by name:
 
     * ``"affine+mv"``: majority vote of the pre-aligned atlases (no deformable registration);
     * each fusion of ``methods`` (names of :func:`cmmas.fuse.registry.names`) on the atlases
@@ -230,7 +244,7 @@ def evaluate_atlas_set(
     methods = [m for m in methods if m != SIMNET]
     registry.check_names(methods, options)
     targets = aset.ids(target_modality, role="test", labelled=True)
-    atlases = aset.ids(atlas_modality, role="train", labelled=True)
+    atlases = fused_atlases(aset, atlas_modality, target_modality, holdout)
     if not targets:
         raise AtlasSetError(aset.root, f"no labelled held-out {target_modality} target (role 'test') to evaluate")
     if not atlases:
@@ -268,11 +282,18 @@ def evaluate_atlas_set(
     return extended_report(report, jacobian_csv, figures)
 
 
-def aggregate(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, plots: bool = True) -> EvaluationReport:
+#: Where :func:`aggregate` finds each fold's results: the original grid, or an oracle set's crop
+#: (:mod:`cmmas.evaluate.oracle`).
+GRIDS = {"original": "eval/results.csv", "crop": "eval/crop/results.csv"}
+
+
+def aggregate(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, plots: bool = True,
+              grid: str = "original") -> EvaluationReport:
     """Concatenate the reports of every fold and direction of a run and summarise them.
 
-    Reads ``RUN/*/fold*/eval/results.csv`` (and the ``timings.csv`` and ``jacobian.csv``
-    beside each, when present), in natural order, and writes to ``out_dir`` (default ``RUN``)
+    Reads ``RUN/*/fold*/eval/results.csv`` (``grid`` "crop": ``.../eval/crop/results.csv``, an
+    oracle run's crop scores; :data:`GRIDS`) and the ``timings.csv`` and ``jacobian.csv``
+    beside each, when present, in natural order, and writes to ``out_dir`` (default ``RUN``)
     ``results.csv``, ``timings.csv``, ``jacobian.csv``, ``summary.json`` (with a ``"sources"``
     entry listing the files read) and, with ``plots``, box plots per direction.
 
@@ -280,9 +301,11 @@ def aggregate(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
         CmmasError: no results file under ``run_dir``.
     """
     run = Path(run_dir)
-    found = sorted(run.glob("*/fold*/eval/results.csv"), key=lambda p: natural_key(str(p.relative_to(run))))
+    if grid not in GRIDS:
+        raise CmmasError(None, f"unknown grid {grid!r}; expected one of {sorted(GRIDS)}")
+    found = sorted(run.glob(f"*/fold*/{GRIDS[grid]}"), key=lambda p: natural_key(str(p.relative_to(run))))
     if not found:
-        raise CmmasError(run, "no */fold*/eval/results.csv under it: evaluate the folds first")
+        raise CmmasError(run, f"no */fold*/{GRIDS[grid]} under it: evaluate the folds first")
     rows, timings, jacobians = [], [], []
     for path in found:
         rows += read_results(path)

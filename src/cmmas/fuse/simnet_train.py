@@ -9,12 +9,15 @@ the target label (:func:`agreement_target`). Fusion is then the weighted vote
 Training data (:func:`generate_pairs`): every training atlas warped by a trained BiRegNet to
 every training target, cached on disk, one ``<target_id>.npz`` per target. Training
 (:func:`train`) runs :class:`SimNetTrainer`, a ``keras.Model`` whose ``train_step`` augments
-the atlas label in the graph (a random integer shift along the three spatial axes and a random
-similarity transform), recomputes the agreement target from the augmented label, and
-minimises the sigmoid cross-entropy between the target and SimNet's logits. The original cmmas
-moves target image, target label and atlas label by one similarity transform on every sample
-and then shifts the atlas label alone (fusion/sampler_network.py); moving the atlas label alone
-changes the agreement targets SimNet learns (docs/fidelity.md).
+in the graph, recomputes the agreement target from the augmented labels, and minimises the
+sigmoid cross-entropy between the target and SimNet's logits. Two augmentations
+(``SimConfig.augment_mode``): "atlas" (ours, :func:`random_augmentation`: the atlas label alone
+moved by a random integer shift along the three spatial axes and a random similarity
+transform) and "joint" (the original cmmas's, fusion/sampler_network.py,
+:func:`joint_augmentation`: one similarity transform applied jointly to the target image, the
+target label and the atlas label, then a small shift of the atlas label alone). Moving the
+atlas label alone by a large transform changes the agreement targets SimNet learns
+(docs/fidelity.md).
 
 Arrays are numpy in array order ``(z, y, x)``; tensors ``[B, D, H, W, C]``. Label maps hold
 data-set codes; ``codes`` lists them (the background 0 is always included); networks see their
@@ -57,6 +60,9 @@ CONFIG_FILE = "config.json"
 #: Side of the cubic window of the agreement target, in voxels.
 WINDOW = 3
 
+#: Augmentation modes (:attr:`SimConfig.augment_mode`): ours, or the original's joint one.
+AUGMENT_MODES = ("atlas", "joint")
+
 
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
@@ -65,25 +71,30 @@ class SimConfig:
     The schedule defaults are the original cmmas's (labelintensityfusionnet.py with
     slurm/run_fusionnet.slurm; fusion/fusionnetworks.py ``LabIntSimNet``): Adam 1e-4 decayed
     x0.96 every 1000 steps, 5003 steps, batch 2; so are the ranges of the similarity transform
-    (rotation, scale; the original's translation is +-10 mm, here voxels). Ours: ``levels`` 4
-    (the original has 5), ``augment_probability`` (the original augments every sample), the
-    transform moving the atlas label alone (the original moves target and atlas jointly) and
-    ``shift_max`` 5 along three axes (the original shifts the atlas label by -4..3 voxels along
-    two axes); docs/fidelity.md.
+    (rotation, scale; the original's translation is +-10 mm, here voxels). Ours: ``arch``
+    "cmmas" with ``levels`` 4 (``arch="original"``: the original's network, 5 levels),
+    ``augment_probability`` (the original augments every sample), ``augment_mode`` "atlas", the
+    transform moving the atlas label alone (``"joint"``: the original's, target and atlas moved
+    jointly) and ``shift_max`` 5 along three axes (the original shifts the atlas label by -4..3
+    voxels along two axes: ``augment_mode="joint"`` with ``shift_max`` 4); docs/fidelity.md.
 
     Attributes:
         shape_zyx: network input shape ``(D, H, W)``, divisible by ``2**(levels - 1)``.
         c0, levels: SimNet width (channels of the first level) and depth.
+        arch: "cmmas" or "original" (:func:`cmmas.nn.networks.build_simnet`).
         lr: initial Adam learning rate.
         decay_rate, decay_steps: the rate is multiplied by ``decay_rate`` every
             ``decay_steps`` optimiser steps (staircase).
         steps: optimiser steps in total; training stops after exactly that many.
         batch: pairs per step (the global batch under a distribution strategy).
         steps_per_epoch: steps between checkpoints, log lines and backups.
-        augment: augment the atlas label (see :func:`augmentation_displacement`).
+        augment: augment the pairs (see ``augment_mode``).
+        augment_mode: one of :data:`AUGMENT_MODES`: "atlas" (:func:`random_augmentation`) or
+            "joint" (:func:`joint_augmentation`, the original's).
         augment_probability: probability that a pair is augmented; the others keep the label
             BiRegNet produced, so the network sees well and badly aligned atlases.
-        shift_max: random integer shift of the atlas label, up to this many voxels per axis.
+        shift_max: random integer shift of the atlas label, up to this many voxels per axis
+            ("joint": ``-shift_max .. shift_max - 1`` along array axes 0 and 1, as the original).
         rotation_max: random rotation about each axis, up to this angle (radians).
         translation_max: random translation along each axis, up to this many voxels.
         scale_range: random isotropic scale factor of the atlas label, uniform in this range.
@@ -93,6 +104,7 @@ class SimConfig:
     shape_zyx: tuple[int, int, int]
     c0: int = 16
     levels: int = 4
+    arch: str = "cmmas"
     lr: float = 1e-4
     decay_rate: float = 0.96
     decay_steps: int = 1000
@@ -100,6 +112,7 @@ class SimConfig:
     batch: int = 2
     steps_per_epoch: int = 50
     augment: bool = True
+    augment_mode: str = "atlas"
     augment_probability: float = 0.5
     shift_max: int = 5
     rotation_max: float = math.pi / 28
@@ -118,6 +131,10 @@ class SimConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 < self.decay_rate <= 1:
             problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {self.lr}, {self.decay_rate}")
+        if self.augment_mode not in AUGMENT_MODES:
+            problems.append(f"augment_mode must be one of {AUGMENT_MODES}, got {self.augment_mode!r}")
+        if self.arch not in ("cmmas", "original"):
+            problems.append(f"arch must be 'cmmas' or 'original', got {self.arch!r}")
         if not 0 <= self.augment_probability <= 1:
             problems.append(f"augment_probability must be in [0, 1], got {self.augment_probability}")
         if self.shift_max < 0 or self.rotation_max < 0 or self.translation_max < 0:
@@ -239,14 +256,59 @@ def random_augmentation(one_hot, config: SimConfig, seed) -> tf.Tensor:
     return tf.where(apply[:, None, None, None, None], moved, one_hot)
 
 
+def joint_augmentation(target_image, target_one_hot, atlas_one_hot, config: SimConfig, seed):
+    """The original's augmentation of a batch of SimNet pairs (fusion/sampler_network.py).
+
+    With probability ``config.augment_probability`` per pair (the original: always), one
+    similarity transform (rotations uniform in ``[-rotation_max, rotation_max]`` about each axis,
+    translation uniform in ``[-translation_max, translation_max]`` voxels per axis, isotropic
+    scale uniform in ``scale_range``; :func:`augmentation_displacement`) moves the target image
+    (linear), the target label and the atlas label (nearest) together, so that their relative
+    alignment, hence the agreement target, is kept; then the atlas label alone is shifted by an
+    integer uniform in ``[-shift_max, shift_max - 1]`` voxels along array axes 0 and 1 (the
+    original's ``np.roll`` wraps around; here the border voxels repeat).
+
+    Args:
+        target_image: ``[B, D, H, W, 1]`` float.
+        target_one_hot, atlas_one_hot: ``[B, D, H, W, L]`` float one-hot labels.
+        config: the ranges and the shape ``(D, H, W)``.
+        seed: ``[2]`` int tensor for the stateless random ops.
+
+    Returns:
+        ``(target_image, target_one_hot, atlas_one_hot)``, augmented, same shapes.
+    """
+    image, target, atlas = (tf.convert_to_tensor(v, tf.float32) for v in (target_image, target_one_hot,
+                                                                          atlas_one_hot))
+    batch = tf.shape(image)[0]
+    u = tf.random.stateless_uniform(tf.stack([batch, 10]), seed=seed)
+    apply = u[:, 0] < config.augment_probability
+    angles = (2.0 * u[:, 1:4] - 1.0) * config.rotation_max
+    translation = (2.0 * u[:, 4:7] - 1.0) * config.translation_max
+    low, high = config.scale_range
+    scale = low + u[:, 7] * (high - low)
+    zeros = tf.zeros_like(angles)
+    joint = augmentation_displacement(config.shape_zyx, zeros, angles, translation, scale)
+    m = float(config.shift_max)
+    shift = tf.floor(u[:, 8:10] * 2 * m) - m  # -m .. m-1 (u < 1); 0 when m == 0
+    shift = tf.concat([shift, tf.zeros_like(shift[:, :1])], axis=-1)
+    only_atlas = augmentation_displacement(config.shape_zyx, shift, zeros, zeros, tf.ones_like(scale))
+    moved_image = warp(image, joint, "linear")
+    moved_target = warp(target, joint, "nearest")
+    moved_atlas = warp(warp(atlas, joint, "nearest"), only_atlas, "nearest")
+    where = apply[:, None, None, None, None]
+    return (tf.where(where, moved_image, image), tf.where(where, moved_target, target),
+            tf.where(where, moved_atlas, atlas))
+
+
 class SimNetTrainer(keras.Model):
     """Trains a SimNet: in-graph augmentation, agreement target, sigmoid cross-entropy.
 
     ``fit`` data: dicts with ``target`` ``[B, D, H, W, 1]`` (target image), ``atlas_label``
     ``[B, D, H, W, L]`` (one-hot warped atlas label) and ``target_label`` ``[B, D, H, W, L]``
-    (one-hot target label). Each step augments ``atlas_label`` (when ``config.augment``;
-    :func:`random_augmentation`, seeded by ``(config.seed, step, replica)`` so a resumed run
-    continues the same sequence), recomputes the agreement target with :func:`agreement_map`
+    (one-hot target label). Each step augments (when ``config.augment``) ``atlas_label``
+    (:func:`random_augmentation`) or, with ``augment_mode="joint"``, all three
+    (:func:`joint_augmentation`), seeded by ``(config.seed, step, replica)`` so a resumed run
+    continues the same sequence, recomputes the agreement target with :func:`agreement_map`
     and minimises the mean sigmoid cross-entropy of SimNet's logits against it.
     Metrics: ``loss`` and ``mae`` (mean |similarity - target|).
 
@@ -279,12 +341,15 @@ class SimNetTrainer(keras.Model):
     def train_step(self, data):
         inputs = data[0] if isinstance(data, tuple) else data
         atlas = tf.cast(inputs["atlas_label"], tf.float32)
-        if self.config.augment:
+        image, target = inputs["target"], inputs["target_label"]
+        if self.config.augment and self.config.augment_mode == "joint":
+            image, target, atlas = joint_augmentation(image, target, atlas, self.config, self._step_seed())
+        elif self.config.augment:
             atlas = random_augmentation(atlas, self.config, self._step_seed())
-        agreement = agreement_map(atlas, inputs["target_label"])
+        agreement = agreement_map(atlas, target)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            outputs = self.simnet({"target": inputs["target"], "atlas_label": atlas}, training=True)
+            outputs = self.simnet({"target": image, "atlas_label": atlas}, training=True)
             loss = tf.reduce_mean(
                 tf.nn.sigmoid_cross_entropy_with_logits(labels=agreement, logits=outputs["logits"]))
             scaled = self.optimizer.scale_loss(loss / tf.cast(replicas, loss.dtype))
@@ -577,7 +642,7 @@ def train(
         raise ModelError("SimConfig", f"batch {config.batch} is not divisible by the "
                          f"{distribution.num_replicas_in_sync} replicas")
     with distribution.scope():
-        simnet = build_simnet(config.shape_zyx, len(codes), c0=config.c0, levels=config.levels)
+        simnet = build_simnet(config.shape_zyx, len(codes), c0=config.c0, levels=config.levels, arch=config.arch)
         if init_weights is not None and resume_epoch == 0:
             training.copy_weights(init_weights, simnet)
         trainer = SimNetTrainer(simnet, config)

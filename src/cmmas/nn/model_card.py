@@ -36,6 +36,9 @@ KINDS = {"biregnet": "BiRegNet", "simnet": "SimNet"}
 #: How an atlas set's images are brought to the networks' input range (:func:`cmmas.align.mapping.normalize`).
 NORMALISATION = f"clip to the {PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles, then min-max to [0, 1]"
 
+#: How an oracle set's images are normalised (:func:`cmmas.datasets.oracle_roi.crop_case`, the original's).
+ORACLE_NORMALISATION = "z-score over each case's own oracle box (the original cmmas's)"
+
 #: Two spacings closer than this (mm, per axis) are the same.
 SPACING_TOLERANCE_MM = 1e-3
 
@@ -189,7 +192,7 @@ def card_from_atlas_set(
         labels=dict(aset.labels),
         atlas_modality=atlas_modality,
         target_modality=target_modality,
-        normalisation=NORMALISATION,
+        normalisation=ORACLE_NORMALISATION if aset.manifest.oracle else NORMALISATION,
         align_spacing_mm=float(aset.manifest.align_spacing_mm),
         training_set=str(aset.root.resolve()),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

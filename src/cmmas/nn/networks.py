@@ -269,8 +269,6 @@ def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels:
     target = keras.Input((*shape, 1), name="target")
     x = keras.layers.Concatenate(name="atlas_target")([atlas, target])
     if arch == "original":
-        from cmmas.nn import original  # imported here: it builds on this module's layers
-
         features = original.biregnet_features(x, c0, levels, name="reg")
     else:
         features = unet_features(x, c0, levels, first_kernel=7, name="reg")
@@ -323,8 +321,6 @@ def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, 
     target = keras.Input((*shape, 1), name="target")
     atlas_label = keras.Input((*shape, int(n_label_channels)), name="atlas_label")
     if arch == "original":
-        from cmmas.nn import original  # imported here: it builds on this module's layers
-
         foreground = original.DropBackground(name="foreground")(atlas_label)
         x = keras.layers.Concatenate(name="target_atlas_label")([target, foreground])
         features = original.simnet_features(x, c0, levels, name="sim")
@@ -336,3 +332,8 @@ def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, 
     similarity = keras.layers.Activation("sigmoid", name="similarity")(logits)
     return keras.Model({"target": target, "atlas_label": atlas_label},
                        {"similarity": similarity, "logits": logits}, name=name)
+
+
+# The original architecture builds on this module's layers, so it is imported last: every import of
+# this module (cmmas.nn.training's loader among them) registers its layers for loading a saved network.
+from cmmas.nn import original  # noqa: E402

@@ -1,4 +1,11 @@
-"""Random affine augmentation of BiRegNet's training pairs, as displacement fields."""
+"""Random affine augmentation of BiRegNet's training pairs, as displacement fields.
+
+Two draws: :func:`random_affine` (ours: rotation, scale and shift about the volume centre, the
+same map for every input of a batch item, i.e. one per pair) and :func:`random_corner_affine`
+(the original cmmas's ``random_transform_generator``: four corners of the ``[-1, 1]^3`` cube
+moved inwards by up to ``corner_scale``, applied to one image and its label; BiRegNet's
+``augment_mode="image"`` draws one per image).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,13 @@ AUG_MAX_SCALE = 0.1
 
 #: ... and translation along each axis up to this many voxels (uniform draws).
 AUG_MAX_SHIFT_VOX = 4.0
+
+#: The original's corner displacement (normalised coordinates, the cube being ``[-1, 1]^3``).
+CORNER_SCALE = 0.1
+
+#: The original's source corners and the signs of their (inward) moves (label-reg's generator).
+_CORNERS = ((-1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0), (1.0, -1.0, -1.0))
+_CORNER_SIGNS = ((1.0, 1.0, 1.0), (1.0, 1.0, -1.0), (1.0, -1.0, 1.0), (-1.0, 1.0, 1.0))
 
 
 def affine_matrix(angles, scales, shifts) -> tf.Tensor:
@@ -71,6 +85,65 @@ def rethreshold(soft_one_hot) -> tf.Tensor:
     return tf.one_hot(tf.argmax(soft_one_hot, axis=-1), tf.shape(soft_one_hot)[-1], dtype=tf.float32)
 
 
+def corner_affine_matrix(moves, shape_zyx) -> tf.Tensor:
+    """The original's random affine ``[B, 3, 4]`` (voxel units, about the volume centre) from corner moves.
+
+    The four corners :data:`_CORNERS` of the normalised cube ``[-1, 1]^3`` move by
+    ``moves * _CORNER_SIGNS`` (inwards); the affine ``y = A x + t`` (normalised units) mapping
+    the corners to their moved positions is solved exactly (four points, twelve unknowns) and
+    rescaled to voxels: ``A' = H A H^-1``, ``t' = H t`` with ``H = diag((shape - 1) / 2)``.
+
+    Args:
+        moves: ``[B, 4, 3]`` non-negative corner moves, normalised units (the original: uniform
+            in ``[0, 0.1]``). Zero moves give exactly the identity.
+        shape_zyx: ``(D, H, W)`` ints.
+
+    Returns:
+        ``[B, 3, 4]`` for :func:`affine_ddf`.
+    """
+    moves = tf.cast(moves, tf.float32)
+    source = tf.constant(_CORNERS, tf.float32)
+    moved = source[None] + moves * tf.constant(_CORNER_SIGNS, tf.float32)[None]
+    homogeneous = tf.concat([source, tf.ones([4, 1])], axis=-1)  # [4, 4]
+    solution = tf.linalg.solve(tf.tile(homogeneous[None], [tf.shape(moves)[0], 1, 1]), moved)  # [B, 4, 3]
+    linear = tf.linalg.matrix_transpose(solution[:, :3, :])
+    half = (tf.constant([float(n) for n in shape_zyx], tf.float32) - 1.0) / 2.0
+    linear = linear * half[None, :, None] / half[None, None, :]
+    return tf.concat([linear, (solution[:, 3, :] * half)[:, :, None]], axis=-1)
+
+
+def random_corner_affine(
+    images: Sequence, labels: Sequence = (), corner_scale: float = CORNER_SCALE, seed=(0, 0)
+) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+    """Warp volumes of one batch by the original's random affine (:func:`corner_affine_matrix`,
+    corner moves uniform in ``[0, corner_scale]``), one per batch item, the same for all inputs
+    (pass one image with its label). Images linear; one-hot labels linear then re-thresholded.
+
+    Args:
+        images: ``[B, D, H, W, C]`` float tensors (static spatial shape).
+        labels: ``[B, D, H, W, L]`` one-hot tensors.
+        corner_scale: largest corner move, normalised units.
+        seed: stateless seed, two integers (or an int tensor ``[2]``).
+
+    Returns:
+        ``(warped_images, warped_labels)``, lists in the input order.
+    """
+    volumes = [tf.convert_to_tensor(v, tf.float32) for v in (*images, *labels)]
+    if not volumes:
+        return [], []
+    shape = [int(n) for n in volumes[0].shape[1:4]]
+    moves = tf.random.stateless_uniform(tf.stack([tf.shape(volumes[0])[0], 4, 3]), tf.cast(seed, tf.int64), 0.0,
+                                        float(corner_scale))
+    return _warp_all(volumes, len(images), affine_ddf(corner_affine_matrix(moves, shape), shape))
+
+
+def _warp_all(volumes: list, n_images: int, ddf) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+    """Warp images (the first ``n_images`` of ``volumes``) and one-hot labels by one field in one call."""
+    widths = [v.shape[-1] for v in volumes]
+    warped = tf.split(warp(tf.concat(volumes, axis=-1), ddf, "linear"), widths, axis=-1)
+    return warped[:n_images], [rethreshold(v) for v in warped[n_images:]]
+
+
 def random_affine(
     images: Sequence,
     labels: Sequence = (),
@@ -105,7 +178,4 @@ def random_affine(
         1.0 + draws[1] * float(max_scale),
         draws[2] * float(max_shift),
     )
-    ddf = affine_ddf(matrices, reference[1:4])
-    widths = [v.shape[-1] for v in volumes]
-    warped = tf.split(warp(tf.concat(volumes, axis=-1), ddf, "linear"), widths, axis=-1)
-    return warped[: len(images)], [rethreshold(v) for v in warped[len(images):]]
+    return _warp_all(volumes, len(images), affine_ddf(matrices, reference[1:4]))

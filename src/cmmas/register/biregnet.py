@@ -14,8 +14,9 @@ with the atlas image (local NCC, global mutual information, the MIND-SSC distanc
 ``lambda_mind``), optionally with the Dice terms.
 Optional regularisers: ``lambda_smooth`` (squared gradients of ``U`` and ``V``) and
 ``lambda_fold`` (negative Jacobian determinants). The schedule is the original's too; the default
-network (``levels`` 4), the [0, 1] normalisation (the original z-scores each crop) and the
-augmentation (one affine per pair; the original draws one per image) are not: docs/fidelity.md.
+network (``arch`` "cmmas", ``levels`` 4; ``arch="original"`` is the original's), the [0, 1]
+normalisation (the original z-scores each crop) and the augmentation (one affine per pair;
+``augment_mode="image"`` draws the original's, one per image) are not: docs/fidelity.md.
 
 Conventions: images are ``[N, D, H, W]`` numpy arrays in ``[0, 1]`` on a working grid (array
 order ``(z, y, x)``); labels are integer codes, one-hot encoded here only, background (code 0)
@@ -56,11 +57,23 @@ from cmmas.nn.training import (
     save_model,
     training_callbacks,
 )
-from cmmas.register.augment import AUG_MAX_ROTATION_DEG, AUG_MAX_SCALE, AUG_MAX_SHIFT_VOX, random_affine
+from cmmas.register.augment import (
+    AUG_MAX_ROTATION_DEG,
+    AUG_MAX_SCALE,
+    AUG_MAX_SHIFT_VOX,
+    random_affine,
+    random_corner_affine,
+)
 
 log = logging.getLogger(__name__)
 
 SIM_LOSSES = ("dice", "ncc", "mi", "mind", "dice+mi", "dice+ncc", "dice+mind")
+
+#: Augmentation modes: one affine per pair (ours), or the original's independent one per image.
+AUGMENT_MODES = ("pair", "image")
+
+#: Network architectures (:func:`cmmas.nn.networks.build_biregnet`).
+ARCHS = ("cmmas", "original")
 
 #: Names of the quantities the trainer tracks (``val_`` prefixed on validation data).
 METRIC_NAMES = ("loss", "sim", "dice", "consis", "smooth", "fold")
@@ -82,6 +95,7 @@ class RegConfig:
         shape_zyx: working-grid shape ``(D, H, W)``, divisible by ``2**(levels-1)``.
         c0: channels of the first U-Net level (doubling per level).
         levels: U-Net resolution levels.
+        arch: one of :data:`ARCHS` ("original": the original cmmas's network, 5 levels).
         diffeomorphic: predict stationary velocity fields integrated by scaling and squaring.
         sim_loss: one of :data:`SIM_LOSSES`.
         lambda_mind: weight of the MIND-SSC distance terms when ``sim_loss`` has "mind".
@@ -98,6 +112,9 @@ class RegConfig:
             pose and size variety while keeping the pair's pre-alignment). The original draws an
             independent affine per image; on the phantom that made held-out pairs worse (lab
             notebook, 2026-11-25).
+        augment_mode: one of :data:`AUGMENT_MODES`: "pair" (the above) or "image" (the
+            original: atlas and target each warped, with its label, by its own random affine,
+            :func:`cmmas.register.augment.random_corner_affine`; the ``aug_*`` ranges are then unused).
         aug_rotation: largest rotation about each array axis, degrees.
         aug_scale: largest relative scale change per axis.
         aug_shift: largest translation per axis, voxels of the working grid.
@@ -107,6 +124,7 @@ class RegConfig:
     shape_zyx: tuple[int, int, int] = (96, 96, 96)
     c0: int = 4
     levels: int = 4
+    arch: str = "cmmas"
     diffeomorphic: bool = False
     sim_loss: str = "dice"
     lambda_mind: float = 1.0
@@ -120,6 +138,7 @@ class RegConfig:
     batch: int = 2
     steps_per_epoch: int = 50
     augment: bool = True
+    augment_mode: str = "pair"
     aug_rotation: float = AUG_MAX_ROTATION_DEG
     aug_scale: float = AUG_MAX_SCALE
     aug_shift: float = AUG_MAX_SHIFT_VOX
@@ -132,6 +151,10 @@ class RegConfig:
             problems.append(f"shape_zyx must have 3 entries, got {self.shape_zyx}")
         if self.sim_loss not in SIM_LOSSES:
             problems.append(f"sim_loss must be one of {SIM_LOSSES}, got {self.sim_loss!r}")
+        if self.augment_mode not in AUGMENT_MODES:
+            problems.append(f"augment_mode must be one of {AUGMENT_MODES}, got {self.augment_mode!r}")
+        if self.arch not in ARCHS:
+            problems.append(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -359,13 +382,21 @@ class BiRegNetTrainer(keras.Model):
         return {"loss": loss, "sim": sim, "dice": dice, "consis": consis, "smooth": smooth, "fold": fold}
 
     def _augment(self, data: dict) -> dict:
-        """One random affine per pair, applied to its atlas and its target alike (one warp)."""
+        """``augment_mode`` "pair": one random affine per pair, applied to its atlas and its target
+        alike (one warp); "image": an independent random affine (the original's) for the atlas
+        (with its label) and for the target (with its label)."""
         context = tf.distribute.get_replica_context()
         replica = 0 if context is None else context.replica_id_in_sync_group
         replicas = self.distribute_strategy.num_replicas_in_sync
         step = tf.cast(self.optimizer.iterations, tf.int64)
         seed = tf.stack([tf.constant(self.config.seed, tf.int64), step * replicas + tf.cast(replica, tf.int64)])
         c = self.config
+        if c.augment_mode == "image":
+            atlas_seed, target_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            (atlas,), (atlas_label,) = random_corner_affine([data["atlas"]], [data["atlas_label"]], seed=atlas_seed)
+            (target,), (target_label,) = random_corner_affine([data["target"]], [data["target_label"]],
+                                                              seed=target_seed)
+            return {"atlas": atlas, "target": target, "atlas_label": atlas_label, "target_label": target_label}
         (atlas, target), (atlas_label, target_label) = random_affine(
             [data["atlas"], data["target"]], [data["atlas_label"], data["target_label"]],
             c.aug_rotation, c.aug_scale, c.aug_shift, seed=seed,
@@ -477,7 +508,8 @@ def train(
             "batch", f"batch {config.batch} is not divisible by the {distribution.num_replicas_in_sync} replicas"
         )
     with distribution.scope():
-        net = build_biregnet(shape, c0=config.c0, levels=config.levels, diffeomorphic=config.diffeomorphic)
+        net = build_biregnet(shape, c0=config.c0, levels=config.levels, diffeomorphic=config.diffeomorphic,
+                             arch=config.arch)
         if init_weights is not None and resume_epoch == 0:
             copy_weights(init_weights, net)
         trainer = BiRegNetTrainer(net, config)
