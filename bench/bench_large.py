@@ -5,8 +5,8 @@ The large scans are built once from the shared data (--data) and kept in --scans
 --ct_case resampled (linear) onto a 0.7 mm isotropic grid of 512 x 512 x --ct_slices, and the MR
 case --mr_case onto 512 x 512 x --mr_slices at 0.8 mm in plane, its slices spanning the scan's
 own z extent (a 0.8 mm isotropic grid of 200 slices would cut the upper abdomen off at 160 mm);
-both centred on the scan's centre, in its orientation, stored as int16 .nii.gz (air/background
-outside the scan). Each scan is segmented by the atlas set (--atlas_set, one per direction, as
+both centred on the scan's centre, in its orientation, stored as int16 .nii.gz (--scan_format:
+or uncompressed .nii / .mha) with air/background outside the scan. Each scan is segmented by the atlas set (--atlas_set, one per direction, as
 bench_mas) whose atlases are of the other modality, with --fusion; without --reg_model an
 untrained BiRegNet at the set's grid (the identity: its time is counted, its fields are zero).
 
@@ -49,6 +49,9 @@ flags.DEFINE_list("modes", ["label", "maps"], "label: --no-extras; maps: with th
 flags.DEFINE_string("fusion", "mv", "Fusion of segment() (simnet needs --fusion_model).")
 flags.DEFINE_enum("format", "nii.gz", ["nii.gz", "nii", "mha"], "Format of the written images.")
 flags.DEFINE_string("scans", None, "Folder of the large scans (built when missing); default <out>/scans.")
+flags.DEFINE_enum("scan_format", "nii.gz", ["nii.gz", "nii", "mha"],
+                  "Format the large scans are stored (and read) in: nii.gz (gzip, decompressed on one thread) "
+                  "or uncompressed nii / mha (what reading costs without the decompression).")
 
 #: In-plane size, spacing (mm) and slices flag of each large scan.
 LARGE = {"ct": (512, 0.7, "ct_slices"), "mr": (512, 0.8, "mr_slices")}
@@ -82,7 +85,7 @@ def large_scan(source: Path, modality: str, slices: int, out: Path) -> Path:
     grid = preprocess.working_geometry(preprocess.physical_center(image.geometry), spacing_zyx, (slices, size, size),
                                        direction=image.geometry.direction)
     moved = preprocess.resample(image, geometry=grid, kind="linear", default=float(image.array.min()))
-    return write_image(moved.with_array(np.rint(moved.array).astype(np.int16)), out)
+    return write_image(moved.with_array(np.rint(moved.array).astype(np.int16)), out, compress=out.name.endswith(".gz"))
 
 
 def run_scan(scan: str, atlas_set: str, reg_model: str | None, fusion_model: str | None, fusion: str, atlases: int,
@@ -176,7 +179,7 @@ def _run() -> int:
         original = Path(FLAGS.data) / modality / f"{case}_image.nii.gz"
         slices = getattr(FLAGS, LARGE[modality][2])
         large = _in_fresh_process(large_scan, original, modality, slices,  # its memory is not the runs'
-                                  scans / f"{case}_{LARGE[modality][0]}x{slices}.nii.gz")
+                                  scans / f"{case}_{LARGE[modality][0]}x{slices}.{FLAGS.scan_format}")
         truth = Path(FLAGS.data) / modality / f"{case}_label.nii.gz"
         labels = AtlasSet(atlas_set).labels
         for n, mode in enumerate(FLAGS.modes):

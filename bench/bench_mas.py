@@ -18,7 +18,7 @@ For each target (a labelled scan of --data, segmented with atlases of the other 
 (b) runs first and picks the --atlases most similar atlases; (a) uses the same atlases.
 
 Each part of each target runs in a fresh process (multiprocessing, spawn), so its peak memory
-(ru_maxrss of the process plus its children) and time are its own. Timed: (b) the segment()
+(VmHWM of the process plus its largest child's ru_maxrss: _peak_mb) and time are its own. Timed: (b) the segment()
 call, after the imports, the model loading and one warm-up pass of each network at the batch
 shape segment() runs and of the TensorFlow JLF graph (reported as "setup"), --repeats times per
 fusion: the median is reported, with the range, and the first call's labels are scored (ANTs's
@@ -104,12 +104,24 @@ class Job:
 
 
 def _peak_mb() -> float:
-    """Peak resident memory of this process plus that of its largest finished child, MB."""
+    """Peak resident memory of this process plus that of its largest finished child, MB.
+
+    This process's own peak is VmHWM (/proc/self/status), which starts afresh at exec: its
+    ru_maxrss would carry over the parent's resident memory at the fork into a spawned process
+    (each run here is one), overstating it by the parent's size. A child's ru_maxrss carries
+    this process's memory at its fork the same way (conservative)."""
     import resource
 
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    own_kb = None
+    try:
+        with open("/proc/self/status") as handle:
+            own_kb = next((int(row.split()[1]) for row in handle if row.startswith("VmHWM:")), None)
+    except OSError:
+        pass
+    if own_kb is None:  # no /proc (not Linux): the overstating figure
+        own_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024.0
+    return (own_kb + children) / 1024.0
 
 
 def _in_fresh_process(fn, *args):

@@ -238,3 +238,18 @@ def test_read_keeps_the_file_dtype_when_asked(tmp_path):
     native = read_image(path, dtype=None)
     assert native.array.dtype == np.int16 and np.array_equal(native.array, array)
     assert read_image(path).array.dtype == np.float32 and np.array_equal(read_image(path).array, array)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha"])
+def test_a_scan_read_in_its_own_dtype_is_the_files_buffer_writable_and_outlives_the_reader(tmp_path, suffix):
+    import gc
+
+    img = _image()
+    path = write_image(img.with_array(img.array.astype(np.int16)), tmp_path / f"a{suffix}")
+    native = read_image(path, dtype=None)
+    gc.collect()  # the SimpleITK image behind the array is kept alive by the array alone
+    assert native.array.dtype == np.int16 and native.array.flags.writeable
+    np.testing.assert_array_equal(native.array, img.array.astype(np.int16))
+    native.array[0, 0, 0] = 1234  # the buffer is this array's: another read does not see it
+    assert read_image(path, dtype=None).array[0, 0, 0] == 0
+    assert read_image(path).array.dtype == np.float32

@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from cmmas import preprocess
 from cmmas.align import ants
-from cmmas.io import Image, atomic_path
+from cmmas.io import Geometry, Image, atomic_path, from_sitk, to_sitk
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,86 @@ def describe(found: TargetAlignment) -> str:
             + ("" if found.margin is None else f", {found.margin:+.3f} over the best disagreeing start"))
 
 
+def alignment_grid(geometry: Geometry, spacing_mm: float) -> Geometry:
+    """The grid a scan on ``geometry`` is aligned on: isotropic ``spacing_mm``, the scan's
+    direction, its points on the lattice of multiples of ``spacing_mm`` along the direction's axes
+    (the same points for every grid of the same direction: a scan and its resampling onto a finer
+    grid are sampled at the same places), covering the hull of the scan's voxel centres."""
+    frame = geometry.direction_matrix
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
+    centres = geometry.index_to_physical(corners * (np.asarray(geometry.size) - 1.0)) @ frame
+    low = np.ceil(centres.min(axis=0) / spacing_mm - 1e-6)
+    high = np.floor(centres.max(axis=0) / spacing_mm + 1e-6)
+    size = np.maximum(high - low + 1, 1).astype(int)
+    return Geometry(size=tuple(int(n) for n in size), spacing=(float(spacing_mm),) * 3,  # type: ignore[arg-type]
+                    origin=tuple(float(v) for v in frame @ (low * spacing_mm)),  # type: ignore[arg-type]
+                    direction=geometry.direction)
+
+
+def block_mean(image: Image, factors_xyz: Sequence[int]) -> Image:
+    """``image`` averaged over blocks of ``factors_xyz`` voxels, float32, as ``sitk.BinShrink``
+    places them (a block's value at its centre; voxels past the last whole block dropped), but
+    from the array as it is: no copy of the full-size array, no rounding to its integer dtype.
+    One pass over the full resolution (the first axis reduced first, as the array lies in memory)."""
+    factors_zyx = [int(f) for f in factors_xyz][::-1]
+    array = image.array
+    if all(f == 1 for f in factors_zyx):
+        return image.with_array(array.astype(np.float32))
+    for axis, f in enumerate(factors_zyx):
+        if f == 1:
+            continue
+        whole = array.shape[axis] // f * f
+        if whole == 0:
+            raise ValueError(f"a block of {f} voxels is larger than the image along axis {axis}")
+        cut = array[(slice(None),) * axis + (slice(0, whole),)]
+        array = cut.reshape(cut.shape[:axis] + (whole // f, f) + cut.shape[axis + 1:]).sum(axis=axis + 1,
+                                                                                            dtype=np.float32)
+    array /= np.float32(np.prod(factors_zyx))
+    g = image.geometry
+    origin = g.index_to_physical((np.asarray(factors_xyz, dtype=np.float64) - 1.0) / 2.0)
+    geometry = Geometry(size=tuple(int(n) for n in array.shape[::-1]),  # type: ignore[arg-type]
+                        spacing=tuple(float(s * f) for s, f in zip(g.spacing, factors_xyz)),  # type: ignore[arg-type]
+                        origin=tuple(float(o) for o in origin), direction=g.direction)  # type: ignore[arg-type]
+    return Image(array, geometry, image.path)
+
+
+def alignment_image(image: Image, spacing_mm: float) -> Image:
+    """The scan as its alignment sees it: float32 on :func:`alignment_grid`, at the resolution of
+    ``spacing_mm`` voxels whatever the scan's own, cut to its content.
+
+    1. Averaged over blocks of ``floor(spacing_mm / spacing)`` voxels per axis (:func:`block_mean`,
+       as ``sitk.BinShrink``): the one pass over a clinical scan's full resolution.
+    2. Cut to the box of the blocks that hold more than the scan's minimum (a block averages to
+       the minimum only when all its voxels hold it): air or padding around the field of view
+       goes, up to a block.
+    3. Smoothed (Gaussian, on the small image) by what a block lacks of a ``spacing_mm`` voxel:
+       variance ``(spacing_mm**2 - block**2) / 12`` mm^2 per axis (a box of width ``w`` has
+       variance ``w**2 / 12``), so that a 1.2 mm and a 0.7 mm scan of the same body end at the
+       same resolution and their samples at ``spacing_mm`` stand for their neighbourhood alike
+       instead of aliasing each in its own way.
+    4. Sampled linearly at the points of :func:`alignment_grid` within the box (the same physical
+       points for every grid of the scan's direction).
+
+    So a scan and the same scan resampled onto a 0.7 mm grid of a larger field of view give
+    nearly the same image (tests/align/test_target_input.py), an alignment whose moving image is
+    the same size for both (ANTs's cost grows with the moving image's voxels), and a slab of air
+    added to a scan changes nothing."""
+    spacing = np.asarray(image.geometry.spacing)
+    factors = np.minimum(np.maximum(1, np.floor(spacing_mm / spacing + 1e-6)), image.geometry.size).astype(int)
+    blocks = block_mean(image, factors)
+    busy = blocks.array > blocks.array.min()  # a block is the minimum only when all its voxels are
+    if busy.any():  # else a constant scan: kept whole (the alignment refuses it)
+        box = preprocess.bounding_box(busy)
+        blocks = Image(blocks.array[box], blocks.geometry.sub_grid(box), image.path)
+    small = to_sitk(blocks)
+    variance = np.maximum(spacing_mm ** 2 - (factors * spacing) ** 2, 0.0) / 12.0
+    if np.any(variance > 0):
+        small = sitk.DiscreteGaussian(small, [float(v) for v in variance], 32, 0.01, True)
+    source = from_sitk(small, image.path)
+    return preprocess.resample(source, geometry=alignment_grid(source.geometry, spacing_mm), kind="linear",
+                               default=float(source.array.min()))
+
+
 def align_to_reference(
     image: Image,
     reference: Image,
@@ -211,7 +291,7 @@ def align_to_reference(
         image: the scan, any grid.
         reference: the atlas set's reference image (at ``align_spacing_mm``).
         out_dir: where the chosen transform is written (``affine.mat``).
-        align_spacing_mm: isotropic spacing the scan is resampled to first, mm.
+        align_spacing_mm: the spacing the scan is aligned at (:func:`alignment_image`), mm.
         starts: the starts and the QC threshold (:data:`ROBUST`; :data:`SINGLE`: one start).
         fast: the final affine stage runs :data:`cmmas.align.ants.FAST_SCHEDULE` (else antspyx's
             default schedule); the starts' coarse rigid stages always run the fast one's coarsest level.
@@ -221,7 +301,7 @@ def align_to_reference(
         :class:`TargetAlignment`.
     """
     start = time.perf_counter()
-    moving = preprocess.resample(image, spacing_zyx=(align_spacing_mm,) * 3, kind="linear")
+    moving = alignment_image(image, align_spacing_mm)
     base = centre_of_mass(moving) - centre_of_mass(reference)
     extent = z_extent(reference)
     points = box_points(reference)
