@@ -375,9 +375,7 @@ def segment(
     start = time.perf_counter()
     target = target if isinstance(target, Image) else read_image(target, dtype=None)
     aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
-    if aset.manifest.oracle:
-        raise AtlasSetError(aset.root, "an oracle atlas set (the paper's setting: each case cropped around its own "
-                            "label) cannot segment a new scan; prepare one with experiments/prealign.py --roi atlases")
+    aset.require_alignment()
     codes = [0, *sorted(aset.labels)]
     registry.check_names([fusion], {fusion: fusion_options or {}})
     registry.check_model(fusion, fusion_model)  # before the alignment's seconds are spent

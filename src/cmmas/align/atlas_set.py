@@ -259,10 +259,16 @@ class AtlasSet:
         Raises:
             AtlasSetError: an oracle set (it has no alignment: it cannot segment a new scan).
         """
+        self.require_alignment()
+        return [str(self.root / self.case(case_id).transform)]
+
+    def require_alignment(self) -> None:
+        """Raise :class:`AtlasSetError` for an oracle set: it has no alignment to a reference, so a
+        new scan cannot be segmented with it."""
         if self.manifest.oracle:
             raise AtlasSetError(self.root, "an oracle atlas set (the paper's setting: each case cropped around its "
-                                           "own label) has no alignment; it cannot segment a new scan")
-        return [str(self.root / self.case(case_id).transform)]
+                                           "own label) has no alignment: it cannot segment a new scan; prepare one "
+                                           "with experiments/prealign.py --roi atlases")
 
     def reference_image(self) -> Image:
         """The reference image at the alignment spacing, raw intensities."""

@@ -41,7 +41,15 @@ from cmmas.evaluate.report import (
     write_report,
 )
 from cmmas.evaluate.plots import write_figures
-from cmmas.evaluate.runs import BIREGNET, SIMNET, direction_name, jacobian_row, original_target, fused_atlases
+from cmmas.evaluate.runs import (
+    BIREGNET,
+    SIMNET,
+    direction_name,
+    evaluation_cases,
+    jacobian_row,
+    load_networks,
+    original_target,
+)
 from cmmas.evaluate.scoring import score, stream_bound_rows
 from cmmas.fuse import registry
 from cmmas.io import atomic_write_text
@@ -113,19 +121,11 @@ def evaluate_oracle_set(
                                        "alignment instead (cmmas.evaluate.runs)")
     methods = [m for m in methods if m != SIMNET]
     registry.check_names(methods, options)
-    targets = aset.ids(target_modality, role="test", labelled=True)
-    atlases = fused_atlases(aset, atlas_modality, target_modality, holdout)
-    if not targets:
-        raise AtlasSetError(aset.root, f"no labelled held-out {target_modality} target (role 'test') to evaluate")
-    if not atlases:
-        raise AtlasSetError(aset.root, f"no labelled {atlas_modality} atlas (role 'train')")
-    reg_net, simnet = segment.load_models(reg_model, fusion_model, aset)
-    if simnet is not None:
-        methods = [*methods, SIMNET]
+    targets, atlases = evaluation_cases(aset, atlas_modality, target_modality, holdout)
+    reg_net, simnet, methods, codes, atlas_images, atlas_labels = load_networks(aset, atlases, reg_model,
+                                                                                fusion_model, methods, options,
+                                                                                batch_size)
     direction = direction_name(atlas_modality, target_modality)
-    codes = [0, *sorted(aset.labels)]
-    segment.warm_up(reg_net, simnet, aset, atlases, methods, batch_size, options)
-    atlas_images, atlas_labels = aset.arrays(atlases)
     out = Path(out_dir)
     crop_rows, rows, timings, jacobians = [], [], [], []
     for target_id in tqdm(targets, desc=f"evaluate {direction} (oracle)", unit="target", disable=not progress):

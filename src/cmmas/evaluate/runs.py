@@ -114,6 +114,44 @@ def fused_atlases(aset: AtlasSet, atlas_modality: str, target_modality: str, hol
     return list(simnet_holdout(atlases, targets, holdout).reg_atlases)
 
 
+def evaluation_cases(aset: AtlasSet, atlas_modality: str, target_modality: str,
+                     holdout: int = 0) -> tuple[list[str], list[str]]:
+    """The labelled held-out targets (role "test") and the fused atlases (:func:`fused_atlases`).
+
+    Raises:
+        AtlasSetError: no such target, or no atlas.
+    """
+    targets = aset.ids(target_modality, role="test", labelled=True)
+    atlases = fused_atlases(aset, atlas_modality, target_modality, holdout)
+    if not targets:
+        raise AtlasSetError(aset.root, f"no labelled held-out {target_modality} target (role 'test') to evaluate")
+    if not atlases:
+        raise AtlasSetError(aset.root, f"no labelled {atlas_modality} atlas (role 'train')")
+    return targets, atlases
+
+
+class Networks(NamedTuple):
+    """What an evaluation fuses with: the networks, the fusions (SimNet last when given), the label
+    codes (background first) and the atlases' arrays ``[N, D, H, W]`` on the working grid."""
+
+    reg_net: object
+    simnet: object
+    methods: list[str]
+    codes: list[int]
+    atlas_images: np.ndarray
+    atlas_labels: np.ndarray
+
+
+def load_networks(aset: AtlasSet, atlases: Sequence[str], reg_model, fusion_model, methods: Sequence[str],
+                  options: Mapping[str, Mapping] | None, batch_size: int) -> Networks:
+    """Load BiRegNet and SimNet for ``aset``, warm them up on its atlases and read the atlases."""
+    reg_net, simnet = segment.load_models(reg_model, fusion_model, aset)
+    methods = [*methods, SIMNET] if simnet is not None else list(methods)
+    segment.warm_up(reg_net, simnet, aset, atlases, methods, batch_size, options)
+    atlas_images, atlas_labels = aset.arrays(atlases)
+    return Networks(reg_net, simnet, methods, [0, *sorted(aset.labels)], atlas_images, atlas_labels)
+
+
 class _TargetResult(NamedTuple):
     rows: list[dict]
     timings: list[dict]
@@ -243,22 +281,13 @@ def evaluate_atlas_set(
     aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
     methods = [m for m in methods if m != SIMNET]
     registry.check_names(methods, options)
-    targets = aset.ids(target_modality, role="test", labelled=True)
-    atlases = fused_atlases(aset, atlas_modality, target_modality, holdout)
-    if not targets:
-        raise AtlasSetError(aset.root, f"no labelled held-out {target_modality} target (role 'test') to evaluate")
-    if not atlases:
-        raise AtlasSetError(aset.root, f"no labelled {atlas_modality} atlas (role 'train')")
+    targets, atlases = evaluation_cases(aset, atlas_modality, target_modality, holdout)
     direction = direction or direction_name(atlas_modality, target_modality)
     evaluated = [AFFINE_MV, *methods] + ([SIMNET] if fusion_model is not None else [])
     if overlay_method is not None and overlay_method not in evaluated:
         raise CmmasError(None, f"overlay method {overlay_method!r} is not evaluated (evaluated: {', '.join(evaluated)})")
-    reg_net, simnet = segment.load_models(reg_model, fusion_model, aset)
-    if simnet is not None:
-        methods = [*methods, SIMNET]
-    codes = [0, *sorted(aset.labels)]
-    segment.warm_up(reg_net, simnet, aset, atlases, methods, batch_size, options)
-    atlas_images, atlas_labels = aset.arrays(atlases)
+    reg_net, simnet, methods, _, atlas_images, atlas_labels = load_networks(aset, atlases, reg_model, fusion_model,
+                                                                            methods, options, batch_size)
     out = Path(out_dir)
     rows, timings, jacobians, sources = [], [], [], {}
     for target_id in tqdm(targets, desc=f"evaluate {direction}", unit="target", disable=not progress):
