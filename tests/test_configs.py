@@ -1,0 +1,81 @@
+"""The experiment configs (experiments/configs/<exp>/<stage>.flags), as the Makefile's chain uses them.
+
+Every flagfile must parse in its stage script with the arguments the Makefile adds, and the
+paper setting for MM-WHS (paper-mmwhs: oracle crop, the original networks, the SimNet hold-out,
+scores on the crop and on the original grid) must run end to end on the MM-WHS-layout phantom,
+its schedules shortened by flags given after the flagfile (absl: the last value wins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "Agg", "PYTHONUTF8": "1"}
+MODS = ["--atlas_modality=ct", "--target_modality=mr"]
+
+# What the Makefile passes to each stage besides its flagfile.
+STAGE_ARGS = {
+    "prealign": ["--data=DATA", "--fold=1", "--out=SET"],
+    "train_reg": ["--atlas_set=SET", "--out=REG"],
+    "train_fusion": ["--atlas_set=SET", "--reg_model=REG/model.keras", "--out=FUSION"],
+    "evaluate": ["--atlas_set=SET", "--reg_model=REG/model.keras", "--fusion_model=FUSION/simnet.keras", "--out=EVAL"],
+}
+
+
+def _stage(stage: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "experiments" / f"{stage}.py"), *args],
+                          capture_output=True, encoding="utf-8", env=ENV, cwd=cwd, timeout=600)
+
+
+def _flagfiles() -> list[tuple[str, str]]:
+    return [(folder.name, stage) for folder in sorted(CONFIGS.iterdir()) for stage in STAGE_ARGS
+            if (folder / f"{stage}.flags").is_file()]
+
+
+def test_every_experiment_has_a_flagfile_per_stage():
+    for folder in CONFIGS.iterdir():
+        assert sorted(p.stem for p in folder.glob("*.flags")) == sorted(STAGE_ARGS), folder.name
+
+
+@pytest.mark.parametrize("exp, stage", _flagfiles())
+def test_flagfile_parses_in_its_stage_script(exp, stage, tmp_path):
+    done = _stage(stage, f"--flagfile={CONFIGS / exp / f'{stage}.flags'}", *STAGE_ARGS[stage], *MODS,
+                  "--only_check_args", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_paper_mmwhs_chain_runs_on_the_phantom(tmp_path):
+    data, root = tmp_path / "data", tmp_path / "run"
+    cfg = CONFIGS / "paper-mmwhs"
+    made = subprocess.run([sys.executable, str(REPO / "experiments" / "make_phantom.py"), f"--out={data}",
+                           "--n=10", "--shape=32"], capture_output=True, encoding="utf-8", env=ENV, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    short = ["--shape=32", "--steps=2", "--steps_per_epoch=2"]
+    steps = [
+        ("prealign", [f"--data={data}", "--fold=1", "--component=500", "--shape=32", f"--out={root / 'set'}"]),
+        ("train_reg", [f"--atlas_set={root / 'set'}", *short, f"--out={root / 'reg'}"]),
+        ("train_fusion", [f"--atlas_set={root / 'set'}", f"--reg_model={root / 'reg' / 'model.keras'}", *short,
+                          "--c0=4", f"--out={root / 'fusion'}"]),
+        ("evaluate", [f"--atlas_set={root / 'set'}", f"--reg_model={root / 'reg' / 'model.keras'}",
+                      f"--fusion_model={root / 'fusion' / 'simnet.keras'}", "--plots=false", f"--out={root / 'eval'}"]),
+    ]
+    for stage, args in steps:
+        done = _stage(stage, f"--flagfile={cfg / f'{stage}.flags'}", *args, *MODS)
+        assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
+    assert json.loads((root / "reg" / "config.json").read_text())["arch"] == "original"
+    original = json.loads((root / "eval" / "summary.json").read_text())
+    crop = json.loads((root / "eval" / "crop" / "summary.json").read_text())
+    # fold 1 of 4 over 10 subjects: 7 CT atlases, of which the last 4 are withheld for SimNet.
+    assert original["atlases"] == ["ct_1004", "ct_1005", "ct_1006"]
+    assert original["n_cases"] == {"ct->mr": 3}
+    assert (original["grid"], crop["grid"]) == ("original", "oracle crop")
+    methods = {line.split(",")[2] for line in (root / "eval" / "results.csv").read_text().splitlines()[1:]}
+    assert {"mv", "staple", "lwv", "jlf", "simnet"} <= methods
