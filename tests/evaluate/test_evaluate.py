@@ -170,11 +170,13 @@ def test_write_report_files_summary_and_table(tmp_path):
     assert mv["alpha"]["dice"]["std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
     assert mv["beta"]["hd95"]["n"] == 1 and mv["beta"]["hd95"]["n_missing"] == 1
     assert mv["mean"]["dice"]["mean"] == pytest.approx(np.mean([0.85, 0.35]))
+    assert (mv["mean"]["dice"]["min"], mv["mean"]["dice"]["max"]) == pytest.approx((0.35, 0.85))
     assert summary["seconds"]["ct->mr"]["registration"]["affine"]["mean"] == pytest.approx(11.0)
     assert summary["n_cases"] == {"ct->mr": 2}
     table = report.table
-    assert "| mv | 0.800 ± 0.141 | 0.400 ± 0.566 | 0.600 ± 0.354 |" in table
-    assert "| method | alpha | beta | mean |" in table
+    assert "| mv | 0.800 ± 0.141 | 0.400 ± 0.566 | 0.600 ± 0.354 | 0.350 |" in table
+    assert "| method | alpha | beta | mean | worst target |" in table  # Dice: the worst per-case mean
+    assert "| method | alpha | beta | mean |" in table  # HD95 and ASSD: no worst column
     assert "(1/2)" in table and "| ct->mr | registration | affine | 11.00 ± 1.41 | 2 |" in table
     assert report.timings_csv.read_text().splitlines()[0] == ",".join(reports.TIMING_COLUMNS)
     with pytest.raises(CmmasError, match="no results"):

@@ -46,15 +46,18 @@ class Report:
 
 
 def _stats(values: Iterable[float]) -> dict:
-    """mean, sample std (0 for one value), median, n (finite values) and n_missing (nan)."""
+    """mean, sample std (0 for one value), median, min, max, n (finite values) and n_missing (nan)."""
     values = np.asarray(list(values), dtype=np.float64)
     finite = values[np.isfinite(values)]
     if not finite.size:
-        return {"mean": None, "std": None, "median": None, "n": 0, "n_missing": int(values.size)}
+        return {"mean": None, "std": None, "median": None, "min": None, "max": None, "n": 0,
+                "n_missing": int(values.size)}
     return {
         "mean": float(finite.mean()),
         "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
         "median": float(np.median(finite)),
+        "min": float(finite.min()),
+        "max": float(finite.max()),
         "n": int(finite.size),
         "n_missing": int(values.size - finite.size),
     }
@@ -68,7 +71,7 @@ def summarize(rows: Sequence[dict], timings: Sequence[dict] = ()) -> dict:
     """The content of ``summary.json``.
 
     ``metrics[direction][method][structure][metric]`` and ``metrics[...][method]["mean"][metric]``
-    (the per-case mean over structures) hold ``{mean, std, median, n, n_missing}`` over cases;
+    (the per-case mean over structures) hold ``{mean, std, median, min, max, n, n_missing}`` over cases;
     ``seconds[direction][step][method]`` the same over the timing records.
     """
     metrics: dict = {}
@@ -122,7 +125,8 @@ def format_table(summary: dict) -> str:
     """Markdown tables from :func:`summarize`: Dice, HD95 and ASSD (method rows x structure columns), seconds.
 
     A cell reads ``mean ± std`` over cases; ``(k/n)`` marks distances defined in only k of n
-    cases (a structure missing from the prediction).
+    cases (a structure missing from the prediction). The Dice table's last column is the worst
+    target: the lowest per-case mean Dice over structures.
     """
     blocks = []
     for direction, methods in summary["metrics"].items():
@@ -130,9 +134,14 @@ def format_table(summary: dict) -> str:
         for metric, title, digits in (("dice", "Dice", 3), ("hd95", "HD95 (mm)", 1), ("assd", "ASSD (mm)", 1)):
             structures = _ordered(s for entry in methods.values() for s in entry)
             header = f"**{direction} — {title}, mean ± std over {n} target(s)**\n\n"
-            lines = ["| method | " + " | ".join(structures) + " |", "|---" * (len(structures) + 1) + "|"]
+            worst = ["worst target"] if metric == "dice" else []
+            columns = structures + worst
+            lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
             for method, entry in methods.items():
                 cells = [_cell(entry[s][metric], digits) if s in entry else "" for s in structures]
+                if worst:
+                    low = entry["mean"][metric].get("min")
+                    cells.append("n/a" if low is None else f"{low:.{digits}f}")
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             blocks.append(header + "\n".join(lines))
     if summary["seconds"]:
