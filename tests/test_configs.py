@@ -9,16 +9,12 @@ its schedules shortened by flags given after the flagfile (absl: the last value 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from scripts import REPO, run_experiment
+
 CONFIGS = REPO / "experiments" / "configs"
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "Agg", "PYTHONUTF8": "1"}
 MODS = ["--atlas_modality=ct", "--target_modality=mr"]
 
 # What the Makefile passes to each stage besides its flagfile.
@@ -28,11 +24,6 @@ STAGE_ARGS = {
     "train_fusion": ["--atlas_set=SET", "--reg_model=REG/model.keras", "--out=FUSION"],
     "evaluate": ["--atlas_set=SET", "--reg_model=REG/model.keras", "--fusion_model=FUSION/simnet.keras", "--out=EVAL"],
 }
-
-
-def _stage(stage: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "experiments" / f"{stage}.py"), *args],
-                          capture_output=True, encoding="utf-8", env=ENV, cwd=cwd, timeout=600)
 
 
 def _flagfiles() -> list[tuple[str, str]]:
@@ -47,16 +38,15 @@ def test_every_experiment_has_a_flagfile_per_stage():
 
 @pytest.mark.parametrize("exp, stage", _flagfiles())
 def test_flagfile_parses_in_its_stage_script(exp, stage, tmp_path):
-    done = _stage(stage, f"--flagfile={CONFIGS / exp / f'{stage}.flags'}", *STAGE_ARGS[stage], *MODS,
-                  "--only_check_args", cwd=tmp_path)
+    done = run_experiment(stage, f"--flagfile={CONFIGS / exp / f'{stage}.flags'}", *STAGE_ARGS[stage], *MODS,
+                          "--only_check_args", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_paper_mmwhs_chain_runs_on_the_phantom(tmp_path):
     data, root = tmp_path / "data", tmp_path / "run"
     cfg = CONFIGS / "paper-mmwhs"
-    made = subprocess.run([sys.executable, str(REPO / "experiments" / "make_phantom.py"), f"--out={data}",
-                           "--n=10", "--shape=32"], capture_output=True, encoding="utf-8", env=ENV, timeout=300)
+    made = run_experiment("make_phantom", f"--out={data}", "--n=10", "--shape=32")
     assert made.returncode == 0, made.stderr[-2000:]
     short = ["--shape=32", "--steps=2", "--steps_per_epoch=2"]
     steps = [
@@ -68,7 +58,7 @@ def test_paper_mmwhs_chain_runs_on_the_phantom(tmp_path):
                       f"--fusion_model={root / 'fusion' / 'simnet.keras'}", "--plots=false", f"--out={root / 'eval'}"]),
     ]
     for stage, args in steps:
-        done = _stage(stage, f"--flagfile={cfg / f'{stage}.flags'}", *args, *MODS)
+        done = run_experiment(stage, f"--flagfile={cfg / f'{stage}.flags'}", *args, *MODS, timeout=600)
         assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
     assert json.loads((root / "reg" / "config.json").read_text())["arch"] == "original"
     original = json.loads((root / "eval" / "summary.json").read_text())

@@ -6,10 +6,7 @@ and rendered with different, non-monotonic intensity maps.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from cmmas.errors import CmmasError, DatasetError, ImageReadError
 from cmmas.io import Geometry, Image, read_image, read_label, write_image
 from cmmas.metrics import dice
 from cmmas.datasets.loading import load_case
+from scripts import run_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (48, 48, 48)
@@ -227,11 +225,7 @@ def test_worker_errors_come_back_as_cmmas_errors(data, tmp_path):
 
 
 def _script(*args, timeout=240):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "prealign.py"), *args],
-        capture_output=True, encoding="utf-8", timeout=timeout, cwd=REPO, env=env,
-    )
+    return run_experiment("prealign", *args, timeout=timeout)
 
 
 def test_script_help_is_quick_and_lists_the_flags():

@@ -15,6 +15,7 @@ from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.errors import DatasetError
 from cmmas.io import read_image, read_label
 from cmmas.datasets.loading import load_case
+from scripts import run_experiment
 
 SHAPE = 32
 
@@ -146,11 +147,7 @@ def test_generate_is_reproducible_with_parallel_workers(tmp_path):
 
 
 def _run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(Path(cmmas.__file__).resolve().parents[1]))
-    return subprocess.run(
-        [sys.executable, str(Path(__file__).resolve().parents[2] / "experiments" / "make_phantom.py"), *args],
-        capture_output=True, encoding="utf-8", env=env, timeout=120,
-    )
+    return run_experiment("make_phantom", *args, timeout=120)
 
 
 def test_cli_writes_the_data_set_and_a_preview(tmp_path):

@@ -2,9 +2,6 @@
 and the classical pipeline end to end on two real abdomen cases."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from cmmas.errors import CmmasError, GeometryError
 from cmmas.io import Geometry, Image, read_label, write_image
 from cmmas.metrics import dice
 from phantom_data import numbered, write_phantom_folder
+from scripts import run_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = {1: "alpha", 2: "beta", 3: "gamma"}
@@ -228,11 +226,7 @@ def test_slices_and_case_ranking():
 
 
 def _evaluate(*args, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-    return subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "evaluate.py"), *args],
-        capture_output=True, encoding="utf-8", timeout=timeout, cwd=REPO, env=env,
-    )
+    return run_experiment("evaluate", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
