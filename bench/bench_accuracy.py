@@ -1,15 +1,15 @@
 """Cross-modality accuracy of the MIND-SSC options: fusion on descriptors and test-time refinement.
 
-For each prepared atlas set (one per direction and fold) and each of its held-out targets, the
-steps of `cmmas segment` run once up to the warped atlases (the alignment stored in the atlas
-set, the --atlases most similar atlases, BiRegNet), and then each variant:
+For each prepared atlas set (one per direction and fold) and each of its held-out targets, two
+engines (cmmas.segment.Segmenter: the alignment stored in the atlas set, the --atlases most
+similar atlases, BiRegNet; the second also refining every field) segment it by each fusion:
 
   jlf_tf              today's default fusion on BiRegNet's warps;
   jlf_mind            JLF on MIND-SSC descriptors (cmmas.fuse.registry "jlf_mind");
   refine+jlf_tf       every field refined on the target (cmmas.register.refine), then jlf_tf;
   refine+jlf_mind     both.
 
-Each label is mapped back as `segment` maps it and scored on the target's original grid.
+Each label is the engine's, as `cmmas segment` writes it, scored on the target's original grid.
 Printed: Dice per organ and direction/fold (mean over targets, worst target), seconds of the
 refinement and of each fusion (ratios against jlf_tf's), and folding % before and after the
 refinement. --out writes bench_accuracy.csv (one row per target x variant x organ).
@@ -23,8 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,50 +47,42 @@ def _direction(atlas_set: str) -> str:
     return f"{Path(atlas_set).parent.parent.name} {Path(atlas_set).parent.name}"
 
 
-def run_set(atlas_set: str, reg_model: str, refinement) -> list[dict]:
-    """Rows (case, variant, organ, dice, seconds, folding) of every held-out target of one set."""
-    from cmmas import segment
-    from cmmas.align import mapping
+def run_set(atlas_set: str, reg_model: str, refinement: dict) -> list[dict]:
+    """Rows (case, variant, organ, dice, seconds, folding) of every held-out target of one set:
+    one engine without and one with the refinement (``refinement``: SegmentConfig's refine_*
+    settings), each fusing by every fusion of :data:`FUSIONS`."""
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.evaluate.runs import original_target
     from cmmas.evaluate.scoring import score
-    from cmmas.fuse import registry
+    from cmmas.segment import SegmentConfig, Segmenter, load_models
 
     aset = AtlasSet(atlas_set)
     name = _direction(atlas_set)
     atlas_mod, target_mod = Path(atlas_set).parent.parent.name.split("2")
-    codes = [0, *sorted(aset.labels)]
-    reg_net, _ = segment.load_models(reg_model, None, aset)
-    atlases = aset.ids(atlas_mod, role="train", labelled=True)
-    segment.warm_up(reg_net, None, aset, atlases, FUSIONS, 2)
-    images_all, labels_all = aset.arrays(atlases)
+    reg_net, _ = load_models(reg_model, None, aset)
+    engines = {prefix: Segmenter(aset, reg_net, None, SegmentConfig(
+        fusion=FUSIONS[0], atlases=FLAGS.atlases, modality=atlas_mod, maps=False, **settings))
+        for prefix, settings in (("", {}), ("refine+", refinement))}
+    for engine in engines.values():
+        engine.warm_up(FUSIONS)
     rows = []
     for target_id in aset.ids(target_mod, role="test", labelled=True):
         image, truth = original_target(aset, target_id)
-        with tempfile.TemporaryDirectory() as tmp:
-            transforms, working, _ = segment.align_target(image, aset, tmp, alignment=aset.transform(target_id))
-        chosen = segment.select_atlases(images_all, working.array, atlases, FLAGS.atlases)
-        keep = [atlases.index(i) for i in chosen]
-        images, labels = images_all[keep], labels_all[keep]
-        warped = segment.register_atlases(reg_net, images, labels, working.array, codes, 2)
-        start = time.perf_counter()
-        refined_images, refined_labels, refined = segment.refine_atlases(working.array, images, labels, warped[2],
-                                                                        codes, refinement)
-        refine_seconds = time.perf_counter() - start
-        for prefix, (warp_images, warp_labels) in (("", warped[:2]), ("refine+", (refined_images, refined_labels))):
-            for fusion in FUSIONS:
-                start = time.perf_counter()
-                fused = registry.fuse_named(fusion, working.array, warp_images, warp_labels, codes)
-                seconds = time.perf_counter() - start
-                label, _, _ = mapping.map_back(fused, working, transforms, image, False)
-                extra = {"fuse_s": seconds, "refine_s": refine_seconds if prefix else 0.0,
-                         "folding_before": refined.folding_percent[0],
-                         "folding_after": refined.folding_percent[1] if prefix else refined.folding_percent[0]}
-                for row in score(label.array, truth.array, aset.labels, truth.spacing_zyx, method=prefix + fusion,
-                                 case=target_id, direction=name):
+        found = {prefix: engine.segment_all(image, FUSIONS, alignment=aset.transform(target_id))
+                 for prefix, engine in engines.items()}
+        refined = found["refine+"][FUSIONS[0]]
+        before, after = refined.warped.refinement["folding_percent"]
+        refine_seconds = refined.seconds["refine"]
+        for prefix, results in found.items():
+            for fusion, result in results.items():
+                extra = {"fuse_s": result.seconds["fuse"], "refine_s": refine_seconds if prefix else 0.0,
+                         "folding_before": before, "folding_after": after if prefix else before}
+                for row in score(result.label.array, truth.array, aset.labels, truth.spacing_zyx,
+                                 method=prefix + fusion, case=target_id, direction=name):
                     rows.append({**row, **extra})
+        distance = refined.warped.refinement["mind_distance"]
         print(f"{name} {target_id}: refinement {refine_seconds:.1f} s, MIND distance "
-              f"{refined.distance[0]:.4f} -> {refined.distance[1]:.4f}", flush=True)
+              f"{distance[0]:.4f} -> {distance[1]:.4f}", flush=True)
     return rows
 
 
@@ -123,11 +113,10 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    from cmmas.register.refine import Refinement
-
     if not FLAGS.atlas_set or len(FLAGS.atlas_set) != len(FLAGS.reg_model or []):
         raise app.UsageError("give one --reg_model per --atlas_set")
-    refinement = Refinement(steps=FLAGS.refine_steps, scale=FLAGS.refine_scale, smoothness=FLAGS.refine_smoothness)
+    refinement = {"refine_steps": FLAGS.refine_steps, "refine_scale": FLAGS.refine_scale,
+                  "refine_smoothness": FLAGS.refine_smoothness}
     rows = []
     for atlas_set, reg_model in zip(FLAGS.atlas_set, FLAGS.reg_model):
         rows += run_set(atlas_set, reg_model, refinement)

@@ -12,8 +12,8 @@ untrained BiRegNet at the set's grid (the identity: its time is counted, its fie
 
 Each (scan, mode) runs in a fresh process (bench_mas._in_fresh_process), as `cmmas segment` does:
 setup (imports, models, one warm-up pass: printed apart), then --repeats times: read the scan
-(its own dtype), segment() (align, register, fuse, map back), write the outputs
-(cmmas.segment.write_segmentation, in --format). Modes: "label" (`--no-extras`: the label map,
+(its own dtype), Segmenter.segment (align, register, fuse, map back), write the outputs
+(cmmas.outputs.write_segmentation, in --format). Modes: "label" (`--no-extras`: the label map,
 volumes and QC only) and "maps" (the probability and agreement maps too). Printed per row: the
 median seconds of each step and of read + segment + write ("wall"), the process's peak resident
 memory (setup included, as a CLI process holds it), the ratio of the wall time against the
@@ -97,7 +97,7 @@ def run_scan(scan: str, atlas_set: str, reg_model: str | None, fusion_model: str
     start = time.perf_counter()
     import ants  # noqa: F401  (imported in the setup, as the CLI's first registration would)
 
-    from cmmas import segment
+    from cmmas import outputs, segment
     from cmmas.align import ants as cmmas_ants
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.io import read_image
@@ -108,20 +108,19 @@ def run_scan(scan: str, atlas_set: str, reg_model: str | None, fusion_model: str
         from cmmas.nn.networks import build_biregnet
 
         reg_model = build_biregnet(aset.geometry.shape)
-    reg, simnet = segment.load_models(reg_model, fusion_model if fusion == segment.SIMNET else None, aset)
-    ids = segment.atlas_ids_of(aset)
-    segment.warm_up(reg, simnet, aset, ids[:atlases], [fusion], batch_size)
+    engine = segment.Segmenter(aset, reg_model, fusion_model if fusion == segment.SIMNET else None,
+                               segment.SegmentConfig(fusion=fusion, atlases=atlases, batch_size=batch_size, maps=maps))
+    engine.warm_up()
     found = {"setup": time.perf_counter() - start, "steps": []}
     given = [Path(alignment) / "affine.mat"] if (Path(alignment) / "affine.mat").exists() else None
     for _ in range(repeats):
         t0 = time.perf_counter()
         target = read_image(scan, dtype=None)
         steps = {"read": time.perf_counter() - t0}
-        result = segment.segment(target, aset, reg, simnet, fusion=fusion, atlases=atlases, batch_size=batch_size,
-                                 progress=False, maps=maps, transform_dir=alignment, alignment=given)
+        result = engine.segment(target, transform_dir=alignment, alignment=given)
         steps.update({k: result.seconds[k] for k in ("align", "register", "fuse", "map_back")})
         t0 = time.perf_counter()
-        written = segment.write_segmentation(result, out, extras=maps)
+        written = outputs.write_segmentation(result, out, extras=maps)
         steps["write"] = time.perf_counter() - t0
         steps["wall"] = steps["read"] + result.seconds["total"] + steps["write"]
         found["steps"].append(steps)

@@ -138,15 +138,14 @@ def _in_fresh_process(fn, *args):
 
 def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repeats: int, maps: bool,
               out: str | None, alignment: str = "robust") -> dict:
-    """(b) in this process: setup (imports, models, cmmas.segment.warm_up), then ``repeats`` timed
-    segment() calls per fusion, aligned as the :data:`ALIGNMENTS` variant ``alignment``."""
+    """(b) in this process: setup (imports, models, one warmed-up cmmas.segment.Segmenter per fusion),
+    then ``repeats`` timed Segmenter.segment calls per fusion, aligned as the :data:`ALIGNMENTS` variant ``alignment``."""
     start = time.perf_counter()
     import ants  # noqa: F401  (imported in the setup, as the CLI's first registration would)
     import numpy as np
 
-    from cmmas import segment
+    from cmmas import outputs, segment
     from cmmas.align import ants as cmmas_ants
-    from cmmas.align import target as target_alignment
     from cmmas.align.atlas_set import AtlasSet
 
     multi_start, one_thread, atlas_affine = ALIGNMENTS[alignment]
@@ -155,20 +154,22 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
 
     aset = AtlasSet(job.atlas_set)
     reg, simnet = segment.load_models(job.reg_model, job.fusion_model, aset)
-    atlas_ids = segment.atlas_ids_of(aset, job.atlas_modality)[:atlases]
-    segment.warm_up(reg, simnet, aset, atlas_ids, fusions, batch_size)
+    engines = {fusion: segment.Segmenter(
+        aset, reg, simnet if fusion == segment.SIMNET else None,
+        segment.SegmentConfig(fusion=fusion, atlases=atlases, modality=job.atlas_modality, batch_size=batch_size,
+                              maps=maps, atlas_affine=atlas_affine, starts="robust" if multi_start else "single"))
+        for fusion in fusions}
+    for engine in engines.values():
+        engine.warm_up()
     setup = time.perf_counter() - start
     found = {"seconds": {}, "range": {}, "steps": {}, "write_seconds": {}, "labels": {}, "setup_seconds": setup}
     for fusion in fusions:
-        call = functools.partial(segment.segment, str(job.target.image_path), aset, reg_model=reg,
-                                 fusion_model=simnet, fusion=fusion, atlases=atlases, modality=job.atlas_modality,
-                                 batch_size=batch_size, progress=False, maps=maps, atlas_affine=atlas_affine,
-                                 starts=target_alignment.ROBUST if multi_start else target_alignment.SINGLE)
+        call = functools.partial(engines[fusion].segment, str(job.target.image_path))
         result = call()  # the first call's labels are scored and written
         steps = [result.seconds] + [call().seconds for _ in range(repeats - 1)]  # target-sized maps not kept
         t0 = time.perf_counter()
         if out:
-            segment.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{alignment}_{fusion}.nii.gz",
+            outputs.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{alignment}_{fusion}.nii.gz",
                                        extras=maps)
         found["write_seconds"][fusion] = time.perf_counter() - t0 if out else float("nan")
         totals = [seconds["total"] for seconds in steps]

@@ -65,6 +65,14 @@ flags.DEFINE_string("fusion_model", None, "--atlas_set: trained SimNet (.keras);
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "--atlas_set: modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "--atlas_set: modality of the targets.")
 flags.DEFINE_integer("batch_size", 2, "--atlas_set: atlases per network call.", lower_bound=1)
+flags.DEFINE_integer("atlases", None, "--atlas_set: fuse the K atlases most similar to each target (cmmas segment "
+                     "--atlases K; default all).", lower_bound=1)
+flags.DEFINE_bool("atlas_affine", False, "--atlas_set: each atlas's own affine stage onto the target first (cmmas "
+                  "segment --atlas-affine).")
+flags.DEFINE_integer("refine_steps", 0, "--atlas_set: refine every field on the target with MIND-SSC (cmmas segment "
+                     "--refine-steps; 0: off).", lower_bound=0)
+flags.DEFINE_float("refine_scale", 0.5, "--atlas_set: the refinement's grid / the working grid (cmmas segment "
+                   "--refine-scale).")
 flags.DEFINE_string("predictions", None, "--pairs: folder of other predictions, DIR/<target>/pred_<name>.nii.gz.")
 flags.DEFINE_list("methods", ["mv", "staple", "lwv", "jlf"], "Fusions (names of cmmas.fuse.registry.names()).")
 flags.DEFINE_enum("lwv_similarity", "mi", ["mi", "ncc"], "Similarity of the 'lwv' fusion.")
@@ -122,11 +130,18 @@ def _run() -> int:
                 progress=FLAGS.progress,
             )
         else:
+            from cmmas.segment import SegmentConfig
+
+            config = SegmentConfig(
+                fusion=FLAGS.methods[0] if FLAGS.methods else "mv", fusion_options=_options(),
+                atlases=FLAGS.atlases, modality=FLAGS.atlas_modality, atlas_affine=FLAGS.atlas_affine,
+                refine_steps=FLAGS.refine_steps, refine_scale=FLAGS.refine_scale, maps=False,
+                batch_size=FLAGS.batch_size)
             report = runs.evaluate_atlas_set(
                 aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
-                target_modality=FLAGS.target_modality, methods=FLAGS.methods, options=_options(),
-                bounds=FLAGS.bounds, plots=FLAGS.plots, overlay_method=FLAGS.overlay_method,
-                batch_size=FLAGS.batch_size, progress=FLAGS.progress, holdout=FLAGS.simnet_holdout,
+                target_modality=FLAGS.target_modality, methods=FLAGS.methods, bounds=FLAGS.bounds,
+                plots=FLAGS.plots, overlay_method=FLAGS.overlay_method, progress=FLAGS.progress,
+                holdout=FLAGS.simnet_holdout, config=config,
             )
     print(report.table)
     print(f"evaluate: results {report.results_csv}; summary {report.summary_json}"

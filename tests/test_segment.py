@@ -24,6 +24,7 @@ from cmmas.align import target as target_alignment
 from cmmas.evaluate import alignment as alignment_eval
 from cmmas.fuse import registry
 from cmmas.fuse import weights
+from cmmas import bundle as bundles
 from cmmas import outputs, segment
 from cmmas.nn import training
 from cmmas.register import apply
@@ -202,7 +203,7 @@ def test_segmentation_lies_on_the_target_and_overlaps_its_truth(world, simnet_ru
 def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
     result, _ = simnet_run
     target = read_image(world["target"])
-    written = segment.write_segmentation(result, tmp_path / "seg.nii.gz")
+    written = outputs.write_segmentation(result, tmp_path / "seg.nii.gz")
     assert [p.name for p in written] == (["seg.nii.gz"] + [f"seg_prob_{c}.nii.gz" for c in CODES]
                                          + ["seg_agreement.nii.gz", "seg_volumes.csv", "seg_labels.itksnap.txt",
                                             "seg_labels.ctbl", "seg_qc.json"])
@@ -213,7 +214,7 @@ def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
     label = read_label(tmp_path / "seg.nii.gz", allowed=MMWHS_LABELS)
     np.testing.assert_array_equal(label.array, result.label.array)
     assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetPixelID() == sitk.sitkInt16  # codes up to 850
-    only = segment.write_segmentation(result, tmp_path / "only.nii.gz", extras=False)
+    only = outputs.write_segmentation(result, tmp_path / "only.nii.gz", extras=False)
     assert [p.name for p in only] == ["only.nii.gz", "only_volumes.csv", "only_labels.itksnap.txt",
                                       "only_labels.ctbl", "only_qc.json"]
 
@@ -221,8 +222,8 @@ def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
 def test_written_side_outputs_agree_with_the_label_map(simnet_run, tmp_path):
     result, _ = simnet_run
     assert result.names == MMWHS_LABELS and result.target.geometry.matches(result.label.geometry)
-    written = segment.write_segmentation(result, tmp_path / "seg.nii.gz", extras=False, preview=True)
-    paths = segment.output_paths(tmp_path / "seg.nii.gz", CODES)
+    written = outputs.write_segmentation(result, tmp_path / "seg.nii.gz", extras=False, preview=True)
+    paths = outputs.output_paths(tmp_path / "seg.nii.gz", CODES)
     assert written == [paths[k] for k in ("label", "volumes", "itksnap", "slicer", "preview", "qc")]
     with open(paths["volumes"], newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -257,9 +258,9 @@ def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
 
     lean = dataclasses.replace(result, probabilities=None, agreement=None)
     with pytest.raises(CmmasError, match="no probability or agreement maps") as err:
-        segment.write_segmentation(lean, tmp_path / "lean.nii.gz")
+        outputs.write_segmentation(lean, tmp_path / "lean.nii.gz")
     assert "\n" not in str(err.value) and "lean.nii.gz" in str(err.value)
-    path, *_, qc = segment.write_segmentation(lean, tmp_path / "lean.nii.gz", extras=False)
+    path, *_, qc = outputs.write_segmentation(lean, tmp_path / "lean.nii.gz", extras=False)
     assert qc.name == "lean_qc.json"
     np.testing.assert_array_equal(read_label(path, allowed=MMWHS_LABELS).array, result.label.array)
 
@@ -309,15 +310,15 @@ def test_bundle_parts_and_explicit_paths(world, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(world["set"].root, bundle / "atlas_set")
     shutil.copy(world["reg"], bundle / "reg_model.keras")
-    found = segment.resolve_bundle(bundle)
-    assert found == segment.Bundle(bundle / "atlas_set", bundle / "reg_model.keras", None)
-    other = segment.resolve_bundle(bundle, reg_model=world["reg"], fusion_model=world["sim"])
+    found = bundles.resolve_bundle(bundle)
+    assert found == bundles.Bundle(bundle / "atlas_set", bundle / "reg_model.keras", None)
+    other = bundles.resolve_bundle(bundle, reg_model=world["reg"], fusion_model=world["sim"])
     assert other.reg_model == world["reg"] and other.fusion_model == world["sim"]
-    assert segment.resolve_bundle(world["set"].root).atlas_set == world["set"].root  # a set is its own bundle
+    assert bundles.resolve_bundle(world["set"].root).atlas_set == world["set"].root  # a set is its own bundle
     with pytest.raises(AtlasSetError, match="bundle folder not found"):
-        segment.resolve_bundle(tmp_path / "missing")
+        bundles.resolve_bundle(tmp_path / "missing")
     with pytest.raises(AtlasSetError, match="no atlas set given"):
-        segment.resolve_bundle(tmp_path, reg_model=world["reg"])
+        bundles.resolve_bundle(tmp_path, reg_model=world["reg"])
 
 
 def test_first_argmax_matches_numpy_with_ties():
@@ -344,11 +345,8 @@ def test_an_atlas_given_its_own_affine_stage_still_segments_the_target(world):
 
 
 def test_refined_warps_are_recorded_and_repeatable(world):
-    from cmmas.register.refine import Refinement
-
-    settings = Refinement(steps=5)
     first, second = (segment.segment(world["target"], world["set"], reg_model=world["reg"], fusion="mv",
-                                     progress=False, refinement=settings) for _ in range(2))
+                                     progress=False, refine_steps=5) for _ in range(2))
     np.testing.assert_array_equal(first.label.array, second.label.array)
     record = first.qc()["refinement"]
     assert record["mind_distance"][1] < record["mind_distance"][0]
@@ -368,7 +366,7 @@ def test_a_broken_alignment_warns_and_is_flagged_in_the_qc_record(world, tmp_pat
     [warning] = [r.getMessage() for r in caplog.records if "uncertain" in r.getMessage()]
     assert "\n" not in warning and "starts agree" in warning
     assert result.flagged
-    *_, qc = segment.write_segmentation(result, tmp_path / "broken.nii.gz", extras=False)
+    *_, qc = outputs.write_segmentation(result, tmp_path / "broken.nii.gz", extras=False)
     record = json.loads(qc.read_text())
     assert record["alignment"]["flagged"] and len(record["alignment"]["starts"]) == len(target_alignment.ROBUST.shifts)
 
@@ -395,7 +393,7 @@ def test_a_shorter_field_of_view_gives_the_same_segmentation_inside_it(world, si
 def test_uncompressed_outputs_take_the_label_map_s_format(world, simnet_run, tmp_path, ending):
     result, _ = simnet_run
     target = read_image(world["target"])
-    written = segment.write_segmentation(result, tmp_path / f"seg{ending}")
+    written = outputs.write_segmentation(result, tmp_path / f"seg{ending}")
     images = [p for p in written if p.suffix in (".nii", ".mha")]
     assert [p.name for p in images] == ([f"seg{ending}"] + [f"seg_prob_{c}{ending}" for c in CODES]
                                         + [f"seg_agreement{ending}"])

@@ -1,29 +1,78 @@
-"""A bundle: one folder a user hands to ``cmmas segment --bundle``.
+"""A bundle: one folder a user hands to ``cmmas segment --bundle``; writing and reading it.
 
-Layout (the names of :mod:`cmmas.segment`)::
+Layout::
 
     BUNDLE/atlas_set/          the prepared atlas set (manifest.json, images/, labels/, ...)
     BUNDLE/reg_model.keras     the trained BiRegNet (and its model card, when it has one)
     BUNDLE/simnet.keras        the trained SimNet (optional; and its card)
     BUNDLE/README.txt          what it holds, what it was trained on and how well it did
 
-The bundle is assembled in a temporary folder beside ``out`` and renamed into place, so that an
+:func:`resolve_bundle` reads one (explicit paths win over the bundle's); :func:`write_bundle`
+assembles one in a temporary folder beside ``out`` and renames it into place, so that an
 interrupted call leaves no half bundle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from cmmas.align.atlas_set import AtlasSet
-from cmmas.errors import CmmasError
-from cmmas.segment import BUNDLE_ATLAS_SET, BUNDLE_REG_MODEL, BUNDLE_SIMNET, atlas_ids_of
+from cmmas.align.atlas_set import MANIFEST, AtlasSet
+from cmmas.errors import AtlasSetError, CmmasError
+from cmmas.segment import atlas_ids_of
 
+#: Names inside a bundle folder.
+BUNDLE_ATLAS_SET = "atlas_set"
+BUNDLE_REG_MODEL = "reg_model.keras"
+BUNDLE_SIMNET = "simnet.keras"
 README = "README.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """Where the atlas set and the two trained models are (a model may be absent: None)."""
+
+    atlas_set: Path
+    reg_model: Path | None
+    fusion_model: Path | None
+
+
+def resolve_bundle(
+    bundle: str | os.PathLike | None = None,
+    atlas_set: str | os.PathLike | None = None,
+    reg_model: str | os.PathLike | None = None,
+    fusion_model: str | os.PathLike | None = None,
+) -> Bundle:
+    """Combine a bundle folder with explicit paths; an explicit path wins over the bundle's.
+
+    The bundle's atlas set is ``bundle/atlas_set/`` or, when that is absent and ``bundle``
+    holds a ``manifest.json``, the bundle folder itself.
+
+    Raises:
+        AtlasSetError: the bundle folder is missing, or no atlas set is given at all.
+    """
+    root = None if bundle is None else Path(bundle)
+    if root is not None and not root.is_dir():
+        raise AtlasSetError(root, "bundle folder not found")
+
+    def pick(explicit, name: str) -> Path | None:
+        if explicit is not None:
+            return Path(explicit)
+        if root is not None and (root / name).exists():
+            return root / name
+        return None
+
+    chosen = pick(atlas_set, BUNDLE_ATLAS_SET)
+    if chosen is None and root is not None and (root / MANIFEST).is_file():
+        chosen = root
+    if chosen is None:
+        where = root if root is not None else None
+        raise AtlasSetError(where, f"no atlas set given (--atlas-set, or a bundle holding {BUNDLE_ATLAS_SET}/)")
+    return Bundle(chosen, pick(reg_model, BUNDLE_REG_MODEL), pick(fusion_model, BUNDLE_SIMNET))
 
 
 def write_bundle(
@@ -62,6 +111,7 @@ def write_bundle(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: others could not read the bundle
     try:
         shutil.copytree(aset.root, staging / BUNDLE_ATLAS_SET)
         for name, source in sources.items():
@@ -76,6 +126,12 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _sidecars(model: Path) -> list[Path]:

@@ -13,8 +13,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cmmas.errors import CmmasError
+
+if TYPE_CHECKING:
+    from cmmas.segment import SegmentConfig
 
 #: Fusion names ``--fusion`` accepts (the names of cmmas.fuse.registry.names(), which segment checks again).
 FUSIONS = ("simnet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2", "jlf_tf", "lwv_mind", "jlf_mind")
@@ -137,8 +141,11 @@ def _segment_parser(sub) -> None:
                      help="modality of the atlases, when the atlas set or DIR holds labelled cases of both "
                      "(default: the reference's, or DIR's only labelled modality)")
     seg.add_argument("--reg-model", type=Path, default=None, metavar="MODEL.keras",
-                     help="trained BiRegNet (.keras) of the working grid's shape; without it the atlases are "
-                     "fused after the affine alignment only")
+                     help="trained BiRegNet (.keras) of the working grid's shape (default: the bundle's reg_model.keras)")
+    seg.add_argument("--no-registration", action="store_true",
+                     help="fuse the atlases as affinely aligned, without the registration network (BiRegNet); without "
+                     "--reg-model or a bundle's reg_model.keras this must be asked for explicitly, and qc.json records "
+                     "it ('registration': false)")
     seg.add_argument("--fusion-model", type=Path, default=None, metavar="SIMNET.keras",
                      help="trained SimNet (.keras), for --fusion simnet")
     seg.add_argument("--fusion", default="simnet", choices=FUSIONS, metavar="{" + ",".join(FUSIONS) + "}",
@@ -222,22 +229,34 @@ def _prepare(args) -> None:
           f"{aset.geometry.shape} at {aset.geometry.spacing_zyx} mm) written to {args.out}")
 
 
+def segment_config(args) -> SegmentConfig:
+    """The engine's settings of a ``cmmas segment`` call."""
+    from cmmas.segment import SegmentConfig
+
+    return SegmentConfig(
+        fusion=args.fusion, atlases=args.atlases if isinstance(args.atlases, int) else None,
+        modality=args.atlas_modality, prealign=args.prealign, starts="single" if args.single_start else "robust",
+        atlas_affine=args.atlas_affine, refine_steps=args.refine_steps, refine_scale=args.refine_scale,
+        maps=not args.no_extras, batch_size=args.batch_size)
+
+
 def _segment(args) -> None:
-    from cmmas import segment
-    from cmmas.align import ants, prepare, target
-    from cmmas.align.atlas_set import AtlasSet
+    from cmmas import bundle as bundles
+    from cmmas import outputs
+    from cmmas.align import ants, prepare
     from cmmas.io import read_image
+    from cmmas.segment import Segmenter
 
     if not args.fast_nondeterministic:
         ants.set_threads(1)  # before this process's first ANTs registration
-    outs = segment.label_paths(args.target, args.out)
+    config = segment_config(args)
+    outs = outputs.label_paths(args.target, args.out)
     if len(outs) > 1:
         outs = [out.with_name(out.name[: -len(".nii.gz")] + "." + args.format) for out in outs]
     if args.transform is not None and len(args.target) > 1:
         raise CmmasError(args.transform[0], "--transform is one scan's alignment: give one --target with it")
     if args.transform is not None:
         ants.check_transforms(args.transform)  # before the models load
-    k = args.atlases if isinstance(args.atlases, int) else None
     atlas_set, reg_model = args.atlas_set, args.reg_model
     if isinstance(args.atlases, Path):
         if args.atlas_set is not None or args.bundle is not None:
@@ -254,31 +273,28 @@ def _segment(args) -> None:
             shape = training.input_grid(reg_model, "biregnet")
         atlas_set = prepare.raw_atlas_set(args.atlases, args.atlas_modality, outs[0].parent / "atlas_set",
                                            shape, args.spacing, progress=_progress(), like=like).root
-    bundle = segment.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
-    if reg_model is None:
-        reg_model = bundle.reg_model
-    aset = AtlasSet(bundle.atlas_set)
+    found = bundles.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
+    reg_model = reg_model if reg_model is not None else found.reg_model
+    if args.no_registration:
+        reg_model = None
+    elif reg_model is None:
+        where = (args.bundle / bundles.BUNDLE_REG_MODEL) if args.bundle is not None else "--reg-model"
+        raise CmmasError(where, "no registration network (not found): give --reg-model, or pass --no-registration "
+                                "to fuse the affinely aligned atlases")
     scans = [read_image(args.target[0], dtype=None), *args.target[1:]]  # a bad first scan fails before the models load
-    reg_model, fusion_model = segment.load_models(  # once for all targets
-        reg_model, bundle.fusion_model if args.fusion == "simnet" else None, aset)
-    refinement = None
-    if args.refine_steps:
-        from cmmas.register.refine import Refinement
-
-        refinement = Refinement(steps=args.refine_steps, scale=args.refine_scale)
+    segmenter = Segmenter(found.atlas_set, reg_model, found.fusion_model if args.fusion == "simnet" else None,
+                          config, progress=_progress())  # the models load once for all targets
+    if args.no_registration:
+        print("cmmas: segmenting without the registration network (--no-registration): the atlases are fused as "
+              "affinely aligned", file=sys.stderr)
     for scan, out in zip(scans, outs):
-        result = segment.segment(
-            scan, aset, reg_model=reg_model, fusion_model=fusion_model,
-            fusion=args.fusion, atlases=k, modality=args.atlas_modality, prealign=args.prealign,
-            alignment=args.transform, batch_size=args.batch_size, progress=_progress(), maps=not args.no_extras,
-            starts=target.SINGLE if args.single_start else target.ROBUST, atlas_affine=args.atlas_affine,
-            refinement=refinement,
-        )
-        written = segment.write_segmentation(result, out, extras=not args.no_extras, preview=args.preview)
+        result = segmenter.segment(scan, alignment=args.transform)
+        written = outputs.write_segmentation(result, out, extras=not args.no_extras, preview=args.preview)
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
         flagged = f"; QC FLAGGED the alignment, see {written[-1]}" if result.flagged else ""
         print(f"wrote {written[0]} (+{len(written) - 1} files beside it) from {len(result.atlas_ids)} atlases "
-              f"[{', '.join(result.atlas_ids)}] with {args.fusion}; {timing}{flagged}", flush=True)
+              f"[{', '.join(result.atlas_ids)}] with {args.fusion}"
+              f"{'' if reg_model is not None else ' (no registration network)'}; {timing}{flagged}", flush=True)
 
 
 def _register(args) -> None:

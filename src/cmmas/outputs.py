@@ -1,6 +1,7 @@
-"""The side outputs of a segmentation that a person reads: volumes, viewer label tables, a preview.
+"""Writing a segmentation: the label map, its maps and the side outputs that a person reads.
 
-:func:`cmmas.segment.write_segmentation` writes them beside the label map:
+:func:`write_segmentation` writes the label map (:func:`write_label`), the probability and
+agreement maps and, beside them (:func:`output_paths` names every file):
 
 - ``<stem>_volumes.csv`` (:func:`label_volumes`, :func:`write_volumes_csv`): each structure's
   voxel count, volume in millilitres and mean atlas agreement;
@@ -21,15 +22,29 @@ from __future__ import annotations
 import colorsys
 import csv
 import io
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cmmas.errors import LabelError
-from cmmas.io import PROBABILITY_SCALE, Image, atomic_path, atomic_write_text, check_same_grid
+from cmmas.errors import CmmasError, LabelError
+from cmmas.io import (
+    IMAGE_SUFFIXES,
+    PROBABILITY_SCALE,
+    Image,
+    atomic_path,
+    atomic_write_text,
+    check_same_grid,
+    label_dtype,
+    write_image,
+)
+
+if TYPE_CHECKING:
+    from cmmas.segment import Segmentation
 
 #: matplotlib's tab10 then the lighter tab20 tones, without the two greys (unseen over a grey scan).
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
@@ -260,3 +275,94 @@ def write_preview(image: Image, label: Image, names: Mapping[int, str], path: st
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return Path(path)
+
+
+def write_label(label: Image, path: str | os.PathLike, codes: Sequence[int]) -> Path:
+    """Write a label map atomically as the smallest integer type holding ``codes``
+    (:func:`cmmas.io.label_dtype`; a map already of that type is not copied): how every label
+    map of the pipeline is written."""
+    return write_image(label.with_array(label.array.astype(label_dtype(codes), copy=False)), path)
+
+
+def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
+    """Where each target's label map goes: ``out`` itself for one target; for several, ``out`` is
+    a folder and each map is ``out/<scan name>.nii.gz`` (the file name without its image
+    ending, :data:`cmmas.io.IMAGE_SUFFIXES`; a DICOM folder keeps its name).
+
+    Raises:
+        CmmasError: several targets and ``out`` names a .nii/.nii.gz file, or two targets share a
+            name (their maps would overwrite each other).
+    """
+    out = Path(out)
+    if len(targets) == 1:
+        return [out]
+    if out.name.endswith((".nii", ".nii.gz")):
+        raise CmmasError(out, f"{len(targets)} targets: --out must be a folder, not a .nii.gz file")
+    names = []
+    for target in targets:
+        name = Path(target).name
+        ending = next((e for e in IMAGE_SUFFIXES if name.lower().endswith(e)), "")
+        names.append(name[: len(name) - len(ending)])
+    shared = sorted({n for n in names if names.count(n) > 1})
+    if shared:
+        raise CmmasError(out, f"targets share the name(s) {shared}: their label maps would overwrite each other")
+    return [out / f"{name}.nii.gz" for name in names]
+
+
+def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path]:
+    """Where :func:`write_segmentation` puts each file, in the order it writes them: "label",
+    "prob_<code>", "agreement", "volumes", "itksnap", "slicer", "preview", "qc". The probability
+    and agreement maps take the label map's format (its ending of :data:`cmmas.io.IMAGE_SUFFIXES`:
+    ``.nii.gz``, or the uncompressed ``.nii`` / ``.mha``; ``.nii.gz`` when it has none of them)."""
+    out = Path(out)
+    ending = next((e for e in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if out.name.endswith(e)), None)
+    stem = out.name[: -len(ending)] if ending else out.stem
+    ending = ending or ".nii.gz"
+    paths = {"label": out}
+    paths.update({f"prob_{int(c)}": out.with_name(f"{stem}_prob_{int(c)}{ending}") for c in codes})
+    paths["agreement"] = out.with_name(f"{stem}_agreement{ending}")
+    paths["volumes"] = out.with_name(f"{stem}_volumes.csv")
+    paths["itksnap"] = out.with_name(f"{stem}_labels.itksnap.txt")
+    paths["slicer"] = out.with_name(f"{stem}_labels.ctbl")
+    paths["preview"] = out.with_name(f"{stem}_preview.png")
+    paths["qc"] = out.with_name(f"{stem}_qc.json")
+    return paths
+
+
+def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: bool = True,
+                       preview: bool = False) -> list[Path]:
+    """Write the label map to ``out`` (as :func:`cmmas.io.label_dtype` of its codes) and beside it,
+    each atomically (:func:`output_paths`; the image format follows ``out``'s ending):
+
+    - with ``extras``, ``<stem>_prob_<code>.nii.gz`` and ``<stem>_agreement.nii.gz`` (on the
+      target's grid; uint8, value / 255 = the fraction: :data:`cmmas.io.PROBABILITY_SCALE`);
+    - ``<stem>_volumes.csv``, each structure's voxels, millilitres and mean agreement (empty when
+      the segmentation has no agreement map), ``<stem>_labels.itksnap.txt`` and
+      ``<stem>_labels.ctbl``, the label names and colours for ITK-SNAP and 3D Slicer
+      (:func:`write_itksnap_labels`, :func:`write_slicer_color_table`);
+    - with ``preview``, ``<stem>_preview.png``: three slices of the scan with the labels filled;
+    - ``<stem>_qc.json``, the QC record (:meth:`Segmentation.qc`).
+
+    Returns:
+        The paths written, the label map first, the QC record last.
+
+    Raises:
+        CmmasError: ``extras`` asked of a segmentation made without its maps (``maps=False``).
+    """
+    if extras and (result.probabilities is None or result.agreement is None):
+        raise CmmasError(out, "this segmentation has no probability or agreement maps (SegmentConfig.maps False); "
+                              "write it with extras=False")
+    paths = output_paths(out, result.codes)
+    written = [write_label(result.label, paths["label"], result.codes)]
+    if extras:
+        for code, prob in result.probabilities.items():
+            written.append(write_image(prob, paths[f"prob_{code}"]))
+        written.append(write_image(result.agreement, paths["agreement"]))
+    rows = label_volumes(result.label, result.names, result.agreement)
+    written.append(write_volumes_csv(rows, paths["volumes"]))
+    written.append(write_itksnap_labels(result.names, paths["itksnap"]))
+    written.append(write_slicer_color_table(result.names, paths["slicer"]))
+    if preview:
+        written.append(write_preview(result.target, result.label, result.names, paths["preview"]))
+    written.append(atomic_write_text(paths["qc"], json.dumps(result.qc(), indent=1) + "\n"))
+    return written

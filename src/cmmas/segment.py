@@ -1,102 +1,127 @@
-"""Segment one scan with an atlas set: the library's front door.
+"""The engine: a :class:`Segmenter` turns a scan into a label map on the scan's own grid.
 
-:func:`segment` runs the pipeline on one scan, step by step through the functions below, which
-the evaluation (:mod:`cmmas.evaluate.runs`) calls in the same order so that it scores exactly
-what ``cmmas segment`` writes:
+Like nnU-Net's predictor, a :class:`Segmenter` is built once from an atlas set, the trained
+networks and a frozen :class:`SegmentConfig` (every choice of a segmentation, one set of
+defaults), then segments one scan or many. ``cmmas segment``, the evaluations
+(:mod:`cmmas.evaluate.runs`, :mod:`cmmas.evaluate.oracle`) and the benchmarks all call it, so
+that what is scored and timed is what ``cmmas segment`` writes. The steps, in this module only:
 
-1. :func:`align_target`: the scan's affine alignment to the set's reference (ANTs, MI, several
-   starts, with a QC record: :mod:`cmmas.align.target`) and the scan on the working grid
-   (:func:`cmmas.align.mapping.to_working`);
-2. :func:`select_atlases`: the K atlases most similar to it (optionally each given its own
-   affine stage onto it: :mod:`cmmas.align.per_atlas`);
-3. :func:`register_atlases`: every atlas warped onto it by BiRegNet;
-4. :func:`cmmas.fuse.registry.fuse_named`: the warped labels fused (SimNet or a classic fusion);
-5. :func:`cmmas.align.mapping.map_back`: the fusion mapped onto the scan's own grid.
+1. **place** the scan on the working grid: its affine alignment to the set's reference (ANTs,
+   MI, several starts, with a QC record: :mod:`cmmas.align.target`; or a given alignment), then
+   :func:`cmmas.align.mapping.to_working`; in an oracle set (the paper's setting) a case's own
+   crop stored in the set;
+2. **choose** the K atlases most similar to it (:func:`select_atlases`) and, optionally, give
+   each its own affine stage onto it (:mod:`cmmas.align.per_atlas`);
+3. **register** them with BiRegNet (:mod:`cmmas.register.apply`) and, optionally, **refine**
+   every field on the scan (:mod:`cmmas.register.refine`);
+4. **fuse** the warped labels (:func:`cmmas.fuse.registry.fuse_named`);
+5. **map back** onto the scan's grid, by the kind of atlas set: through the inverse alignment
+   (:func:`cmmas.align.mapping.map_back`), or the oracle crop's exact inverse
+   (:func:`cmmas.datasets.oracle_roi.label_to_original`).
 
-Every output carries the scan's spacing, origin and direction. A *bundle* is one folder
-holding the atlas set (``atlas_set/``, or the folder itself) and the models ``reg_model.keras``
-and ``simnet.keras``, so that a user passes one path.
+Steps 1-3 give a :class:`Warped` (:meth:`Segmenter.warp`), steps 4-5 a :class:`Segmentation`
+(:meth:`Segmenter.fuse`), so that an evaluation fuses the same warped atlases by several fusions.
+Writing the files is :mod:`cmmas.outputs`' job, reading a bundle :mod:`cmmas.bundle`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
-from cmmas import outputs
 from cmmas.align import mapping, per_atlas
 from cmmas.align import target as target_alignment
-from cmmas.align.atlas_set import MANIFEST, AtlasSet
+from cmmas.align.atlas_set import AtlasSet
+from cmmas.datasets import oracle_roi
 from cmmas.errors import AtlasSetError, CmmasError, ModelError
 from cmmas.fuse import registry
+from cmmas.fuse.vote import FusionResult
 from cmmas.fuse.weights import global_similarity
-from cmmas.io import IMAGE_SUFFIXES, Image, atomic_write_text, label_dtype, read_image, write_image
+from cmmas.io import Image, read_image
 from cmmas.nn import model_card
-
-if TYPE_CHECKING:  # TensorFlow: imported only when refinement runs
-    from cmmas.register.refine import Refinement
 
 log = logging.getLogger(__name__)
 
-#: Names inside a bundle folder.
-BUNDLE_ATLAS_SET = "atlas_set"
-BUNDLE_REG_MODEL = "reg_model.keras"
-BUNDLE_SIMNET = "simnet.keras"
-#: The learned fusion, the default; every other fusion is a preset of :data:`cmmas.fuse.registry.PRESETS`.
+#: The learned fusion; every other fusion is a preset of :data:`cmmas.fuse.registry.PRESETS`.
 SIMNET = registry.SIMNET
+#: The alignment's start sets by name (:class:`SegmentConfig`'s ``starts``).
+STARTS = {"robust": target_alignment.ROBUST, "single": target_alignment.SINGLE}
 
 
 @dataclasses.dataclass(frozen=True)
-class Bundle:
-    """Where the atlas set and the two trained models are (a model may be absent: None)."""
+class SegmentConfig:
+    """Every choice of a segmentation, with the one set of defaults (``cmmas segment``'s).
 
-    atlas_set: Path
-    reg_model: Path | None
-    fusion_model: Path | None
-
-
-def resolve_bundle(
-    bundle: str | os.PathLike | None = None,
-    atlas_set: str | os.PathLike | None = None,
-    reg_model: str | os.PathLike | None = None,
-    fusion_model: str | os.PathLike | None = None,
-) -> Bundle:
-    """Combine a bundle folder with explicit paths; an explicit path wins over the bundle's.
-
-    The bundle's atlas set is ``bundle/atlas_set/`` or, when that is absent and ``bundle``
-    holds a ``manifest.json``, the bundle folder itself.
-
-    Raises:
-        AtlasSetError: the bundle folder is missing, or no atlas set is given at all.
+    Attributes:
+        fusion: the fusion (:func:`cmmas.fuse.registry.names`): "simnet", mv, staple, global,
+            lwv, lwv_ncc, jlf, jlf_r2, jlf_tf, lwv_mind, jlf_mind.
+        fusion_options: options of each fusion by name, merged over its preset's
+            (e.g. ``{"jlf": {"rad": 2}}``).
+        atlases: use the K atlases most similar to the placed scan (None: all).
+        modality: the atlases' modality (None: the reference's; :func:`atlas_ids_of`).
+        prealign: align the scan to the reference; False: it already lies in the reference space.
+        starts: the alignment's starts, a key of :data:`STARTS` ("robust": five along the
+            cranio-caudal axis; "single": the centre-of-mass translation only).
+        atlas_affine: give each chosen atlas its own affine stage onto the scan on the working
+            grid before the network (:mod:`cmmas.align.per_atlas`).
+        refine_steps: Adam steps refining every field on the scan with MIND-SSC (0: off).
+        refine_scale: the refinement's grid / the working grid, voxels per axis.
+        refine_smoothness: weight of the refinement's diffusion penalty.
+        maps: also map the probability and agreement maps back (False: the label only).
+        batch_size: atlases per network batch (a shorter last batch runs padded).
     """
-    root = None if bundle is None else Path(bundle)
-    if root is not None and not root.is_dir():
-        raise AtlasSetError(root, "bundle folder not found")
 
-    def pick(explicit, name: str) -> Path | None:
-        if explicit is not None:
-            return Path(explicit)
-        if root is not None and (root / name).exists():
-            return root / name
-        return None
+    fusion: str = SIMNET
+    fusion_options: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
+    atlases: int | None = None
+    modality: str | None = None
+    prealign: bool = True
+    starts: str = "robust"
+    atlas_affine: bool = False
+    refine_steps: int = 0
+    refine_scale: float = 0.5
+    refine_smoothness: float = 0.1
+    maps: bool = True
+    batch_size: int = 2
 
-    chosen = pick(atlas_set, BUNDLE_ATLAS_SET)
-    if chosen is None and root is not None and (root / MANIFEST).is_file():
-        chosen = root
-    if chosen is None:
-        where = root if root is not None else None
-        raise AtlasSetError(where, f"no atlas set given (--atlas-set, or a bundle holding {BUNDLE_ATLAS_SET}/)")
-    return Bundle(chosen, pick(reg_model, BUNDLE_REG_MODEL), pick(fusion_model, BUNDLE_SIMNET))
+    def __post_init__(self) -> None:
+        if self.atlases is not None and int(self.atlases) < 1:
+            raise CmmasError(None, f"the number of atlases must be at least 1, got {self.atlases}")
+        if int(self.batch_size) < 1:
+            raise CmmasError(None, f"the batch size must be at least 1, got {self.batch_size}")
+        if int(self.refine_steps) < 0 or not self.refine_scale > 0 or self.refine_smoothness < 0:
+            raise CmmasError(None, "refinement needs steps >= 0, scale > 0 and smoothness >= 0, got "
+                                   f"{self.refine_steps}, {self.refine_scale}, {self.refine_smoothness}")
+        if self.starts not in STARTS:
+            raise CmmasError(None, f"unknown alignment starts {self.starts!r}; expected one of {sorted(STARTS)}")
+        registry.check_names([self.fusion], {self.fusion: dict(self.fusion_options.get(self.fusion, {}))})
+
+    def to_dict(self) -> dict:
+        """The config as plain JSON-serialisable values (what the QC record and reports keep)."""
+        values = dataclasses.asdict(self)
+        values["fusion_options"] = {k: dict(v) for k, v in self.fusion_options.items()}
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> SegmentConfig:
+        """The config of :meth:`to_dict`'s values (unknown keys refused)."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CmmasError(None, f"unknown segmentation settings {unknown}")
+        return cls(**values)
+
+    def options(self, fusion: str) -> dict:
+        """The options of ``fusion`` (empty when none are set)."""
+        return dict(self.fusion_options.get(fusion, {}))
 
 
 def atlas_ids_of(aset: AtlasSet, modality: str | None = None) -> list[str]:
@@ -114,15 +139,17 @@ def atlas_ids_of(aset: AtlasSet, modality: str | None = None) -> list[str]:
 
 
 def select_atlases(atlas_images: np.ndarray, target: np.ndarray, ids: Sequence[str], k: int | None) -> list[str]:
-    """The ``k`` atlases most similar to the aligned target, most similar first.
+    """The ``k`` atlases most similar to the placed target, most similar first.
 
     Similarity is the global mutual information (:func:`cmmas.fuse.weights.global_similarity`) of
     each atlas image ``[N, D, H, W]`` with the target ``[D, H, W]`` on the working grid. With
-    ``k`` None (or at least N) every atlas is kept, in the given order.
+    ``k`` None (or at least N: said in the log) every atlas is kept, in the given order.
     """
     ids = list(ids)
     if k is not None and int(k) < 1:
         raise CmmasError(None, f"the number of atlases must be at least 1, got {k}")
+    if k is not None and k > len(ids):
+        log.warning("%d atlases asked for, the atlas set has %d: using all of them", k, len(ids))
     if k is None or k >= len(ids):
         return ids
     scores = global_similarity(target, atlas_images, similarity="mi")
@@ -130,65 +157,10 @@ def select_atlases(atlas_images: np.ndarray, target: np.ndarray, ids: Sequence[s
     return [ids[i] for i in order[: int(k)]]
 
 
-@dataclasses.dataclass(frozen=True)
-class Segmentation:
-    """What :func:`segment` produced.
-
-    Attributes:
-        label: fused label map (data-set codes, in the smallest integer type that holds them,
-            :func:`cmmas.io.label_dtype`) on the target's original grid.
-        probabilities: code -> probability map on the target's grid, uint8: value /
-            :data:`cmmas.io.PROBABILITY_SCALE` (255) is the probability (background included,
-            summing to ~1 over codes); outside the working grid the background has probability 1.
-            None when :func:`segment` ran with ``maps=False``.
-        agreement: fraction of atlases whose label equals the fused label (1 = unanimous), on
-            the target's grid, uint8 scaled as the probabilities; 0 outside the working grid,
-            where no atlas voted. None when :func:`segment` ran with ``maps=False``.
-        atlas_ids: the atlases used (most similar first when ``atlases=K`` chose them).
-        seconds: wall time of each step and in all, seconds: "load" (the target, the atlas
-            set's manifest and the models given as files), "align", "register" (reading,
-            choosing and warping the atlases), "fuse", "map_back", "total".
-        working: the fused label on the working grid (int32 codes).
-        target_working: the aligned target on the working grid (normalised to [0, 1]).
-        target: the scan as given, on its own grid (the grid of ``label``).
-        codes: the atlas set's label codes, the background 0 first.
-        names: the atlas set's label table, code -> structure name (0 excluded).
-        alignment: the alignment's QC record (:meth:`cmmas.align.target.TargetAlignment.qc`),
-            None when no alignment ran (``alignment=`` or ``prealign=False``).
-        refinement: what the test-time refinement did (MIND distance and folding % before and
-            after, :class:`cmmas.register.refine.Refined`), None when it did not run.
-    """
-
-    label: Image
-    probabilities: dict[int, Image] | None
-    agreement: Image | None
-    atlas_ids: list[str]
-    seconds: dict[str, float]
-    working: Image
-    target_working: Image
-    target: Image
-    codes: list[int]
-    names: dict[int, str]
-    alignment: dict | None = None
-    refinement: dict | None = None
-
-    @property
-    def flagged(self) -> bool:
-        """The alignment's QC flagged it: the atlases may have been placed wrongly."""
-        return bool(self.alignment and self.alignment["flagged"])
-
-    def qc(self) -> dict:
-        """The QC record written beside the label map (``<stem>_qc.json``): the alignment's
-        record, the atlases used and the seconds of each step."""
-        return {"flagged": self.flagged, "alignment": self.alignment, "atlas_ids": list(self.atlas_ids),
-                "refinement": self.refinement, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
-
-
 def load_models(reg_model, fusion_model, aset: AtlasSet):
     """``(BiRegNet, SimNet)`` loaded from paths (objects pass through; None stays None), checked
     against the atlas set's working grid and label table (by a model's card, naming the flags
-    that would fit, before the network loads; else by its input shape): load them once to segment
-    several scans.
+    that would fit, before the network loads; else by its input shape).
 
     Raises:
         ModelError: a missing or unloadable file, or a model that does not fit the atlas set.
@@ -231,306 +203,351 @@ def load_models(reg_model, fusion_model, aset: AtlasSet):
     return reg_net, simnet
 
 
-def align_target(
-    target: Image,
-    aset: AtlasSet,
-    transform_dir: str | os.PathLike,
-    prealign: bool = True,
-    alignment: Sequence[str | os.PathLike] | None = None,
-    starts: target_alignment.Starts = target_alignment.ROBUST,
-) -> tuple[list[str], Image, target_alignment.TargetAlignment | None]:
-    """The scan -> reference transform files, the scan on the working grid (normalised to [0, 1])
-    and what the alignment found (None when no alignment ran).
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A scan placed on the working grid (step 1).
+
+    Attributes:
+        target: the scan on its own grid (the grid every output lies on).
+        working: the scan on the working grid, normalised to [0, 1] (an oracle set: z-scored).
+        transforms: the scan -> reference alignment files (empty: none); they must exist until
+            the last :meth:`Segmenter.on_scan` of this placement.
+        alignment: the alignment's QC record (:meth:`cmmas.align.target.TargetAlignment.qc`),
+            None when no alignment ran here.
+        oracle: the working image is an oracle set's crop (mapped back by its exact inverse).
+    """
+
+    target: Image
+    working: Image
+    transforms: tuple[str, ...]
+    alignment: dict | None
+    oracle: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Warped:
+    """The chosen atlases on the placed scan (steps 1-3).
+
+    Attributes:
+        placement: where the scan lies (:class:`Placement`).
+        atlas_ids: the atlases, most similar first when ``atlases=K`` chose them.
+        aligned_images, aligned_labels: ``[N, D, H, W]`` the atlases before the network (after
+            the per-atlas affine stage when it ran).
+        images, labels: ``[N, D, H, W]`` the atlases as fused (warped, refined).
+        fields: ``[N, D, H, W, 3]`` displacement fields in working-grid voxels (``ij`` order)
+            that took the aligned atlases to the fused ones; None without a network.
+        refinement: MIND distance and folding % before and after the refinement, None when off.
+        seconds: wall time of "align", "register" (choosing and warping) and "refine".
+    """
+
+    placement: Placement
+    atlas_ids: list[str]
+    aligned_images: np.ndarray
+    aligned_labels: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+    fields: np.ndarray | None
+    refinement: dict | None
+    seconds: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+    """One fusion of a :class:`Warped`, on the scan's grid.
+
+    Attributes:
+        label: fused label map (data-set codes, :func:`cmmas.io.label_dtype`) on the target's grid.
+        probabilities: code -> probability map on the target's grid, uint8: value /
+            :data:`cmmas.io.PROBABILITY_SCALE` (255) is the probability (background included,
+            summing to ~1 over codes); outside the working grid the background has probability 1.
+            None without maps (``SegmentConfig.maps`` False, or an oracle set).
+        agreement: fraction of atlases whose label equals the fused label (1 = unanimous), on
+            the target's grid, uint8 scaled as the probabilities; None as ``probabilities``.
+        fusion: the fusion's name.
+        fused: the fusion on the working grid (:class:`cmmas.fuse.vote.FusionResult`).
+        warped: what was fused (:class:`Warped`).
+        seconds: wall time of each step and in all: "load", "align", "register", ("refine"),
+            "fuse", "map_back", "total".
+        codes: the atlas set's label codes, the background 0 first.
+        names: the atlas set's label table, code -> structure name (0 excluded).
+        config: the engine's config (its ``fusion`` may differ from ``fusion`` in an evaluation).
+        models: "reg_model" / "fusion_model" -> the file used (None: none, or an in-memory model).
+    """
+
+    label: Image
+    probabilities: dict[int, Image] | None
+    agreement: Image | None
+    fusion: str
+    fused: FusionResult
+    warped: Warped
+    seconds: dict[str, float]
+    codes: list[int]
+    names: dict[int, str]
+    config: SegmentConfig
+    models: dict[str, str | None]
+
+    @property
+    def target(self) -> Image:
+        """The scan as given, on its own grid (the grid of ``label``)."""
+        return self.warped.placement.target
+
+    @property
+    def target_working(self) -> Image:
+        """The placed scan on the working grid."""
+        return self.warped.placement.working
+
+    @property
+    def working(self) -> Image:
+        """The fused label on the working grid (int32 codes)."""
+        return self.target_working.with_array(np.asarray(self.fused.label).astype(np.int32))
+
+    @property
+    def atlas_ids(self) -> list[str]:
+        """The atlases used."""
+        return self.warped.atlas_ids
+
+    @property
+    def alignment(self) -> dict | None:
+        """The alignment's QC record, None when no alignment ran."""
+        return self.warped.placement.alignment
+
+    @property
+    def flagged(self) -> bool:
+        """The alignment's QC flagged it: the atlases may have been placed wrongly."""
+        return bool(self.alignment and self.alignment["flagged"])
+
+    def qc(self) -> dict:
+        """The QC record written beside the label map (``<stem>_qc.json``): the alignment's
+        record, the atlases, the refinement, the models and the config used, any warning about
+        the scan's header and the seconds of each step."""
+        return {"flagged": self.flagged, "alignment": self.alignment, "atlas_ids": list(self.atlas_ids),
+                "registration": self.warped.fields is not None, "refinement": self.warped.refinement,
+                "fusion": self.fusion, "models": dict(self.models), "config": self.config.to_dict(),
+                "target_warnings": list(getattr(self.target, "warnings", ())),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+class Segmenter:
+    """An atlas set, its networks and a :class:`SegmentConfig`, loaded once; segments scans.
 
     Args:
-        target: the scan on its own grid.
-        aset: the atlas set.
-        transform_dir: where the new alignment's transform is written.
-        prealign: align the scan (:func:`cmmas.align.target.align_to_reference` at the set's
-            alignment spacing); False: the scan already lies in the reference space (no transform).
-        alignment: transform files of an alignment made before (e.g. the one stored when the
-            atlas set was prepared): used instead of aligning again.
-        starts: the alignment's starts (:data:`cmmas.align.target.ROBUST`, or ``SINGLE``).
-    """
-    found = None
-    if alignment is not None:
-        transforms = [str(a) for a in alignment]
-    elif prealign:
-        found = target_alignment.align_to_reference(target, aset.reference_image(), transform_dir,
-                                                    aset.manifest.align_spacing_mm, starts=starts)
-        transforms = list(found.transforms)
-    else:
-        transforms = []
-    return transforms, mapping.to_working(target, transforms, aset.geometry), found
-
-
-def register_atlases(reg_net, images: np.ndarray, labels: np.ndarray, target: np.ndarray, codes: Sequence[int],
-                     batch_size: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Atlases ``[N, D, H, W]`` (images, labels) warped onto the target ``[D, H, W]`` by BiRegNet:
-    ``(images, labels, fields [N, D, H, W, 3])``; without a network (None) they stay as aligned
-    and the fields are None."""
-    if reg_net is None:
-        return images, labels, None
-    from cmmas.register import apply  # TensorFlow: imported only when a network runs
-
-    return apply.warp_atlases(reg_net, images, labels, target, codes, batch_size=batch_size)
-
-
-def refine_atlases(target: np.ndarray, images: np.ndarray, labels: np.ndarray, fields: np.ndarray | None,
-                   codes: Sequence[int], refinement: Refinement):
-    """Atlases ``[N, D, H, W]`` as aligned (before the network) warped onto ``target`` by their
-    refined fields (``fields`` from the network, or None): ``(images, labels, Refined)``."""
-    from cmmas.register import apply, refine  # TensorFlow: imported only when refinement runs
-
-    refined = refine.refine_fields(target, images, fields, refinement)
-    warped_images, warped_labels = apply.warp_by_fields(images, labels, refined.fields, codes)
-    return warped_images, warped_labels, refined
-
-
-def warm_up(reg_net, simnet, aset: AtlasSet, atlas_ids: Sequence[str], fusions: Sequence[str], batch_size: int = 2,
-            options: dict | None = None) -> None:
-    """Untimed passes, so that one-off set-up (graph tracing, libraries loading on first use) is
-    not timed with the first scan.
-
-    Each network runs once at the one batch shape :func:`segment` runs (``min(batch_size, N)``
-    atlases; a shorter last batch runs padded to it), and each fusion of ``fusions`` once on the
-    central 16^3 voxels of two atlases of ``atlas_ids`` (the first one standing in as target).
-    """
-    codes = [0, *sorted(aset.labels)]
-    size = min(batch_size, len(atlas_ids))
-    images, labels = aset.arrays(list(atlas_ids)[: max(size, 2)])
-    target = images[0]
-    warped_images, warped_labels, _ = register_atlases(reg_net, images[:size], labels[:size], target, codes, size)
-    centre = tuple(slice(max(s // 2 - 8, 0), s // 2 + 8) for s in target.shape)
-    few = (slice(0, 2), *centre)
-    for name in fusions:
-        if name == SIMNET:
-            if simnet is not None:
-                registry.fuse_named(SIMNET, target, warped_images, warped_labels, codes, simnet=simnet,
-                                    batch_size=size)
-            continue
-        registry.fuse_named(name, target[centre], images[few], labels[few], codes, options=(options or {}).get(name))
-
-
-def segment(
-    target: Image | str | os.PathLike,
-    atlas_set: AtlasSet | str | os.PathLike,
-    reg_model=None,
-    fusion_model=None,
-    fusion: str = SIMNET,
-    atlases: int | None = None,
-    modality: str | None = None,
-    prealign: bool = True,
-    transform_dir: str | os.PathLike | None = None,
-    alignment: Sequence[str | os.PathLike] | None = None,
-    batch_size: int = 2,
-    fusion_options: dict | None = None,
-    progress: bool = True,
-    maps: bool = True,
-    starts: target_alignment.Starts = target_alignment.ROBUST,
-    atlas_affine: bool = False,
-    refinement: Refinement | None = None,
-) -> Segmentation:
-    """Segment ``target`` with the atlases of ``atlas_set`` (the steps of the module docstring).
-
-    Args:
-        target: the scan (an :class:`Image`, or a NIfTI/MHA/NRRD file or DICOM folder).
         atlas_set: a prepared atlas set (object or folder).
-        reg_model: a BiRegNet (keras model or ``.keras`` path) of the working-grid shape; None
-            fuses the atlases as affinely aligned.
-        fusion_model: a SimNet (model or path), needed when ``fusion`` is "simnet".
-        fusion: a name of :func:`cmmas.fuse.registry.names` ("simnet", mv, staple, global, lwv,
-            lwv_ncc, jlf, jlf_r2, jlf_tf, lwv_mind, jlf_mind).
-        atlases: use the K atlases most similar to the aligned target (all if None).
-        modality: the atlases' modality (default: the reference's; see :func:`atlas_ids_of`).
-        prealign: align the target to the reference first; False means the target already
-            lies in the reference space (its physical coordinates are used as they are).
-        transform_dir: where to keep the target -> reference transform (temporary if None).
-        alignment: the target -> reference transform files of an earlier alignment, used
-            instead of aligning (see :func:`align_target`).
-        batch_size: atlases per network batch (the last, shorter batch runs padded).
-        fusion_options: options of the fusion, merged over the preset's.
-        progress: show a progress bar over the steps.
-        maps: map the probability and agreement maps back too; False maps the label only
-            (what ``cmmas segment --no-extras`` writes).
-        starts: the alignment's starts (:mod:`cmmas.align.target`). The same scan gives the same
-            label map on every call when ANTs runs on one thread in this process
-            (:func:`cmmas.align.ants.set_threads`, before its first registration; ``cmmas
-            segment`` does so unless ``--fast-nondeterministic``).
-        atlas_affine: give each chosen atlas its own affine stage onto the target on the working
-            grid before the network (:mod:`cmmas.align.per_atlas`): one trapped alignment then
-            costs one atlas (about 0.1 s per atlas).
-        refinement: refine every atlas's field on this target with MIND-SSC before fusing
-            (:mod:`cmmas.register.refine`; ``cmmas segment --refine-steps``); None or 0 steps: off.
-
-    Returns:
-        :class:`Segmentation`.
+        reg_model: a BiRegNet (keras model or ``.keras`` path) of the working grid; None fuses the
+            atlases as affinely aligned (``cmmas segment --no-registration``).
+        fusion_model: a SimNet (model or path), needed when a fusion is "simnet".
+        config: the choices (:class:`SegmentConfig`; default: ``cmmas segment``'s defaults).
+        atlas_ids: the atlases to choose from (default :func:`atlas_ids_of` of ``config.modality``).
+        progress: show a progress bar over the steps of each scan.
 
     Raises:
-        ImageReadError: unreadable target.
-        AtlasSetError: bad atlas set, or no atlas in it.
-        ModelError: missing/unloadable model, or a model that does not fit the working grid.
-        CmmasError: unknown fusion name or option.
+        AtlasSetError: bad atlas set or no atlas; ModelError: a missing or unfit model, or
+        "simnet" without one; CmmasError: a bad config.
     """
-    start = time.perf_counter()
-    target = target if isinstance(target, Image) else read_image(target, dtype=None)
-    aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
-    aset.require_alignment()
-    codes = [0, *sorted(aset.labels)]
-    registry.check_names([fusion], {fusion: fusion_options or {}})
-    registry.check_model(fusion, fusion_model)  # before the alignment's seconds are spent
-    candidates = atlas_ids_of(aset, modality)
-    reg_net, simnet = load_models(reg_model, fusion_model if fusion == SIMNET else None, aset)
-    seconds = {"load": time.perf_counter() - start}
 
-    bar = tqdm(total=4, desc="align", unit="step", disable=not progress)
-    with tempfile.TemporaryDirectory(prefix="cmmas-segment-") as tmp:
-        t0 = time.perf_counter()
-        transforms, working, found = align_target(target, aset, Path(transform_dir or tmp), prealign, alignment,
-                                                  starts)
-        seconds["align"] = time.perf_counter() - t0
-        if found is not None and found.flagged:
-            log.warning("%s: the alignment to the atlas set is uncertain (%s); check the segmentation",
-                        target.path or "target", target_alignment.describe(found))
-        bar.set_description("register")
-        bar.update()
+    def __init__(self, atlas_set: AtlasSet | str | os.PathLike, reg_model=None, fusion_model=None,
+                 config: SegmentConfig | None = None, *, atlas_ids: Sequence[str] | None = None,
+                 progress: bool = False) -> None:
+        start = time.perf_counter()
+        self.config = config or SegmentConfig()
+        self.aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
+        self.codes = [0, *sorted(self.aset.labels)]
+        registry.check_model(self.config.fusion, fusion_model)  # before the alignment's seconds are spent
+        self.atlas_ids = list(atlas_ids) if atlas_ids is not None else atlas_ids_of(self.aset, self.config.modality)
+        if not self.atlas_ids:
+            raise AtlasSetError(self.aset.root, "no atlas to segment with")
+        self.models = {name: str(m) if isinstance(m, (str, os.PathLike)) else None
+                       for name, m in (("reg_model", reg_model), ("fusion_model", fusion_model))}
+        self.reg_net, self.simnet = load_models(reg_model, fusion_model, self.aset)
+        self.progress = progress
+        self._images, self._labels = self.aset.arrays(self.atlas_ids)
+        self.load_seconds = time.perf_counter() - start
 
+    def warm_up(self, fusions: Sequence[str] | None = None) -> None:
+        """Untimed passes, so that one-off set-up (graph tracing, libraries loading on first use) is
+        not timed with the first scan.
+
+        The network runs once at the one batch shape segmenting runs (``min(batch_size, N)``
+        atlases), and each fusion of ``fusions`` (default: the config's) once on the central
+        16^3 voxels of two atlases (the first one standing in as target).
+        """
+        size = min(self.config.batch_size, len(self.atlas_ids))
+        images, labels = self._images[: max(size, 2)], self._labels[: max(size, 2)]
+        target = images[0]
+        warped_images, warped_labels, _ = self._register(images[:size], labels[:size], target)
+        centre = tuple(slice(max(s // 2 - 8, 0), s // 2 + 8) for s in target.shape)
+        few = (slice(0, 2), *centre)
+        for name in fusions or [self.config.fusion]:
+            if name == SIMNET:
+                if self.simnet is not None:
+                    registry.fuse_named(SIMNET, target, warped_images, warped_labels, self.codes, simnet=self.simnet,
+                                        batch_size=size)
+                continue
+            registry.fuse_named(name, target[centre], images[few], labels[few], self.codes,
+                                options=self.config.options(name))
+
+    def place(self, target: Image, transform_dir: str | os.PathLike, *, alignment: Sequence[str] | None = None,
+              case_id: str | None = None) -> Placement:
+        """Step 1: the scan on the working grid.
+
+        Args:
+            target: the scan on its own grid.
+            transform_dir: where a new alignment's transform is written.
+            alignment: transform files of an alignment made before (e.g. the atlas set's stored
+                ``transforms/<id>``), used instead of aligning.
+            case_id: in an oracle set, the case whose stored crop is the working image.
+        """
+        if self.aset.manifest.oracle:
+            if case_id is None:
+                self.aset.require_alignment()  # the one refusal: an oracle set segments its own cases only
+            return Placement(target, self.aset.image(case_id), (), None, oracle=True)
+        found = None
+        if alignment is not None:
+            transforms = [str(a) for a in alignment]
+        elif self.config.prealign:
+            found = target_alignment.align_to_reference(target, self.aset.reference_image(), transform_dir,
+                                                        self.aset.manifest.align_spacing_mm,
+                                                        starts=STARTS[self.config.starts])
+            transforms = list(found.transforms)
+            if found.flagged:
+                log.warning("%s: the alignment to the atlas set is uncertain (%s); check the segmentation",
+                            target.path or "target", target_alignment.describe(found))
+        else:
+            transforms = []
+        working = mapping.to_working(target, transforms, self.aset.geometry)
+        return Placement(target, working, tuple(transforms), None if found is None else found.qc())
+
+    def _register(self, images: np.ndarray, labels: np.ndarray, target: np.ndarray):
+        if self.reg_net is None:
+            return images, labels, None
+        from cmmas.register import apply  # TensorFlow: imported only when a network runs
+
+        return apply.warp_atlases(self.reg_net, images, labels, target, self.codes,
+                                  batch_size=self.config.batch_size)
+
+    def warp(self, target: Image | str | os.PathLike, transform_dir: str | os.PathLike, *,
+             alignment: Sequence[str] | None = None, case_id: str | None = None,
+             exclude: Sequence[str] = ()) -> Warped:
+        """Steps 1-3: place the scan, choose the atlases (none of ``exclude``), register and
+        refine them (see :meth:`place` for the arguments)."""
+        target = target if isinstance(target, Image) else read_image(target, dtype=None)
         t0 = time.perf_counter()
-        images, labels = aset.arrays(candidates)
-        chosen = select_atlases(images, working.array, candidates, atlases)
-        keep = [candidates.index(i) for i in chosen]
-        images, labels = images[keep], labels[keep]
-        if atlas_affine:
-            corrected = per_atlas.correct_atlases(images, labels, working, aset.geometry)
+        placement = self.place(target, transform_dir, alignment=alignment, case_id=case_id)
+        seconds = {"align": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        keep = [k for k, a in enumerate(self.atlas_ids) if a not in set(exclude)]
+        if not keep:
+            raise AtlasSetError(self.aset.root, f"no atlas left for target {case_id or target.path!r}")
+        candidates = [self.atlas_ids[k] for k in keep]
+        chosen = select_atlases(self._images[keep], placement.working.array, candidates, self.config.atlases)
+        index = [keep[candidates.index(i)] for i in chosen]
+        images, labels = self._images[index], self._labels[index]
+        if self.config.atlas_affine:
+            corrected = per_atlas.correct_atlases(images, labels, placement.working, self.aset.geometry)
             images, labels = corrected.images, corrected.labels
-        aligned_images, aligned_labels = images, labels
-        images, labels, fields = register_atlases(reg_net, images, labels, working.array, codes, batch_size)
+        warped_images, warped_labels, fields = self._register(images, labels, placement.working.array)
         seconds["register"] = time.perf_counter() - t0
         refined = None
-        if refinement is not None and refinement.steps > 0:
+        if self.config.refine_steps > 0:
             t0 = time.perf_counter()
-            images, labels, refined = refine_atlases(working.array, aligned_images, aligned_labels, fields, codes,
-                                                     refinement)
+            warped_images, warped_labels, refined = self._refine(placement.working.array, images, labels, fields)
+            fields = refined.fields
             seconds["refine"] = time.perf_counter() - t0
-        bar.set_description("fuse")
-        bar.update()
+        return Warped(placement, chosen, images, labels, warped_images, warped_labels, fields,
+                      None if refined is None else {"mind_distance": list(refined.distance),
+                                                    "folding_percent": list(refined.folding_percent)},
+                      seconds)
 
+    def _refine(self, target: np.ndarray, images: np.ndarray, labels: np.ndarray, fields: np.ndarray | None):
+        from cmmas.register import apply, refine  # TensorFlow: imported only when refinement runs
+
+        settings = refine.Refinement(steps=self.config.refine_steps, scale=self.config.refine_scale,
+                                     smoothness=self.config.refine_smoothness)
+        refined = refine.refine_fields(target, images, fields, settings)
+        warped_images, warped_labels = apply.warp_by_fields(images, labels, refined.fields, self.codes)
+        return warped_images, warped_labels, refined
+
+    def on_scan(self, placement: Placement, fused: mapping.WorkingMaps, maps: bool = False
+                ) -> tuple[Image, dict[int, Image] | None, Image | None]:
+        """Step 5: working-grid scores (a fusion's result, or any :class:`cmmas.align.mapping.WorkingMaps`)
+        on the scan's grid: ``(label, probabilities, agreement)``, the maps None unless ``maps``
+        (never for an oracle set, whose crop maps back by its exact inverse, nearest neighbour)."""
+        if placement.oracle:
+            crop = placement.working.with_array(mapping.working_label(fused).astype(np.int32))
+            return oracle_roi.label_to_original(crop, placement.target.geometry), None, None
+        return mapping.map_back(fused, placement.working, placement.transforms, placement.target, maps)
+
+    def fuse(self, warped: Warped, fusion: str | None = None) -> Segmentation:
+        """Steps 4-5: fuse ``warped`` by ``fusion`` (default: the config's) and map it onto the scan."""
+        fusion = fusion or self.config.fusion
+        registry.check_names([fusion], {fusion: self.config.options(fusion)})
+        seconds = dict(warped.seconds)
         t0 = time.perf_counter()
-        fused = registry.fuse_named(fusion, working.array, images, labels, codes, simnet=simnet,
-                                    batch_size=batch_size, options=fusion_options)
+        fused = registry.fuse_named(fusion, warped.placement.working.array, warped.images, warped.labels, self.codes,
+                                    simnet=self.simnet, batch_size=self.config.batch_size,
+                                    options=self.config.options(fusion))
         seconds["fuse"] = time.perf_counter() - t0
-        bar.set_description("map back")
-        bar.update()
-
         t0 = time.perf_counter()
-        label, probabilities, agreement = mapping.map_back(fused, working, transforms, target, maps)
+        label, probabilities, agreement = self.on_scan(warped.placement, fused, self.config.maps)
         seconds["map_back"] = time.perf_counter() - t0
-        bar.update()
-    bar.close()
-    seconds["total"] = time.perf_counter() - start
-    return Segmentation(
-        label=label,
-        probabilities=probabilities,
-        agreement=agreement,
-        atlas_ids=chosen,
-        seconds=seconds,
-        working=working.with_array(fused.label.astype(np.int32)),
-        target_working=working,
-        target=target,
-        codes=codes,
-        names=dict(aset.labels),
-        alignment=None if found is None else found.qc(),
-        refinement=None if refined is None else {"mind_distance": list(refined.distance),
-                                                 "folding_percent": list(refined.folding_percent)},
-    )
+        return Segmentation(label, probabilities, agreement, fusion, fused, warped, seconds, list(self.codes),
+                            dict(self.aset.labels), self.config, dict(self.models))
+
+    @contextlib.contextmanager
+    def _transform_dir(self, transform_dir: str | os.PathLike | None) -> Iterator[Path]:
+        if transform_dir is not None:
+            yield Path(transform_dir)
+            return
+        with tempfile.TemporaryDirectory(prefix="cmmas-segment-") as tmp:
+            yield Path(tmp)
+
+    def segment_all(self, target: Image | str | os.PathLike, fusions: Sequence[str], *,
+                    alignment: Sequence[str] | None = None, transform_dir: str | os.PathLike | None = None,
+                    case_id: str | None = None, exclude: Sequence[str] = ()) -> dict[str, Segmentation]:
+        """The scan segmented by each fusion of ``fusions`` from one :meth:`warp`: fusion ->
+        :class:`Segmentation` (each what :meth:`segment` with that fusion gives).
+
+        Args:
+            target: the scan (an :class:`Image`, or a NIfTI/MHA/NRRD file or DICOM folder).
+            fusions: fusion names (:func:`cmmas.fuse.registry.names`).
+            alignment: the scan -> reference transform files of an earlier alignment.
+            transform_dir: where to keep a new alignment's transform (temporary if None).
+            case_id: in an oracle set, the case the scan is.
+            exclude: atlas ids not to use (e.g. the target itself).
+        """
+        registry.check_names(fusions, {f: self.config.options(f) for f in fusions})
+        start = time.perf_counter()
+        bar = tqdm(total=2 + len(fusions), desc="align + register", unit="step", disable=not self.progress)
+        with self._transform_dir(transform_dir) as where:
+            warped = self.warp(target, where, alignment=alignment, case_id=case_id, exclude=exclude)
+            bar.update(2)
+            results = {}
+            for fusion in fusions:
+                bar.set_description(f"fuse {fusion}")
+                results[fusion] = self.fuse(warped, fusion)
+                bar.update()
+        bar.close()
+        total = time.perf_counter() - start
+        for result in results.values():
+            result.seconds.update({"load": self.load_seconds, "total": total})
+            self.load_seconds = 0.0
+        return results
+
+    def segment(self, target: Image | str | os.PathLike, **where) -> Segmentation:
+        """The scan segmented by the config's fusion (:meth:`segment_all`'s keyword arguments)."""
+        return self.segment_all(target, [self.config.fusion], **where)[self.config.fusion]
 
 
-def write_label(label: Image, path: str | os.PathLike, codes: Sequence[int]) -> Path:
-    """Write a label map atomically as the smallest integer type holding ``codes``
-    (:func:`cmmas.io.label_dtype`; a map already of that type is not copied): how every label
-    map of the pipeline is written."""
-    return write_image(label.with_array(label.array.astype(label_dtype(codes), copy=False)), path)
-
-
-def label_paths(targets: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
-    """Where each target's label map goes: ``out`` itself for one target; for several, ``out`` is
-    a folder and each map is ``out/<scan name>.nii.gz`` (the file name without its image
-    ending, :data:`cmmas.io.IMAGE_SUFFIXES`; a DICOM folder keeps its name).
-
-    Raises:
-        CmmasError: several targets and ``out`` names a .nii/.nii.gz file, or two targets share a
-            name (their maps would overwrite each other).
-    """
-    out = Path(out)
-    if len(targets) == 1:
-        return [out]
-    if out.name.endswith((".nii", ".nii.gz")):
-        raise CmmasError(out, f"{len(targets)} targets: --out must be a folder, not a .nii.gz file")
-    names = []
-    for target in targets:
-        name = Path(target).name
-        ending = next((e for e in IMAGE_SUFFIXES if name.lower().endswith(e)), "")
-        names.append(name[: len(name) - len(ending)])
-    shared = sorted({n for n in names if names.count(n) > 1})
-    if shared:
-        raise CmmasError(out, f"targets share the name(s) {shared}: their label maps would overwrite each other")
-    return [out / f"{name}.nii.gz" for name in names]
-
-
-def output_paths(out: str | os.PathLike, codes: Sequence[int]) -> dict[str, Path]:
-    """Where :func:`write_segmentation` puts each file, in the order it writes them: "label",
-    "prob_<code>", "agreement", "volumes", "itksnap", "slicer", "preview", "qc". The probability
-    and agreement maps take the label map's format (its ending of :data:`cmmas.io.IMAGE_SUFFIXES`:
-    ``.nii.gz``, or the uncompressed ``.nii`` / ``.mha``; ``.nii.gz`` when it has none of them)."""
-    out = Path(out)
-    ending = next((e for e in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if out.name.endswith(e)), None)
-    stem = out.name[: -len(ending)] if ending else out.stem
-    ending = ending or ".nii.gz"
-    paths = {"label": out}
-    paths.update({f"prob_{int(c)}": out.with_name(f"{stem}_prob_{int(c)}{ending}") for c in codes})
-    paths["agreement"] = out.with_name(f"{stem}_agreement{ending}")
-    paths["volumes"] = out.with_name(f"{stem}_volumes.csv")
-    paths["itksnap"] = out.with_name(f"{stem}_labels.itksnap.txt")
-    paths["slicer"] = out.with_name(f"{stem}_labels.ctbl")
-    paths["preview"] = out.with_name(f"{stem}_preview.png")
-    paths["qc"] = out.with_name(f"{stem}_qc.json")
-    return paths
-
-
-def write_segmentation(result: Segmentation, out: str | os.PathLike, extras: bool = True,
-                       preview: bool = False) -> list[Path]:
-    """Write the label map to ``out`` (as :func:`cmmas.io.label_dtype` of its codes) and beside it,
-    each atomically (:func:`output_paths`; the image format follows ``out``'s ending):
-
-    - with ``extras``, ``<stem>_prob_<code>.nii.gz`` and ``<stem>_agreement.nii.gz`` (on the
-      target's grid; uint8, value / 255 = the fraction: :data:`cmmas.io.PROBABILITY_SCALE`);
-    - ``<stem>_volumes.csv``, each structure's voxels, millilitres and mean agreement (empty when
-      the segmentation has no agreement map), ``<stem>_labels.itksnap.txt`` and
-      ``<stem>_labels.ctbl``, the label names and colours for ITK-SNAP and 3D Slicer
-      (:mod:`cmmas.outputs`);
-    - with ``preview``, ``<stem>_preview.png``: three slices of the scan with the labels filled;
-    - ``<stem>_qc.json``, the QC record (:meth:`Segmentation.qc`).
-
-    Returns:
-        The paths written, the label map first, the QC record last.
+def segment(target: Image | str | os.PathLike, atlas_set: AtlasSet | str | os.PathLike, reg_model=None,
+            fusion_model=None, config: SegmentConfig | None = None, *, alignment: Sequence[str] | None = None,
+            transform_dir: str | os.PathLike | None = None, progress: bool = False, **settings) -> Segmentation:
+    """Segment one scan: a :class:`Segmenter` built for it (``settings`` are :class:`SegmentConfig`
+    fields overriding ``config``'s, e.g. ``fusion="mv", atlases=3``).
 
     Raises:
-        CmmasError: ``extras`` asked of a segmentation made without its maps (``maps=False``).
+        ImageReadError: unreadable target; AtlasSetError: bad atlas set, or no atlas in it;
+        ModelError: missing/unloadable/unfit model; CmmasError: unknown fusion or setting.
     """
-    if extras and (result.probabilities is None or result.agreement is None):
-        raise CmmasError(out, "this segmentation has no probability or agreement maps (segment(maps=False)); "
-                              "write it with extras=False")
-    paths = output_paths(out, result.codes)
-    written = [write_label(result.label, paths["label"], result.codes)]
-    if extras:
-        for code, prob in result.probabilities.items():
-            written.append(write_image(prob, paths[f"prob_{code}"]))
-        written.append(write_image(result.agreement, paths["agreement"]))
-    rows = outputs.label_volumes(result.label, result.names, result.agreement)
-    written.append(outputs.write_volumes_csv(rows, paths["volumes"]))
-    written.append(outputs.write_itksnap_labels(result.names, paths["itksnap"]))
-    written.append(outputs.write_slicer_color_table(result.names, paths["slicer"]))
-    if preview:
-        written.append(outputs.write_preview(result.target, result.label, result.names, paths["preview"]))
-    written.append(atomic_write_text(paths["qc"], json.dumps(result.qc(), indent=1) + "\n"))
-    return written
+    if settings:
+        config = SegmentConfig.from_dict({**(config or SegmentConfig()).to_dict(), **settings})
+    segmenter = Segmenter(atlas_set, reg_model, fusion_model, config, progress=progress)
+    return segmenter.segment(target, alignment=alignment, transform_dir=transform_dir)

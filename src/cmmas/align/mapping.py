@@ -163,6 +163,16 @@ def _first_argmax(scores: np.ndarray) -> np.ndarray:
     return index
 
 
+def working_label(fused: WorkingMaps) -> np.ndarray:
+    """The label ``[D, H, W]`` (codes) of working-grid scores: a fusion's own label when it has one
+    (:class:`cmmas.fuse.vote.FusionResult`), else the arg-max of its probabilities (ties to the
+    lowest code)."""
+    label = getattr(fused, "label", None)
+    if label is not None:
+        return np.asarray(label)
+    return np.asarray([int(c) for c in fused.labels])[_first_argmax(np.asarray(fused.probabilities))]
+
+
 def one_hot_maps(label: np.ndarray, codes: Sequence[int]) -> WorkingMaps:
     """A working-grid label map ``[D, H, W]`` as :class:`WorkingMaps` (its one-hot, agreement 1), so
     that a single label map (one atlas, a bound) is mapped back exactly as a fused one."""

@@ -3,16 +3,16 @@ own oracle crop, scored there as the original did and, beside it, on its origina
 
 In an oracle set (:func:`cmmas.align.prepare.prepare_oracle`) every case, targets included, lies
 on the box of its OWN ground-truth structure stretched to the working shape, z-scored, without
-any alignment. :func:`evaluate_oracle_set` registers the atlases onto each held-out target with
-BiRegNet (:func:`cmmas.segment.register_atlases`), fuses them with each fusion by name and SimNet
-(:func:`cmmas.fuse.registry.fuse_all`), and scores every fused label twice:
+any alignment. :func:`evaluate_oracle_set` segments each held-out target with the engine
+(:class:`cmmas.segment.Segmenter`, which places an oracle set's case on its stored crop) by each
+fusion by name and SimNet, and scores every fused label twice:
 
 * on the crop (``OUT/crop/``): Dice and ASSD (and HD95) against the cropped truth, in mm of the
   crop's own (anisotropic) spacing, in array order: what the original reported (its column "HD"
   was ASSD, its spacing passed in the wrong axis order);
 * on the original grid (``OUT/``): the label mapped back through the exact oracle inverse
-  (:func:`cmmas.datasets.oracle_roi.label_to_original`, nearest neighbour, background outside
-  the box) and scored against the original label file.
+  (the engine's map-back of an oracle set, :func:`cmmas.datasets.oracle_roi.label_to_original`,
+  nearest neighbour, background outside the box) and scored against the original label file.
 
 Both are oracle numbers (the crop is placed with the target's own truth): comparable with the
 paper's, never with our pipeline's.
@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from cmmas import segment
+from cmmas.align import mapping
 from cmmas.align.atlas_set import AtlasSet
-from cmmas.datasets import oracle_roi
 from cmmas.errors import AtlasSetError
 from cmmas.evaluate.report import (
     JACOBIAN_COLUMNS,
@@ -47,12 +45,14 @@ from cmmas.evaluate.runs import (
     direction_name,
     evaluation_cases,
     jacobian_row,
-    load_networks,
+    make_segmenter,
     original_target,
 )
 from cmmas.evaluate.scoring import score, stream_bound_rows
 from cmmas.fuse import registry
 from cmmas.io import atomic_write_text
+from cmmas.outputs import write_label
+from cmmas.segment import SegmentConfig
 
 #: Method name of the majority vote of the cropped atlases without registration.
 CROP_MV = "crop+mv"
@@ -122,47 +122,48 @@ def evaluate_oracle_set(
     methods = [m for m in methods if m != SIMNET]
     registry.check_names(methods, options)
     targets, atlases = evaluation_cases(aset, atlas_modality, target_modality, holdout)
-    reg_net, simnet, methods, codes, atlas_images, atlas_labels = load_networks(aset, atlases, reg_model,
-                                                                                fusion_model, methods, options,
-                                                                                batch_size)
+    segmenter, methods = make_segmenter(aset, atlases, reg_model, fusion_model, methods,
+                                        SegmentConfig(fusion=methods[0] if methods else SIMNET,
+                                                      fusion_options=dict(options or {}), batch_size=batch_size,
+                                                      maps=False))
+    codes = segmenter.codes
     direction = direction_name(atlas_modality, target_modality)
     out = Path(out_dir)
     crop_rows, rows, timings, jacobians = [], [], [], []
     for target_id in tqdm(targets, desc=f"evaluate {direction} (oracle)", unit="target", disable=not progress):
         case = {"case": target_id, "direction": direction}
-        crop_image, crop_truth = aset.image(target_id), aset.label(target_id)
+        crop_truth = aset.label(target_id)
         original_image, truth = original_target(aset, target_id)
-        start = time.perf_counter()
-        warped_images, warped_labels, ddfs = segment.register_atlases(reg_net, atlas_images, atlas_labels,
-                                                                      crop_image.array, codes, batch_size)
+        segmented = segmenter.segment_all(original_image, methods, case_id=target_id, exclude=[target_id])
+        warped = next(iter(segmented.values())).warped
         timings.append({**case, "step": "registration", "method": BIREGNET,
-                        "seconds": (time.perf_counter() - start) / len(atlases)})
-        fused = {CROP_MV: registry.fuse_all(atlas_labels, codes, methods=("mv",))["mv"]}
-        fused.update(registry.fuse_all(warped_labels, codes, warped_images, crop_image.array, methods, options,
-                                       simnet=simnet, batch_size=batch_size))
+                        "seconds": warped.seconds["register"] / len(warped.atlas_ids)})
+        crop_mv = registry.fuse_all(warped.aligned_labels, codes, methods=("mv",))["mv"]
+        on_crop = {CROP_MV: (crop_truth.with_array(crop_mv.label), crop_mv.seconds)}
+        on_crop.update({name: (result.working, result.seconds["fuse"]) for name, result in segmented.items()})
         folder = out / target_id
-        for name, result in fused.items():
-            on_crop = crop_truth.with_array(result.label)
-            on_original = oracle_roi.label_to_original(on_crop, original_image.geometry)
-            segment.write_label(on_crop, folder / CROP / f"pred_{name}.nii.gz", codes)
-            segment.write_label(on_original, folder / f"pred_{name}.nii.gz", codes)
-            crop_rows += score(on_crop.array, crop_truth.array, aset.labels, crop_truth.spacing_zyx, method=name,
-                               seconds=result.seconds, **case)
+        for name, (crop_label, seconds) in on_crop.items():
+            on_original = segmented[name].label if name in segmented else \
+                segmenter.on_scan(warped.placement, crop_mv.result)[0]
+            write_label(crop_label, folder / CROP / f"pred_{name}.nii.gz", codes)
+            write_label(on_original, folder / f"pred_{name}.nii.gz", codes)
+            crop_rows += score(crop_label.array, crop_truth.array, aset.labels, crop_truth.spacing_zyx, method=name,
+                               seconds=seconds, **case)
             rows += score(on_original.array, truth.array, aset.labels, truth.spacing_zyx, method=name,
-                          seconds=result.seconds, **case)
-            timings.append({**case, "step": "fusion", "method": name, "seconds": result.seconds})
+                          seconds=seconds, **case)
+            timings.append({**case, "step": "fusion", "method": name, "seconds": seconds})
         if bounds:
-            majority = fused["mv"].label if "mv" in fused else \
-                registry.fuse_all(warped_labels, codes, methods=("mv",))["mv"].label
-            crop_rows += stream_bound_rows(warped_labels, crop_truth.array, aset.labels, crop_truth.spacing_zyx,
+            majority = on_crop["mv"][0].array if "mv" in on_crop else \
+                registry.fuse_all(warped.labels, codes, methods=("mv",))["mv"].label
+            crop_rows += stream_bound_rows(warped.labels, crop_truth.array, aset.labels, crop_truth.spacing_zyx,
                                            majority=majority, **case)
-            each = (oracle_roi.label_to_original(crop_truth.with_array(a), original_image.geometry).array
-                    for a in warped_labels)
-            mapped_majority = oracle_roi.label_to_original(crop_truth.with_array(majority), original_image.geometry)
+            each = (segmenter.on_scan(warped.placement, mapping.one_hot_maps(a, codes))[0].array
+                    for a in warped.labels)
+            mapped_majority = segmenter.on_scan(warped.placement, mapping.one_hot_maps(majority, codes))[0]
             rows += stream_bound_rows(each, truth.array, aset.labels, truth.spacing_zyx,
                                       majority=mapped_majority.array, **case)
-        if ddfs is not None:
-            jacobians.append(jacobian_row(ddfs, case))
+        if warped.fields is not None:
+            jacobians.append(jacobian_row(warped.fields, case))
     extra = {"notes": NOTES, "atlases": atlases}
     if jacobians:
         extra["jacobian"] = summarize_jacobian(jacobians)

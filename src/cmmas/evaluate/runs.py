@@ -1,21 +1,19 @@
-"""Evaluating an atlas set's held-out targets through ``segment``'s own code path, and
-aggregating the reports of a whole run.
+"""Evaluating an atlas set's held-out targets through the engine, and aggregating the reports of
+a whole run.
 
 :func:`evaluate_atlas_set` takes each labelled held-out ("test") case of a prepared atlas set as
-a target, with the set's labelled training cases of the atlas modality as atlases, and runs the
-steps of :func:`cmmas.segment.segment` on it: the alignment stored when the set was prepared
-(:func:`cmmas.segment.align_target`), BiRegNet (:func:`cmmas.segment.register_atlases`), each
-fusion by name (:func:`cmmas.fuse.registry.fuse_named`) and THE map-back
-(:func:`cmmas.align.mapping.map_back`); the label it scores for a fusion is the label
-``cmmas segment --fusion <name> --transform <the stored alignment>`` writes. Scores are
-computed on the target's original grid against its original label file.
+a target, with the set's labelled training cases of the atlas modality as atlases, and segments
+it with a :class:`cmmas.segment.Segmenter` (the alignment stored when the set was prepared, the
+engine's settings: ``--atlases K``, ``--atlas-affine``, ``--refine-steps`` ...) by each fusion of
+the evaluation: the label it scores for a fusion is the label ``cmmas segment --fusion <name>
+--transform <the stored alignment>`` with the same settings writes. Scores are computed on the
+target's original grid against its original label file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +21,6 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from cmmas import segment
 from cmmas.align import mapping
 from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets.base import Case, natural_key
@@ -46,6 +43,8 @@ from cmmas.evaluate.report import (
 from cmmas.evaluate.scoring import score, stream_bound_rows
 from cmmas.fuse import registry
 from cmmas.io import Image, atomic_write_text, read_label
+from cmmas.outputs import write_label
+from cmmas.segment import SegmentConfig, Segmenter
 from cmmas.metrics import jacobian_stats
 
 logger = logging.getLogger(__name__)
@@ -130,26 +129,15 @@ def evaluation_cases(aset: AtlasSet, atlas_modality: str, target_modality: str,
     return targets, atlases
 
 
-class Networks(NamedTuple):
-    """What an evaluation fuses with: the networks, the fusions (SimNet last when given), the label
-    codes (background first) and the atlases' arrays ``[N, D, H, W]`` on the working grid."""
-
-    reg_net: object
-    simnet: object
-    methods: list[str]
-    codes: list[int]
-    atlas_images: np.ndarray
-    atlas_labels: np.ndarray
-
-
-def load_networks(aset: AtlasSet, atlases: Sequence[str], reg_model, fusion_model, methods: Sequence[str],
-                  options: Mapping[str, Mapping] | None, batch_size: int) -> Networks:
-    """Load BiRegNet and SimNet for ``aset``, warm them up on its atlases and read the atlases."""
-    reg_net, simnet = segment.load_models(reg_model, fusion_model, aset)
-    methods = [*methods, SIMNET] if simnet is not None else list(methods)
-    segment.warm_up(reg_net, simnet, aset, atlases, methods, batch_size, options)
-    atlas_images, atlas_labels = aset.arrays(atlases)
-    return Networks(reg_net, simnet, methods, [0, *sorted(aset.labels)], atlas_images, atlas_labels)
+def make_segmenter(aset: AtlasSet, atlases: Sequence[str], reg_model, fusion_model, methods: Sequence[str],
+                   config: SegmentConfig | None = None) -> tuple[Segmenter, list[str]]:
+    """The engine an evaluation segments with (the atlases ``atlases``, ``config``'s settings),
+    warmed up on its fusions, and the fusions it evaluates: ``methods`` and, with a SimNet, "simnet" last."""
+    config = config or SegmentConfig(fusion=methods[0] if methods else registry.SIMNET)
+    segmenter = Segmenter(aset, reg_model, fusion_model, config, atlas_ids=atlases)
+    methods = [*methods, SIMNET] if segmenter.simnet is not None else list(methods)
+    segmenter.warm_up(methods)
+    return segmenter, methods
 
 
 class _TargetResult(NamedTuple):
@@ -173,54 +161,40 @@ def jacobian_row(ddfs: np.ndarray, case: dict) -> dict:
     }
 
 
-def evaluate_target(
-    aset: AtlasSet,
-    target_id: str,
-    atlas_images: np.ndarray,
-    atlas_labels: np.ndarray,
-    reg_net,
-    simnet,
-    methods: Sequence[str],
-    options: Mapping[str, Mapping] | None,
-    direction: str,
-    bounds: bool,
-    batch_size: int,
-    folder: Path,
-) -> _TargetResult:
-    """Segment one held-out target as ``cmmas segment`` does (with its stored alignment) with the
-    atlases ``[N, D, H, W]`` (images, labels) and every fusion of ``methods`` (and "affine+mv"),
-    write each label to ``folder/pred_<method>.nii.gz`` and score it on the target's original grid."""
+def evaluate_target(aset: AtlasSet, target_id: str, segmenter: Segmenter, methods: Sequence[str], direction: str,
+                    bounds: bool, folder: Path) -> _TargetResult:
+    """Segment one held-out target with the engine, by every fusion of ``methods`` (and
+    "affine+mv"), as ``cmmas segment --fusion <name> --transform <its stored alignment>`` with the
+    engine's settings writes it; write each label to ``folder/pred_<method>.nii.gz`` and score it
+    on the target's original grid."""
     image, truth = original_target(aset, target_id)
-    codes = [0, *sorted(aset.labels)]
+    codes = segmenter.codes
     case = {"case": target_id, "direction": direction}
-    transforms, working, _ = segment.align_target(image, aset, folder, alignment=aset.transform(target_id))
-    fused = {AFFINE_MV: registry.fuse_all(atlas_labels, codes, methods=("mv",))["mv"]}
-    start = time.perf_counter()
-    warped_images, warped_labels, ddfs = segment.register_atlases(reg_net, atlas_images, atlas_labels, working.array,
-                                                                  codes, batch_size)
-    per_atlas = (time.perf_counter() - start) / len(atlas_images)
-    fused.update(registry.fuse_all(warped_labels, codes, warped_images, working.array, methods, options,
-                                   simnet=simnet, batch_size=batch_size))
+    segmented = segmenter.segment_all(image, methods, alignment=aset.transform(target_id), exclude=[target_id])
+    warped = next(iter(segmented.values())).warped if segmented else \
+        segmenter.warp(image, folder, alignment=aset.transform(target_id), exclude=[target_id])
+    placement = warped.placement
 
-    def original(maps) -> np.ndarray:
-        label, _, _ = mapping.map_back(maps, working, transforms, image, maps=False)
-        return label.array
+    def on_scan(maps) -> np.ndarray:
+        return segmenter.on_scan(placement, maps)[0].array
 
-    rows, paths, majority = [], {}, None
-    for name, (result, seconds) in fused.items():
-        label = image.with_array(original(result))
-        paths[name] = segment.write_label(label, folder / f"pred_{name}.nii.gz", codes)
+    affine = registry.fuse_all(warped.aligned_labels, codes, methods=("mv",))["mv"]
+    labels = {AFFINE_MV: (image.with_array(on_scan(affine.result)), affine.seconds)}
+    labels.update({name: (result.label, result.seconds["fuse"]) for name, result in segmented.items()})
+    rows, paths = [], {}
+    for name, (label, seconds) in labels.items():
+        paths[name] = write_label(label, folder / f"pred_{name}.nii.gz", codes)
         rows += score(label.array, truth.array, aset.labels, truth.spacing_zyx, method=name, seconds=seconds, **case)
-        majority = label.array if name == "mv" else majority
     if bounds:
-        if majority is None:
-            majority = original(registry.fuse_all(warped_labels, codes, methods=("mv",))["mv"].result)
-        each = (original(mapping.one_hot_maps(a, codes)) for a in warped_labels)
+        majority = labels["mv"][0].array if "mv" in labels else \
+            on_scan(registry.fuse_all(warped.labels, codes, methods=("mv",))["mv"].result)
+        each = (on_scan(mapping.one_hot_maps(a, codes)) for a in warped.labels)
         rows += stream_bound_rows(each, truth.array, aset.labels, truth.spacing_zyx, majority=majority, **case)
 
+    per_atlas = warped.seconds["register"] / len(warped.atlas_ids)
     timings = [{**case, "step": "registration", "method": BIREGNET, "seconds": per_atlas}]
-    timings += [{**case, "step": "fusion", "method": name, "seconds": f.seconds} for name, f in fused.items()]
-    jacobian = jacobian_row(ddfs, case) if ddfs is not None else {}
+    timings += [{**case, "step": "fusion", "method": name, "seconds": seconds} for name, (_, seconds) in labels.items()]
+    jacobian = jacobian_row(warped.fields, case) if warped.fields is not None else {}
     return _TargetResult(rows, timings, jacobian, paths)
 
 
@@ -251,6 +225,7 @@ def evaluate_atlas_set(
     batch_size: int = 2,
     progress: bool = True,
     holdout: int = 0,
+    config: SegmentConfig | None = None,
 ) -> EvaluationReport:
     """Segment every held-out target of a prepared atlas set and score it on its original grid.
 
@@ -286,16 +261,13 @@ def evaluate_atlas_set(
     evaluated = [AFFINE_MV, *methods] + ([SIMNET] if fusion_model is not None else [])
     if overlay_method is not None and overlay_method not in evaluated:
         raise CmmasError(None, f"overlay method {overlay_method!r} is not evaluated (evaluated: {', '.join(evaluated)})")
-    reg_net, simnet, methods, _, atlas_images, atlas_labels = load_networks(aset, atlases, reg_model, fusion_model,
-                                                                            methods, options, batch_size)
+    config = config or SegmentConfig(fusion=methods[0] if methods else SIMNET, fusion_options=dict(options or {}),
+                                     batch_size=batch_size, maps=False)
+    segmenter, methods = make_segmenter(aset, atlases, reg_model, fusion_model, methods, config)
     out = Path(out_dir)
     rows, timings, jacobians, sources = [], [], [], {}
     for target_id in tqdm(targets, desc=f"evaluate {direction}", unit="target", disable=not progress):
-        keep = [k for k, a in enumerate(atlases) if a != target_id]
-        if not keep:
-            raise AtlasSetError(aset.root, f"no atlas left for target {target_id!r}")
-        result = evaluate_target(aset, target_id, atlas_images[keep], atlas_labels[keep], reg_net, simnet, methods,
-                                 options, direction, bounds, batch_size, out / target_id)
+        result = evaluate_target(aset, target_id, segmenter, methods, direction, bounds, out / target_id)
         rows += result.rows
         timings += result.timings
         if result.jacobian:
@@ -306,7 +278,7 @@ def evaluate_atlas_set(
     jacobian_csv = atomic_write_text(out / "jacobian.csv", to_csv(jacobians, JACOBIAN_COLUMNS)) if jacobians else None
     figures: list[Path] = []
     if plots:
-        ranked_by = overlay_method or (SIMNET if simnet is not None else methods[0] if methods else AFFINE_MV)
+        ranked_by = overlay_method or (SIMNET if SIMNET in methods else methods[0] if methods else AFFINE_MV)
         figures = write_figures(rows, out, sources, ranked_by)
     return extended_report(report, jacobian_csv, figures)
 
