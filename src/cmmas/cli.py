@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,11 +38,24 @@ def _int_triple(text: str) -> tuple:
 
 
 def _atlases(text: str) -> int | Path:
-    if text.isdigit():
+    if re.fullmatch(r"[+-]?\d+", text.strip()):
         if int(text) < 1:
             raise argparse.ArgumentTypeError("the number of atlases must be at least 1")
         return int(text)
     return Path(text)
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,14 +145,21 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--atlas-set", type=Path, default=None, metavar="DIR",
                      help="atlas set made by `cmmas prepare-atlases`")
     seg.add_argument("--atlases", type=_atlases, default=None, metavar="K|DIR",
-                     help="K: use the K atlases most similar to the aligned target (default: all); or DIR: a "
+                     help="K: use the K atlases most similar to the aligned target (default: all; a K larger than "
+                     "the set uses all of them, and the line per scan lists those used); or DIR: a "
                      "folder of raw labelled atlases (folder layout), prepared once into <out folder>/atlas_set")
     seg.add_argument("--atlas-modality", default=None, choices=["ct", "mr"],
                      help="modality of the atlases, when the atlas set or DIR holds labelled cases of both "
                      "(default: the reference's, or DIR's only labelled modality)")
     seg.add_argument("--reg-model", type=Path, default=None, metavar="MODEL.keras",
-                     help="trained BiRegNet (.keras) of the working grid's shape; without it the atlases are "
-                     "fused after the affine alignment only")
+                     help="trained BiRegNet (.keras) of the working grid's shape (default: the bundle's)")
+    seg.add_argument("--no-registration", action="store_true",
+                     help="fuse the atlases after the affine alignment only, without the registration network; "
+                     "with no --reg-model and no bundle model, segmenting without it must be asked for with this flag "
+                     "(the log and the QC record say so)")
+    seg.add_argument("--strict", action="store_true",
+                     help="refuse a scan whose header is suspicious but readable (NIfTI qform and sform disagreeing, "
+                     "DICOM slices not evenly spaced) instead of warning and recording it in the QC record")
     seg.add_argument("--fusion-model", type=Path, default=None, metavar="SIMNET.keras",
                      help="trained SimNet (.keras), for --fusion simnet")
     seg.add_argument("--fusion", default="simnet", choices=FUSIONS, metavar="{" + ",".join(FUSIONS) + "}",
@@ -156,7 +177,7 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--transform", type=Path, nargs="+", default=None, metavar="MAT",
                      help="use this scan -> reference alignment (ANTs transform files, e.g. an atlas set's "
                           "transforms/<id>/affine.mat) instead of aligning the scan again (one target only)")
-    seg.add_argument("--batch-size", type=int, default=2, metavar="N", help="atlases per network batch (default 2)")
+    seg.add_argument("--batch-size", type=_at_least(1), default=2, metavar="N", help="atlases per network batch (default 2)")
     seg.add_argument("--no-extras", action="store_true",
                      help="write only the label map and its QC record (the probability and agreement maps are then "
                           "not computed either: faster on large grids)")
@@ -177,7 +198,7 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--atlas-affine", action="store_true",
                      help="give every atlas its own affine registration onto the aligned scan before the network "
                      "(~0.1 s per atlas): a trapped alignment then costs one atlas instead of all of them")
-    seg.add_argument("--refine-steps", type=int, default=0, metavar="N",
+    seg.add_argument("--refine-steps", type=_at_least(0), default=0, metavar="N",
                      help="refine every atlas's field on the scan with N Adam steps on the MIND-SSC distance "
                      "(modality-independent structure) plus a diffusion penalty, starting from BiRegNet's field "
                      "(default 0: off; see docs/results.md for what it gains and costs)")
@@ -220,6 +241,58 @@ def _prepare(args) -> None:
     )
     print(f"atlas set of {len(aset.ids())} atlases (reference {aset.manifest.reference}, grid "
           f"{aset.geometry.shape} at {aset.geometry.spacing_zyx} mm) written to {args.out}")
+
+
+def _check_segment_request(args, codes: Sequence[int] = ()) -> list[Path]:
+    """Refuse a ``segment`` request before any image or model is read (:mod:`cmmas.request`):
+    an output (the label map or a name derived from it, :func:`cmmas.segment.output_paths`) equal
+    to an input or inside an input folder, or to another output of the call; an output that is a
+    folder, ends in '/', has an unsupported ending or lies in an unwritable folder; options out of
+    range.
+
+    Args:
+        args: the parsed ``segment`` arguments.
+        codes: the atlas set's label codes (the ``prob_<code>`` names); without them, the codes
+            of any input named like one of the probability maps, so that a collision is found
+            before the atlas set is read.
+
+    Returns:
+        Each target's label-map path.
+
+    Raises:
+        CmmasError: the first problem, one line naming the argument and the file.
+    """
+    from cmmas import request, segment
+
+    request.check_at_least("--refine-steps", args.refine_steps, 0)
+    request.check_at_least("--batch-size", args.batch_size, 1)
+    outs = segment.label_paths(args.target, args.out)
+    if len(outs) > 1:
+        outs = [out.with_name(out.name[: -len(".nii.gz")] + "." + args.format) for out in outs]
+    else:
+        request.check_image_output("--out", args.out)
+    inputs = (request.image_inputs("--target", args.target) + request.image_inputs("--transform", args.transform)
+              + [(flag, path) for flag, path in (("--bundle", args.bundle), ("--atlas-set", args.atlas_set),
+                                                 ("--reg-model", args.reg_model), ("--fusion-model", args.fusion_model),
+                                                 ("--atlases", args.atlases)) if isinstance(path, Path)])
+    skipped = ({"agreement"} if args.no_extras else set()) | (set() if args.preview else {"preview"})
+    outputs = []
+    for out in outs:
+        derived = segment.output_paths(out, sorted({int(c) for c in codes} or _prob_codes(out, inputs)))
+        outputs += request.output_names(out, {kind: path for kind, path in derived.items() if kind not in skipped
+                                              and not (args.no_extras and kind.startswith("prob_"))})
+    request.check_outputs(inputs, outputs)
+    return outs
+
+
+def _prob_codes(out: Path, inputs: Sequence[tuple[str, Path]]) -> set[int]:
+    """The codes of the inputs named as ``out``'s probability maps would be (``<stem>_prob_<code>``
+    and ``out``'s ending, as :func:`cmmas.segment.output_paths` names them)."""
+    from cmmas import segment
+
+    first = segment.output_paths(out, [0])["prob_0"]
+    pattern = re.escape(first.name).replace("_prob_0", r"_prob_(\d+)", 1)
+    return {int(m.group(1)) for _, path in inputs if (m := re.fullmatch(pattern, Path(path).name))}
 
 
 def _segment(args) -> None:
