@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,11 +42,24 @@ def _int_triple(text: str) -> tuple:
 
 
 def _atlases(text: str) -> int | Path:
-    if text.isdigit():
+    if re.fullmatch(r"[+-]?\d+", text.strip()):
         if int(text) < 1:
             raise argparse.ArgumentTypeError("the number of atlases must be at least 1")
         return int(text)
     return Path(text)
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,17 +149,21 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--atlas-set", type=Path, default=None, metavar="DIR",
                      help="atlas set made by `cmmas prepare-atlases`")
     seg.add_argument("--atlases", type=_atlases, default=None, metavar="K|DIR",
-                     help="K: use the K atlases most similar to the aligned target (default: all); or DIR: a "
+                     help="K: use the K atlases most similar to the aligned target (default: all; a K larger than "
+                     "the set uses all of them, and the line per scan lists those used); or DIR: a "
                      "folder of raw labelled atlases (folder layout), prepared once into <out folder>/atlas_set")
     seg.add_argument("--atlas-modality", default=None, choices=["ct", "mr"],
                      help="modality of the atlases, when the atlas set or DIR holds labelled cases of both "
                      "(default: the reference's, or DIR's only labelled modality)")
     seg.add_argument("--reg-model", type=Path, default=None, metavar="MODEL.keras",
-                     help="trained BiRegNet (.keras) of the working grid's shape (default: the bundle's reg_model.keras)")
+                     help="trained BiRegNet (.keras) of the working grid's shape (default: the bundle's)")
     seg.add_argument("--no-registration", action="store_true",
-                     help="fuse the atlases as affinely aligned, without the registration network (BiRegNet); without "
-                     "--reg-model or a bundle's reg_model.keras this must be asked for explicitly, and qc.json records "
-                     "it ('registration': false)")
+                     help="fuse the atlases after the affine alignment only, without the registration network; "
+                     "with no --reg-model and no bundle model, segmenting without it must be asked for with this flag "
+                     "(the log and the QC record, 'registration': false, say so)")
+    seg.add_argument("--strict", action="store_true",
+                     help="refuse a scan whose header is suspicious but readable (NIfTI qform and sform disagreeing, "
+                     "DICOM slices not evenly spaced) instead of warning and recording it in the QC record")
     seg.add_argument("--fusion-model", type=Path, default=None, metavar="SIMNET.keras",
                      help="trained SimNet (.keras), for --fusion simnet")
     seg.add_argument("--fusion", default="simnet", choices=FUSIONS, metavar="{" + ",".join(FUSIONS) + "}",
@@ -163,7 +181,7 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--transform", type=Path, nargs="+", default=None, metavar="MAT",
                      help="use this scan -> reference alignment (ANTs transform files, e.g. an atlas set's "
                           "transforms/<id>/affine.mat) instead of aligning the scan again (one target only)")
-    seg.add_argument("--batch-size", type=int, default=2, metavar="N", help="atlases per network batch (default 2)")
+    seg.add_argument("--batch-size", type=_at_least(1), default=2, metavar="N", help="atlases per network batch (default 2)")
     seg.add_argument("--no-extras", action="store_true",
                      help="write only the label map and its QC record (the probability and agreement maps are then "
                           "not computed either: faster on large grids)")
@@ -184,7 +202,7 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--atlas-affine", action="store_true",
                      help="give every atlas its own affine registration onto the aligned scan before the network "
                      "(~0.1 s per atlas): a trapped alignment then costs one atlas instead of all of them")
-    seg.add_argument("--refine-steps", type=int, default=0, metavar="N",
+    seg.add_argument("--refine-steps", type=_at_least(0), default=0, metavar="N",
                      help="refine every atlas's field on the scan with N Adam steps on the MIND-SSC distance "
                      "(modality-independent structure) plus a diffusion penalty, starting from BiRegNet's field "
                      "(default 0: off; see docs/results.md for what it gains and costs)")
@@ -240,19 +258,70 @@ def segment_config(args) -> SegmentConfig:
         maps=not args.no_extras, batch_size=args.batch_size)
 
 
+def _check_segment_request(args, codes: Sequence[int] = ()) -> list[Path]:
+    """Refuse a ``segment`` request before any image or model is read (:mod:`cmmas.request`):
+    an output (the label map or a name derived from it, :func:`cmmas.names.output_paths`) equal
+    to an input or inside an input folder, or to another output of the call; an output that is a
+    folder, ends in '/', has an unsupported ending or lies in an unwritable folder; options out of
+    range.
+
+    Args:
+        args: the parsed ``segment`` arguments.
+        codes: the atlas set's label codes (the ``prob_<code>`` names); without them, the codes
+            of any input named like one of the probability maps, so that a collision is found
+            before the atlas set is read.
+
+    Returns:
+        Each target's label-map path.
+
+    Raises:
+        CmmasError: the first problem, one line naming the argument and the file.
+    """
+    from cmmas import outputs as names, request
+
+    request.check_at_least("--refine-steps", args.refine_steps, 0)
+    request.check_at_least("--batch-size", args.batch_size, 1)
+    outs = names.label_paths(args.target, args.out)
+    if len(outs) > 1:
+        outs = [out.with_name(out.name[: -len(".nii.gz")] + "." + args.format) for out in outs]
+    else:
+        request.check_image_output("--out", args.out)
+    inputs = (request.image_inputs("--target", args.target) + request.image_inputs("--transform", args.transform)
+              + [(flag, path) for flag, path in (("--bundle", args.bundle), ("--atlas-set", args.atlas_set),
+                                                 ("--reg-model", args.reg_model), ("--fusion-model", args.fusion_model),
+                                                 ("--atlases", args.atlases)) if isinstance(path, Path)])
+    skipped = ({"agreement"} if args.no_extras else set()) | (set() if args.preview else {"preview"})
+    written = []
+    for out in outs:
+        derived = names.output_paths(out, sorted({int(c) for c in codes} or _prob_codes(out, inputs)))
+        written += request.output_names(out, {kind: path for kind, path in derived.items() if kind not in skipped
+                                              and not (args.no_extras and kind.startswith("prob_"))})
+    request.check_outputs(inputs, written)
+    return outs
+
+
+def _prob_codes(out: Path, inputs: Sequence[tuple[str, Path]]) -> set[int]:
+    """The codes of the inputs named as ``out``'s probability maps would be (``<stem>_prob_<code>``
+    and ``out``'s ending, as :func:`cmmas.names.output_paths` names them)."""
+    from cmmas import segment
+
+    first = names.output_paths(out, [0])["prob_0"]
+    pattern = re.escape(first.name).replace("_prob_0", r"_prob_(\d+)", 1)
+    return {int(m.group(1)) for _, path in inputs if (m := re.fullmatch(pattern, Path(path).name))}
+
+
 def _segment(args) -> None:
     from cmmas import bundle as bundles
     from cmmas import outputs
     from cmmas.align import ants, prepare
+    from cmmas.align.atlas_set import AtlasSet
     from cmmas.io import read_image
     from cmmas.segment import Segmenter
 
     if not args.fast_nondeterministic:
         ants.set_threads(1)  # before this process's first ANTs registration
+    outs = _check_segment_request(args)
     config = segment_config(args)
-    outs = outputs.label_paths(args.target, args.out)
-    if len(outs) > 1:
-        outs = [out.with_name(out.name[: -len(".nii.gz")] + "." + args.format) for out in outs]
     if args.transform is not None and len(args.target) > 1:
         raise CmmasError(args.transform[0], "--transform is one scan's alignment: give one --target with it")
     if args.transform is not None:
@@ -274,6 +343,9 @@ def _segment(args) -> None:
         atlas_set = prepare.raw_atlas_set(args.atlases, args.atlas_modality, outs[0].parent / "atlas_set",
                                            shape, args.spacing, progress=_progress(), like=like).root
     found = bundles.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
+    aset = AtlasSet(found.atlas_set)
+    _check_segment_request(args, [0, *aset.labels])  # again, with the set's probability map names
+    scans = [read_image(args.target[0], dtype=None, strict=args.strict), *args.target[1:]]  # before the models load
     reg_model = reg_model if reg_model is not None else found.reg_model
     if args.no_registration:
         reg_model = None
@@ -281,13 +353,13 @@ def _segment(args) -> None:
         where = (args.bundle / bundles.BUNDLE_REG_MODEL) if args.bundle is not None else "--reg-model"
         raise CmmasError(where, "no registration network (not found): give --reg-model, or pass --no-registration "
                                 "to fuse the affinely aligned atlases")
-    scans = [read_image(args.target[0], dtype=None), *args.target[1:]]  # a bad first scan fails before the models load
-    segmenter = Segmenter(found.atlas_set, reg_model, found.fusion_model if args.fusion == "simnet" else None,
+    segmenter = Segmenter(aset, reg_model, found.fusion_model if args.fusion == "simnet" else None,
                           config, progress=_progress())  # the models load once for all targets
     if args.no_registration:
         print("cmmas: segmenting without the registration network (--no-registration): the atlases are fused as "
               "affinely aligned", file=sys.stderr)
     for scan, out in zip(scans, outs):
+        scan = scan if not isinstance(scan, Path) else read_image(scan, dtype=None, strict=args.strict)
         result = segmenter.segment(scan, alignment=args.transform)
         written = outputs.write_segmentation(result, out, extras=not args.no_extras, preview=args.preview)
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())

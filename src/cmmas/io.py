@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import logging
 import os
-import struct
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from cmmas import headers
 from cmmas.errors import GeometryError, ImageReadError, LabelError
+
+_LOG = logging.getLogger(__name__)
 
 #: SimpleITK returns spacing rounded through float32: compare geometry with this tolerance (mm).
 GEOMETRY_TOL = 1e-3
@@ -138,11 +141,16 @@ def _fmt(values: Iterable[float]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Image:
-    """A 3D array in ``(z, y, x)`` order with its geometry and (optionally) where it came from."""
+    """A 3D array in ``(z, y, x)`` order with its geometry and (optionally) where it came from.
+
+    ``warnings`` are what reading the file found suspicious but usable (one line each, the file
+    first: :func:`read_image`); they travel with every array put on this grid (:meth:`with_array`).
+    """
 
     array: np.ndarray
     geometry: Geometry
     path: str | None = None
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
@@ -165,7 +173,7 @@ class Image:
 
     def with_array(self, array: np.ndarray) -> "Image":
         """The same grid holding other values (e.g. a prediction on this image's grid)."""
-        return Image(np.asarray(array), self.geometry, self.path)
+        return Image(np.asarray(array), self.geometry, self.path, self.warnings)
 
 
 def to_sitk(image: Image) -> sitk.Image:
@@ -235,70 +243,95 @@ class _Pixels:
         self.__array_interface__ = interface
 
 
-def _read_sitk(path: Path) -> sitk.Image:
+def _read_sitk(path: Path) -> tuple[sitk.Image, list[str]]:
+    """The image ITK reads, and the warnings of a DICOM folder's slice positions."""
     if not path.exists():
         raise ImageReadError(path, "file not found")
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise ImageReadError(path, "folder holds no DICOM series")
-            if len(series) > 1:
-                raise ImageReadError(
-                    path, f"folder holds {len(series)} DICOM series; point to one series folder"
-                )
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+            return _read_series(path)
+        return sitk.ReadImage(str(path)), []
     except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "error" in ln), first[-1] if first else "")
+        lines = str(err).strip().splitlines()
+        detail = next((ln for ln in lines if "ERROR" in ln or "error" in ln), lines[-1] if lines else "")
+        if "orthonormal" in detail:
+            raise GeometryError(path, "direction matrix is degenerate or not orthonormal: the axes' orientation "
+                                "is undefined") from None
         raise ImageReadError(path, f"unreadable or truncated image ({detail.strip()[:160]})") from None
+
+
+def _read_series(path: Path) -> tuple[sitk.Image, list[str]]:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise ImageReadError(path, "folder holds no DICOM series")
+    if len(series) > 1:
+        raise ImageReadError(path, f"folder holds {len(series)} DICOM series; point to one series folder")
+    files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                              for i in range(len(files))])
+        cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError):  # no positions: ITK stacks by file order, nothing to check
+        return image, []
+    normal = np.cross(cosines[:3], cosines[3:6])
+    return image, headers.check_slice_positions(path, files, positions, normal)
 
 
 #: NIfTI-1 datatype codes of floating-point voxels and their numpy dtypes.
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
 
 
-def _check_nifti_payload(path: Path) -> None:
-    """Checks ITK's NIfTI reader skips: a truncated ``.nii`` and NaN/inf voxels.
+def _check_nifti(path: Path, image: sitk.Image) -> list[str]:
+    """Checks ITK's NIfTI reader skips: the header's spacings and transforms
+    (:func:`cmmas.headers.check_nifti_header`), a truncated ``.nii`` and NaN/inf voxels.
 
-    ITK zero-fills the missing tail of a truncated uncompressed NIfTI and reads NaN as 0,
-    which would silently corrupt the data; this reads the raw payload to catch both.
+    ITK assumes 1 mm for a zero spacing, flips an axis of negative spacing, zero-fills the
+    missing tail of a truncated uncompressed NIfTI and reads NaN as 0, which would silently
+    corrupt the data; this reads the raw header and payload to catch them.
+
+    Returns:
+        The header's warnings (one line each, the file first).
     """
     try:
-        _check_nifti_stream(path)
+        header = headers.read_nifti_header(path)
+        warnings = headers.check_nifti_header(path, header, _ras_affine(image))
+        _check_nifti_payload(path, header)
     except (EOFError, OSError, zlib.error) as err:
         raise ImageReadError(path, f"unreadable or truncated image ({err})") from None
+    return warnings
 
 
-def _check_nifti_stream(path: Path) -> None:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        header = handle.read(348)
-        if len(header) < 348:
-            raise ImageReadError(path, "unreadable or truncated image (NIfTI header is incomplete)")
-        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-        dims = struct.unpack(endian + "8h", header[40:56])
-        datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
-        vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
-        n_voxels = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
-        expected = n_voxels * bitpix // 8
-        dtype = _NIFTI_FLOAT_TYPES.get(datatype)
-        if dtype is None and opener is open:
-            if path.stat().st_size < vox_offset + expected:
-                raise ImageReadError(
-                    path, f"truncated file: {path.stat().st_size} bytes, {vox_offset + expected} expected"
-                )
-            return
-        if dtype is None:
-            return
-        handle.seek(vox_offset)
+def _ras_affine(image: sitk.Image) -> np.ndarray:
+    """The ``[4, 4]`` voxel-to-RAS affine (mm) of a 3D SimpleITK image."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # ITK's LPS to NIfTI's RAS
+
+
+def _check_nifti_payload(path: Path, header: headers.NiftiHeader) -> None:
+    n_voxels = int(np.prod([max(d, 1) for d in header.dim[1 : 1 + max(header.dim[0], 0)]]))
+    expected = n_voxels * header.bitpix // 8
+    dtype = _NIFTI_FLOAT_TYPES.get(header.datatype)
+    compressed = path.name.endswith(".gz")
+    if dtype is None and not compressed:
+        if path.stat().st_size < header.vox_offset + expected:
+            raise ImageReadError(
+                path, f"truncated file: {path.stat().st_size} bytes, {header.vox_offset + expected} expected"
+            )
+        return
+    if dtype is None:
+        return
+    with (gzip.open if compressed else open)(path, "rb") as handle:
+        handle.seek(header.vox_offset)
         payload = handle.read(expected)
     if len(payload) < expected:
         raise ImageReadError(path, f"truncated file: {len(payload)} of {expected} voxel bytes present")
-    values = np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder(endian))
+    values = np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder(header.endian))
     bad = int(np.count_nonzero(~np.isfinite(values)))
     if bad:
         raise ImageReadError(path, f"{bad} voxel(s) are NaN or infinite")
@@ -313,30 +346,53 @@ def _squeeze_to_3d(image: sitk.Image, path: Path) -> sitk.Image:
     return image
 
 
-def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float32) -> Image:
-    """Read a NIfTI/MHA/NRRD file or a DICOM series folder as a 3D image.
+def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float32, strict: bool = False) -> Image:
+    """Read a NIfTI/MHA/NRRD file or a DICOM series folder as a 3D image, its header checked.
+
+    Refused: a spacing that is zero, negative or not finite (a NIfTI ``pixdim`` is read from the
+    header itself, as ITK would replace it), a direction matrix that is not orthonormal. Warned
+    (in :attr:`Image.warnings`, each logged once): a NIfTI whose qform and sform disagree (which
+    one was used is said), a DICOM series whose slices are not evenly spaced (a slice missing).
 
     Args:
         path: file path, or a folder holding exactly one DICOM series.
         dtype: numpy dtype of the returned array (float32 by default); None keeps the file's own
             (an int16 CT stays int16: half the memory of float32, and no conversion pass).
+        strict: refuse what would be a warning.
 
     Returns:
-        :class:`Image` with the array in ``(z, y, x)`` order and the file's geometry.
+        :class:`Image` with the array in ``(z, y, x)`` order, the file's geometry and the warnings.
 
     Raises:
         ImageReadError: missing, unreadable, not 3D, or holding NaN/inf voxels.
+        GeometryError: a bad spacing or direction; with ``strict``, any warning.
     """
     path = Path(path)
-    image = _squeeze_to_3d(_read_sitk(path), path)
+    raw, warnings = _read_sitk(path)
+    image = _squeeze_to_3d(raw, path)
     if path.name.endswith((".nii", ".nii.gz")):
-        _check_nifti_payload(path)
+        warnings += _check_nifti(path, image)
+    headers.check_grid(path, image.GetSpacing(), image.GetDirection())
+    if strict and warnings:
+        raise GeometryError(path, warnings[0].removeprefix(f"{path}: ") + " (refused: strict)")
+    for line in warnings:
+        _log_once(line)
     out = from_sitk(image, path, dtype, share=True)  # the image read is nobody else's: no copy
     array = out.array
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise ImageReadError(path, f"{bad} voxel(s) are NaN or infinite")
-    return out
+    return dataclasses.replace(out, warnings=tuple(warnings))
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(line: str) -> None:
+    """``logging.warning`` a read warning the first time this process meets it."""
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        _LOG.warning(line)
 
 
 def read_label(

@@ -551,7 +551,13 @@ def _check_registrable(image: Image, role: str) -> None:
         raise ImageReadError(name, "image holds NaN or infinite voxels; cannot register")
     low, high = float(array.min()), float(array.max())
     if low == high:
-        raise ImageReadError(name, f"image is constant (every voxel is {low:g}); cannot register")
+        raise ImageReadError(name, f"the {role} image registered (its {'x'.join(map(str, array.shape))} voxels "
+                             f"at {_fmt_mm(image.geometry.spacing_zyx)} mm, origin {_fmt_mm(image.geometry.origin)} mm) "
+                             f"is constant (every voxel is {low:g}); cannot register")
+
+
+def _fmt_mm(values) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def _check_integer(label: Image) -> None:

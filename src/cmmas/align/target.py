@@ -247,7 +247,8 @@ def alignment_image(image: Image, spacing_mm: float) -> Image:
        as ``sitk.BinShrink``): the one pass over a clinical scan's full resolution.
     2. Cut to the box of the blocks that hold more than the scan's minimum (a block averages to
        the minimum only when all its voxels hold it): air or padding around the field of view
-       goes, up to a block.
+       goes, up to a block. A box holding one value throughout (a uniform object in an empty
+       scan) is not cut: it would leave a constant image, nothing to align.
     3. Smoothed (Gaussian, on the small image) by what a block lacks of a ``spacing_mm`` voxel:
        variance ``(spacing_mm**2 - block**2) / 12`` mm^2 per axis (a box of width ``w`` has
        variance ``w**2 / 12``), so that a 1.2 mm and a 0.7 mm scan of the same body end at the
@@ -264,8 +265,8 @@ def alignment_image(image: Image, spacing_mm: float) -> Image:
     factors = np.minimum(np.maximum(1, np.floor(spacing_mm / spacing + 1e-6)), image.geometry.size).astype(int)
     blocks = block_mean(image, factors)
     busy = blocks.array > blocks.array.min()  # a block is the minimum only when all its voxels are
-    if busy.any():  # else a constant scan: kept whole (the alignment refuses it)
-        box = preprocess.bounding_box(busy)
+    box = preprocess.bounding_box(busy) if busy.any() else None  # None: a constant scan (the alignment refuses it)
+    if box is not None and blocks.array[box].min() < blocks.array[box].max():  # a uniform box stays in its scan
         blocks = Image(blocks.array[box], blocks.geometry.sub_grid(box), image.path)
     small = to_sitk(blocks)
     variance = np.maximum(spacing_mm ** 2 - (factors * spacing) ** 2, 0.0) / 12.0
