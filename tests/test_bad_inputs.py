@@ -245,13 +245,13 @@ def test_no_derived_output_can_equal_an_input(tmp_path, n_targets):
             labels = outputs.label_paths(targets, out)
         except CmmasError:  # two targets of one name: refused by the naming itself
             continue
-        outputs = [named for label in labels for named in request.output_names(label, _derived(label))]
+        written = [named for label in labels for named in request.output_names(label, _derived(label))]
         inputs = request.image_inputs("--target", targets)
-        collides = {request.resolved(p) for _, p in outputs} & {request.resolved(t) for t in targets}
+        collides = {request.resolved(p) for _, p in written} & {request.resolved(t) for t in targets}
         if collides:
             with pytest.raises(CmmasError, match="would overwrite the input --target"):
-                request.check_outputs(inputs, outputs)
+                request.check_outputs(inputs, written)
             checked += 1
         else:
-            request.check_outputs(inputs, outputs)
+            request.check_outputs(inputs, written)
     assert checked > 0

@@ -260,7 +260,7 @@ def segment_config(args) -> SegmentConfig:
 
 def _check_segment_request(args, codes: Sequence[int] = ()) -> list[Path]:
     """Refuse a ``segment`` request before any image or model is read (:mod:`cmmas.request`):
-    an output (the label map or a name derived from it, :func:`cmmas.names.output_paths`) equal
+    an output (the label map or a name derived from it, :func:`cmmas.outputs.output_paths`) equal
     to an input or inside an input folder, or to another output of the call; an output that is a
     folder, ends in '/', has an unsupported ending or lies in an unwritable folder; options out of
     range.
@@ -302,10 +302,10 @@ def _check_segment_request(args, codes: Sequence[int] = ()) -> list[Path]:
 
 def _prob_codes(out: Path, inputs: Sequence[tuple[str, Path]]) -> set[int]:
     """The codes of the inputs named as ``out``'s probability maps would be (``<stem>_prob_<code>``
-    and ``out``'s ending, as :func:`cmmas.names.output_paths` names them)."""
-    from cmmas import segment
+    and ``out``'s ending, as :func:`cmmas.outputs.output_paths` names them)."""
+    from cmmas import outputs
 
-    first = names.output_paths(out, [0])["prob_0"]
+    first = outputs.output_paths(out, [0])["prob_0"]
     pattern = re.escape(first.name).replace("_prob_0", r"_prob_(\d+)", 1)
     return {int(m.group(1)) for _, path in inputs if (m := re.fullmatch(pattern, Path(path).name))}
 
