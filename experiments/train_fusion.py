@@ -87,7 +87,7 @@ def _run() -> int:
     from cmmas.nn import training
     from cmmas.fuse import simnet as simnet_fusion
     from cmmas.fuse import simnet_train
-    from cmmas.nn.model_card import card_from_atlas_set
+    from cmmas.align.cards import card_from_atlas_set
     from cmmas.nn.networks import ARCH_LEVELS
 
     out = Path(FLAGS.out)

@@ -611,7 +611,7 @@ def train(
         progress: show Keras' progress bar.
         init_weights: a ``simnet.keras`` of the same architecture to start from (steps and
             schedule start again at 0); ignored when resuming from ``backup/``.
-        card: what the network is trained on (:func:`cmmas.nn.model_card.card_from_atlas_set`),
+        card: what the network is trained on (:func:`cmmas.align.cards.card_from_atlas_set`),
             written beside ``simnet.keras`` (``simnet.keras.json``).
 
     Returns:
