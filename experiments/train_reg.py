@@ -81,7 +81,7 @@ def _run() -> int:
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.datasets import splits
     from cmmas.errors import AtlasSetError
-    from cmmas.nn.model_card import card_from_atlas_set
+    from cmmas.align.cards import card_from_atlas_set
     from cmmas.nn.networks import ARCH_LEVELS
 
     random.seed(FLAGS.seed)

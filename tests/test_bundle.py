@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cmmas import bundle, cli
-from cmmas.align import prepare
+from cmmas.align import cards, prepare
 from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.datasets.phantom import make_subject
@@ -35,7 +35,7 @@ def parts(tmp_path_factory):
                                    spacing_zyx=(4.0,) * 3, progress=False)
     reg, sim = write_models(root)
     for model, kind in ((reg, "biregnet"), (sim, "simnet")):  # as the training scripts write them
-        model_card.write_card(model_card.card_from_atlas_set(aset, kind, "ct", "mr"), model)
+        model_card.write_card(cards.card_from_atlas_set(aset, kind, "ct", "mr"), model)
     summary = {"n_cases": {"ct->mr": 3}, "metrics": {"ct->mr": {"jlf": {
         "left atrium": {"dice": {"mean": 0.8}}, "mean": {"dice": {"mean": 0.75}}}}}}
     (root / "summary.json").write_text(json.dumps(summary))

@@ -1,7 +1,6 @@
-"""outputs.py: label volumes, the ITK-SNAP and 3D Slicer label tables, the preview PNG, the palette."""
+"""outputs.py: label volumes, the ITK-SNAP and 3D Slicer label tables, the preview PNG."""
 
 import csv
-import itertools
 import math
 import re
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from cmmas import outputs
+from cmmas import drawing, outputs
 from cmmas.errors import GeometryError, LabelError
 from cmmas.io import Geometry, Image
 
@@ -106,7 +105,7 @@ def test_itksnap_labels_parse_back_to_the_codes_names_and_palette(tmp_path):
     assert text.splitlines()[1] == "# ITK-SnAP Label Description File"
     found = parse_itksnap(text)
     assert found[0] == ((0, 0, 0), 0.0, "Clear Label")
-    colours = outputs.palette(NAMES)
+    colours = drawing.palette(NAMES)
     expected = {code: (colours[code], 1.0, name.replace('"', "'")) for code, name in NAMES.items()}
     assert {code: found[code] for code in NAMES} == expected and len(found) == len(NAMES) + 1
 
@@ -117,20 +116,9 @@ def test_slicer_color_table_parses_back_to_the_codes_names_and_palette(tmp_path)
     assert lines[0] == "# Color table file labels.ctbl" and lines[1] == f"# {len(NAMES) + 1} values"
     found = parse_slicer(path.read_text())
     assert found[0] == ((0, 0, 0), 0, "Background")
-    colours = outputs.palette(NAMES)
+    colours = drawing.palette(NAMES)
     expected = {code: (colours[code], 255, name.replace(" ", "_")) for code, name in NAMES.items()}
     assert {code: found[code] for code in NAMES} == expected and len(found) == len(NAMES) + 1
-
-
-def test_palette_is_deterministic_by_rank_and_distinct_for_twelve_codes():
-    codes = [0, 3, 850, 1, 500, 205, 11, 12, 13, 14, 15, 16, 17]
-    first = outputs.palette(codes)
-    assert first == outputs.palette(reversed(codes)) and 0 not in first and len(first) == 12
-    assert outputs.palette([5, 9]) == {5: first[1], 9: first[3]}  # colours follow the rank, not the value
-    for a, b in itertools.combinations(first.values(), 2):
-        assert np.linalg.norm(np.subtract(a, b)) > 60, (a, b)
-    assert all(0 <= c <= 255 for colour in outputs.palette(range(40)).values() for c in colour)
-    assert len(set(outputs.palette(range(1, 31)).values())) == 30
 
 
 def test_preview_is_a_png_of_three_views_with_the_palette_legend(tmp_path):
@@ -141,7 +129,7 @@ def test_preview_is_a_png_of_three_views_with_the_palette_legend(tmp_path):
     height, width = pixels.shape[:2]
     assert 300 <= height <= 800 and 800 <= width <= 1600, pixels.shape
     rgb = np.round(pixels[..., :3] * 255).astype(int).reshape(-1, 3)
-    colours = outputs.palette(NAMES)
+    colours = drawing.palette(NAMES)
     for code in (1, 2):  # the legend's swatches, in the palette colours
         assert np.any(np.all(rgb == colours[code], axis=1)), code
     assert not np.any(np.all(rgb == colours[7], axis=1))  # absent: not in the legend

@@ -25,7 +25,7 @@ from cmmas.evaluate import alignment as alignment_eval
 from cmmas.fuse import registry
 from cmmas.fuse import weights
 from cmmas import bundle as bundles
-from cmmas import outputs, segment
+from cmmas import drawing, outputs, segment
 from cmmas.nn import training
 from cmmas.register import apply
 from cmmas.fuse import simnet as simnet_fusion
@@ -238,7 +238,7 @@ def test_written_side_outputs_agree_with_the_label_map(simnet_run, tmp_path):
     assert sum(int(r["voxels"]) for r in rows) == np.count_nonzero(label.array)
     itksnap, slicer = paths["itksnap"].read_text(), paths["slicer"].read_text()
     for code, name in MMWHS_LABELS.items():
-        red, green, blue = outputs.palette(MMWHS_LABELS)[code]
+        red, green, blue = drawing.palette(MMWHS_LABELS)[code]
         assert f'{code:5d} {red:5d} {green:4d} {blue:4d}' in itksnap and f'"{name}"' in itksnap
         assert f"\n{code} {name.replace(' ', '_')} {red} {green} {blue} 255\n" in slicer
     assert paths["preview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,23 +14,24 @@ agreement maps and, beside them (:func:`output_paths` names every file):
 A clinical scan's label map has hundreds of millions of voxels: each output reads it once
 (volumes: one counting pass; preview: three slices and a subsample), never copying it whole.
 
-A code has the same colour in all three (:func:`palette`). Every file is written atomically.
+A code has the same colour in all three (:func:`cmmas.drawing.palette`). Every file is written
+atomically.
 """
 
 from __future__ import annotations
 
-import colorsys
 import csv
 import io
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cmmas.drawing import draw_filled, orthogonal_views, palette, slice_indices
 from cmmas.errors import CmmasError, LabelError
 from cmmas.io import (
     IMAGE_SUFFIXES,
@@ -46,31 +47,8 @@ from cmmas.io import (
 if TYPE_CHECKING:
     from cmmas.segment import Segmentation
 
-#: matplotlib's tab10 then the lighter tab20 tones, without the two greys (unseen over a grey scan).
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-            "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
-#: Opacity of the labels over the scan in the preview.
-PREVIEW_ALPHA = 0.4
 #: Columns of the volumes CSV.
 VOLUME_COLUMNS = ("code", "name", "voxels", "millilitres", "mean_agreement")
-
-
-def palette(codes: Iterable[int]) -> dict[int, tuple[int, int, int]]:
-    """A fixed colour ``(R, G, B)``, each 0..255, per foreground code, by the code's rank among ``codes``.
-
-    The first 18 ranks take :data:`_COLOURS` (distinct hues); later ones hues spaced by the golden
-    ratio. The background 0 gets none.
-    """
-    ranked = sorted({int(c) for c in codes} - {0})
-    return {code: _colour(rank) for rank, code in enumerate(ranked)}
-
-
-def _colour(rank: int) -> tuple[int, int, int]:
-    if rank < len(_COLOURS):
-        value = _COLOURS[rank]
-        return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)
-    red, green, blue = colorsys.hsv_to_rgb((rank * 0.618034) % 1.0, 0.6, 0.9)
-    return round(red * 255), round(green * 255), round(blue * 255)
 
 
 #: Voxels counted per pass of :func:`_sums` (bounds its temporary copies to a few tens of MB).
@@ -168,8 +146,8 @@ def _words(code: int, name: str) -> list[str]:
 
 def write_itksnap_labels(names: Mapping[int, str], path: str | os.PathLike) -> Path:
     """Write an ITK-SNAP label description file: 0 "Clear Label" (transparent), then each foreground
-    code of ``names`` with its :func:`palette` colour (R, G, B 0..255; opacity 0..1 is 1), visible
-    and meshed. Double quotes in a name become single ones. Written atomically."""
+    code of ``names`` with its :func:`cmmas.drawing.palette` colour (R, G, B 0..255; opacity 0..1
+    is 1), visible and meshed. Double quotes in a name become single ones. Written atomically."""
     lines = [
         "################################################",
         "# ITK-SnAP Label Description File",
@@ -195,8 +173,8 @@ def write_itksnap_labels(names: Mapping[int, str], path: str | os.PathLike) -> P
 
 def write_slicer_color_table(names: Mapping[int, str], path: str | os.PathLike) -> Path:
     """Write a 3D Slicer colour table (``.ctbl``): ``code name R G B A`` per line (0..255 each),
-    0 "Background" transparent, then each foreground code of ``names`` in its :func:`palette`
-    colour, opaque; spaces in a name become underscores, as Slicer reads names as one word.
+    0 "Background" transparent, then each foreground code of ``names`` in its
+    :func:`cmmas.drawing.palette` colour, opaque; spaces in a name become underscores, as Slicer reads names as one word.
     Written atomically."""
     colours = palette(names)
     lines = [f"# Color table file {Path(path).name}", f"# {len(colours) + 1} values", "0 Background 0 0 0 0"]
@@ -205,36 +183,11 @@ def write_slicer_color_table(names: Mapping[int, str], path: str | os.PathLike) 
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def orthogonal_views(centre_zyx: Sequence[int], spacing_zyx: Sequence[float]) -> list[tuple[str, tuple, float, str]]:
-    """The axial, coronal and sagittal slices through voxel ``centre_zyx``: ``(title, index,
-    aspect, origin)`` each, for ``imshow`` of a ``[D, H, W]`` volume in array order (axial as
-    stored, coronal and sagittal with ``z`` up), the aspect ratio from the spacing (mm)."""
-    z, y, x = (int(c) for c in centre_zyx)
-    sz, sy, sx = (float(s) for s in spacing_zyx)
-    return [(f"axial z={z}", np.s_[z, :, :], sy / sx, "upper"),
-            (f"coronal y={y}", np.s_[:, y, :], sz / sx, "lower"),
-            (f"sagittal x={x}", np.s_[:, :, x], sz / sy, "lower")]
-
-
-def draw_filled(ax, scan: np.ndarray, label: np.ndarray | None, colours: Mapping[int, tuple[int, int, int]],
-                window: tuple[float, float], aspect: float, origin: str) -> None:
-    """Draw a 2D ``scan`` plane in grey (``window``: the intensities shown black and white) on
-    ``ax`` and, over it, each code of ``colours`` (R, G, B 0..255) present in the ``label`` plane
-    filled at opacity :data:`PREVIEW_ALPHA`."""
-    low, high = window
-    ax.imshow(scan, cmap="gray", vmin=low, vmax=max(high, low + 1e-6), aspect=aspect, origin=origin)
-    if label is not None:
-        fill = np.zeros(label.shape + (4,), dtype=np.float32)
-        for code, colour in colours.items():
-            fill[label == code] = (*(c / 255 for c in colour), PREVIEW_ALPHA)
-        ax.imshow(fill, aspect=aspect, origin=origin, interpolation="nearest")
-    ax.set_axis_off()
-
-
 def write_preview(image: Image, label: Image, names: Mapping[int, str], path: str | os.PathLike) -> Path:
     """Write a PNG of the axial, coronal and sagittal slices through the centroid of the label's
     foreground: the scan in grey (windowed to its 1st-99th percentiles), each structure filled in
-    its :func:`palette` colour at opacity :data:`PREVIEW_ALPHA`, a legend of the structures present.
+    its :func:`cmmas.drawing.palette` colour at opacity :data:`cmmas.drawing.FILL_ALPHA`, a legend
+    of the structures present.
 
     The slices are drawn in array order (axial seen from ``z`` as stored, coronal and sagittal
     with ``z`` up) with their true aspect ratio from the voxel spacing (mm). Written atomically.
@@ -251,8 +204,6 @@ def write_preview(image: Image, label: Image, names: Mapping[int, str], path: st
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     from matplotlib.patches import Patch
-
-    from cmmas.evaluate.plots import slice_indices
 
     from cmmas.preprocess import sample
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cmmas.align import mapping, per_atlas
+from cmmas.align import cards, mapping, per_atlas
 from cmmas.align import target as target_alignment
 from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets import oracle_roi
@@ -171,7 +171,7 @@ def load_models(reg_model, fusion_model, aset: AtlasSet):
             if not Path(model).is_file():
                 raise ModelError(model, f"{what} model file not found")
             card = model_card.read_card(model)
-            problem = card and model_card.mismatch(card, aset, model)
+            problem = card and cards.mismatch(card, aset, model)
             if problem:
                 raise ModelError(model, problem)
     if reg_model is None and fusion_model is None:

@@ -9,7 +9,7 @@ from cmmas.datasets.base import Case
 from cmmas.datasets.loading import load_case
 from cmmas.errors import AtlasSetError
 from cmmas.segment import segment
-from cmmas.nn.model_card import ORACLE_NORMALISATION, card_from_atlas_set
+from cmmas.align.cards import ORACLE_NORMALISATION, card_from_atlas_set
 from phantom_data import numbered, write_phantom_folder
 
 SHAPE = (16, 16, 16)

@@ -206,12 +206,7 @@ def test_boxplot_and_overlay_write_pngs(tmp_path):
         plots.boxplot([dict(r, dice=float("nan")) for r in _rows()], "dice", tmp_path / "none.png")
 
 
-def test_slices_and_case_ranking():
-    mask = np.zeros((10, 20, 30), bool)
-    mask[2:5, 10:13, 3:6] = True
-    assert plots.slice_indices(mask.shape, mask, "auto") == (3, 11, 4)
-    assert plots.slice_indices(mask.shape, mask, "mid") == (5, 10, 15)
-    assert plots.slice_indices(mask.shape, np.zeros_like(mask), "auto") == (5, 10, 15)
+def test_case_ranking():
     rows = _rows()
     assert plots.best_median_worst(rows, method="jlf") == {"best": "a", "median": "a", "worst": "b"}
     extra = [dict(r, case="c", dice=r["dice"] - 0.05) for r in rows if r["case"] == "a"]

@@ -16,7 +16,7 @@ from cmmas.fuse import registry
 from cmmas.nn import training
 from cmmas.register import biregnet
 from cmmas.fuse import simnet as simnet_fusion
-from cmmas.fuse import simnet_train
+from cmmas.fuse import simnet_pairs, simnet_train
 from cmmas.errors import DatasetError, GeometryError, LabelError, ModelError
 from cmmas.nn.layers import warp
 from cmmas.nn.networks import build_biregnet
@@ -148,7 +148,7 @@ def trained(tmp_path_factory):
     rng = np.random.default_rng(0)
     images, labels = zip(*[_phantom(rng) for _ in range(4)])
     warped = [np.stack([label, np.roll(label, tuple(rng.integers(-4, 5, 3)), axis=(0, 1, 2))]) for label in labels]
-    pairs = simnet_train.TrainingPairs.from_arrays(np.stack(images), np.stack(labels), warped)
+    pairs = simnet_pairs.TrainingPairs.from_arrays(np.stack(images), np.stack(labels), warped)
     config = simnet_train.SimConfig(SHAPE, c0=8, levels=2, lr=1e-2, steps=200, batch=2, steps_per_epoch=100,
                                   shift_max=4, translation_max=2.0, scale_range=(0.9, 1.1), seed=0)
     out = tmp_path_factory.mktemp("simnet")
@@ -230,7 +230,7 @@ def test_save_and_load_give_identical_outputs(trained, bad_atlas_case, tmp_path)
 def test_init_weights_continues_from_a_trained_simnet(trained, tmp_path):
     path, simnet = trained
     image, label = _phantom(np.random.default_rng(5))
-    pairs = simnet_train.TrainingPairs.from_arrays(image[None], label[None], [label[None]])
+    pairs = simnet_pairs.TrainingPairs.from_arrays(image[None], label[None], [label[None]])
     config = simnet_train.SimConfig(SHAPE, c0=8, levels=2, lr=1e-12, steps=1, batch=1, steps_per_epoch=1)
     more = simnet_train.train(config, pairs, CODES, tmp_path / "more", progress=False, init_weights=path)
     for old, new in zip(simnet.trainable_weights, training.load_model(more, "simnet").trainable_weights):
@@ -252,11 +252,11 @@ def test_config_and_data_mismatch_are_reported(tmp_path):
     with pytest.raises(ModelError, match="SimConfig"):
         simnet_train.SimConfig(SHAPE, scale_range=(1.2, 0.9))
     _, label = _phantom(np.random.default_rng(4))
-    pairs = simnet_train.TrainingPairs.from_arrays(np.zeros((1, *SHAPE)), label[None], [label[None]])
+    pairs = simnet_pairs.TrainingPairs.from_arrays(np.zeros((1, *SHAPE)), label[None], [label[None]])
     with pytest.raises(ModelError, match="grid"):
         simnet_train.train(simnet_train.SimConfig((8, 8, 8)), pairs, CODES, tmp_path, progress=False)
     with pytest.raises(GeometryError):
-        simnet_train.TrainingPairs.from_arrays(np.zeros((1, *SHAPE)), label[None], [label[None, :8]])
+        simnet_pairs.TrainingPairs.from_arrays(np.zeros((1, *SHAPE)), label[None], [label[None, :8]])
 
 
 # ----------------------------------------------------------------------------- pair cache
@@ -279,7 +279,7 @@ def test_generate_pairs_caches_every_target_and_resumes(tmp_path):
     space = _Space(tmp_path / "space", cases)
     identity = build_biregnet(SHAPE, c0=2, levels=2)  # untrained: zero fields, atlases unchanged
     cache = tmp_path / "pairs"
-    paths = simnet_train.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
+    paths = simnet_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
     assert [p.name for p in paths] == ["mr1.npz", "mr2.npz"]
     with np.load(paths[0]) as data:
         assert data["warped_labels"].dtype == data["target_label"].dtype == np.int16  # codes up to 500
@@ -288,15 +288,15 @@ def test_generate_pairs_caches_every_target_and_resumes(tmp_path):
         np.testing.assert_allclose(data["target_image"], cases["mr1"][0])
         assert list(data["atlas_ids"]) == ["ct1", "ct2"]
     stamp = paths[0].stat().st_mtime_ns
-    simnet_train.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
+    simnet_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
     assert paths[0].stat().st_mtime_ns == stamp  # kept, not recomputed
     # A target that is also an atlas is never its own atlas; a changed atlas list is rewritten.
-    simnet_train.generate_pairs(identity, space, ["ct1", "mr1"], ["mr1"], cache, CODES, progress=False)
+    simnet_pairs.generate_pairs(identity, space, ["ct1", "mr1"], ["mr1"], cache, CODES, progress=False)
     with np.load(paths[0]) as data:
         assert list(data["atlas_ids"]) == ["ct1"]
-    pairs = simnet_train.load_pairs(cache)
+    pairs = simnet_pairs.load_pairs(cache)
     assert pairs.target_ids == ("mr1", "mr2") and pairs.n_pairs == 3 and pairs.shape_zyx == SHAPE
     with pytest.raises(DatasetError, match="no training pairs"):
-        simnet_train.load_pairs(tmp_path / "empty")
+        simnet_pairs.load_pairs(tmp_path / "empty")
     with pytest.raises(DatasetError, match="no such pair file"):
-        simnet_train.load_pairs(cache, ["mr3"])
+        simnet_pairs.load_pairs(cache, ["mr3"])

@@ -1,4 +1,5 @@
-"""Model cards (cmmas.nn.model_card): the grid a network was trained on, beside its .keras file.
+"""Model cards (cmmas.nn.model_card): the grid a network was trained on, beside its .keras file, and
+how an atlas set fits one (cmmas.align.cards).
 
 One atlas set of two 32^3 phantom CT atlases is prepared ``like`` a tiny BiRegNet whose card says
 16x24x24 voxels at 5 mm aligned at 4 mm (not the 64^3 at 4 mm defaults); the other tests use it.
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 
 from cmmas.align import prepare
+from cmmas.align.cards import NORMALISATION, card_from_atlas_set, mismatch
 from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.errors import ModelError
-from cmmas.nn import model_card, training
-from cmmas.nn.model_card import ModelCard, card_from_atlas_set, card_path, mismatch, read_card, write_card
+from cmmas.nn import training
+from cmmas.nn.model_card import ModelCard, card_path, read_card, write_card
 from cmmas.nn.networks import build_biregnet, build_simnet
 from phantom_data import numbered, write_phantom_folder
 
@@ -25,7 +27,7 @@ ALIGN_MM = 4.0
 
 def _card(**changes) -> ModelCard:
     card = ModelCard(kind="biregnet", shape_zyx=SHAPE, spacing_zyx=SPACING, labels=dict(MMWHS_LABELS),
-                     atlas_modality="ct", target_modality="mr", normalisation=model_card.NORMALISATION,
+                     atlas_modality="ct", target_modality="mr", normalisation=NORMALISATION,
                      align_spacing_mm=ALIGN_MM, training_set="/elsewhere/set", created="2024-01-01T00:00:00+00:00")
     return dataclasses.replace(card, **changes)
 
@@ -47,7 +49,7 @@ def world(tmp_path_factory):
 def test_a_saved_model_s_card_round_trips(world, tmp_path):
     card = card_from_atlas_set(world["set"], "biregnet", "ct", "mr")
     assert (card.shape_zyx, card.spacing_zyx, card.align_spacing_mm) == (SHAPE, SPACING, ALIGN_MM)
-    assert card.labels == MMWHS_LABELS and card.normalisation == model_card.NORMALISATION
+    assert card.labels == MMWHS_LABELS and card.normalisation == NORMALISATION
     assert card.training_set == str(world["set"].root.resolve())
     path = training.save_model(_tiny_biregnet(), tmp_path / "model.keras", card=card)
     assert card_path(path) == tmp_path / "model.keras.json"

@@ -8,7 +8,8 @@ import keras
 from cmmas.errors import ModelError
 from cmmas.nn.layers import ResizeDisplacement
 from cmmas.nn.folding import _foldable_pairs, folded_copy, inference_copy
-from cmmas.nn.networks import Upsample3D, attention_gate, build_biregnet, build_simnet
+from cmmas.nn.blocks import Upsample3D
+from cmmas.nn.networks import attention_gate, build_biregnet, build_simnet
 
 SHAPE = (16, 16, 24)  # non-cubic, divisible by 2**3
 

@@ -11,18 +11,16 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cmmas.drawing import draw_filled, orthogonal_views, palette, slice_indices
 from cmmas.errors import CmmasError, GeometryError
 from cmmas.evaluate.report import case_means
 from cmmas.io import Image, atomic_path
 from cmmas.metrics import jacobian_determinant
 
 logger = logging.getLogger(__name__)
-if TYPE_CHECKING:
-    pass
 
 #: Metrics where a higher value is better (the others are distances, lower is better).
 HIGHER_IS_BETTER = ("dice", "jaccard")
@@ -118,21 +116,6 @@ def _array(volume, what: str) -> np.ndarray:
     return array
 
 
-def slice_indices(shape: Sequence[int], mask: np.ndarray | None = None, slices: str = "mid") -> tuple[int, int, int]:
-    """Indices ``(z, y, x)`` of the axial, coronal and sagittal slices to show.
-
-    ``"mid"``: the middle of the volume; ``"auto"``: the centre of mass of ``mask``'s
-    foreground (the middle when the mask is empty or None).
-    """
-    if slices not in ("mid", "auto"):
-        raise CmmasError(None, f"slices must be 'mid' or 'auto', got {slices!r}")
-    middle = tuple(int(s) // 2 for s in shape)
-    if slices == "mid" or mask is None or not np.any(mask):
-        return middle  # type: ignore[return-value]
-    centre = np.argwhere(mask).mean(axis=0)
-    return tuple(int(min(max(round(c), 0), s - 1)) for c, s in zip(centre, shape))  # type: ignore[return-value]
-
-
 def overlay(
     image: Image | np.ndarray,
     truth: Image | np.ndarray | None,
@@ -144,7 +127,7 @@ def overlay(
 ) -> Path:
     """One column per label map (the truth first, then each prediction), one row per view
     (axial, coronal, sagittal): the image in grey with the structures filled semi-transparently
-    in the colours of :func:`cmmas.outputs.palette`, so that each method reads at a glance.
+    in the colours of :func:`cmmas.drawing.palette`, so that each method reads at a glance.
 
     Args:
         image: ``[D, H, W]`` intensities (an :class:`Image` gives the spacing too).
@@ -161,8 +144,6 @@ def overlay(
     """
     plt = _pyplot()
     from matplotlib.patches import Patch
-
-    from cmmas.outputs import draw_filled, orthogonal_views, palette
 
     volume = _array(image, "image")
     if spacing_zyx is None:

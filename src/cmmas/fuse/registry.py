@@ -25,7 +25,7 @@ import numpy as np
 
 from cmmas.errors import CmmasError, ModelError
 from cmmas.fuse.jlf import jlf
-from cmmas.fuse.vote import FusionResult, majority_vote, staple, validate_inputs, weighted_vote
+from cmmas.fuse.vote import FusionResult, fusion_result, majority_vote, staple, validate_inputs, weighted_vote
 from cmmas.fuse.weights import global_vote, local_vote
 
 logger = logging.getLogger(__name__)
@@ -76,15 +76,7 @@ def fuse(
     if weights is not None and method != "weighted":
         raise CmmasError(None, f"fusion method {method!r} takes no weights (use 'weighted')")
     inputs = validate_inputs(atlas_labels, labels, atlas_images, target_image, weights)
-    label_index, probabilities = fn(inputs, **options)
-    codes = np.asarray(inputs.codes, dtype=np.int32)
-    agreement = (inputs.index == label_index[None]).mean(axis=0, dtype=np.float64)
-    return FusionResult(
-        label=codes[label_index],
-        probabilities=probabilities.astype(np.float32),
-        agreement=agreement.astype(np.float32),
-        labels=inputs.codes,
-    )
+    return fusion_result(inputs, *fn(inputs, **options))
 
 
 #: Fusion methods by name. Each takes the validated inputs and its keyword-only options.

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from cmmas.errors import GeometryError, LabelError, ModelError
-from cmmas.fuse import registry, vote
+from cmmas.fuse import vote
 from cmmas.nn.folding import inference_copy
 from cmmas.register import apply, biregnet
 
@@ -20,7 +20,7 @@ from cmmas.register import apply, biregnet
 def channel_codes(codes: Sequence[int]) -> tuple[int, ...]:
     """The label codes in SimNet's one-hot channel order: ascending, with the background 0.
 
-    The order of :func:`cmmas.fuse.registry.fuse`'s labels, and :func:`cmmas.register.biregnet.label_table`
+    The order of the fused labels (:func:`cmmas.fuse.vote.sorted_codes`), and :func:`cmmas.register.biregnet.label_table`
     of the sorted codes (0 is added when missing).
 
     Raises:
@@ -30,8 +30,6 @@ def channel_codes(codes: Sequence[int]) -> tuple[int, ...]:
     if min(table) < 0:
         raise LabelError("label codes", f"codes must be non-negative, got {list(codes)}")
     return table
-
-
 
 
 def score_atlases(
@@ -107,4 +105,5 @@ def simnet_fuse(
         weighted votes) and the atlas-agreement map.
     """
     scores = score_atlases(simnet, target_image, warped_labels, codes, batch_size=batch_size)
-    return registry.fuse("weighted", warped_labels, channel_codes(codes), weights=scores, top_k=top_k)
+    inputs = vote.validate_inputs(warped_labels, channel_codes(codes), None, None, scores)
+    return vote.fusion_result(inputs, *vote.weighted_vote(inputs, top_k=top_k))

@@ -88,6 +88,20 @@ class FusionInputs:
         return self.atlas_images, self.target_image
 
 
+def fusion_result(inputs: FusionInputs, label_index: np.ndarray, probabilities: np.ndarray) -> FusionResult:
+    """The :class:`FusionResult` of a fusion method's ``label_index`` ``[D, H, W]`` (positions into
+    ``inputs.codes``) and ``probabilities`` ``[L, D, H, W]``; the agreement is the fraction of
+    atlases voting for the fused label."""
+    codes = np.asarray(inputs.codes, dtype=np.int32)
+    agreement = (inputs.index == label_index[None]).mean(axis=0, dtype=np.float64)
+    return FusionResult(
+        label=codes[label_index],
+        probabilities=probabilities.astype(np.float32),
+        agreement=agreement.astype(np.float32),
+        labels=inputs.codes,
+    )
+
+
 def validate_inputs(atlas_labels, labels, atlas_images, target_image, weights) -> FusionInputs:
     atlas_labels = np.asarray(atlas_labels)
     if atlas_labels.ndim != 4 or atlas_labels.shape[0] < 1:

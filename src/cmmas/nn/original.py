@@ -21,7 +21,7 @@ Rebuilt from the original TF1 code (github NanYoMy/cmmas, ``proj/``): BiRegNet i
 Convolutions are bias-free with Glorot-uniform kernels (the original's Xavier), BatchNormalization
 has scale and centre, momentum 0.9, epsilon 1e-3, as ``tf.contrib.layers.batch_norm`` there.
 The original resizes with TF1's ``resize_images`` (``align_corners=False``: sample ``j`` reads
-the coarse position ``j / 2``); here :class:`cmmas.nn.networks.Upsample3D` aligns voxel centres
+the coarse position ``j / 2``); here :class:`cmmas.nn.blocks.Upsample3D` aligns voxel centres
 (``(j + 0.5) / 2 - 0.5``). Trainable parameters are the original's, one for one.
 
 Tensors are ``[B, D, H, W, C]``, spatial axes in array order ``(z, y, x)``.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import keras
 
-from cmmas.nn.networks import BN_MOMENTUM, Upsample3D
+from cmmas.nn.blocks import BN_MOMENTUM, Upsample3D
 
 
 @keras.saving.register_keras_serializable(package="cmmas")

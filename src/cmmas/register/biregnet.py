@@ -467,7 +467,7 @@ def train(
         init_weights: a ``model.keras`` of the same architecture to start from (to extend a
             finished run with more steps: the step count and the learning-rate schedule start
             again at 0). Ignored when resuming from ``backup/``.
-        card: what the network is trained on (:func:`cmmas.nn.model_card.card_from_atlas_set`),
+        card: what the network is trained on (:func:`cmmas.align.cards.card_from_atlas_set`),
             written beside ``model.keras`` (``model.keras.json``); checked against
             ``config.shape_zyx`` before training.
 

@@ -1,0 +1,177 @@
+"""SimNet's training data: every training atlas warped by a trained BiRegNet to every training
+target, cached on disk one ``<target_id>.npz`` per target (:func:`generate_pairs`), and read back
+(:func:`load_pairs`) as :class:`TrainingPairs` for :func:`cmmas.fuse.simnet_train.train`.
+
+Arrays are numpy in array order ``(z, y, x)``. Label maps hold data-set codes; ``codes`` lists
+them (the background 0 is always included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from cmmas.errors import AtlasSetError, DatasetError, GeometryError
+from cmmas.fuse.simnet import channel_codes
+from cmmas.io import atomic_path, label_dtype
+from cmmas.register import apply
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPairs:
+    """Training targets with their warped atlases (the content of a pair cache).
+
+    Attributes:
+        target_images: ``[T, D, H, W]`` float32 target images.
+        target_labels: ``[T, D, H, W]`` target labels (codes).
+        warped_labels: one ``[N_t, D, H, W]`` array of warped atlas labels (codes) per target.
+        target_ids: the T target ids.
+    """
+
+    target_images: np.ndarray
+    target_labels: np.ndarray
+    warped_labels: tuple[np.ndarray, ...]
+    target_ids: tuple[str, ...]
+
+    @classmethod
+    def from_arrays(cls, target_images, target_labels, warped_labels, target_ids=None) -> "TrainingPairs":
+        """Validate and wrap arrays (``warped_labels``: ``[T, N, D, H, W]`` or a list of ``[N_t, ...]``)."""
+        images = np.asarray(target_images, dtype=np.float32)
+        labels = np.asarray(target_labels)
+        warped = tuple(np.asarray(w) for w in warped_labels)
+        ids = tuple(target_ids) if target_ids is not None else tuple(f"target{t}" for t in range(len(images)))
+        if images.ndim != 4 or labels.shape != images.shape or len(warped) != len(images) or len(ids) != len(images):
+            raise GeometryError("TrainingPairs", f"expected T target images and labels [T, D, H, W] and T "
+                                f"warped sets, got {images.shape}, {labels.shape}, {len(warped)} sets")
+        for target_id, stack in zip(ids, warped):
+            if stack.ndim != 4 or stack.shape[1:] != images.shape[1:] or len(stack) < 1:
+                raise GeometryError(target_id, f"warped labels must be [N, {', '.join(map(str, images.shape[1:]))}], "
+                                    f"got {stack.shape}")
+        return cls(images, labels, warped, ids)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(self.target_images.shape[1:])
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(w) for w in self.warped_labels)
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    with atomic_path(path, ".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def _cached_atlas_ids(path: Path) -> list[str] | None:
+    """The atlas ids recorded in a cache file, or None when it is unreadable."""
+    try:
+        with np.load(path) as data:
+            return [str(a) for a in data["atlas_ids"]]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def generate_pairs(
+    reg_model: keras.Model,
+    aset,
+    atlas_ids: Sequence[str],
+    target_ids: Sequence[str],
+    cache_dir: str | os.PathLike,
+    codes: Sequence[int],
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[Path]:
+    """Warp every atlas to every target with BiRegNet and cache the pairs, one file per target.
+
+    ``cache_dir/<target_id>.npz`` holds ``warped_labels`` ``[N, D, H, W]`` and ``target_label``
+    ``[D, H, W]`` (codes in :func:`cmmas.io.label_dtype`, the smallest integer type that holds
+    them), ``target_image`` ``[D, H, W]`` float32, ``atlas_ids`` and ``codes``. Files are
+    written atomically; a file that exists with the same atlas ids is kept (so an interrupted
+    run resumes), another is rewritten. A target is never its own atlas (when the id is in both lists).
+
+    Args:
+        reg_model: a trained BiRegNet (:func:`cmmas.nn.training.load_model`).
+        aset: the prepared :class:`cmmas.align.atlas_set.AtlasSet` holding all cases.
+        atlas_ids, target_ids: labelled cases of the atlas set.
+        cache_dir: folder of the cache (created).
+        codes: label codes with the background 0.
+        batch_size: atlases per BiRegNet batch.
+        progress: show a progress bar over targets.
+
+    Returns:
+        The cache files, in the order of ``target_ids``.
+
+    Raises:
+        AtlasSetError: unknown or unlabelled cases, or no atlas for a target.
+    """
+    from tqdm import tqdm
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    atlas_ids = list(atlas_ids)
+    atlas_images, atlas_labels = aset.arrays(atlas_ids)
+    if atlas_labels is None:
+        raise AtlasSetError(aset.root, f"every atlas needs a label; unlabelled among {atlas_ids}")
+    codes = channel_codes(codes)
+    dtype = label_dtype(codes)
+    paths = []
+    for target_id in tqdm(list(target_ids), desc="warp atlases", unit="target", disable=not progress):
+        path = cache / f"{target_id}.npz"
+        paths.append(path)
+        keep = [k for k, a in enumerate(atlas_ids) if a != target_id]
+        if not keep:
+            raise AtlasSetError(aset.root, f"no atlas left for target {target_id!r}")
+        used = [atlas_ids[k] for k in keep]
+        if path.exists() and _cached_atlas_ids(path) == used:
+            logger.info("keeping cached pairs %s", path)
+            continue
+        images, labels = aset.arrays([target_id])
+        if labels is None:
+            raise AtlasSetError(aset.root, f"target {target_id!r} has no label (training targets need one)")
+        _, warped, _ = apply.warp_atlases(
+            reg_model, atlas_images[keep], atlas_labels[keep], images[0], codes, batch_size=batch_size)
+        _save_npz_atomic(path, warped_labels=warped.astype(dtype), target_image=images[0].astype(np.float32),
+                         target_label=labels[0].astype(dtype), atlas_ids=np.asarray(used),
+                         codes=np.asarray(codes))
+    return paths
+
+
+def load_pairs(cache_dir: str | os.PathLike, target_ids: Sequence[str] | None = None) -> TrainingPairs:
+    """Read a pair cache written by :func:`generate_pairs` (all its targets, or ``target_ids``).
+
+    Raises:
+        DatasetError: the folder holds no pairs, a file is missing or unreadable, or the
+            targets do not share one grid.
+    """
+    cache = Path(cache_dir)
+    if target_ids is None:
+        paths = sorted(cache.glob("*.npz"))
+        if not paths:
+            raise DatasetError(cache, "no training pairs (*.npz); run the gen step of train_fusion first")
+    else:
+        paths = [cache / f"{t}.npz" for t in target_ids]
+    images, labels, warped = [], [], []
+    for path in paths:
+        try:
+            with np.load(path) as data:
+                images.append(data["target_image"].astype(np.float32))
+                labels.append(data["target_label"])
+                warped.append(data["warped_labels"])
+        except FileNotFoundError:
+            raise DatasetError(path, "no such pair file; run the gen step of train_fusion first") from None
+        except (OSError, KeyError, ValueError) as err:
+            raise DatasetError(path, f"unreadable pair file ({type(err).__name__}: {err}); delete it and rerun "
+                               "the gen step") from None
+        if images[-1].shape != images[0].shape:
+            raise DatasetError(path, f"grid {images[-1].shape} differs from {paths[0].name}'s {images[0].shape}")
+    return TrainingPairs.from_arrays(np.stack(images), np.stack(labels), warped,
+                                     [p.name[: -len(".npz")] for p in paths])
