@@ -85,3 +85,17 @@ def test_provenance_records_data_cases_config_and_versions_without_importing_ten
     code = subprocess.run([sys.executable, "-c", "import sys, cmmas.provenance as p; p.provenance(); "
                            "print('tensorflow' in sys.modules)"], capture_output=True, text=True, check=True)
     assert code.stdout.strip() == "False"
+
+
+def test_a_bench_json_holds_provenance_command_and_rows(tmp_path, monkeypatch):
+    import json
+
+    from cmmas.scripts import write_bench_json
+
+    monkeypatch.setattr(sys, "argv", ["bench/bench_x.py", "--out", str(tmp_path)])
+    path = write_bench_json(tmp_path / "bench_x.json", [{"target": "mr_01", "seconds": 4.0}], data=tmp_path,
+                            cases=["mr_01"])
+    record = json.loads(path.read_text())
+    assert record["command"] == f"bench/bench_x.py --out {tmp_path}"
+    assert record["rows"] == [{"target": "mr_01", "seconds": 4.0}]
+    assert record["provenance"]["cases"] == ["mr_01"] and "code" in record["provenance"]
