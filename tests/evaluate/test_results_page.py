@@ -91,6 +91,9 @@ def test_marker_replacement_is_idempotent_and_leaves_the_prose(tmp_path):
     assert once == "# Page\n\nprose\n\n<!-- results:chain -->\nNEW\n\n| a |\n<!-- /results:chain -->\n\nmore prose\n"
     assert page.replace_blocks(once, {"chain": "NEW\n\n| a |"}) == once
     assert page.statuses(once) == {"chain": "NEW"}
+    empty = "intro `<!-- results:NAME -->` in prose\n<!-- results:chain -->\n<!-- /results:chain -->\n"
+    assert page.markers(empty) == ["chain"]
+    assert page.replace_blocks(empty, {"chain": "T"}) == empty.replace("-->\n<!-- /", "-->\nT\n<!-- /")
     with pytest.raises(CmmasError, match="no generated table"):
         page.replace_blocks(text, {"other": "x"})
     with pytest.raises(CmmasError, match="has no"):

@@ -306,12 +306,14 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
 
 
 def _pattern(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- results:{re.escape(name)} -->\n).*?(\n<!-- /results:{re.escape(name)} -->)", re.S)
+    """A block: its opening marker line, any lines, its closing marker line (markers alone on their lines)."""
+    return re.compile(rf"(^<!-- results:{re.escape(name)} -->\n)(?:.*?\n)??(^<!-- /results:{re.escape(name)} -->$)",
+                      re.S | re.M)
 
 
 def markers(text: str) -> list[str]:
-    """Names of the generated blocks in a page, in order."""
-    return re.findall(r"<!-- results:([\w-]+) -->", text)
+    """Names of the generated blocks in a page, in order (a marker stands alone on its line)."""
+    return re.findall(r"^<!-- results:([\w-]+) -->$", text, re.M)
 
 
 def replace_blocks(text: str, tables: Mapping[str, str], source: str | os.PathLike = "page") -> str:
@@ -328,7 +330,7 @@ def replace_blocks(text: str, tables: Mapping[str, str], source: str | os.PathLi
         pattern = _pattern(name)
         if not pattern.search(text):
             raise CmmasError(source, f"<!-- results:{name} --> has no <!-- /results:{name} --> after it")
-        text = pattern.sub(lambda m: m.group(1) + tables[name] + m.group(2), text, count=1)
+        text = pattern.sub(lambda m: m.group(1) + tables[name] + "\n" + m.group(2), text, count=1)
     return text
 
 
