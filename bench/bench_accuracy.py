@@ -125,11 +125,15 @@ def main() -> int:
     if FLAGS.out:
         from cmmas.evaluate.report import to_csv
         from cmmas.io import atomic_write_text
+        from cmmas.scripts import write_bench_json
 
         out = Path(FLAGS.out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "bench_accuracy.csv", to_csv(rows, list(rows[0])))
         atomic_write_text(out / "bench_accuracy.md", text + "\n")
+        write_bench_json(out / "bench_accuracy.json", rows,
+                         models={f"reg_model{k}": path for k, path in enumerate(FLAGS.reg_model)},
+                         cases=list(dict.fromkeys(r["case"] for r in rows)))
     return 0
 
 

@@ -26,7 +26,8 @@ seconds per alignment (median, max; with robust_atlas the atlases' own affine st
 the field-of-view figures (Dice between a blanked call and the first call inside the
 unblanked region, the lowest organ; mean and worst) and the QC
 separation (how many collapsed and how many good calls the alignment flags). --out writes
-bench_alignment.json (every call) and bench_alignment.md (the tables).
+bench_alignment.json ({"provenance", "command", "rows": every call}; `make results` reads it) and
+bench_alignment.md (the tables).
 
 The atlas sets are prepared beforehand, e.g. (10 atlases each; every scan of the other modality
 is then a target):
@@ -55,7 +56,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from cmmas.scripts import absl_main
+from cmmas.evaluate.results_page import alignment_table
+from cmmas.scripts import absl_main, write_bench_json
 
 FLAGS = flags.FLAGS
 _DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "abdomen-ctmr"
@@ -140,38 +142,6 @@ def _run_method(method: str) -> list[dict]:
     return rows
 
 
-def _summary(rows: list[dict]) -> list[str]:
-    lines = ["| direction | method | mean Dice | worst call | collapses (< %.2f) | targets worst < median - 0.05 "
-             "| largest spread between repeats | identical repeats | s / alignment, median (max) | FOV lowest organ "
-             "Dice, mean (worst) | QC flags: collapsed / good |" % FLAGS.collapse,
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["direction"], r["method"]) for r in rows}, key=lambda k: (k[0], METHODS.index(k[1])))
-    for direction, method in keys:
-        mine = [r for r in rows if r["direction"] == direction and r["method"] == method]
-        targets = sorted({r["target"] for r in mine})
-        per_target = {t: [r for r in mine if r["target"] == t] for t in targets}
-        means = [np.mean([r["mean"] for r in rs]) for rs in per_target.values()]
-        worst = min(mine, key=lambda r: r["mean"])
-        collapsed = [r for r in mine if r["mean"] < FLAGS.collapse]
-        unstable = sum(min(r["mean"] for r in rs) < np.median([r["mean"] for r in rs]) - 0.05
-                       for rs in per_target.values())
-        repeats = {t: [r for r in rs if r["call"].startswith("repeat")] for t, rs in per_target.items()}
-        spread = max(max(r["mean"] for r in rs) - min(r["mean"] for r in rs) for rs in repeats.values())
-        identical = sum(len({r["label_md5"] for r in rs}) == 1 for rs in repeats.values())
-        seconds = [r["seconds"] for r in mine]
-        fov = [min(r["fov_dice"].values()) for r in mine if "fov_dice" in r]
-        good = [r for r in mine if r["mean"] >= FLAGS.collapse]
-        flags_bad = sum(r["qc"]["flagged"] for r in collapsed)
-        flags_good = sum(r["qc"]["flagged"] for r in good)
-        fov_text = f"{np.mean(fov):.3f} ({min(fov):.3f})" if fov else "-"
-        lines.append(
-            f"| {direction} | {method} | {np.mean(means):.3f} | {worst['mean']:.3f} ({worst['target']} "
-            f"{worst['call']}) | {len(collapsed)} of {len(mine)} | {unstable} of {len(targets)} | {spread:.3f} | "
-            f"{identical} of {len(targets)} | {np.median(seconds):.2f} ({max(seconds):.2f}) | {fov_text} | "
-            f"{flags_bad} of {len(collapsed)} / {flags_good} of {len(good)} |")
-    return lines
-
-
 def _per_target(rows: list[dict]) -> list[str]:
     calls = list(dict.fromkeys(r["call"] for r in rows))
     lines = ["| direction | target | method | " + " | ".join(calls) + " | agreement (first call) |",
@@ -210,10 +180,12 @@ def _main() -> int:
         subprocess.run([sys.executable, __file__, *args, f"--method={method}", f"--json={part}"], check=True, env=env)
         print(f"{method}: {time.perf_counter() - start:.0f} s", flush=True)
         rows += json.loads(part.read_text())
-    (out / "bench_alignment.json").write_text(json.dumps(rows, indent=1))
-    text = ["## Summary", "", *_summary(rows), "", "## Mean organ Dice per call", "", *_per_target(rows)]
+    write_bench_json(out / "bench_alignment.json", rows, data=FLAGS.data,
+                     cases=list(dict.fromkeys(r["target"] for r in rows)))
+    summary = alignment_table(rows, FLAGS.collapse)
+    text = ["## Summary", "", summary, "", "## Mean organ Dice per call", "", *_per_target(rows)]
     (out / "bench_alignment.md").write_text("\n".join(text) + "\n")
-    print("\n".join(_summary(rows)))
+    print(summary)
     return 0
 
 

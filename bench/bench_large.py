@@ -20,7 +20,9 @@ memory (setup included, as a CLI process holds it), the ratio of the wall time a
 original-size scan of the same mode (the reference run); then, per organ, the Dice between the
 large scan's label (resampled nearest-neighbour onto the original scan's grid) and the original
 scan's label, and whether the issue's goals hold (large CT: label <= 8 s and 2.5 GB, maps <= 12 s
-and 3 GB; Dice >= 0.98 per organ).
+and 3 GB; Dice >= 0.98 per organ). --out gets bench_large.md (the printed report) and
+bench_large.json ({"provenance", "command", "rows": one per scan and mode: median seconds per step,
+peak MB, setup seconds, wall against the original scan}).
 
 Example (atlas sets as in bench_alignment's docstring):
   python bench/bench_large.py \
@@ -38,7 +40,7 @@ from pathlib import Path
 from absl import app, flags
 
 from bench_mas import FLAGS, _in_fresh_process  # also defines --data, --atlas_set, ... (used here)
-from cmmas.scripts import absl_main
+from cmmas.scripts import absl_main, write_bench_json
 
 flags.DEFINE_string("ct_case", "ct_00", "CT case of --data to enlarge.")
 flags.DEFINE_string("mr_case", "mr_01", "MR case of --data to enlarge.")
@@ -169,7 +171,7 @@ def _run() -> int:
     sets = _atlas_sets()
     table = [f"{'scan':<26} {'mode':<6} {'read':>5} {'align':>6} {'reg':>5} {'fuse':>5} {'back':>5} {'write':>6} "
              f"{'wall s':>7} {'peak MB':>8} {'x orig':>7}"]
-    lines, ok = [], True
+    lines, ok, records = [], True, []
     for modality in FLAGS.modalities:
         if modality not in sets:
             raise CmmasError(None, f"no atlas set of the other modality for {modality} targets in --atlas_set")
@@ -204,6 +206,9 @@ def _run() -> int:
                              f"{steps['write']:>6.2f} {steps['wall']:>7.2f} {runs[name]['peak_mb']:>8.0f} "
                              f"{ratio:>6.2f}x")
                 print(table[-1] + f"   (setup {runs[name]['setup']:.1f} s)", flush=True)
+                records.append({"case": case, "modality": modality, "mode": mode, "scan": name, "seconds": steps,
+                                "peak_mb": runs[name]["peak_mb"], "setup_seconds": runs[name]["setup"],
+                                "x_original": ratio})
             dice = _dice(runs["large"]["label"], runs["original"]["label"], labels)
             agree = all(d >= GOAL_DICE for d in dice.values())
             lines.append(f"{case} {mode}: Dice large vs original per organ {_describe(dice, labels)}"
@@ -224,6 +229,9 @@ def _run() -> int:
     print("\n" + report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_large.md").write_text(f"```\n{report}\n```\n")
+    models = {f"reg_model_{m}_targets": model for m, (_, model) in sets.items() if model}
+    write_bench_json(out / "bench_large.json", records, models=models, data=FLAGS.data,
+                     cases=[FLAGS.ct_case if m == "ct" else FLAGS.mr_case for m in FLAGS.modalities])
     return 0 if ok else 2
 
 

@@ -324,10 +324,13 @@ def _goals(res: dict, best_classical: dict, labels: dict) -> str:
 
 
 def _write(out: Path, table: str, rows: list[dict]) -> None:
+    """bench_mas.csv, bench_mas.md and bench_mas.json ({"provenance", "command", "rows"}: what
+    `make results` reads; the models hashed with their cards)."""
     import csv
     import io
 
     from cmmas.io import atomic_write_text
+    from cmmas.scripts import write_bench_json
 
     buffer = io.StringIO()
     if rows:
@@ -336,6 +339,11 @@ def _write(out: Path, table: str, rows: list[dict]) -> None:
         writer.writerows(rows)
     atomic_write_text(out / "bench_mas.csv", buffer.getvalue())
     atomic_write_text(out / "bench_mas.md", table + "\n")
+    models = {f"{kind}{k}": path
+              for kind, paths in (("reg_model", FLAGS.reg_model), ("fusion_model", FLAGS.fusion_model))
+              for k, path in enumerate(paths)}
+    write_bench_json(out / "bench_mas.json", rows, models=models, data=FLAGS.data,
+                     cases=list(dict.fromkeys(r["target"] for r in rows)))
 
 
 def _run() -> int:

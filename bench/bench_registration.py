@@ -17,7 +17,8 @@ Data: --atlas_set (a prepared atlas set; atlases = labelled train cases of --atl
 labelled test cases of --target_modality, or train cases if there are none) or, without it,
 phantom subjects resampled onto a working grid centred on each target (not pre-aligned: SyN's
 rigid and affine stages then do work BiRegNet does not). Without --model an untrained BiRegNet
-(the identity) is used and the report says so.
+(the identity) is used and the report says so. --out writes bench_registration.json
+({"provenance", "command", "rows": one per pair, the printed columns and Dice per structure}).
 
 Example:
   python bench/bench_registration.py --atlas_set runs/atlas_set --model runs/reg/model.keras --pairs 5
@@ -30,10 +31,11 @@ import os
 import resource
 import time
 import warnings
+from pathlib import Path
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, parse_shape
+from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, parse_shape, write_bench_json
 
 FLAGS = flags.FLAGS
 
@@ -45,6 +47,11 @@ flags.DEFINE_string("target_modality", "mr", "Modality of the targets.")
 flags.DEFINE_string("shape", "64", "Phantom/untrained-net working grid in voxels: one integer or z,y,x (divisible by 8).")
 flags.DEFINE_bool("syn_fast", True, "ANTs' short schedule (seconds per pair) instead of the default one.")
 flags.DEFINE_integer("seed", 0, "Seed of ANTs' sampling and of the phantom subjects.")
+flags.DEFINE_string("out", None, "Folder for bench_registration.json (the rows printed, with their provenance).")
+
+#: Keys of a pair's record in bench_registration.json, in the printed row's order.
+ROW_KEYS = ("biregnet_s", "syn_s", "ratio", "biregnet_mib", "syn_mib", "dice_before", "dice_biregnet",
+            "dice_syn", "folding_biregnet_percent", "folding_syn_percent")
 
 
 def _reset_peak() -> None:
@@ -179,7 +186,7 @@ def _run() -> int:
     header = (f"{'pair':<28} {'BiRegNet s':>10} {'SyN s':>8} {'ratio':>7} {'BiRegNet MiB':>12} {'SyN MiB':>8} "
               f"{'Dice before':>11} {'BiRegNet':>8} {'SyN':>6} {'fold% net':>9} {'fold% SyN':>9}")
     print(header)
-    rows, per_structure = [], []
+    rows, per_structure, records = [], [], []
     for name, atlas, atlas_label, target, target_label in pairs:
         (_, net_labels, ddfs), net_s, net_mb = _measure(
             lambda: apply.warp_atlases(model, atlas[None], atlas_label[None], target, table))
@@ -194,6 +201,8 @@ def _run() -> int:
         row = (net_s, syn_s, syn_s / net_s, net_mb, syn_mb, *(np.nanmean(d) for d in dices),
                jacobian_stats(ddfs[0])["folding_percent"], syn_fold)
         rows.append(row)
+        records.append({"pair": name, **{k: float(v) for k, v in zip(ROW_KEYS, row)},
+                        "dice_per_structure": {names[c]: [float(d[k]) for d in dices] for k, c in enumerate(codes)}})
         print(f"{name[:28]:<28} {row[0]:>10.2f} {row[1]:>8.2f} {row[2]:>6.1f}x {row[3]:>12.0f} {row[4]:>8.0f} "
               f"{row[5]:>11.3f} {row[6]:>8.3f} {row[7]:>6.3f} {row[8]:>9.2f} {row[9]:>9.2f}")
     med = np.median(np.asarray(rows), axis=0)
@@ -204,6 +213,11 @@ def _run() -> int:
     print(f"{'structure':<28} {'before':>8} {'BiRegNet':>8} {'SyN':>8}")
     for k, code in enumerate(codes):
         print(f"{names[code][:28]:<28} {mean[0, k]:>8.3f} {mean[1, k]:>8.3f} {mean[2, k]:>8.3f}")
+    if FLAGS.out:
+        written = write_bench_json(Path(FLAGS.out) / "bench_registration.json", records,
+                                   models={"reg_model": FLAGS.model} if FLAGS.model else None,
+                                   cases=[r["pair"] for r in records])
+        print(f"bench_registration: wrote {written}")
     return 0
 
 

@@ -298,4 +298,7 @@ def test_bench_runs_cmmas_on_a_phantom_target(world, tmp_path):
     assert (tmp_path / "bench_mas.md").read_text().startswith("| target |")
     assert (tmp_path / "mr_00" / "cmmas_robust_mv.nii.gz").is_file()
     assert not (tmp_path / "mr_00" / "cmmas_robust_mv_agreement.nii.gz").exists()  # the label only, as (a)
+    record = json.loads((tmp_path / "bench_mas.json").read_text())
+    assert record["command"].split()[0].endswith("bench_mas.py") and len(record["rows"]) == len(rows)
+    assert record["provenance"]["cases"] == ["mr_00"] and record["provenance"]["models"]["reg_model0"]["sha256"]
     assert "median of 2" in done.stdout and "x robust" in done.stdout

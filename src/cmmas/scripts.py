@@ -7,12 +7,16 @@ Scripts parse flags and call the library; a bad input ends in one line on stderr
 
 from __future__ import annotations
 
+import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from absl import app, flags, logging
 
 from cmmas.errors import CmmasError
+from cmmas.provenance import provenance
 
 FLAGS = flags.FLAGS
 
@@ -99,3 +103,38 @@ def parse_spacing(text: str | float, allow_zero: bool = False) -> tuple[float, f
     if min(parts) <= 0 and not (allow_zero and all(p == 0 for p in parts)):
         raise CmmasError("--spacing", f"expected one positive number or three (z,y,x, mm), got {text!r}")
     return tuple(parts)  # type: ignore[return-value]
+
+
+def flag_config() -> dict:
+    """The values of every flag the script defined or imported (absl's own flags left out)."""
+    return {flag.name: flag.value for module, defined in FLAGS.flags_by_module_dict().items()
+            if not module.startswith("absl") for flag in defined}
+
+
+def command_line() -> str:
+    """The command that ran this process: ``sys.argv`` joined by spaces."""
+    return " ".join(sys.argv)
+
+
+def write_bench_json(
+    path: str | os.PathLike,
+    rows: Sequence[Mapping],
+    models: Mapping[str, str | os.PathLike] | None = None,
+    data: str | os.PathLike | None = None,
+    cases: Sequence[str] | None = None,
+) -> Path:
+    """Write a bench's JSON atomically: ``{"provenance": provenance(flag_config(), models, data,
+    cases), "command": command_line(), "rows": rows}`` (``cmmas.evaluate.results_page`` reads it).
+
+    Args:
+        path: the JSON file (e.g. ``<out>/bench_mas.json``).
+        rows: the bench's records, JSON types (anything else is written as its str).
+        models: name -> model file, hashed with its card.
+        data: the data folder.
+        cases: the target ids measured.
+    """
+    from cmmas.io import atomic_write_text  # loads SimpleITK: not at every script's start
+
+    record = {"provenance": provenance(flag_config(), models, data, cases), "command": command_line(),
+              "rows": list(rows)}
+    return atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")

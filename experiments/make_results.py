@@ -1,0 +1,44 @@
+"""Rebuild the generated tables of docs/results.md and the README from the records under runs/
+(cmmas.evaluate.results_page): each table between its markers, with the commit and command of its
+runs, "(current)" when no code changed since, or "not run at this commit".
+
+Example (what `make results` runs):
+  python experiments/make_results.py --runs=runs --results=docs/results.md --readme=README.md
+  python experiments/make_results.py --check     # only report which tables are out of date
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from cmmas.scripts import absl_main
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("runs", "runs", "Folder of the runs (evaluations' summary.json, bench JSON files).")
+flags.DEFINE_string("results", "docs/results.md", "The results page.")
+flags.DEFINE_string("readme", "README.md", "The README (its headline table).")
+flags.DEFINE_bool("check", False, "Write nothing; exit 1 when a page's tables differ from the runs.")
+
+
+def _run() -> int:
+    from cmmas.evaluate.results_page import regenerate, statuses
+    from cmmas.io import atomic_write_text
+
+    stale = []
+    for page, (old, new) in regenerate(FLAGS.runs, [FLAGS.results, FLAGS.readme]).items():
+        for name, source in statuses(new).items():
+            print(f"make_results: {page} [{name}]: {source}")
+        if old == new:
+            print(f"make_results: {page}: up to date")
+        elif FLAGS.check:
+            stale.append(page)
+            print(f"make_results: {page}: its tables differ from {FLAGS.runs}/ (run make results)")
+        else:
+            atomic_write_text(page, new)
+            print(f"make_results: {page}: tables rebuilt from {FLAGS.runs}/")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    app.run(absl_main("make_results", _run))

@@ -1,0 +1,375 @@
+"""The generated tables of docs/results.md and the README: Markdown from the runs' JSON records.
+
+Every table is built from records under ``runs/`` (an evaluation's ``summary.json``, a bench's
+JSON) and sits between markers in its page::
+
+    <!-- results:NAME -->
+    ...generated...
+    <!-- /results:NAME -->
+
+Each table says where its numbers came from: the commit and command recorded in the record's
+provenance (:mod:`cmmas.provenance`; an evaluation's ``summary.json["provenance"]["command"]``, a
+bench's top-level ``"command"``), and whether that code still stands: *current* when no file under
+:data:`WATCHED` changed between that commit and HEAD, *code changed since* otherwise. A table
+whose records are absent reads "not run at this commit".
+
+The renderers are pure functions of the records (and of a ``changed(commit) -> bool | None``
+callable); only :func:`load_records`, :func:`code_changed` and the script touch the disk or git.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cmmas.errors import CmmasError
+
+#: Paths whose change between a run's commit and HEAD makes its table stale.
+WATCHED = ("src", "experiments", "bench", "Makefile")
+
+#: The evaluations of ``make reproduce-abdomen`` fold 1, per direction (relative to ``runs/``).
+CHAIN = {"ct->mr": "abdomen/ct2mr/fold1/eval/summary.json", "mr->ct": "abdomen/mr2ct/fold1/eval/summary.json"}
+#: The bench records (relative to ``runs/``).
+BENCH = {"bench_mas": "bench_mas/bench_mas.json", "bench_alignment": "bench_alignment/bench_alignment.json",
+         "bench_accuracy": "bench_accuracy/bench_accuracy.json"}
+#: Methods of the README's headline table, in its row order (those present are shown).
+HEADLINE_METHODS = ("affine+mv", "mv", "staple", "lwv", "jlf", "jlf_tf", "simnet")
+#: Alignment methods of bench_alignment in their table order.
+ALIGNMENT_METHODS = ("single", "robust", "robust_mt", "robust_atlas")
+
+NOT_RUN = "not run at this commit"
+
+#: ``changed(commit)``: True when watched code changed since ``commit``, None when unknown.
+Changed = Callable[[str], "bool | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One JSON record of ``runs/`` and where it lies (``path`` relative to ``runs/``)."""
+
+    path: str
+    data: dict
+
+    @property
+    def commit(self) -> str | None:
+        return ((self.data.get("provenance") or {}).get("code") or {}).get("commit")
+
+    @property
+    def dirty(self) -> bool:
+        return bool(((self.data.get("provenance") or {}).get("code") or {}).get("dirty"))
+
+    @property
+    def command(self) -> str | None:
+        return self.data.get("command") or (self.data.get("provenance") or {}).get("command")
+
+
+def load_records(runs: str | os.PathLike, paths: Sequence[str]) -> dict[str, Record]:
+    """path -> :class:`Record` of each of ``paths`` (relative to ``runs``) that exists.
+
+    Raises:
+        CmmasError: a file that is not JSON (naming it).
+    """
+    out = {}
+    for rel in paths:
+        path = Path(runs) / rel
+        if not path.is_file():
+            continue
+        try:
+            out[rel] = Record(rel, json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CmmasError(path, f"not a JSON record: {err}") from None
+    return out
+
+
+def code_changed(commit: str, repo: str | os.PathLike = ".") -> bool | None:
+    """Whether a file of :data:`WATCHED` differs between ``commit`` and HEAD (``git diff
+    --quiet``); None when git cannot tell (not a checkout, unknown commit)."""
+    try:
+        done = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", commit, "HEAD", "--", *WATCHED],
+                              capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {0: False, 1: True}.get(done.returncode)
+
+
+def source_line(records: Sequence[Record], missing: Sequence[str], changed: Changed) -> str:
+    """The italic line under a table's markers: per record its file, commit, state and command."""
+    parts = []
+    for record in records:
+        if record.commit is None:
+            version = (((record.data.get("provenance") or {}).get("code") or {}).get("version"))
+            state = f"installed version {version}, no commit recorded" if version else "no commit recorded"
+        else:
+            short = record.commit[:10]
+            stale = changed(record.commit)
+            state = (f"commit {short} (current)" if stale is False else
+                     f"from commit {short} (code changed since)" if stale else
+                     f"from commit {short} (not in this history)")
+            state += ", dirty tree" if record.dirty else ""
+        command = f"; command: `{record.command}`" if record.command else "; command not recorded"
+        parts.append(f"`runs/{record.path}`: {state}{command}")
+    parts += [f"`runs/{path}`: {NOT_RUN}" for path in missing]
+    return "_" + "<br>".join(parts) + "_"
+
+
+def _mean_min(stats: Mapping | None) -> tuple[float | None, float | None]:
+    if not stats or not stats.get("n"):
+        return None, None
+    return stats["mean"], stats["min"]
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _span(values: Sequence[float], digits: int = 1) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.{digits}f}" if f"{low:.{digits}f}" == f"{high:.{digits}f}" else f"{low:.{digits}f}-{high:.{digits}f}"
+
+
+def _cases(summary: Mapping, direction: str) -> int:
+    return int((summary.get("n_cases") or {}).get(direction, 0))
+
+
+def headline_table(chain: Mapping[str, Mapping], bench_mas: Mapping | None) -> str:
+    """README's table: per direction, mean Dice (worst target) of each method of
+    :data:`HEADLINE_METHODS` present, then seconds per scan of each pipeline and fusion of
+    bench_mas (the range over its targets of that direction).
+
+    Args:
+        chain: direction (``"ct->mr"``) -> that evaluation's ``summary.json`` (absent directions
+            left out).
+        bench_mas: bench_mas.json (``rows`` with direction, pipeline, fusion, seconds), or None.
+    """
+    directions = list(CHAIN)
+    head = ["| |"] + [f" {d.upper().replace('->', ' -> ')} ({_cases(chain[d], d)} targets) |" if d in chain
+                      else f" {d.upper().replace('->', ' -> ')} |" for d in directions]
+    lines = ["".join(head), "|---" * (len(directions) + 1) + "|"]
+    present = [m for m in HEADLINE_METHODS if any(m in chain[d]["metrics"].get(d, {}) for d in chain)]
+    for method in present:
+        cells = []
+        for d in directions:
+            entry = chain[d]["metrics"].get(d, {}).get(method) if d in chain else None
+            mean, worst = _mean_min(entry["mean"]["dice"]) if entry else (None, None)
+            cells.append(NOT_RUN if d not in chain else "" if entry is None else f"{_f(mean)} (worst {_f(worst)})")
+        lines.append(f"| {method}: mean Dice (worst target) | " + " | ".join(cells) + " |")
+    rows = (bench_mas or {}).get("rows") or []
+    for pipeline, fusion in dict.fromkeys((r["pipeline"], r["fusion"]) for r in rows):
+        cells = []
+        for d in directions:
+            seconds = {r["target"]: r["seconds"] for r in rows
+                       if (r["pipeline"], r["fusion"], r["direction"]) == (pipeline, fusion, d)}
+            n = len(seconds)
+            cells.append(f"{_span(list(seconds.values()))} ({n} target{'s' * (n != 1)})" if seconds else "")
+        lines.append(f"| {pipeline} {fusion}: seconds per scan | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chain_table(summary: Mapping, direction: str) -> str:
+    """One direction of an evaluation: per method, Dice per structure (mean ± std over targets),
+    mean Dice, worst target (lowest per-target mean Dice) and mean HD95 (mm)."""
+    methods = summary["metrics"][direction]
+    structures = list(dict.fromkeys(s for entry in methods.values() for s in entry if s != "mean"))
+    lines = ["| method | " + " | ".join(structures) + " | mean Dice | worst target | mean HD95 (mm) |",
+             "|---" * (len(structures) + 4) + "|"]
+    for method, entry in methods.items():
+        cells = []
+        for s in structures:
+            stats = (entry.get(s) or {}).get("dice")
+            cells.append(f"{_f(stats['mean'])} ± {_f(stats['std'])}" if stats and stats.get("n") else "n/a")
+        mean, worst = _mean_min(entry["mean"]["dice"])
+        hd95, _ = _mean_min(entry["mean"].get("hd95"))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_f(mean)} | {_f(worst)} | {_f(hd95, 1)} |")
+    return "\n".join(lines)
+
+
+def bench_mas_table(record: Mapping) -> str:
+    """bench_mas.json's rows (one per target x pipeline x fusion x organ) as one line per target,
+    pipeline and fusion: seconds, peak MB, Dice per organ and their mean."""
+    rows = record["rows"]
+    organs = list(dict.fromkeys(r["name"] for r in rows))
+    lines = ["| target | direction | pipeline | fusion | seconds | peak MB | " + " | ".join(organs) + " | mean |",
+             "|---" * (len(organs) + 7) + "|"]
+    for key in dict.fromkeys((r["target"], r["direction"], r["pipeline"], r["fusion"]) for r in rows):
+        mine = [r for r in rows if (r["target"], r["direction"], r["pipeline"], r["fusion"]) == key]
+        dice = {r["name"]: r["dice"] for r in mine}
+        cells = " | ".join(_f(dice.get(o)) for o in organs)
+        lines.append(f"| {' | '.join(key)} | {mine[0]['seconds']:.1f} | {mine[0]['peak_mb']:.0f} | {cells} | "
+                     f"{_f(float(np.mean(list(dice.values()))))} |")
+    return "\n".join(lines)
+
+
+def alignment_table(rows: Sequence[Mapping], collapse: float = 0.3) -> str:
+    """bench_alignment's summary per direction and method over its calls (rows: method, direction,
+    target, call, mean, seconds, qc.flagged, label_md5, fov_dice for the blanked calls)."""
+    lines = ["| direction | method | mean Dice | worst call | collapses (< %.2f) | targets worst < median - 0.05 "
+             "| largest spread between repeats | identical repeats | s / alignment, median (max) | FOV lowest organ "
+             "Dice, mean (worst) | QC flags: collapsed / good |" % collapse,
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: k for k, m in enumerate(ALIGNMENT_METHODS)}
+    keys = sorted({(r["direction"], r["method"]) for r in rows}, key=lambda k: (k[0], order.get(k[1], len(order))))
+    for direction, method in keys:
+        mine = [r for r in rows if r["direction"] == direction and r["method"] == method]
+        targets = sorted({r["target"] for r in mine})
+        per_target = {t: [r for r in mine if r["target"] == t] for t in targets}
+        means = [np.mean([r["mean"] for r in rs]) for rs in per_target.values()]
+        worst = min(mine, key=lambda r: r["mean"])
+        collapsed = [r for r in mine if r["mean"] < collapse]
+        good = [r for r in mine if r["mean"] >= collapse]
+        unstable = sum(min(r["mean"] for r in rs) < np.median([r["mean"] for r in rs]) - 0.05
+                       for rs in per_target.values())
+        repeats = {t: [r for r in rs if r["call"].startswith("repeat")] or rs for t, rs in per_target.items()}
+        spread = max(max(r["mean"] for r in rs) - min(r["mean"] for r in rs) for rs in repeats.values())
+        identical = sum(len({r["label_md5"] for r in rs}) == 1 for rs in repeats.values())
+        seconds = [r["seconds"] for r in mine]
+        fov = [min(r["fov_dice"].values()) for r in mine if r.get("fov_dice")]
+        fov_text = f"{np.mean(fov):.3f} ({min(fov):.3f})" if fov else "-"
+        flagged_bad = sum(r["qc"]["flagged"] for r in collapsed)
+        flagged_good = sum(r["qc"]["flagged"] for r in good)
+        lines.append(
+            f"| {direction} | {method} | {np.mean(means):.3f} | {worst['mean']:.3f} ({worst['target']} "
+            f"{worst['call']}) | {len(collapsed)} of {len(mine)} | {unstable} of {len(targets)} | {spread:.3f} | "
+            f"{identical} of {len(targets)} | {np.median(seconds):.2f} ({max(seconds):.2f}) | {fov_text} | "
+            f"{flagged_bad} of {len(collapsed)} / {flagged_good} of {len(good)} |")
+    return "\n".join(lines)
+
+
+def accuracy_table(rows: Sequence[Mapping]) -> str:
+    """bench_accuracy's rows (case, direction, method, name, dice, fuse_s, refine_s,
+    folding_after) per direction/fold: per variant, Dice per organ (mean over targets), their mean,
+    the worst target, seconds of refinement and fusion (x jlf_tf's) and folding %."""
+    blocks = []
+    for direction in dict.fromkeys(r["direction"] for r in rows):
+        part = [r for r in rows if r["direction"] == direction]
+        organs = list(dict.fromkeys(r["name"] for r in part))
+        cases = list(dict.fromkeys(r["case"] for r in part))
+        base = [r["fuse_s"] for r in part if r["method"] == "jlf_tf"]
+        lines = [f"**{direction} ({len(cases)} targets)**", "",
+                 "| variant | " + " | ".join(organs) + " | mean | worst target | refine s | fuse s (x jlf_tf) | "
+                 "folding % |", "|---" * (len(organs) + 6) + "|"]
+        for method in dict.fromkeys(r["method"] for r in part):
+            sub = [r for r in part if r["method"] == method]
+            dice = [float(np.mean([r["dice"] for r in sub if r["name"] == o])) for o in organs]
+            worst = min(float(np.mean([r["dice"] for r in sub if r["case"] == c])) for c in cases)
+            fuse = float(np.mean([r["fuse_s"] for r in sub]))
+            ratio = f" ({fuse / np.mean(base):.1f}x)" if base else ""
+            lines.append(f"| {method} | " + " | ".join(f"{d:.3f}" for d in dice) + f" | {np.mean(dice):.3f} | "
+                         f"{worst:.3f} | {np.mean([r['refine_s'] for r in sub]):.1f} | {fuse:.2f}{ratio} | "
+                         f"{np.mean([r['folding_after'] for r in sub]):.2f} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _block(records: Sequence[Record], missing: Sequence[str], changed: Changed, table: str | None) -> str:
+    source = source_line(records, missing, changed)
+    return source if not table else f"{source}\n\n{table}"
+
+
+def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[str, str]:
+    """name -> Markdown of every generated table (``headline``, ``chain``, ``bench_mas``,
+    ``bench_alignment``, ``bench_accuracy``), from the records :func:`load_records` found
+    (keyed by their path relative to ``runs/``: :data:`CHAIN` and :data:`BENCH`)."""
+    chain_records = [runs_records[p] for p in CHAIN.values() if p in runs_records]
+    chain_missing = [p for p in CHAIN.values() if p not in runs_records]
+    chain = {d: runs_records[p].data for d, p in CHAIN.items() if p in runs_records}
+    bench = {name: runs_records.get(path) for name, path in BENCH.items()}
+    tables: dict[str, str] = {}
+
+    headline_records = chain_records + ([bench["bench_mas"]] if bench["bench_mas"] else [])
+    headline_missing = chain_missing + ([] if bench["bench_mas"] else [BENCH["bench_mas"]])
+    tables["headline"] = _block(headline_records, headline_missing, changed,
+                                headline_table(chain, bench["bench_mas"].data if bench["bench_mas"] else None)
+                                if chain else None)
+
+    parts = [f"**{d.upper().replace('->', ' -> ')}, {_cases(s, d)} targets**\n\n{chain_table(s, d)}"
+             for d, s in chain.items() if d in s.get("metrics", {})]
+    tables["chain"] = _block(chain_records, chain_missing, changed, "\n\n".join(parts) or None)
+
+    renderers = {
+        "bench_mas": bench_mas_table,
+        "bench_alignment": lambda data: alignment_table(
+            data["rows"], float(((data.get("provenance") or {}).get("config") or {}).get("collapse", 0.3))),
+        "bench_accuracy": lambda data: accuracy_table(data["rows"]),
+    }
+    for name, render in renderers.items():
+        record = bench[name]
+        tables[name] = _block([record] if record else [], [] if record else [BENCH[name]], changed,
+                              render(record.data) if record and record.data.get("rows") else None)
+    return tables
+
+
+def _pattern(name: str) -> re.Pattern:
+    """A block: its opening marker line, any lines, its closing marker line (markers alone on their lines)."""
+    return re.compile(rf"(^<!-- results:{re.escape(name)} -->\n)(?:.*?\n)??(^<!-- /results:{re.escape(name)} -->$)",
+                      re.S | re.M)
+
+
+def markers(text: str) -> list[str]:
+    """Names of the generated blocks in a page, in order (a marker stands alone on its line)."""
+    return re.findall(r"^<!-- results:([\w-]+) -->$", text, re.M)
+
+
+def replace_blocks(text: str, tables: Mapping[str, str], source: str | os.PathLike = "page") -> str:
+    """``text`` with the content between each pair of markers replaced by ``tables[name]``.
+
+    Idempotent: replacing again with the same tables gives the same text.
+
+    Raises:
+        CmmasError: a marker without its closing one, or a name with no table (naming ``source``).
+    """
+    for name in markers(text):
+        if name not in tables:
+            raise CmmasError(source, f"no generated table is named {name!r} (known: {sorted(tables)})")
+        pattern = _pattern(name)
+        if not pattern.search(text):
+            raise CmmasError(source, f"<!-- results:{name} --> has no <!-- /results:{name} --> after it")
+        text = pattern.sub(lambda m: m.group(1) + tables[name] + "\n" + m.group(2), text, count=1)
+    return text
+
+
+def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo: str | os.PathLike = "."
+               ) -> dict[Path, tuple[str, str]]:
+    """page -> (its text now, its text with every generated table rebuilt from ``runs``).
+
+    Args:
+        runs: the runs folder (records at :data:`CHAIN` and :data:`BENCH` under it).
+        pages: Markdown files holding markers.
+        repo: the checkout whose HEAD the runs' commits are compared with.
+
+    Raises:
+        CmmasError: a page is missing or its markers are malformed; a record is not JSON.
+    """
+    records = load_records(runs, [*CHAIN.values(), *BENCH.values()])
+    answers: dict[str, bool | None] = {}
+
+    def changed(commit: str) -> bool | None:
+        if commit not in answers:
+            answers[commit] = code_changed(commit, repo)
+        return answers[commit]
+
+    tables = render_tables(records, changed)
+    out = {}
+    for page in map(Path, pages):
+        if not page.is_file():
+            raise CmmasError(page, "page not found")
+        text = page.read_text(encoding="utf-8")
+        out[page] = (text, replace_blocks(text, tables, page))
+    return out
+
+
+def statuses(text: str) -> dict[str, str]:
+    """name -> the source line of each generated block of a page ("current", "code changed
+    since", "not run at this commit", per record)."""
+    out = {}
+    for name in markers(text):
+        found = _pattern(name).search(text)
+        body = text[found.end(1):found.start(2)] if found else ""
+        out[name] = body.split("\n", 1)[0]
+    return out

@@ -1,0 +1,121 @@
+"""Generated results tables: rendered from fake runs folders, the absent case, marker idempotence."""
+
+import json
+import subprocess
+
+import pytest
+
+from cmmas.errors import CmmasError
+from cmmas.evaluate import report, results_page as page
+
+ORGANS = ("liver", "spleen")
+
+
+def _rows(direction, dice):
+    """Score rows: method -> per-case list of per-organ Dice."""
+    rows = []
+    for method, cases in dice.items():
+        for k, per_organ in enumerate(cases):
+            for code, (name, value) in enumerate(zip(ORGANS, per_organ), start=1):
+                rows.append({"case": f"t{k}", "direction": direction, "method": method, "label": code, "name": name,
+                             "dice": value, "jaccard": value, "hd95": 10.0 * (1 - value), "assd": 1.0})
+    return rows
+
+
+def _write(path, record):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def _summary(direction, dice, commit="a" * 40, command="make reproduce-abdomen"):
+    summary = report.summarize(_rows(direction, dice))
+    summary["provenance"] = {"code": {"commit": commit, "dirty": False}, "command": command}
+    return summary
+
+
+CT2MR = {"affine+mv": [(0.5, 0.3), (0.7, 0.5)], "jlf": [(0.9, 0.7), (0.8, 0.6)]}
+
+
+def test_chain_table_reads_mean_std_worst_target_and_hd95_from_summary():
+    table = page.chain_table(_summary("ct->mr", CT2MR), "ct->mr")
+    lines = table.splitlines()
+    assert lines[0] == "| method | liver | spleen | mean Dice | worst target | mean HD95 (mm) |"
+    # jlf: liver mean 0.85, std of (0.9, 0.8); per-case means 0.8 and 0.7 -> mean 0.75, worst 0.70
+    assert lines[3].startswith("| jlf | 0.850 ± 0.071 | 0.650 ± 0.071 | 0.750 | 0.700 | 2.5 |")
+
+
+def test_tables_from_a_fake_runs_folder_name_commit_state_and_command(tmp_path):
+    runs = tmp_path / "runs"
+    _write(runs / page.CHAIN["ct->mr"], _summary("ct->mr", CT2MR, commit="c" * 40))
+    _write(runs / page.BENCH["bench_mas"], {
+        "provenance": {"code": {"commit": "d" * 40, "dirty": True}}, "command": "bench/bench_mas.py --out x",
+        "rows": [{"target": "t0", "direction": "ct->mr", "pipeline": "cmmas robust", "fusion": "jlf_tf",
+                  "name": o, "dice": 0.8, "seconds": 4.04, "peak_mb": 2100.0} for o in ORGANS]})
+    records = page.load_records(runs, [*page.CHAIN.values(), *page.BENCH.values()])
+    tables = page.render_tables(records, lambda commit: commit.startswith("d"))
+    head = tables["headline"]
+    assert "commit cccccccccc (current); command: `make reproduce-abdomen`" in head
+    assert "from commit dddddddddd (code changed since), dirty tree; command: `bench/bench_mas.py --out x`" in head
+    assert "`runs/abdomen/mr2ct/fold1/eval/summary.json`: not run at this commit" in head
+    assert "| jlf: mean Dice (worst target) | 0.750 (worst 0.700) | not run at this commit |" in head
+    assert "| cmmas robust jlf_tf: seconds per scan | 4.0 (1 target) |  |" in head
+    assert "| t0 | ct->mr | cmmas robust | jlf_tf | 4.0 | 2100 | 0.800 | 0.800 | 0.800 |" in tables["bench_mas"]
+    assert tables["bench_alignment"] == "_`runs/bench_alignment/bench_alignment.json`: not run at this commit_"
+
+
+def test_every_table_reads_not_run_when_runs_is_empty(tmp_path):
+    tables = page.render_tables(page.load_records(tmp_path, [*page.CHAIN.values(), *page.BENCH.values()]),
+                                lambda commit: False)
+    assert set(tables) == {"headline", "chain", "bench_mas", "bench_alignment", "bench_accuracy"}
+    for text in tables.values():
+        assert "|---" not in text and page.NOT_RUN in text
+
+
+def test_alignment_and_accuracy_tables_summarise_their_rows():
+    calls = [{"method": "robust", "direction": "ct->mr", "target": "mr_01", "call": call, "mean": mean,
+              "seconds": 2.0, "qc": {"flagged": mean < 0.3}, "label_md5": "x"}
+             for call, mean in (("repeat1", 0.5), ("repeat2", 0.5), ("seed1", 0.2))]
+    line = page.alignment_table(calls).splitlines()[2]
+    assert line.startswith("| ct->mr | robust | 0.400 | 0.200 (mr_01 seed1) | 1 of 3 | 1 of 1 | 0.000 | 1 of 1 |")
+    assert line.endswith("| - | 1 of 1 / 0 of 2 |")
+    rows = [{"case": c, "direction": "ct2mr fold1", "method": m, "name": o, "dice": d, "fuse_s": f,
+             "refine_s": 0.0, "folding_after": 0.5}
+            for m, f in (("jlf_tf", 1.0), ("jlf_mind", 4.0)) for c, d in (("a", 0.6), ("b", 0.8)) for o in ORGANS]
+    table = page.accuracy_table(rows)
+    assert "| jlf_mind | 0.700 | 0.700 | 0.700 | 0.600 | 0.0 | 4.00 (4.0x) | 0.50 |" in table
+
+
+def test_marker_replacement_is_idempotent_and_leaves_the_prose(tmp_path):
+    text = "# Page\n\nprose\n\n<!-- results:chain -->\nold table\n<!-- /results:chain -->\n\nmore prose\n"
+    once = page.replace_blocks(text, {"chain": "NEW\n\n| a |"})
+    assert once == "# Page\n\nprose\n\n<!-- results:chain -->\nNEW\n\n| a |\n<!-- /results:chain -->\n\nmore prose\n"
+    assert page.replace_blocks(once, {"chain": "NEW\n\n| a |"}) == once
+    assert page.statuses(once) == {"chain": "NEW"}
+    empty = "intro `<!-- results:NAME -->` in prose\n<!-- results:chain -->\n<!-- /results:chain -->\n"
+    assert page.markers(empty) == ["chain"]
+    assert page.replace_blocks(empty, {"chain": "T"}) == empty.replace("-->\n<!-- /", "-->\nT\n<!-- /")
+    with pytest.raises(CmmasError, match="no generated table"):
+        page.replace_blocks(text, {"other": "x"})
+    with pytest.raises(CmmasError, match="has no"):
+        page.replace_blocks("<!-- results:chain -->\nx\n", {"chain": "y"})
+
+
+def test_code_changed_compares_watched_paths_with_head(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("1\n")
+    git("add", "src")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    first = git("rev-parse", "HEAD")
+    (tmp_path / "docs.md").write_text("words\n")
+    git("add", "docs.md")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "docs only")
+    assert page.code_changed(first, tmp_path) is False
+    (tmp_path / "src" / "a.py").write_text("2\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "code")
+    assert page.code_changed(first, tmp_path) is True
+    assert page.code_changed("f" * 40, tmp_path) is None
