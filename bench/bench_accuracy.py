@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
 from cmmas.scripts import absl_main
@@ -86,32 +85,6 @@ def run_set(atlas_set: str, reg_model: str, refinement: dict) -> list[dict]:
     return rows
 
 
-def _mean(values) -> float:
-    return float(np.mean(list(values)))
-
-
-def report(rows: list[dict]) -> str:
-    """Markdown tables: Dice per organ (mean, worst target) per direction/fold and variant; seconds; folding."""
-    lines = []
-    for direction in dict.fromkeys(r["direction"] for r in rows):
-        part = [r for r in rows if r["direction"] == direction]
-        organs = list(dict.fromkeys(r["name"] for r in part))
-        cases = list(dict.fromkeys(r["case"] for r in part))
-        base_fuse = _mean(r["fuse_s"] for r in part if r["method"] == "jlf_tf")
-        lines += [f"\n### {direction} ({len(cases)} targets)\n",
-                  "| variant | " + " | ".join(organs) + " | mean | worst target | refine s | fuse s (x jlf_tf) | "
-                  "folding % |", "|---" * (len(organs) + 6) + "|"]
-        for method in dict.fromkeys(r["method"] for r in part):
-            sub = [r for r in part if r["method"] == method]
-            dice = [_mean(r["dice"] for r in sub if r["name"] == organ) for organ in organs]
-            worst = min(_mean(r["dice"] for r in sub if r["case"] == case) for case in cases)
-            fuse = _mean(r["fuse_s"] for r in sub)
-            lines.append(f"| {method} | " + " | ".join(f"{d:.3f}" for d in dice) + f" | {np.mean(dice):.3f} | "
-                         f"{worst:.3f} | {_mean(r['refine_s'] for r in sub):.1f} | {fuse:.2f} ({fuse / base_fuse:.1f}x) | "
-                         f"{_mean(r['folding_after'] for r in sub):.2f} |")
-    return "\n".join(lines)
-
-
 def main() -> int:
     if not FLAGS.atlas_set or len(FLAGS.atlas_set) != len(FLAGS.reg_model or []):
         raise app.UsageError("give one --reg_model per --atlas_set")
@@ -120,7 +93,9 @@ def main() -> int:
     rows = []
     for atlas_set, reg_model in zip(FLAGS.atlas_set, FLAGS.reg_model):
         rows += run_set(atlas_set, reg_model, refinement)
-    text = report(rows)
+    from cmmas.evaluate.results_page import accuracy_table
+
+    text = accuracy_table(rows)
     print(text)
     if FLAGS.out:
         from cmmas.evaluate.report import to_csv

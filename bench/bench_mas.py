@@ -257,12 +257,10 @@ def _dice_rows(prediction, truth, labels: dict) -> dict[int, float]:
 
 
 def _report(results: list[dict], labels: dict) -> tuple[str, list[dict]]:
-    """The Markdown tables and the CSV rows."""
-    import numpy as np
+    """The Markdown table (:func:`cmmas.evaluate.results_page.bench_mas_table`, as ``make results``
+    renders it) with the goals below it, and the CSV rows (one per target, pipeline, fusion, organ)."""
+    from cmmas.evaluate.results_page import bench_mas_table
 
-    names = [labels[c] for c in labels]
-    head = "| target | direction | pipeline | fusion | seconds | peak MB | " + " | ".join(names) + " | mean |"
-    lines = [head, "|" + "---|" * (7 + len(names))]
     rows, notes = [], []
     for res in results:
         best_classical = {}
@@ -271,22 +269,17 @@ def _report(results: list[dict], labels: dict) -> tuple[str, list[dict]]:
             if out is None:
                 continue
             for fusion, dice in out["dice"].items():
-                seconds = out["seconds"][fusion]
-                cells = " | ".join(f"{dice[c]:.3f}" for c in labels)
-                mean = float(np.mean(list(dice.values())))
-                lines.append(f"| {res['target']} | {res['direction']} | {part} | {fusion} | {seconds:.1f} | "
-                             f"{out['peak_mb']:.0f} | {cells} | {mean:.3f} |")
                 for code in labels:
                     rows.append({"target": res["target"], "direction": res["direction"], "pipeline": part,
                                  "fusion": fusion, "label": code, "name": labels[code], "dice": dice[code],
-                                 "seconds": seconds, "peak_mb": out["peak_mb"],
+                                 "seconds": out["seconds"][fusion], "peak_mb": out["peak_mb"],
                                  "setup_seconds": out.get("setup_seconds", float("nan")),
                                  "atlases": len(res["atlas_ids"])})
                 if part == "classical":
                     for code in labels:
                         best_classical[code] = max(best_classical.get(code, -1.0), dice[code])
         notes.append(_goals(res, best_classical, labels))
-    return "\n".join(lines + [""] + notes), rows
+    return "\n".join([bench_mas_table({"rows": rows}), ""] + notes), rows
 
 
 def _goals(res: dict, best_classical: dict, labels: dict) -> str:

@@ -91,6 +91,13 @@ def _options() -> dict:
     return {"lwv": {"similarity": FLAGS.lwv_similarity}, "jlf": {"rad": FLAGS.jlf_rad, "r_search": FLAGS.jlf_search}}
 
 
+def _run_record() -> dict:
+    """This call's command and flags, for the provenance of summary.json."""
+    from cmmas.scripts import command_line, flag_config
+
+    return {"command": command_line(), "flags": flag_config()}
+
+
 def _run() -> int:
     import numpy as np
 
@@ -127,7 +134,7 @@ def _run() -> int:
                 aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
                 target_modality=FLAGS.target_modality, methods=FLAGS.methods, options=_options(),
                 holdout=FLAGS.simnet_holdout, bounds=FLAGS.bounds, plots=FLAGS.plots, batch_size=FLAGS.batch_size,
-                progress=FLAGS.progress,
+                progress=FLAGS.progress, run=_run_record(),
             )
         else:
             from cmmas.segment import SegmentConfig
@@ -141,7 +148,7 @@ def _run() -> int:
                 aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
                 target_modality=FLAGS.target_modality, methods=FLAGS.methods, bounds=FLAGS.bounds,
                 plots=FLAGS.plots, overlay_method=FLAGS.overlay_method, progress=FLAGS.progress,
-                holdout=FLAGS.simnet_holdout, config=config,
+                holdout=FLAGS.simnet_holdout, config=config, run=_run_record(),
             )
     print(report.table)
     print(f"evaluate: results {report.results_csv}; summary {report.summary_json}"

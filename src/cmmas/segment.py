@@ -48,6 +48,7 @@ from cmmas.fuse.vote import FusionResult
 from cmmas.fuse.weights import global_similarity
 from cmmas.io import Image, read_image
 from cmmas.nn import model_card
+from cmmas.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,8 @@ class Segmentation:
         names: the atlas set's label table, code -> structure name (0 excluded).
         config: the engine's config (its ``fusion`` may differ from ``fusion`` in an evaluation).
         models: "reg_model" / "fusion_model" -> the file used (None: none, or an in-memory model).
+        provenance: the engine's :func:`cmmas.provenance.provenance` record (code commit, config,
+            model hashes, atlas set and atlases).
     """
 
     label: Image
@@ -285,6 +288,7 @@ class Segmentation:
     names: dict[int, str]
     config: SegmentConfig
     models: dict[str, str | None]
+    provenance: dict
 
     @property
     def target(self) -> Image:
@@ -319,12 +323,12 @@ class Segmentation:
     def qc(self) -> dict:
         """The QC record written beside the label map (``<stem>_qc.json``): the alignment's
         record, the atlases, the refinement, the models and the config used, any warning about
-        the scan's header and the seconds of each step."""
+        the scan's header, the seconds of each step and the provenance (code commit, model hashes)."""
         return {"flagged": self.flagged, "alignment": self.alignment, "atlas_ids": list(self.atlas_ids),
                 "registration": self.warped.fields is not None, "refinement": self.warped.refinement,
                 "fusion": self.fusion, "models": dict(self.models), "config": self.config.to_dict(),
-                "target_warnings": list(getattr(self.target, "warnings", ())),
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                "target": self.target.path, "target_warnings": list(self.target.warnings),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "provenance": self.provenance}
 
 
 class Segmenter:
@@ -336,7 +340,8 @@ class Segmenter:
             atlases as affinely aligned (``cmmas segment --no-registration``).
         fusion_model: a SimNet (model or path), needed when a fusion is "simnet".
         config: the choices (:class:`SegmentConfig`; default: ``cmmas segment``'s defaults).
-        atlas_ids: the atlases to choose from (default :func:`atlas_ids_of` of ``config.modality``).
+        atlas_ids: the atlases to choose from (default :func:`atlas_ids_of` of ``config.modality``;
+            an oracle set has no default: it segments its own cases, given by ``case_id``).
         progress: show a progress bar over the steps of each scan.
 
     Raises:
@@ -352,12 +357,15 @@ class Segmenter:
         self.aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
         self.codes = [0, *sorted(self.aset.labels)]
         registry.check_model(self.config.fusion, fusion_model)  # before the alignment's seconds are spent
+        if atlas_ids is None:
+            self.aset.require_alignment()  # an oracle set segments its own cases only (the evaluation's)
         self.atlas_ids = list(atlas_ids) if atlas_ids is not None else atlas_ids_of(self.aset, self.config.modality)
         if not self.atlas_ids:
             raise AtlasSetError(self.aset.root, "no atlas to segment with")
         self.models = {name: str(m) if isinstance(m, (str, os.PathLike)) else None
                        for name, m in (("reg_model", reg_model), ("fusion_model", fusion_model))}
         self.reg_net, self.simnet = load_models(reg_model, fusion_model, self.aset)
+        self.provenance = provenance(self.config.to_dict(), self.models, self.aset.root, self.atlas_ids)
         self.progress = progress
         self._images, self._labels = self.aset.arrays(self.atlas_ids)
         self.load_seconds = time.perf_counter() - start
@@ -490,7 +498,7 @@ class Segmenter:
         label, probabilities, agreement = self.on_scan(warped.placement, fused, self.config.maps)
         seconds["map_back"] = time.perf_counter() - t0
         return Segmentation(label, probabilities, agreement, fusion, fused, warped, seconds, list(self.codes),
-                            dict(self.aset.labels), self.config, dict(self.models))
+                            dict(self.aset.labels), self.config, dict(self.models), self.provenance)
 
     @contextlib.contextmanager
     def _transform_dir(self, transform_dir: str | os.PathLike | None) -> Iterator[Path]:

@@ -347,14 +347,21 @@ def test_space_evaluation_scores_every_method_on_the_original_grid(space_run, tm
     assert all(p.is_file() for p in report.figures)
 
 
-def test_evaluation_scores_exactly_the_label_that_cmmas_segment_writes(space_run, tmp_path):
-    """One map-back, one fusion door, one model loader: for the held-out phantom target, every
-    prediction the evaluation scores is byte-identical to the label map ``cmmas segment`` writes
-    with the same atlases, models and alignment (the set's stored transform)."""
+@pytest.mark.parametrize("flags, settings", [
+    ([], {}),
+    (["--atlases", "2"], {"atlases": 2}),
+    (["--atlas-affine"], {"atlas_affine": True}),
+    (["--refine-steps", "3"], {"refine_steps": 3}),
+], ids=["default", "atlases", "atlas-affine", "refine"])
+def test_evaluation_scores_exactly_the_label_that_cmmas_segment_writes(space_run, tmp_path, flags, settings):
+    """One engine: for the held-out phantom target, every prediction the evaluation scores is
+    byte-identical to the label map ``cmmas segment`` writes with the same atlases, models,
+    alignment (the set's stored transform) and settings, for every option the engine has."""
     import random
 
     from cmmas import cli
     from cmmas.align.atlas_set import AtlasSet
+    from cmmas.segment import SegmentConfig
 
     space, reg, sim, data = space_run
     aset = space if isinstance(space, AtlasSet) else AtlasSet(space)
@@ -362,14 +369,16 @@ def test_evaluation_scores_exactly_the_label_that_cmmas_segment_writes(space_run
     random.seed(seed)
     np.random.seed(seed)
     out = tmp_path / "eval"
-    runs.evaluate_atlas_set(aset, reg, sim, out, methods=("mv", "jlf_tf", "lwv"), bounds=False, plots=False,
-                            progress=False)
+    fusions = ("mv", "jlf_tf", "lwv") if not settings else ("jlf_tf",)
+    config = SegmentConfig(fusion=fusions[0], modality="ct", maps=False, **settings)
+    runs.evaluate_atlas_set(aset, reg, sim, out, methods=fusions, bounds=False, plots=False, progress=False,
+                            config=config)
     transform = aset.transform("mr_01")
-    for fusion in ("mv", "jlf_tf", "lwv", "simnet"):
+    for fusion in (*fusions, "simnet"):
         written = tmp_path / f"seg_{fusion}.nii.gz"
         args = ["segment", "--target", str(data / "mr" / "mr_01_image.nii.gz"), "--atlas-set", str(aset.root),
                 "--reg-model", str(reg), "--fusion", fusion, "--transform", *transform, "--atlas-modality", "ct",
-                "--out", str(written), "--no-extras"]
+                "--out", str(written), "--no-extras", *flags]
         if fusion == "simnet":
             args += ["--fusion-model", str(sim)]
         assert cli.main(args) == 0
@@ -378,6 +387,10 @@ def test_evaluation_scores_exactly_the_label_that_cmmas_segment_writes(space_run
         mine, theirs = read_label(written), read_label(scored)
         np.testing.assert_array_equal(mine.array, theirs.array)
         assert mine.geometry.matches(theirs.geometry)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["provenance"]["config"] == config.to_dict()
+    assert summary["provenance"]["targets"] == ["mr_01"] and summary["provenance"]["code"]["commit"]
+    assert set(summary["provenance"]["models"]) == {"reg_model", "fusion_model"}
 
 
 def test_space_evaluation_without_fusion_model_and_bad_input(space_run, tmp_path):

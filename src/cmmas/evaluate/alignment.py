@@ -8,11 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cmmas.align import mapping, per_atlas
 from cmmas.align.atlas_set import AtlasSet
-from cmmas.fuse import registry
 from cmmas.io import Image
 from cmmas.metrics import dice
+from cmmas.segment import SegmentConfig, Segmenter
 
 SIDES = ("top", "bottom")
 
@@ -56,18 +55,11 @@ def blank_z(image: Image, mm: float, side: str, fill: float | None = None) -> tu
 
 def affine_vote(aset: AtlasSet, atlas_ids: Sequence[str], target: Image, transforms: Sequence[str],
                 atlas_affine: bool = False) -> Image:
-    """The atlases of ``atlas_ids`` as aligned (no registration network; with ``atlas_affine`` each
-    given its own affine stage onto the target: :mod:`cmmas.align.per_atlas`), fused by majority
-    vote on the working grid and mapped back onto ``target``'s grid: int32 codes."""
-    codes = [0, *sorted(aset.labels)]
-    images, labels = aset.arrays(list(atlas_ids))
-    working = mapping.to_working(target, list(transforms), aset.geometry)
-    if atlas_affine:
-        corrected = per_atlas.correct_atlases(images, labels, working, aset.geometry)
-        images, labels = corrected.images, corrected.labels
-    fused = registry.fuse_named("mv", working.array, images, labels, codes)
-    label, _, _ = mapping.map_back(fused, working, list(transforms), target, maps=False)
-    return label
+    """The engine without a registration network: the atlases of ``atlas_ids`` as aligned by
+    ``transforms`` (with ``atlas_affine`` each given its own affine stage onto the target:
+    :mod:`cmmas.align.per_atlas`), fused by majority vote and mapped back onto ``target``'s grid."""
+    config = SegmentConfig(fusion="mv", atlas_affine=atlas_affine, maps=False)
+    return Segmenter(aset, None, None, config, atlas_ids=atlas_ids).segment(target, alignment=transforms).label
 
 
 def organ_dice(pred: np.ndarray, truth: np.ndarray, codes: Sequence[int], mask: np.ndarray | None = None

@@ -47,6 +47,7 @@ from cmmas.evaluate.runs import (
     jacobian_row,
     make_segmenter,
     original_target,
+    record,
 )
 from cmmas.evaluate.scoring import score, stream_bound_rows
 from cmmas.fuse import registry
@@ -88,6 +89,7 @@ def evaluate_oracle_set(
     plots: bool = True,
     batch_size: int = 2,
     progress: bool = True,
+    run: Mapping | None = None,
 ) -> EvaluationReport:
     """Segment every labelled held-out target of an oracle set on its crop; score on the crop and
     on the original grid (module docstring).
@@ -104,6 +106,7 @@ def evaluate_oracle_set(
         plots: draw box plots.
         batch_size: atlases per network call.
         progress: show a progress bar.
+        run: the script's ``command`` and ``flags``, recorded in ``summary.json``'s provenance.
 
     Writes ``OUT/results.csv``, ``summary.json``, ``timings.csv``, ``jacobian.csv`` (original
     grid), ``OUT/crop/results.csv``, ``summary.json`` (crop), predictions
@@ -164,7 +167,7 @@ def evaluate_oracle_set(
                                       majority=mapped_majority.array, **case)
         if warped.fields is not None:
             jacobians.append(jacobian_row(warped.fields, case))
-    extra = {"notes": NOTES, "atlases": atlases}
+    extra = {"notes": NOTES, "atlases": atlases, "provenance": record(segmenter, methods, targets, holdout, run)}
     if jacobians:
         extra["jacobian"] = summarize_jacobian(jacobians)
     crop_report = write_report(crop_rows, out / CROP, timings, extra={**extra, "grid": "oracle crop"})

@@ -140,6 +140,15 @@ def make_segmenter(aset: AtlasSet, atlases: Sequence[str], reg_model, fusion_mod
     return segmenter, methods
 
 
+def record(segmenter: Segmenter, methods: Sequence[str], targets: Sequence[str], holdout: int,
+           run: Mapping | None) -> dict:
+    """The ``"provenance"`` entry of an evaluation's ``summary.json``: the engine's record (code
+    commit, its config, model hashes, atlas set and atlases) with the evaluation's own settings,
+    the scored targets and, from ``run``, the script's ``command`` and ``flags``."""
+    return {**segmenter.provenance, "evaluation": {"methods": list(methods), "holdout": holdout},
+            "targets": list(targets), **dict(run or {})}
+
+
 class _TargetResult(NamedTuple):
     rows: list[dict]
     timings: list[dict]
@@ -226,6 +235,7 @@ def evaluate_atlas_set(
     progress: bool = True,
     holdout: int = 0,
     config: SegmentConfig | None = None,
+    run: Mapping | None = None,
 ) -> EvaluationReport:
     """Segment every held-out target of a prepared atlas set and score it on its original grid.
 
@@ -247,6 +257,8 @@ def evaluate_atlas_set(
     ``timings.csv``, ``jacobian.csv`` and, with ``plots``, box plots and best/median/worst
     overlays ranked by ``overlay_method`` (default ``"simnet"`` with a fusion model, else the
     first of ``methods``).
+
+    ``summary.json`` holds a ``"provenance"`` entry (:func:`record`).
 
     Raises:
         AtlasSetError: no held-out target or no atlas; an original file is missing.
@@ -274,6 +286,7 @@ def evaluate_atlas_set(
             jacobians.append(result.jacobian)
         sources[(direction, target_id)] = _overlay_loader(aset, target_id, result.paths)
     extra = {"jacobian": summarize_jacobian(jacobians), "notes": NOTES} if jacobians else {"notes": NOTES}
+    extra["provenance"] = record(segmenter, methods, targets, holdout, run)
     report = write_report(rows, out, timings, extra=extra)
     jacobian_csv = atomic_write_text(out / "jacobian.csv", to_csv(jacobians, JACOBIAN_COLUMNS)) if jacobians else None
     figures: list[Path] = []
