@@ -255,3 +255,65 @@ def test_no_derived_output_can_equal_an_input(tmp_path, n_targets):
         else:
             request.check_outputs(inputs, written)
     assert checked > 0
+
+
+# ----------------------------------------------------------------------------- bundles and the registration network
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """A prepared phantom atlas set (3 CT atlases, 24^3 at 4 mm) and an MR phantom scan."""
+    from cmmas.align import prepare
+    from cmmas.datasets.phantom import make_subject
+    from cmmas.io import write_image
+    from phantom_data import numbered, write_phantom_folder
+
+    root = tmp_path_factory.mktemp("bad_bundle")
+    data = write_phantom_folder(root / "data", numbered("ct", range(3)))
+    aset = prepare.prepare_atlases(data, "ct", root / "set", shape_zyx=(24, 24, 24), spacing_zyx=(4.0,) * 3,
+                                   progress=False)
+    scan = write_image(make_subject("mr", 100, shape=40)[0], root / "scan.nii.gz")
+    return aset, scan
+
+
+def test_a_bundle_without_its_registration_network_is_named_unless_asked_for(small_set, tmp_path, capsys):
+    import json
+    import shutil
+
+    aset, scan = small_set
+    bundle = tmp_path / "bundle"
+    shutil.copytree(aset.root, bundle / "atlas_set")
+    argv = ["segment", "--bundle", str(bundle), "--target", str(scan), "--fusion", "mv", "--out", str(tmp_path / "s.nii.gz")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bundle / 'reg_model.keras'}: no registration network" in err
+    assert not (tmp_path / "s.nii.gz").exists()
+    assert cli.main([*argv, "--no-registration", "--no-extras"]) == 0
+    captured = capsys.readouterr()
+    assert "without the registration network" in captured.err and "(no registration network)" in captured.out
+    qc = json.loads((tmp_path / "s_qc.json").read_text())
+    assert qc["registration"] is False and qc["models"]["reg_model"] is None
+
+
+def test_a_bundle_folder_is_readable_by_others(small_set, tmp_path):
+    from cmmas.bundle import write_bundle
+
+    aset, _ = small_set
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"a model file")
+    mask = os.umask(0o022)
+    try:
+        out = write_bundle(aset.root, model, tmp_path / "bundle")
+    finally:
+        os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_more_atlases_than_the_set_holds_is_said(small_set, caplog):
+    from cmmas.segment import segment
+
+    aset, scan = small_set
+    with caplog.at_level(logging.WARNING):
+        result = segment(scan, aset, fusion="mv", atlases=7, maps=False)
+    assert len(result.atlas_ids) == 3
+    assert "7 atlases asked for, the atlas set has 3: using all of them" in caplog.text
