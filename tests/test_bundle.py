@@ -32,6 +32,7 @@ def parts(phantom, tmp_path_factory):
             "summary": root / "summary.json"}
 
 
+@pytest.mark.slow
 def test_the_readme_recipe_segments_a_new_scan_with_the_bundle(parts, tmp_path):
     out = tmp_path / "bundle-ct2mr"
     done = run_experiment("make_bundle", f"--atlas_set={parts['set']}", f"--reg_model={parts['reg']}",

@@ -235,6 +235,7 @@ def test_a_bad_input_file_is_one_stderr_line(phantom, tmp_path, culprit):
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_deterministic_segment_runs_give_the_same_label_map(phantom, tmp_path):
     env = {k: v for k, v in ENV.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}  # conftest's 1 thread
     outputs = []
@@ -271,6 +272,7 @@ def test_bench_help_lists_its_flags():
         assert flag in done.stdout, flag
 
 
+@pytest.mark.slow
 def test_bench_runs_cmmas_on_a_phantom_target(phantom, tmp_path):
     done = _python(str(REPO / "bench" / "bench_mas.py"), f"--data={phantom.data}", f"--atlas_set={phantom.aset.root}",
                    f"--reg_model={phantom.reg}", "--targets=mr_00", "--atlases=2", "--noclassical",

@@ -249,6 +249,7 @@ def test_script_help_lists_the_flags():
         assert flag in done.stdout
 
 
+@pytest.mark.slow
 def test_script_writes_report_predictions_and_figures(phantom_pairs, tmp_path):
     other = tmp_path / "other" / "mr_1"
     truth = read_label(phantom_pairs / "mr_1" / "target_label.nii.gz")
@@ -305,6 +306,7 @@ def _metrics(rows, method):
             for r in rows if r["method"] == method}
 
 
+@pytest.mark.slow
 def test_space_evaluation_scores_every_method_on_the_original_grid(space_run, tmp_path):
     from cmmas.io import read_image
     from cmmas.metrics import jacobian_stats
@@ -352,6 +354,7 @@ def test_space_evaluation_scores_every_method_on_the_original_grid(space_run, tm
     assert all(p.is_file() for p in report.figures)
 
 
+@pytest.mark.slow
 def test_evaluation_scores_exactly_the_label_that_cmmas_segment_writes(space_run, tmp_path):
     """One map-back, one fusion door, one model loader: for the held-out phantom target, every
     prediction the evaluation scores is byte-identical to the label map ``cmmas segment`` writes
@@ -454,6 +457,7 @@ def test_aggregate_concatenates_the_fold_reports(tmp_path):
         runs.aggregate(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_script_space_and_aggregate_modes(space_run, tmp_path):
     space, reg, sim, _ = space_run
     out = tmp_path / "run" / "ct2mr" / "fold1" / "eval"
