@@ -306,7 +306,6 @@ def _metrics(rows, method):
             for r in rows if r["method"] == method}
 
 
-@pytest.mark.slow
 def test_space_evaluation_scores_every_method_on_the_original_grid(space_run, tmp_path):
     from cmmas.io import read_image
     from cmmas.metrics import jacobian_stats
@@ -354,7 +353,6 @@ def test_space_evaluation_scores_every_method_on_the_original_grid(space_run, tm
     assert all(p.is_file() for p in report.figures)
 
 
-@pytest.mark.slow
 def test_evaluation_scores_exactly_the_label_that_cmmas_segment_writes(space_run, tmp_path):
     """One map-back, one fusion door, one model loader: for the held-out phantom target, every
     prediction the evaluation scores is byte-identical to the label map ``cmmas segment`` writes
