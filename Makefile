@@ -44,7 +44,7 @@ MMWHS_HELP := MM-WHS 2017 (request it at zxh.me, MM-WHS challenge): DATA must ho
 CHAOS_HELP := CHAOS (download CHAOS_Train_Sets.zip from chaos.grand-challenge.org): DATA must hold CT/<id>/DICOM_anon + CT/<id>/Ground and MR/<id>/T2SPIR/DICOM_anon + MR/<id>/T2SPIR/Ground
 ABDOMEN := $(abspath ../shared/data/abdomen-ctmr)
 
-.PHONY: install test results demo clean prealign train-reg train-fusion evaluate chain bundle \
+.PHONY: install test test-fast results demo clean prealign train-reg train-fusion evaluate chain bundle \
         reproduce-mmwhs reproduce-chaos reproduce-abdomen bundle-abdomen
 
 install: $(STAMP)
@@ -57,6 +57,10 @@ $(STAMP): requirements.txt setup.py
 
 test: install
 	$(PY) -m pytest -q tests
+
+# the quick tier: every test but the end-to-end chains marked slow (pytest.ini)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 # the generated tables of docs/results.md and README.md, rebuilt from the records under runs/
 # (each names its commit and command; "not run at this commit" where its runs are absent)

@@ -1,53 +1,42 @@
 """A bundle (cmmas.bundle, experiments/make_bundle.py): the README recipe on the phantom, end to end.
 
-Atlas set and untrained networks for the 24^3 grid, bundled by the script; then `cmmas segment
---bundle` on a new MR scan, as the README's recipe does."""
+The session's shared phantom atlas set and untrained carded networks for the 24^3 grid (conftest
+``phantom``), bundled by the script; then `cmmas segment --bundle` on a new MR scan, as the
+README's recipe does."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from cmmas import bundle, cli
-from cmmas.align import cards, prepare
 from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.datasets.phantom import make_subject
 from cmmas.errors import CmmasError
 from cmmas.io import read_label, write_image
 from cmmas.nn import model_card
-from test_segment import SHAPE, write_folder, write_models
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src")}
+from phantom_data import GRID as SHAPE
+from scripts import run_experiment
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
+def parts(phantom, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
-    aset = prepare.prepare_atlases(write_folder(root / "data"), "ct", root / "set", shape_zyx=SHAPE,
-                                   spacing_zyx=(4.0,) * 3, progress=False)
-    reg, sim = write_models(root)
-    for model, kind in ((reg, "biregnet"), (sim, "simnet")):  # as the training scripts write them
-        model_card.write_card(cards.card_from_atlas_set(aset, kind, "ct", "mr"), model)
     summary = {"n_cases": {"ct->mr": 3}, "metrics": {"ct->mr": {"jlf": {
         "left atrium": {"dice": {"mean": 0.8}}, "mean": {"dice": {"mean": 0.75}}}}}}
     (root / "summary.json").write_text(json.dumps(summary))
-    return {"root": root, "set": aset.root, "reg": reg, "sim": sim, "summary": root / "summary.json"}
+    return {"root": root, "set": phantom.aset.root, "reg": phantom.reg, "sim": phantom.sim,
+            "summary": root / "summary.json"}
 
 
+@pytest.mark.slow
 def test_the_readme_recipe_segments_a_new_scan_with_the_bundle(parts, tmp_path):
     out = tmp_path / "bundle-ct2mr"
-    done = subprocess.run([sys.executable, str(REPO / "experiments" / "make_bundle.py"), f"--atlas_set={parts['set']}",
-                           f"--reg_model={parts['reg']}", f"--fusion_model={parts['sim']}",
-                           f"--summary={parts['summary']}", f"--out={out}"],
-                          capture_output=True, encoding="utf-8", env=ENV, timeout=300)
+    done = run_experiment("make_bundle", f"--atlas_set={parts['set']}", f"--reg_model={parts['reg']}",
+                          f"--fusion_model={parts['sim']}", f"--summary={parts['summary']}", f"--out={out}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "reg_model.keras",
                                                      "reg_model.keras.json", "simnet.keras", "simnet.keras.json"]

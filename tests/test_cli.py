@@ -1,8 +1,9 @@
 """The `cmmas` command (prepare-atlases, segment, register) and bench/bench_mas.py.
 
-Phantom CT atlases and an MR target (a rotated grid) in one folder-layout data set; untrained
-networks for the 24^3 working grid. Commands run in this process (cli.main) where the exit
-status and the files are what is checked, and in a subprocess where stderr or the imports are.
+The session's shared phantom (conftest ``phantom``): CT atlases and an MR target (a rotated grid)
+in one folder-layout data set, their atlas set and untrained networks for the 24^3 working grid.
+Commands run in this process (cli.main) where the exit status and the files are what is checked,
+and in a subprocess where stderr or the imports are.
 """
 
 import csv
@@ -20,9 +21,8 @@ from cmmas import cli
 from cmmas.fuse import registry
 from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets.mmwhs import MMWHS_LABELS
-from cmmas.datasets.phantom import make_subject
-from cmmas.io import read_image, read_label, write_image
-from test_segment import CODES, SHAPE, write_folder, write_models
+from cmmas.io import read_image, read_label
+from phantom_data import CODES, GRID as SHAPE, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src")}
@@ -32,32 +32,14 @@ def _python(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, encoding="utf-8", env=ENV, cwd=cwd, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A data set (3 CT atlases, 1 MR target), an atlas set made by the command, and models."""
-    root = tmp_path_factory.mktemp("cli")
-    data = write_folder(root / "data")
-    (data / "mr").mkdir()
-    image, label = make_subject("mr", 100, shape=40)
-    write_image(image, data / "mr" / "mr_00_image.nii.gz")
-    write_image(label, data / "mr" / "mr_00_label.nii.gz")
-    out = root / "out"
-    status = cli.main(["prepare-atlases", "--atlases", str(data), "--modality", "ct", "--out",
-                       str(out / "atlas_set"), "--shape", "24", "--spacing", "4"])
-    assert status == 0
-    reg, sim = write_models(root)
-    return {"root": root, "data": data, "out": out, "set": out / "atlas_set", "reg": reg, "sim": sim,
-            "target": data / "mr" / "mr_00_image.nii.gz", "truth": label}
-
-
 def _foreground_dice(label: np.ndarray, truth: np.ndarray) -> float:
     a, b = label > 0, truth > 0
     return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
-def _check_maps(out: Path, world) -> np.ndarray:
+def _check_maps(out: Path, phantom) -> np.ndarray:
     """Every written map lies on the target's grid; returns the label map."""
-    target = read_image(world["target"])
+    target = read_image(phantom.target)
     stem = out.name[: -len(".nii.gz")]
     extras = [f"{stem}_agreement.nii.gz"] + [f"{stem}_prob_{c}.nii.gz" for c in CODES]
     for path in [out] + [out.with_name(name) for name in extras]:
@@ -107,12 +89,16 @@ def test_fusion_choices_are_the_library_s():
 # ----------------------------------------------------------------------------- prepare-atlases
 
 
-def test_prepare_atlases_writes_a_readable_set(world):
-    aset = AtlasSet(world["set"])
+def test_prepare_atlases_writes_a_readable_set(phantom, tmp_path):
+    out = tmp_path / "atlas_set"
+    status = cli.main(["prepare-atlases", "--atlases", str(phantom.data), "--modality", "ct", "--out", str(out),
+                       "--shape", "24", "--spacing", "4"])
+    assert status == 0
+    aset = AtlasSet(out)
     assert aset.ids() == ["ct_00", "ct_01", "ct_02"]  # the MR case of the folder is not an atlas
     assert aset.geometry.shape == SHAPE and aset.labels == MMWHS_LABELS
     np.testing.assert_allclose(aset.geometry.spacing, 4.0)
-    assert all((world["set"] / aset.case(i).transform).is_file() for i in aset.ids())
+    assert all((out / aset.case(i).transform).is_file() for i in aset.ids())
 
 
 @pytest.mark.parametrize("problem", ["label table", "not 3D"])
@@ -141,47 +127,53 @@ def test_a_bad_atlas_is_one_stderr_line_naming_its_file(tmp_path, problem):
 
 
 @pytest.fixture(scope="module")
-def simnet_label(world):
-    out = world["out"] / "simnet" / "seg.nii.gz"
-    status = cli.main(["segment", "--target", str(world["target"]), "--atlas-set", str(world["set"]),
-                       "--reg-model", str(world["reg"]), "--fusion-model", str(world["sim"]), "--out", str(out),
+def simnet_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("simnet")
+
+
+@pytest.fixture(scope="module")
+def simnet_label(phantom, simnet_dir):
+    out = simnet_dir / "seg.nii.gz"
+    status = cli.main(["segment", "--target", str(phantom.target), "--atlas-set", str(phantom.aset.root),
+                       "--reg-model", str(phantom.reg), "--fusion-model", str(phantom.sim), "--out", str(out),
                        "--preview"])
     assert status == 0
-    return _check_maps(out, world)
+    return _check_maps(out, phantom)
 
 
-def test_segment_with_simnet_writes_every_map_on_the_target_grid(world, simnet_label):
+def test_segment_with_simnet_writes_every_map_on_the_target_grid(phantom, simnet_label, simnet_dir):
     assert set(np.unique(simnet_label)) <= set(CODES)
-    beside = world["out"] / "simnet"
+    beside = simnet_dir
     for name in ("seg_volumes.csv", "seg_labels.itksnap.txt", "seg_labels.ctbl", "seg_preview.png", "seg_qc.json"):
         assert (beside / name).is_file(), name
-    assert _foreground_dice(simnet_label, world["truth"].array) > 0.6
+    assert _foreground_dice(simnet_label, phantom.truth.array) > 0.6
 
 
-def test_segment_from_a_bundle_with_mv_and_two_atlases(world, simnet_label, capsys, tmp_path):
+def test_segment_from_a_bundle_with_mv_and_two_atlases(phantom, simnet_label, capsys, tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(world["set"], bundle / "atlas_set")
-    shutil.copy(world["reg"], bundle / "reg_model.keras")
-    shutil.copy(world["sim"], bundle / "simnet.keras")
+    shutil.copytree(phantom.aset.root, bundle / "atlas_set")
+    shutil.copy(phantom.reg, bundle / "reg_model.keras")
+    shutil.copy(phantom.sim, bundle / "simnet.keras")
     out = tmp_path / "seg.nii.gz"
-    status = cli.main(["segment", "--target", str(world["target"]), "--bundle", str(bundle), "--fusion", "mv",
+    status = cli.main(["segment", "--target", str(phantom.target), "--bundle", str(bundle), "--fusion", "mv",
                        "--atlases", "2", "--out", str(out)])
     assert status == 0
     assert "from 2 atlases" in capsys.readouterr().out
     assert not (tmp_path / "seg_preview.png").exists()  # without --preview
-    label = _check_maps(out, world)
-    assert _foreground_dice(label, world["truth"].array) > 0.5
+    label = _check_maps(out, phantom)
+    assert _foreground_dice(label, phantom.truth.array) > 0.5
 
 
-def test_several_targets_in_one_call_each_get_their_map(world, simnet_label, capsys, tmp_path):
+def test_several_targets_in_one_call_each_get_their_map(phantom, simnet_label, capsys, tmp_path):
     other = tmp_path / "other.nii.gz"
-    shutil.copy(world["target"], other)
+    shutil.copy(phantom.target, other)
     out = tmp_path / "segs"
-    status = cli.main(["segment", "--target", str(world["target"]), str(other), "--atlas-set", str(world["set"]),
-                       "--reg-model", str(world["reg"]), "--fusion-model", str(world["sim"]), "--out", str(out)])
+    status = cli.main(["segment", "--target", str(phantom.target), str(other), "--atlas-set",
+                       str(phantom.aset.root), "--reg-model", str(phantom.reg), "--fusion-model", str(phantom.sim),
+                       "--out", str(out)])
     assert status == 0
     assert capsys.readouterr().out.count("wrote ") == 2
-    first, second = _check_maps(out / "mr_00_image.nii.gz", world), _check_maps(out / "other.nii.gz", world)
+    first, second = _check_maps(out / "mr_00_image.nii.gz", phantom), _check_maps(out / "other.nii.gz", phantom)
     assert _foreground_dice(first, simnet_label) > 0.9 and _foreground_dice(second, simnet_label) > 0.9
 
 
@@ -214,28 +206,28 @@ def test_a_bad_transform_is_one_stderr_line(content, targets, problem, capsys, t
     assert problem in err and str(transform) in err and err.count("\n") == 1
 
 
-def test_segment_raw_atlas_folder_reuses_the_prepared_set(world, simnet_label, capsys):
-    out = world["out"] / "raw.nii.gz"  # beside out/atlas_set, prepared from the same atlases
-    argv = ["segment", "--target", str(world["target"]), "--atlases", str(world["data"]), "--reg-model",
-            str(world["reg"]), "--fusion", "mv", "--out", str(out)]
+def test_segment_raw_atlas_folder_reuses_the_prepared_set(phantom, phantom_set_copy, simnet_label, capsys):
+    out = phantom_set_copy.root.parent / "raw.nii.gz"  # beside a copy of the set, prepared from the same atlases
+    argv = ["segment", "--target", str(phantom.target), "--atlases", str(phantom.data), "--reg-model",
+            str(phantom.reg), "--fusion", "mv", "--out", str(out)]
     assert cli.main(argv) == 1  # the folder holds labelled CT and MR cases: which are the atlases?
     assert "--atlas-modality" in capsys.readouterr().err
-    stamp = (world["set"] / "manifest.json").stat().st_mtime_ns
+    stamp = (phantom_set_copy.root / "manifest.json").stat().st_mtime_ns
     assert cli.main(argv + ["--atlas-modality", "ct"]) == 0
     assert "from 3 atlases" in capsys.readouterr().out
-    assert (world["set"] / "manifest.json").stat().st_mtime_ns == stamp
+    assert (phantom_set_copy.root / "manifest.json").stat().st_mtime_ns == stamp
     # an untrained SimNet weighs every atlas alike: majority vote gives nearly the same map (the two
     # runs align the target separately, and multi-threaded ANTs varies a little between runs)
-    assert np.mean(_check_maps(out, world) == simnet_label) > 0.95
+    assert np.mean(_check_maps(out, phantom) == simnet_label) > 0.95
 
 
 @pytest.mark.parametrize("culprit", ["target", "model"])
-def test_a_bad_input_file_is_one_stderr_line(world, tmp_path, culprit):
+def test_a_bad_input_file_is_one_stderr_line(phantom, tmp_path, culprit):
     bad = tmp_path / ("scan.nii.gz" if culprit == "target" else "simnet.keras")
     if culprit == "target":
         bad.write_bytes(b"not an image")
-    target = bad if culprit == "target" else world["target"]
-    done = _python("-m", "cmmas.cli", "segment", "--target", str(target), "--atlas-set", str(world["set"]),
+    target = bad if culprit == "target" else phantom.target
+    done = _python("-m", "cmmas.cli", "segment", "--target", str(target), "--atlas-set", str(phantom.aset.root),
                    "--fusion-model", str(bad), "--no-registration", "--out", str(tmp_path / "seg.nii.gz"))
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()  # no TensorFlow start-up lines: it was not imported
@@ -243,13 +235,14 @@ def test_a_bad_input_file_is_one_stderr_line(world, tmp_path, culprit):
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
-def test_deterministic_segment_runs_give_the_same_label_map(world, tmp_path):
+@pytest.mark.slow
+def test_deterministic_segment_runs_give_the_same_label_map(phantom, tmp_path):
     env = {k: v for k, v in ENV.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}  # conftest's 1 thread
     outputs = []
     for run in ("a", "b"):
         out = tmp_path / run / "seg.nii.gz"
-        done = subprocess.run([sys.executable, "-m", "cmmas.cli", "segment", "--target", str(world["target"]),
-                               "--atlas-set", str(world["set"]), "--reg-model", str(world["reg"]), "--fusion",
+        done = subprocess.run([sys.executable, "-m", "cmmas.cli", "segment", "--target", str(phantom.target),
+                               "--atlas-set", str(phantom.aset.root), "--reg-model", str(phantom.reg), "--fusion",
                                "mv", "--deterministic", "--no-extras", "--out", str(out)],
                               capture_output=True, encoding="utf-8", env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
@@ -257,13 +250,13 @@ def test_deterministic_segment_runs_give_the_same_label_map(world, tmp_path):
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-def test_register_writes_the_warped_atlas_on_the_fixed_grid(world, capsys, tmp_path):
-    moving = world["data"] / "ct" / "ct_00_image.nii.gz"
+def test_register_writes_the_warped_atlas_on_the_fixed_grid(phantom, capsys, tmp_path):
+    moving = phantom.data / "ct" / "ct_00_image.nii.gz"
     status = cli.main(["register", "--moving", str(moving), "--moving-label", str(moving).replace("_image", "_label"),
-                       "--fixed", str(world["target"]), "--model", str(world["reg"]), "--out-dir", str(tmp_path)])
+                       "--fixed", str(phantom.target), "--model", str(phantom.reg), "--out-dir", str(tmp_path)])
     assert status == 0
     assert "jacobian:" in capsys.readouterr().out
-    fixed = read_image(world["target"])
+    fixed = read_image(phantom.target)
     for name in ("warped_image", "warped_label", "ddf_x"):
         assert fixed.geometry.differences(read_image(tmp_path / f"{name}.nii.gz").geometry) == []
 
@@ -279,9 +272,10 @@ def test_bench_help_lists_its_flags():
         assert flag in done.stdout, flag
 
 
-def test_bench_runs_cmmas_on_a_phantom_target(world, tmp_path):
-    done = _python(str(REPO / "bench" / "bench_mas.py"), f"--data={world['data']}", f"--atlas_set={world['set']}",
-                   f"--reg_model={world['reg']}", "--targets=mr_00", "--atlases=2", "--noclassical",
+@pytest.mark.slow
+def test_bench_runs_cmmas_on_a_phantom_target(phantom, tmp_path):
+    done = _python(str(REPO / "bench" / "bench_mas.py"), f"--data={phantom.data}", f"--atlas_set={phantom.aset.root}",
+                   f"--reg_model={phantom.reg}", "--targets=mr_00", "--atlases=2", "--noclassical",
                    "--fusions=simnet,mv,jlf_tf", "--repeats=2", "--alignments=robust,single_mt", f"--out={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(b) leaves out simnet" in done.stdout

@@ -43,6 +43,7 @@ def test_flagfile_parses_in_its_stage_script(exp, stage, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_paper_mmwhs_chain_runs_on_the_phantom(tmp_path):
     data, root = tmp_path / "data", tmp_path / "run"
     cfg = CONFIGS / "paper-mmwhs"

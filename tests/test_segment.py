@@ -1,9 +1,10 @@
 """pipeline.py: segment one target with an atlas set, on the target's own grid.
 
-Phantom CT atlases (40^3) form one atlas set on a 24^3 working grid at 4 mm; the target is an MR
-phantom of another subject, whose grid is rotated (non-identity direction). The networks are
-untrained: BiRegNet returns zero fields (atlases unchanged) and SimNet gives every atlas the same
-weight, so the pipeline's wiring, not the networks, is what is tested.
+The session's shared phantom (conftest ``phantom``): CT atlases (40^3) form one atlas set on a 24^3
+working grid at 4 mm; the target is an MR phantom of another subject, whose grid is rotated
+(non-identity direction). The networks are untrained: BiRegNet returns zero fields (atlases
+unchanged) and SimNet gives every atlas the same weight, so the pipeline's wiring, not the
+networks, is what is tested.
 """
 
 import csv
@@ -30,47 +31,17 @@ from cmmas.nn import training
 from cmmas.register import apply
 from cmmas.fuse import simnet as simnet_fusion
 from cmmas.datasets.mmwhs import MMWHS_LABELS
-from cmmas.datasets.phantom import make_subject
 from cmmas.errors import AtlasSetError, CmmasError, DatasetError, LabelError, ModelError
 from cmmas.io import read_image, read_label, write_image
-from cmmas.nn.networks import build_biregnet, build_simnet
-from phantom_data import numbered, write_phantom_folder
-
-SHAPE = (24, 24, 24)
-CODES = (0, *sorted(MMWHS_LABELS))
-
-
-def write_folder(root, n=3, modality="ct", seed=0, labels=MMWHS_LABELS):
-    """A folder-layout data set of ``n`` phantom subjects of one modality (seeds from ``seed``)."""
-    return write_phantom_folder(root, numbered(modality, range(seed, seed + n)), labels=labels)
-
-
-def write_models(root):
-    """Untrained BiRegNet and SimNet for the 24^3 grid, saved as .keras files."""
-    reg = training.save_model(build_biregnet(SHAPE, c0=4, levels=2), root / "reg.keras")
-    sim = training.save_model(build_simnet(SHAPE, len(CODES), c0=4, levels=2), root / "simnet.keras")
-    return reg, sim
+from cmmas.nn.networks import build_biregnet
+from phantom_data import CODES, GRID as SHAPE, write_folder
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Atlas folder, prepared atlas set, models and an MR target (image + its true label)."""
-    root = tmp_path_factory.mktemp("pipeline")
-    data = write_folder(root / "data")
-    aset = prepare.prepare_atlases(data, "ct", root / "set", shape_zyx=SHAPE, spacing_zyx=(4.0,) * 3, progress=False)
-    reg, sim = write_models(root)
-    image, label = make_subject("mr", 100, shape=40)
-    target = write_image(image, root / "target_image.nii.gz")
-    write_image(label, root / "target_label.nii.gz")
-    return {"root": root, "data": data, "set": aset, "reg": reg, "sim": sim, "target": target,
-            "truth": label}
-
-
-@pytest.fixture(scope="module")
-def simnet_run(world, tmp_path_factory):
+def simnet_run(phantom, tmp_path_factory):
     """One SimNet segmentation, keeping its target -> reference transform."""
     tdir = tmp_path_factory.mktemp("transform")
-    result = segment.segment(world["target"], world["set"], reg_model=world["reg"], fusion_model=world["sim"],
+    result = segment.segment(phantom.target, phantom.aset, reg_model=phantom.reg, fusion_model=phantom.sim,
                               fusion="simnet", transform_dir=tdir, progress=False)
     return result, sorted(str(p) for p in tdir.glob("*.mat"))
 
@@ -90,8 +61,8 @@ def _whole_grid_back(array, geometry, transforms, target, kind):
     return align_ants.apply(list(transforms), Image(array, geometry), target, kind=kind, invert=True)
 
 
-def test_prepared_atlas_set_describes_itself(world):
-    again = atlas_set.AtlasSet(world["set"].root)
+def test_prepared_atlas_set_describes_itself(phantom):
+    again = atlas_set.AtlasSet(phantom.aset.root)
     manifest = again.manifest
     assert manifest.version == atlas_set.VERSION
     assert manifest.labels == MMWHS_LABELS
@@ -115,41 +86,40 @@ def test_validation_names_the_bad_atlas_before_aligning(tmp_path):
         prepare.prepare_atlases(data, "mr", tmp_path / "set", shape_zyx=SHAPE, progress=False)
 
 
-def test_atlases_of_a_two_modality_space_are_the_reference_modality(world, tmp_path):
-    root = world["set"].root
-    shutil.copytree(root, tmp_path / "space")
-    manifest = json.loads((tmp_path / "space" / "manifest.json").read_text())
+def test_atlases_of_a_two_modality_space_are_the_reference_modality(phantom_set_copy):
+    root = phantom_set_copy.root
+    manifest = json.loads((root / "manifest.json").read_text())
     first = dict(manifest["cases"][0], id="mr_99", modality="mr")
     manifest["cases"].append(first)
-    (tmp_path / "space" / "manifest.json").write_text(json.dumps(manifest))
-    space = atlas_set.AtlasSet(tmp_path / "space")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    space = atlas_set.AtlasSet(root)
     assert segment.atlas_ids_of(space) == ["ct_00", "ct_01", "ct_02"]
     assert segment.atlas_ids_of(space, "mr") == ["mr_99"]
 
 
-def test_raw_atlas_folder_is_prepared_once_and_not_mixed_up(world, tmp_path):
-    out = world["root"] / "set"
-    again = prepare.raw_atlas_set(world["data"], None, out, SHAPE)  # the same atlases and grid: reused
-    assert again.manifest == world["set"].manifest
-    other = write_folder(tmp_path / "other", n=1, seed=7)
+def test_raw_atlas_folder_is_prepared_once_and_not_mixed_up(phantom, tmp_path):
+    out = phantom.aset.root
+    again = prepare.raw_atlas_set(phantom.data, "ct", out, SHAPE)  # the same atlases and grid: reused
+    assert again.manifest == phantom.aset.manifest
+    other = write_folder(tmp_path / "other", n=1, seed=7)  # CT only: the modality is found
     with pytest.raises(AtlasSetError, match="other atlases"):
-        prepare.raw_atlas_set(other, "ct", out, SHAPE)
+        prepare.raw_atlas_set(other, None, out, SHAPE)
     with pytest.raises(AtlasSetError, match="another grid"):
-        prepare.raw_atlas_set(world["data"], "ct", out, (32, 32, 32))
+        prepare.raw_atlas_set(phantom.data, "ct", out, (32, 32, 32))
 
 
 # ----------------------------------------------------------------------------- segment
 
 
-def test_segment_equals_the_step_by_step_pipeline(world, simnet_run):
+def test_segment_equals_the_step_by_step_pipeline(phantom, simnet_run, tmp_path):
     result, transforms = simnet_run
-    aset = world["set"]
-    target = read_image(world["target"])
+    aset = phantom.aset
+    target = read_image(phantom.target)
     assert len(transforms) == 1
 
     # an independent alignment lands the target near the same place (multi-threaded ANTs MI varies
     # between runs: about 1 mm and 0.05 rad on this small phantom)
-    own = target_alignment.align_to_reference(target, aset.reference_image(), world["root"] / "own",
+    own = target_alignment.align_to_reference(target, aset.reference_image(), tmp_path / "own",
                                               aset.manifest.align_spacing_mm)
     own_working = mapping.to_space(target, own.transforms, aset.geometry, kind="linear")
     assert np.corrcoef(own_working.array.ravel(), result.target_working.array.ravel())[0, 1] > 0.97
@@ -158,10 +128,10 @@ def test_segment_equals_the_step_by_step_pipeline(world, simnet_run):
     np.testing.assert_array_equal(working.array, result.target_working.array)
     ids = segment.atlas_ids_of(aset)
     images, labels = aset.arrays(ids)
-    model = training.load_model(world["reg"])
+    model = training.load_model(phantom.reg)
     _, warped, _ = apply.warp_atlases(model, images, labels, working.array, CODES)
     np.testing.assert_array_equal(warped, labels)  # an untrained BiRegNet is the identity
-    fused = simnet_fusion.simnet_fuse(training.load_model(world["sim"], "simnet"), working.array, warped, CODES)
+    fused = simnet_fusion.simnet_fuse(training.load_model(phantom.sim, "simnet"), working.array, warped, CODES)
     np.testing.assert_array_equal(result.working.array, fused.label)
     # an untrained SimNet gives every atlas the same weight: its vote is the majority vote
     np.testing.assert_array_equal(fused.label, registry.fuse("mv", warped, CODES).label)
@@ -186,11 +156,11 @@ def test_segment_equals_the_step_by_step_pipeline(world, simnet_run):
     assert np.mean(hard == result.label.array) > 0.98
 
 
-def test_segmentation_lies_on_the_target_and_overlaps_its_truth(world, simnet_run):
+def test_segmentation_lies_on_the_target_and_overlaps_its_truth(phantom, simnet_run):
     result, _ = simnet_run
-    target = read_image(world["target"])
+    target = read_image(phantom.target)
     assert not np.allclose(target.geometry.direction_matrix, np.eye(3))  # the MR phantom's grid is rotated
-    truth = world["truth"].array
+    truth = phantom.truth.array
     assert _dice(result.label.array > 0, truth > 0) > 0.6
     per_code = [_dice(result.label.array == c, truth == c) for c in CODES[1:]]
     assert np.mean(per_code) > 0.35, per_code
@@ -200,9 +170,9 @@ def test_segmentation_lies_on_the_target_and_overlaps_its_truth(world, simnet_ru
     assert result.agreement.array[inside].mean() / 255 > 0.5
 
 
-def test_written_maps_carry_the_target_geometry(world, simnet_run, tmp_path):
+def test_written_maps_carry_the_target_geometry(phantom, simnet_run, tmp_path):
     result, _ = simnet_run
-    target = read_image(world["target"])
+    target = read_image(phantom.target)
     written = outputs.write_segmentation(result, tmp_path / "seg.nii.gz")
     assert [p.name for p in written] == (["seg.nii.gz"] + [f"seg_prob_{c}.nii.gz" for c in CODES]
                                          + ["seg_agreement.nii.gz", "seg_volumes.csv", "seg_labels.itksnap.txt",
@@ -244,9 +214,9 @@ def test_written_side_outputs_agree_with_the_label_map(simnet_run, tmp_path):
     assert paths["preview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
+def test_label_only_map_back_gives_the_same_label(phantom, simnet_run, tmp_path):
     result, transforms = simnet_run
-    aset, target = world["set"], read_image(world["target"])
+    aset, target = phantom.aset, read_image(phantom.target)
     working = mapping.to_space(target, transforms, aset.geometry, kind="linear")
     _, labels = aset.arrays(segment.atlas_ids_of(aset))
     fused = registry.fuse("mv", labels, CODES)
@@ -265,9 +235,9 @@ def test_label_only_map_back_gives_the_same_label(world, simnet_run, tmp_path):
     np.testing.assert_array_equal(read_label(path, allowed=MMWHS_LABELS).array, result.label.array)
 
 
-def test_k_most_similar_atlases_are_chosen(world, simnet_run):
+def test_k_most_similar_atlases_are_chosen(phantom, simnet_run):
     result, _ = simnet_run
-    aset = world["set"]
+    aset = phantom.aset
     ids = segment.atlas_ids_of(aset)
     images, _ = aset.arrays(ids)
     scores = weights.global_similarity(result.target_working.array, images, similarity="mi")
@@ -278,8 +248,8 @@ def test_k_most_similar_atlases_are_chosen(world, simnet_run):
         segment.select_atlases(images, result.target_working.array, ids, 0)
 
 
-def test_without_prealign_the_target_is_taken_as_in_the_reference_space(world):
-    aset = world["set"]
+def test_without_prealign_the_target_is_taken_as_in_the_reference_space(phantom):
+    aset = phantom.aset
     reference = aset.reference_image()  # the reference atlas at the alignment spacing: in its own space
     result = segment.segment(reference, aset, fusion="mv", prealign=False, progress=False)
     assert reference.geometry.differences(result.label.geometry) == []
@@ -290,35 +260,35 @@ def test_without_prealign_the_target_is_taken_as_in_the_reference_space(world):
     assert _dice(result.label.array > 0, truth.array > 0) > 0.7
 
 
-def test_models_that_do_not_fit_are_refused_before_aligning(world, tmp_path):
+def test_models_that_do_not_fit_are_refused_before_aligning(phantom, tmp_path):
     small = training.save_model(build_biregnet((16, 16, 16), c0=2, levels=2), tmp_path / "small.keras")
     with pytest.raises(ModelError, match=r"\(16, 16, 16\) grid") as info:
-        segment.segment(world["target"], world["set"], reg_model=small, fusion="mv", progress=False)
+        segment.segment(phantom.target, phantom.aset, reg_model=small, fusion="mv", progress=False)
     assert str(info.value).startswith(str(small)) and "--shape 16,16,16" in str(info.value)
     with pytest.raises(ModelError, match="needs a SimNet"):
-        segment.segment(world["target"], world["set"], fusion="simnet", progress=False)
+        segment.segment(phantom.target, phantom.aset, fusion="simnet", progress=False)
     with pytest.raises(CmmasError, match="unknown fusion 'vote'"):
-        segment.segment(world["target"], world["set"], fusion="vote", progress=False)
+        segment.segment(phantom.target, phantom.aset, fusion="vote", progress=False)
     with pytest.raises(ModelError, match="BiRegNet model file not found"):
-        segment.segment(world["target"], world["set"], fusion="mv", reg_model=tmp_path / "none.keras")
+        segment.segment(phantom.target, phantom.aset, fusion="mv", reg_model=tmp_path / "none.keras")
 
 
 # ----------------------------------------------------------------------------- bundles
 
 
-def test_bundle_parts_and_explicit_paths(world, tmp_path):
+def test_bundle_parts_and_explicit_paths(phantom, tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(world["set"].root, bundle / "atlas_set")
-    shutil.copy(world["reg"], bundle / "reg_model.keras")
+    shutil.copytree(phantom.aset.root, bundle / "atlas_set")
+    shutil.copy(phantom.reg, bundle / "reg_model.keras")
     found = bundles.resolve_bundle(bundle)
     assert found == bundles.Bundle(bundle / "atlas_set", bundle / "reg_model.keras", None)
-    other = bundles.resolve_bundle(bundle, reg_model=world["reg"], fusion_model=world["sim"])
-    assert other.reg_model == world["reg"] and other.fusion_model == world["sim"]
-    assert bundles.resolve_bundle(world["set"].root).atlas_set == world["set"].root  # a set is its own bundle
+    other = bundles.resolve_bundle(bundle, reg_model=phantom.reg, fusion_model=phantom.sim)
+    assert other.reg_model == phantom.reg and other.fusion_model == phantom.sim
+    assert bundles.resolve_bundle(phantom.aset.root).atlas_set == phantom.aset.root  # a set is its own bundle
     with pytest.raises(AtlasSetError, match="bundle folder not found"):
         bundles.resolve_bundle(tmp_path / "missing")
     with pytest.raises(AtlasSetError, match="no atlas set given"):
-        bundles.resolve_bundle(tmp_path, reg_model=world["reg"])
+        bundles.resolve_bundle(tmp_path, reg_model=phantom.reg)
 
 
 def test_first_argmax_matches_numpy_with_ties():
@@ -330,39 +300,39 @@ def test_first_argmax_matches_numpy_with_ties():
 
 
 @pytest.mark.parametrize("atlas_affine", [False, True])
-def test_two_calls_give_the_same_label_map(world, atlas_affine):
-    first, second = (segment.segment(world["target"], world["set"], fusion="mv", progress=False,
+def test_two_calls_give_the_same_label_map(phantom, atlas_affine):
+    first, second = (segment.segment(phantom.target, phantom.aset, fusion="mv", progress=False,
                                      atlas_affine=atlas_affine) for _ in range(2))
     np.testing.assert_array_equal(first.label.array, second.label.array)
     assert first.qc()["alignment"] == {**second.qc()["alignment"], "seconds": first.qc()["alignment"]["seconds"]}
     assert first.qc()["alignment"]["deterministic"]
 
 
-def test_an_atlas_given_its_own_affine_stage_still_segments_the_target(world):
-    result = segment.segment(world["target"], world["set"], fusion="mv", progress=False, atlas_affine=True)
-    truth = world["truth"].array
+def test_an_atlas_given_its_own_affine_stage_still_segments_the_target(phantom):
+    result = segment.segment(phantom.target, phantom.aset, fusion="mv", progress=False, atlas_affine=True)
+    truth = phantom.truth.array
     assert _dice(result.label.array > 0, truth > 0) > 0.5
 
 
-def test_refined_warps_are_recorded_and_repeatable(world):
-    first, second = (segment.segment(world["target"], world["set"], reg_model=world["reg"], fusion="mv",
+def test_refined_warps_are_recorded_and_repeatable(phantom):
+    first, second = (segment.segment(phantom.target, phantom.aset, reg_model=phantom.reg, fusion="mv",
                                      progress=False, refine_steps=5) for _ in range(2))
     np.testing.assert_array_equal(first.label.array, second.label.array)
     record = first.qc()["refinement"]
     assert record["mind_distance"][1] < record["mind_distance"][0]
     assert record["folding_percent"][1] <= 1.0
     assert "refine" in first.seconds
-    assert _dice(first.label.array > 0, world["truth"].array > 0) > 0.5
+    assert _dice(first.label.array > 0, phantom.truth.array > 0) > 0.5
 
 
-def test_a_broken_alignment_warns_and_is_flagged_in_the_qc_record(world, tmp_path, caplog):
-    image = read_image(world["target"])
+def test_a_broken_alignment_warns_and_is_flagged_in_the_qc_record(phantom, tmp_path, caplog):
+    image = read_image(phantom.target)
     # no anatomy, nothing to align across: a ramp along z (white noise is no longer a reliable
     # stand-in: the alignment input averages it away, and random optima then agree by chance)
     ramp = np.broadcast_to(np.linspace(0.0, 1.0, image.shape[0])[:, None, None], image.shape)
     broken = image.with_array(np.ascontiguousarray(ramp, dtype=np.float32))
     with caplog.at_level(logging.WARNING, logger="cmmas.segment"):
-        result = segment.segment(broken, world["set"], fusion="mv", progress=False)
+        result = segment.segment(broken, phantom.aset, fusion="mv", progress=False)
     [warning] = [r.getMessage() for r in caplog.records if "uncertain" in r.getMessage()]
     assert "\n" not in warning and "starts agree" in warning
     assert result.flagged
@@ -372,16 +342,16 @@ def test_a_broken_alignment_warns_and_is_flagged_in_the_qc_record(world, tmp_pat
 
 
 @pytest.mark.parametrize("side", ["top", "bottom"])
-def test_a_shorter_field_of_view_gives_the_same_segmentation_inside_it(world, side, tmp_path):
+def test_a_shorter_field_of_view_gives_the_same_segmentation_inside_it(phantom, side, tmp_path):
     """7 mm of the 144 mm field of view blanked (air): the alignment moves by millimetres and the
     label map inside the common region stays (the phantom's structures are a few voxels wide
     on the 4 mm working grid, so a millimetre costs more Dice than on real organs: the smallest
     loses ~0.35 at 3 mm)."""
-    image = read_image(world["target"])
-    full = segment.segment(image, world["set"], fusion="mv", progress=False, transform_dir=tmp_path / "full")
+    image = read_image(phantom.target)
+    full = segment.segment(image, phantom.aset, fusion="mv", progress=False, transform_dir=tmp_path / "full")
     blanked, kept = alignment_eval.blank_z(image, 7.2, side)  # two slices
-    cropped = segment.segment(blanked, world["set"], fusion="mv", progress=False, transform_dir=tmp_path / "cut")
-    points = target_alignment.box_points(world["set"].reference_image())
+    cropped = segment.segment(blanked, phantom.aset, fusion="mv", progress=False, transform_dir=tmp_path / "cut")
+    points = target_alignment.box_points(phantom.aset.reference_image())
     moved = target_alignment.distance_mm([str(tmp_path / "full" / "affine.mat")],
                                          [str(tmp_path / "cut" / "affine.mat")], points)
     foreground = _dice(cropped.label.array[kept] > 0, full.label.array[kept] > 0)
@@ -390,9 +360,9 @@ def test_a_shorter_field_of_view_gives_the_same_segmentation_inside_it(world, si
 
 
 @pytest.mark.parametrize("ending", [".nii", ".mha"])
-def test_uncompressed_outputs_take_the_label_map_s_format(world, simnet_run, tmp_path, ending):
+def test_uncompressed_outputs_take_the_label_map_s_format(phantom, simnet_run, tmp_path, ending):
     result, _ = simnet_run
-    target = read_image(world["target"])
+    target = read_image(phantom.target)
     written = outputs.write_segmentation(result, tmp_path / f"seg{ending}")
     images = [p for p in written if p.suffix in (".nii", ".mha")]
     assert [p.name for p in images] == ([f"seg{ending}"] + [f"seg_prob_{c}{ending}" for c in CODES]

@@ -8,55 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage
 
 from cmmas import io
 from cmmas.align import ants as align_ants
 from cmmas.errors import CmmasError, GeometryError, ImageReadError
-
-SHAPE = (36, 40, 44)  # (z, y, x), 2 mm voxels
-SPACING = (2.0, 2.0, 2.0)
-CODES = (205, 500)  # two structures, kept as data-set codes
-
-
-def _rotation_z(degrees: float) -> np.ndarray:
-    a = np.deg2rad(degrees)
-    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
-
-
-def _phantom(
-    matrix: np.ndarray | None = None,
-    shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    levels: tuple[float, float, float, float] = (0.0, 100.0, 200.0, 50.0),
-    noise: float = 3.0,
-    seed: int = 0,
-) -> tuple[io.Image, io.Image]:
-    """An asymmetric body with two organs, displaced by ``x -> matrix @ (x - c) + c + shift``.
-
-    ``levels`` are the intensities of background, body, organ 205 and organ 500, so the same
-    anatomy can be imaged as another "modality".
-    """
-    geometry = io.Geometry.identity(SHAPE, SPACING, origin=(-10.0, 5.0, 2.0))
-    z, y, x = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
-    points = geometry.index_to_physical(np.stack([x, y, z], axis=-1).astype(np.float64))
-    centre = geometry.index_to_physical(np.array([(n - 1) / 2 for n in reversed(SHAPE)]))
-    # Sample the reference anatomy at the inverse-displaced points.
-    matrix = np.eye(3) if matrix is None else matrix
-    rel = (points - centre - np.asarray(shift_mm)) @ np.linalg.inv(matrix).T
-    px, py, pz = rel[..., 0], rel[..., 1], rel[..., 2]
-    body = (px / 32) ** 2 + (py / 26) ** 2 + (pz / 24) ** 2 < 1
-    organ_a = (px - 9) ** 2 + (py + 4) ** 2 + (pz - 3) ** 2 < 10.0**2
-    organ_b = ((px + 12) / 9) ** 2 + ((py - 9) / 6) ** 2 + ((pz + 5) / 7) ** 2 < 1
-    label = np.zeros(SHAPE, dtype=np.int16)
-    label[organ_a] = CODES[0]
-    label[organ_b] = CODES[1]
-    image = np.full(SHAPE, levels[0], dtype=np.float32)
-    image[body] = levels[1]
-    image[organ_a] = levels[2]
-    image[organ_b] = levels[3]
-    image = ndimage.gaussian_filter(image, 0.8)
-    image += np.random.default_rng(seed).normal(0.0, noise, SHAPE).astype(np.float32)
-    return io.Image(image, geometry, "phantom.nii.gz"), io.Image(label, geometry, "phantom_label.nii.gz")
+from ants_phantom import CODES, SHAPE, SPACING, rotation_z, two_organ_phantom
 
 
 def _dice(a: np.ndarray, b: np.ndarray, code: int) -> float:
@@ -70,7 +26,7 @@ def _mean_dice(a: np.ndarray, b: np.ndarray, codes=CODES) -> float:
 
 @pytest.fixture(scope="module")
 def fixed():
-    return _phantom()
+    return two_organ_phantom()
 
 
 def test_ants_round_trip_keeps_array_and_geometry():
@@ -139,7 +95,7 @@ def test_rigid_recovers_translation(fixed):
     import ants
 
     fixed_image, fixed_label = fixed
-    moving, moving_label = _phantom(shift_mm=(6.0, 0.0, 0.0), seed=1)
+    moving, moving_label = two_organ_phantom(shift_mm=(6.0, 0.0, 0.0), seed=1)
     before = _mean_dice(moving_label.array, fixed_label.array)
 
     reg = align_ants.register(moving, fixed_image, "rigid", moving_label=moving_label, fast=True)
@@ -163,7 +119,7 @@ def test_rigid_recovers_translation(fixed):
 
 def test_affine_recovers_rotation_and_shift(fixed):
     fixed_image, fixed_label = fixed
-    moving, moving_label = _phantom(_rotation_z(12.0), shift_mm=(0.0, 4.0, -4.0), seed=2)
+    moving, moving_label = two_organ_phantom(rotation_z(12.0), shift_mm=(0.0, 4.0, -4.0), seed=2)
     before = _mean_dice(moving_label.array, fixed_label.array)
 
     reg = align_ants.register(moving, fixed_image, "affine", moving_label=moving_label, fast=True)
@@ -177,7 +133,7 @@ def test_affine_recovers_rotation_and_shift(fixed):
 def test_mutual_information_aligns_other_modality(fixed):
     fixed_image, fixed_label = fixed
     # Non-monotone remapping: bright background, dark body, organs swapped in brightness.
-    moving, moving_label = _phantom(
+    moving, moving_label = two_organ_phantom(
         shift_mm=(-4.0, 6.0, 0.0), levels=(80.0, 10.0, 150.0, 220.0), noise=5.0, seed=3
     )
     before = _mean_dice(moving_label.array, fixed_label.array)
@@ -193,7 +149,7 @@ def test_mutual_information_aligns_other_modality(fixed):
 
 def test_labels_written_and_reapplied(fixed, tmp_path):
     fixed_image, fixed_label = fixed
-    moving, moving_label = _phantom(_rotation_z(-8.0), shift_mm=(4.0, 0.0, 2.0), seed=4)
+    moving, moving_label = two_organ_phantom(rotation_z(-8.0), shift_mm=(4.0, 0.0, 2.0), seed=4)
     out_dir = tmp_path / "tx"
 
     reg = align_ants.register(moving, fixed_image, "affine", moving_label=moving_label, out_dir=out_dir, fast=True)
@@ -216,7 +172,7 @@ def test_labels_written_and_reapplied(fixed, tmp_path):
 
 def test_syn_writes_warps_and_aligns(fixed, tmp_path):
     fixed_image, fixed_label = fixed
-    moving, moving_label = _phantom(shift_mm=(0.0, 0.0, 6.0), seed=5)
+    moving, moving_label = two_organ_phantom(shift_mm=(0.0, 0.0, 6.0), seed=5)
 
     reg = align_ants.register(
         moving, fixed_image, "syn", moving_label=moving_label, out_dir=tmp_path, fast=True
@@ -283,7 +239,7 @@ def test_ants_failure_becomes_one_line_error(fixed, tmp_path):
 def test_transform_points_follows_the_direction_apply_resamples_with(fixed, tmp_path):
     fixed_image, fixed_label = fixed
     affine = sitk.AffineTransform(3)
-    affine.SetMatrix(_rotation_z(8.0).ravel().tolist())
+    affine.SetMatrix(rotation_z(8.0).ravel().tolist())
     affine.SetCenter([0.0, 20.0, 10.0])
     affine.SetTranslation([4.0, -3.0, 2.0])
     path = str(tmp_path / "affine.mat")
@@ -321,11 +277,11 @@ def test_seeded_single_thread_runs_are_identical():
         """
         import sys
         sys.path.insert(0, sys.argv[1])
-        from test_ants import _phantom, _rotation_z
+        from ants_phantom import rotation_z, two_organ_phantom
         from cmmas.align import ants as align_ants
         align_ants.set_threads(1)
-        fixed, _ = _phantom()
-        moving, _ = _phantom(_rotation_z(5.0), shift_mm=(4.0, 0.0, 0.0), seed=1)
+        fixed, _ = two_organ_phantom()
+        moving, _ = two_organ_phantom(rotation_z(5.0), shift_mm=(4.0, 0.0, 0.0), seed=1)
         runs = [align_ants.register(moving, fixed, "rigid", seed=s, fast=True) for s in (0, 0, 1)]
         params = [open(r.forward[0], "rb").read() for r in runs]
         print(params[0] == params[1], params[0] != params[2])

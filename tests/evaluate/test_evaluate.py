@@ -244,6 +244,7 @@ def test_script_help_lists_the_flags():
         assert flag in done.stdout
 
 
+@pytest.mark.slow
 def test_script_writes_report_predictions_and_figures(phantom_pairs, tmp_path):
     other = tmp_path / "other" / "mr_1"
     truth = read_label(phantom_pairs / "mr_1" / "target_label.nii.gz")
@@ -462,6 +463,7 @@ def test_aggregate_concatenates_the_fold_reports(tmp_path):
         runs.aggregate(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_script_space_and_aggregate_modes(space_run, tmp_path):
     space, reg, sim, _ = space_run
     out = tmp_path / "run" / "ct2mr" / "fold1" / "eval"

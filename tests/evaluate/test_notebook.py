@@ -94,11 +94,13 @@ def executed(run_folder):
         return _execute(run_folder[0], monkeypatch)
 
 
+@pytest.mark.slow
 def test_every_cell_runs_without_error(executed):
     assert all(cell.execution_count for cell in executed)
     assert not [o for cell in executed for o in cell.outputs if o.output_type == "error"]
 
 
+@pytest.mark.slow
 def test_tables_read_what_evaluate_wrote(executed, run_folder):
     _, rows, targets = run_folder
     load = _cell(executed, "aggregated =")
@@ -112,10 +114,12 @@ def test_tables_read_what_evaluate_wrote(executed, run_folder):
     assert f"{mv:.3f}" in next(line for line in table.splitlines() if line.startswith("| mv |"))
 
 
+@pytest.mark.slow
 def test_box_plots_per_metric(executed):
     assert len(_outputs(_cell(executed, "for direction in directions:"), "image/png")) == 2
 
 
+@pytest.mark.slow
 def test_registration_panel_is_drawn_from_the_atlas_set_and_model(executed, run_folder):
     _, _, targets = run_folder
     cell = _cell(executed, "runs = ")
@@ -125,6 +129,7 @@ def test_registration_panel_is_drawn_from_the_atlas_set_and_model(executed, run_
     assert len(_outputs(cell, "image/png")) == 1
 
 
+@pytest.mark.slow
 def test_fusion_figures(executed):
     overlays = _cell(executed, "overlays = ")
     assert len(_outputs(overlays, "image/png")) == 1

@@ -164,6 +164,7 @@ def bad_atlas_case():
     return image, label, atlases
 
 
+@pytest.mark.slow
 def test_train_writes_the_model_log_and_curves(trained):
     path, _ = trained
     out = path.parent
@@ -178,6 +179,7 @@ def test_train_writes_the_model_log_and_curves(trained):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_identical_atlas_gets_a_high_similarity(trained, bad_atlas_case):
     _, simnet = trained
     image, label, atlases = bad_atlas_case
@@ -189,6 +191,7 @@ def test_identical_atlas_gets_a_high_similarity(trained, bad_atlas_case):
     assert scores[2][wrong].mean() < scores[0][foreground].mean() - 0.2
 
 
+@pytest.mark.slow
 def test_simnet_fusion_beats_majority_vote_when_most_atlases_are_bad(trained, bad_atlas_case):
     _, simnet = trained
     image, label, atlases = bad_atlas_case
@@ -203,6 +206,7 @@ def test_simnet_fusion_beats_majority_vote_when_most_atlases_are_bad(trained, ba
     assert _dice(best_two.label, label) > 0.85
 
 
+@pytest.mark.slow
 def test_score_atlases_shape_range_and_bad_input(trained, bad_atlas_case):
     _, simnet = trained
     image, _, atlases = bad_atlas_case
@@ -219,6 +223,7 @@ def test_score_atlases_shape_range_and_bad_input(trained, bad_atlas_case):
         simnet_fusion.score_atlases(simnet, image, np.full_like(atlases, 7), CODES)
 
 
+@pytest.mark.slow
 def test_save_and_load_give_identical_outputs(trained, bad_atlas_case, tmp_path):
     path, simnet = trained
     image, _, atlases = bad_atlas_case
@@ -227,6 +232,7 @@ def test_save_and_load_give_identical_outputs(trained, bad_atlas_case, tmp_path)
                                   simnet_fusion.score_atlases(simnet, image, atlases, CODES))
 
 
+@pytest.mark.slow
 def test_init_weights_continues_from_a_trained_simnet(trained, tmp_path):
     path, simnet = trained
     image, label = _phantom(np.random.default_rng(5))

@@ -82,6 +82,7 @@ def test_probability_zero_changes_nothing_and_bad_modes_are_refused():
         _config(arch="unet")
 
 
+@pytest.mark.slow
 def test_the_original_simnet_trains_with_joint_augmentation_and_loads_back(tmp_path):
     labels = _blobs()
     pairs = simnet_pairs.TrainingPairs.from_arrays(labels.astype(np.float32), labels, [labels[::-1], labels])

@@ -74,6 +74,7 @@ def test_config_rejects_unknown_modes_and_architectures():
     assert biregnet.RegConfig.from_dict(config.to_dict()) == config
 
 
+@pytest.mark.slow
 def test_the_original_architecture_is_trained_saved_and_loaded_as_such(tmp_path):
     shape = (N, N, N)
     images = np.stack([_blob(s) for s in (1, 2)]).astype(np.float32)

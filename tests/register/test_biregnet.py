@@ -266,6 +266,7 @@ def trained(tmp_path_factory):
     return {"out": out, "path": path, "resumed": resumed.seen, "backup": backup_after_interrupt}
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_at_epoch_2(trained):
     assert "latest.weights.h5" in trained["backup"]
     assert trained["resumed"] == [2, 3]
@@ -279,6 +280,7 @@ def test_interrupted_training_resumes_at_epoch_2(trained):
     assert saved == SMOKE
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_raises_dice(trained):
     import csv
 
@@ -294,6 +296,7 @@ def test_training_lowers_the_loss_and_raises_dice(trained):
     assert np.mean(after) > np.mean(before) + 0.1
 
 
+@pytest.mark.slow
 def test_saved_model_is_the_trained_network_and_reloads_identically(trained, tmp_path):
     model = training.load_model(trained["path"])
     inputs = {"atlas": ATLASES[0][:1, ..., None], "target": TARGETS[0][:1, ..., None]}
@@ -327,6 +330,7 @@ def test_trainer_augmentation_moves_atlas_and_target_together():
     assert np.abs(out["atlas"].numpy() - image).max() > 0.1  # it did move them
 
 
+@pytest.mark.slow
 def test_init_weights_starts_from_a_trained_model(trained, tmp_path, capsys):
     config = dataclasses.replace(SMOKE, steps=1, steps_per_epoch=1, lr=1e-12)
     args = (config, ATLASES[0], ATLASES[1], TARGETS[0], TARGETS[1], CODES, tmp_path / "more")
