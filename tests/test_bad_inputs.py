@@ -261,19 +261,9 @@ def test_no_derived_output_can_equal_an_input(tmp_path, n_targets):
 
 
 @pytest.fixture(scope="module")
-def small_set(tmp_path_factory):
-    """A prepared phantom atlas set (3 CT atlases, 24^3 at 4 mm) and an MR phantom scan."""
-    from cmmas.align import prepare
-    from cmmas.datasets.phantom import make_subject
-    from cmmas.io import write_image
-    from phantom_data import numbered, write_phantom_folder
-
-    root = tmp_path_factory.mktemp("bad_bundle")
-    data = write_phantom_folder(root / "data", numbered("ct", range(3)))
-    aset = prepare.prepare_atlases(data, "ct", root / "set", shape_zyx=(24, 24, 24), spacing_zyx=(4.0,) * 3,
-                                   progress=False)
-    scan = write_image(make_subject("mr", 100, shape=40)[0], root / "scan.nii.gz")
-    return aset, scan
+def small_set(phantom):
+    """The shared phantom's CT atlas set and its MR scan."""
+    return phantom.aset, phantom.target
 
 
 def test_a_bundle_without_its_registration_network_is_named_unless_asked_for(small_set, tmp_path, capsys):

@@ -15,14 +15,11 @@ import SimpleITK as sitk
 import tensorflow as tf
 
 from cmmas import outputs
-from cmmas.align import prepare
-from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.errors import CmmasError, ModelError
 from cmmas.io import from_sitk, to_sitk
 from cmmas.segment import SegmentConfig, Segmenter
-from phantom_data import numbered, write_phantom_folder
+from phantom_data import GRID as SHAPE
 
-SHAPE = (24, 24, 24)
 #: The stand-in network's field, working-grid voxels in array (z, y, x) order: one value per axis.
 SHIFT = (2.0, -1.0, 3.0)
 
@@ -50,10 +47,9 @@ def stand_in_biregnet(shift) -> keras.Model:
 
 
 @pytest.fixture(scope="module")
-def engine_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    data = write_phantom_folder(root / "data", numbered("ct", range(3)), labels=MMWHS_LABELS)
-    return prepare.prepare_atlases(data, "ct", root / "set", shape_zyx=SHAPE, spacing_zyx=(4.0,) * 3, progress=False)
+def engine_set(phantom):
+    """The shared phantom's CT atlas set (3 atlases, 24^3 at 4 mm)."""
+    return phantom.aset
 
 
 def _scan_with_other_axes(aset):
