@@ -5,7 +5,7 @@ that set. Each target is aligned (cmmas.align.target.align_to_reference) several
 --repeats calls with seed 0 (the spread between calls), one call per extra --seeds, and one call
 each with --blank_mm of its field of view blanked (set to air) at the top and at the bottom.
 After each alignment the set's atlases, as aligned (no network), are fused by majority vote and
-mapped back onto the scan's grid (cmmas.evaluate.alignment.affine_vote); Dice per organ against
+mapped back onto the scan's grid (cmmas.evaluate.alignment.affine_engine); Dice per organ against
 the scan's label (inside the unblanked region for the blanked calls).
 
 Methods (each runs in its own process, because ANTs's thread count is fixed at a process's first
@@ -111,6 +111,7 @@ def _run_method(method: str) -> list[dict]:
         reference = aset.reference_image()
         codes = [0, *sorted(aset.labels)]
         atlas_ids, cases, direction = _targets(aset, dataset)
+        engine = alignment.affine_engine(aset, atlas_ids, atlas_affine=method == "robust_atlas")
         for case in cases:
             image, truth = load_case(case, aset.labels)
             first = None
@@ -122,8 +123,7 @@ def _run_method(method: str) -> list[dict]:
                     found = target_alignment.align_to_reference(
                         scan, reference, tmp, aset.manifest.align_spacing_mm, starts=starts, seed=call["seed"])
                     began = time.perf_counter()
-                    label = alignment.affine_vote(aset, atlas_ids, scan, found.transforms,
-                                                  atlas_affine=method == "robust_atlas")
+                    label = engine.segment(scan, alignment=found.transforms).label
                     vote_seconds = time.perf_counter() - began
                 dice = alignment.organ_dice(label.array, truth.array, codes, kept)
                 row = {"method": method, "direction": direction, "target": case.id, **call,

@@ -5,7 +5,7 @@ For each target (a labelled scan of --data, segmented with atlases of the other 
       Mattes MI; cmmas.align.pairwise.prealign_pairs on the target resampled to --spacing mm), then
       fused by each of --classical_fusions (fusions of cmmas.fuse.registry: majority vote, joint
       label fusion, ...) and mapped back to the target's grid;
-  (b) cmmas: cmmas.segment.segment with the prepared atlas set (target aligned once to the
+  (b) cmmas: the engine (cmmas.segment.Segmenter) with the prepared atlas set (target aligned once to the
       reference, BiRegNet for every atlas, then each fusion of --fusions, map back: the label
       map, as (a) makes, or with --maps the probability and agreement maps too), timed per
       fusion. Without --fusion_model, "simnet" is dropped from --fusions (majority vote if
@@ -18,10 +18,10 @@ For each target (a labelled scan of --data, segmented with atlases of the other 
 (b) runs first and picks the --atlases most similar atlases; (a) uses the same atlases.
 
 Each part of each target runs in a fresh process (multiprocessing, spawn), so its peak memory
-(VmHWM of the process plus its largest child's ru_maxrss: _peak_mb) and time are its own. Timed: (b) the segment()
-call, after the imports, the model loading and one warm-up pass of each network at the batch
-shape segment() runs and of the TensorFlow JLF graph (reported as "setup"), --repeats times per
-fusion: the median is reported, with the range, and the first call's labels are scored (ANTs's
+(VmHWM of the process plus its largest child's ru_maxrss: _peak_mb) and time are its own. Timed: (b) each
+segmentation (reading the scan to the map-back: the engine's "total"), after the imports, the
+model and atlas loading and one warm-up pass of each network at the batch shape it runs and of
+the TensorFlow JLF graph (reported as "setup"), --repeats times per fusion: the median is reported, with the range, and the first call's labels are scored (ANTs's
 affine uses random sampling on two threads, so a repeat may differ slightly); (a) registration
 of every pair plus each fusion and the mapping back, after the imports, once. Dice per organ is
 computed on the target's original grid against its label.
@@ -138,8 +138,8 @@ def _in_fresh_process(fn, *args):
 
 def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repeats: int, maps: bool,
               out: str | None, alignment: str = "robust") -> dict:
-    """(b) in this process: setup (imports, models, one warmed-up cmmas.segment.Segmenter per fusion),
-    then ``repeats`` timed Segmenter.segment calls per fusion, aligned as the :data:`ALIGNMENTS` variant ``alignment``."""
+    """(b) in this process: setup (imports, models, one warmed-up cmmas.segment.Segmenter), then
+    ``repeats`` timed segmentations per fusion, aligned as the :data:`ALIGNMENTS` variant ``alignment``."""
     start = time.perf_counter()
     import ants  # noqa: F401  (imported in the setup, as the CLI's first registration would)
     import numpy as np
@@ -154,19 +154,17 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
 
     aset = AtlasSet(job.atlas_set)
     reg, simnet = segment.load_models(job.reg_model, job.fusion_model, aset)
-    engines = {fusion: segment.Segmenter(
-        aset, reg, simnet if fusion == segment.SIMNET else None,
-        segment.SegmentConfig(fusion=fusion, atlases=atlases, modality=job.atlas_modality, batch_size=batch_size,
-                              maps=maps, atlas_affine=atlas_affine, starts="robust" if multi_start else "single"))
-        for fusion in fusions}
-    for engine in engines.values():
-        engine.warm_up()
+    config = segment.SegmentConfig(fusion=fusions[0], atlases=atlases, modality=job.atlas_modality,
+                                   batch_size=batch_size, maps=maps, atlas_affine=atlas_affine,
+                                   starts="robust" if multi_start else "single")
+    engine = segment.Segmenter(aset, reg, simnet, config)
+    engine.warm_up(fusions)
     setup = time.perf_counter() - start
     found = {"seconds": {}, "range": {}, "steps": {}, "write_seconds": {}, "labels": {}, "setup_seconds": setup}
     for fusion in fusions:
-        call = functools.partial(engines[fusion].segment, str(job.target.image_path))
-        result = call()  # the first call's labels are scored and written
-        steps = [result.seconds] + [call().seconds for _ in range(repeats - 1)]  # target-sized maps not kept
+        call = functools.partial(engine.segment_all, str(job.target.image_path), [fusion])
+        result = call()[fusion]  # the first call's labels are scored and written
+        steps = [result.seconds] + [call()[fusion].seconds for _ in range(repeats - 1)]  # target-sized maps not kept
         t0 = time.perf_counter()
         if out:
             outputs.write_segmentation(result, Path(out) / job.target.id / f"cmmas_{alignment}_{fusion}.nii.gz",

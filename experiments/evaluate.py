@@ -127,23 +127,20 @@ def _run() -> int:
         import keras
 
         keras.utils.set_random_seed(FLAGS.seed)
+        from cmmas.segment import SegmentConfig
+
+        config = SegmentConfig(fusion_options=_options(), atlases=FLAGS.atlases, modality=FLAGS.atlas_modality,
+                               atlas_affine=FLAGS.atlas_affine, refine_steps=FLAGS.refine_steps,
+                               refine_scale=FLAGS.refine_scale, batch_size=FLAGS.batch_size)
         if aset.manifest.oracle:
             from cmmas.evaluate import oracle
 
             report = oracle.evaluate_oracle_set(
                 aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
-                target_modality=FLAGS.target_modality, methods=FLAGS.methods, options=_options(),
-                holdout=FLAGS.simnet_holdout, bounds=FLAGS.bounds, plots=FLAGS.plots, batch_size=FLAGS.batch_size,
-                progress=FLAGS.progress, run=_run_record(),
+                target_modality=FLAGS.target_modality, methods=FLAGS.methods, holdout=FLAGS.simnet_holdout,
+                bounds=FLAGS.bounds, plots=FLAGS.plots, progress=FLAGS.progress, run=_run_record(), config=config,
             )
         else:
-            from cmmas.segment import SegmentConfig
-
-            config = SegmentConfig(
-                fusion=FLAGS.methods[0] if FLAGS.methods else "mv", fusion_options=_options(),
-                atlases=FLAGS.atlases, modality=FLAGS.atlas_modality, atlas_affine=FLAGS.atlas_affine,
-                refine_steps=FLAGS.refine_steps, refine_scale=FLAGS.refine_scale, maps=False,
-                batch_size=FLAGS.batch_size)
             report = runs.evaluate_atlas_set(
                 aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
                 target_modality=FLAGS.target_modality, methods=FLAGS.methods, bounds=FLAGS.bounds,

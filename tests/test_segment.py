@@ -149,7 +149,7 @@ def test_segment_equals_the_step_by_step_pipeline(phantom, simnet_run, tmp_path)
     agreement = _whole_grid_back(fused.agreement, aset.geometry, transforms, target.geometry, kind="linear")
     np.testing.assert_allclose(result.agreement.array / 255, np.clip(agreement.array, 0, 1), atol=0.5 / 255 + 1e-5)
     assert result.atlas_ids == ids
-    assert set(result.seconds) == {"load", "align", "register", "fuse", "map_back", "total"}
+    assert set(result.seconds) == {"load", "read", "align", "choose", "register", "fuse", "map_back", "total"}
 
     # mapping the hard label back (generic-label) instead gives nearly the same map
     hard = _whole_grid_back(fused.label, aset.geometry, transforms, target.geometry, kind="label").array

@@ -111,7 +111,7 @@ def write_bundle(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: others could not read the bundle
+    staging.chmod(0o755)  # mkdtemp makes it 0700: others could not read the bundle
     try:
         shutil.copytree(aset.root, staging / BUNDLE_ATLAS_SET)
         for name, source in sources.items():
@@ -126,12 +126,6 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sidecars(model: Path) -> list[Path]:

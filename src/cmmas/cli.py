@@ -333,13 +333,13 @@ def _segment(args) -> None:
         from cmmas.nn import model_card
 
         shape, like = None, None
-        if reg_model is not None and model_card.read_card(reg_model) is not None:
-            like = reg_model  # the grid it was trained on
-        elif reg_model is not None:  # a model without a card: its input shape at least
-            from cmmas.nn import training
+        if reg_model is not None and not args.no_registration:
+            if model_card.read_card(reg_model) is not None:
+                like = reg_model  # the grid it was trained on
+            else:  # a model without a card: its input shape at least (the engine loads the file again)
+                from cmmas.nn import training
 
-            reg_model = training.load_model(reg_model, "biregnet")
-            shape = training.input_grid(reg_model, "biregnet")
+                shape = training.input_grid(training.load_model(reg_model, "biregnet"), "biregnet")
         atlas_set = prepare.raw_atlas_set(args.atlases, args.atlas_modality, outs[0].parent / "atlas_set",
                                            shape, args.spacing, progress=_progress(), like=like).root
     found = bundles.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)

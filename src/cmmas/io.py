@@ -277,6 +277,9 @@ def _read_series(path: Path) -> tuple[sitk.Image, list[str]]:
         cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
     except (RuntimeError, ValueError):  # no positions: ITK stacks by file order, nothing to check
         return image, []
+    if len(cosines) != 6 or positions.ndim != 2 or positions.shape[1] != 3:
+        raise GeometryError(path, f"malformed DICOM orientation/position (ImageOrientationPatient has {len(cosines)} "
+                                  f"values, ImagePositionPatient {positions.shape[-1] if positions.ndim == 2 else '?'})")
     normal = np.cross(cosines[:3], cosines[3:6])
     return image, headers.check_slice_positions(path, files, positions, normal)
 

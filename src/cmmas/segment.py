@@ -238,7 +238,9 @@ class Warped:
         fields: ``[N, D, H, W, 3]`` displacement fields in working-grid voxels (``ij`` order)
             that took the aligned atlases to the fused ones; None without a network.
         refinement: MIND distance and folding % before and after the refinement, None when off.
-        seconds: wall time of "align", "register" (choosing and warping) and "refine".
+        seconds: wall time, seconds, of "read" (the scan, when given as a file), "align",
+            "choose" (choosing the atlases and their per-atlas affine stage), "register" (the
+            network) and, when it ran, "refine".
     """
 
     placement: Placement
@@ -267,8 +269,11 @@ class Segmentation:
         fusion: the fusion's name.
         fused: the fusion on the working grid (:class:`cmmas.fuse.vote.FusionResult`).
         warped: what was fused (:class:`Warped`).
-        seconds: wall time of each step and in all: "load", "align", "register", ("refine"),
-            "fuse", "map_back", "total".
+        seconds: wall time of each step, seconds: those of :class:`Warped` and "fuse",
+            "map_back"; "total" from reading the scan to this fusion's map-back (for several
+            fusions of one warp, to the last one's); "load", the engine's one-off set-up (reading
+            the atlas set and the models), is in the results of a Segmenter's first scan only
+            (0 after) and not part of "total".
         codes: the atlas set's label codes, the background 0 first.
         names: the atlas set's label table, code -> structure name (0 excluded).
         config: the engine's config (its ``fusion`` may differ from ``fusion`` in an evaluation).
@@ -365,7 +370,7 @@ class Segmenter:
         self.models = {name: str(m) if isinstance(m, (str, os.PathLike)) else None
                        for name, m in (("reg_model", reg_model), ("fusion_model", fusion_model))}
         self.reg_net, self.simnet = load_models(reg_model, fusion_model, self.aset)
-        self.provenance = provenance(self.config.to_dict(), self.models, self.aset.root, self.atlas_ids)
+        self.provenance = {**provenance(self.config.to_dict(), self.models, self.aset.root), "atlases": self.atlas_ids}
         self.progress = progress
         self._images, self._labels = self.aset.arrays(self.atlas_ids)
         self.load_seconds = time.perf_counter() - start
@@ -437,21 +442,30 @@ class Segmenter:
              exclude: Sequence[str] = ()) -> Warped:
         """Steps 1-3: place the scan, choose the atlases (none of ``exclude``), register and
         refine them (see :meth:`place` for the arguments)."""
+        t0 = time.perf_counter()
         target = target if isinstance(target, Image) else read_image(target, dtype=None)
+        seconds = {"read": time.perf_counter() - t0}
         t0 = time.perf_counter()
         placement = self.place(target, transform_dir, alignment=alignment, case_id=case_id)
-        seconds = {"align": time.perf_counter() - t0}
+        seconds["align"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        keep = [k for k, a in enumerate(self.atlas_ids) if a not in set(exclude)]
+        excluded = set(exclude)
+        keep = [k for k, a in enumerate(self.atlas_ids) if a not in excluded]
         if not keep:
             raise AtlasSetError(self.aset.root, f"no atlas left for target {case_id or target.path!r}")
         candidates = [self.atlas_ids[k] for k in keep]
-        chosen = select_atlases(self._images[keep], placement.working.array, candidates, self.config.atlases)
+        pool = self._images if len(keep) == len(self.atlas_ids) else self._images[keep]
+        chosen = select_atlases(pool, placement.working.array, candidates, self.config.atlases)
         index = [keep[candidates.index(i)] for i in chosen]
-        images, labels = self._images[index], self._labels[index]
+        if index == list(range(len(self.atlas_ids))):
+            images, labels = self._images, self._labels
+        else:
+            images, labels = self._images[index], self._labels[index]
         if self.config.atlas_affine:
             corrected = per_atlas.correct_atlases(images, labels, placement.working, self.aset.geometry)
             images, labels = corrected.images, corrected.labels
+        seconds["choose"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         warped_images, warped_labels, fields = self._register(images, labels, placement.working.array)
         seconds["register"] = time.perf_counter() - t0
         refined = None
@@ -537,7 +551,7 @@ class Segmenter:
         total = time.perf_counter() - start
         for result in results.values():
             result.seconds.update({"load": self.load_seconds, "total": total})
-            self.load_seconds = 0.0
+        self.load_seconds = 0.0
         return results
 
     def segment(self, target: Image | str | os.PathLike, **where) -> Segmentation:
@@ -547,15 +561,18 @@ class Segmenter:
 
 def segment(target: Image | str | os.PathLike, atlas_set: AtlasSet | str | os.PathLike, reg_model=None,
             fusion_model=None, config: SegmentConfig | None = None, *, alignment: Sequence[str] | None = None,
-            transform_dir: str | os.PathLike | None = None, progress: bool = False, **settings) -> Segmentation:
+            transform_dir: str | os.PathLike | None = None, progress: bool = True, **settings) -> Segmentation:
     """Segment one scan: a :class:`Segmenter` built for it (``settings`` are :class:`SegmentConfig`
-    fields overriding ``config``'s, e.g. ``fusion="mv", atlases=3``).
+    fields overriding ``config``'s, e.g. ``fusion="mv", atlases=3``; ``fusion_model`` is loaded only
+    for the "simnet" fusion).
 
     Raises:
         ImageReadError: unreadable target; AtlasSetError: bad atlas set, or no atlas in it;
         ModelError: missing/unloadable/unfit model; CmmasError: unknown fusion or setting.
     """
+    config = config or SegmentConfig()
     if settings:
-        config = SegmentConfig.from_dict({**(config or SegmentConfig()).to_dict(), **settings})
-    segmenter = Segmenter(atlas_set, reg_model, fusion_model, config, progress=progress)
+        config = SegmentConfig.from_dict({**config.to_dict(), **settings})
+    segmenter = Segmenter(atlas_set, reg_model, fusion_model if config.fusion == SIMNET else None, config,
+                          progress=progress)
     return segmenter.segment(target, alignment=alignment, transform_dir=transform_dir)

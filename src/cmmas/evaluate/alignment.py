@@ -53,13 +53,13 @@ def blank_z(image: Image, mm: float, side: str, fill: float | None = None) -> tu
     return image.with_array(np.where(mask, image.array, np.asarray(value, image.array.dtype))), np.array(mask)
 
 
-def affine_vote(aset: AtlasSet, atlas_ids: Sequence[str], target: Image, transforms: Sequence[str],
-                atlas_affine: bool = False) -> Image:
-    """The engine without a registration network: the atlases of ``atlas_ids`` as aligned by
-    ``transforms`` (with ``atlas_affine`` each given its own affine stage onto the target:
-    :mod:`cmmas.align.per_atlas`), fused by majority vote and mapped back onto ``target``'s grid."""
-    config = SegmentConfig(fusion="mv", atlas_affine=atlas_affine, maps=False)
-    return Segmenter(aset, None, None, config, atlas_ids=atlas_ids).segment(target, alignment=transforms).label
+def affine_engine(aset: AtlasSet, atlas_ids: Sequence[str], atlas_affine: bool = False) -> Segmenter:
+    """The engine without a registration network, fusing the atlases of ``atlas_ids`` as aligned
+    (with ``atlas_affine`` each given its own affine stage onto the target:
+    :mod:`cmmas.align.per_atlas`) by majority vote, the label only: its ``segment(scan,
+    alignment=transforms).label`` is what an alignment alone gives on the scan's grid."""
+    return Segmenter(aset, None, None, SegmentConfig(fusion="mv", atlas_affine=atlas_affine, maps=False),
+                     atlas_ids=atlas_ids)
 
 
 def organ_dice(pred: np.ndarray, truth: np.ndarray, codes: Sequence[int], mask: np.ndarray | None = None

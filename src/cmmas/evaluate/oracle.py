@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cmmas.align import mapping
 from cmmas.align.atlas_set import AtlasSet
-from cmmas.errors import AtlasSetError
+from cmmas.errors import AtlasSetError, CmmasError
 from cmmas.evaluate.report import (
     JACOBIAN_COLUMNS,
     EvaluationReport,
@@ -48,6 +48,7 @@ from cmmas.evaluate.runs import (
     make_segmenter,
     original_target,
     record,
+    unregistered,
 )
 from cmmas.evaluate.scoring import score, stream_bound_rows
 from cmmas.fuse import registry
@@ -69,7 +70,7 @@ NOTES = {
     "spacing): the original's scores (its 'HD' was ASSD)",
     "original grid": "every prediction mapped back onto the target's original grid through the exact oracle inverse "
     "(nearest neighbour, background outside the box) and scored against the original label file",
-    CROP_MV: "majority vote of the cropped atlases without registration",
+    CROP_MV: "majority vote of the cropped atlases without registration (the K chosen with --atlases K)",
     "bounds": "single-atlas mean and oracle of the BiRegNet-warped atlases",
 }
 
@@ -90,6 +91,7 @@ def evaluate_oracle_set(
     batch_size: int = 2,
     progress: bool = True,
     run: Mapping | None = None,
+    config: SegmentConfig | None = None,
 ) -> EvaluationReport:
     """Segment every labelled held-out target of an oracle set on its crop; score on the crop and
     on the original grid (module docstring).
@@ -107,6 +109,8 @@ def evaluate_oracle_set(
         batch_size: atlases per network call.
         progress: show a progress bar.
         run: the script's ``command`` and ``flags``, recorded in ``summary.json``'s provenance.
+        config: the engine's settings (:class:`cmmas.segment.SegmentConfig`: ``--atlases K``,
+            ``--atlas-affine``, ``--refine-steps`` ...; then ``options`` and ``batch_size`` go in it).
 
     Writes ``OUT/results.csv``, ``summary.json``, ``timings.csv``, ``jacobian.csv`` (original
     grid), ``OUT/crop/results.csv``, ``summary.json`` (crop), predictions
@@ -122,13 +126,12 @@ def evaluate_oracle_set(
     if not aset.manifest.oracle:
         raise AtlasSetError(aset.root, "not an oracle atlas set (prealign --roi oracle); evaluate it with its "
                                        "alignment instead (cmmas.evaluate.runs)")
-    methods = [m for m in methods if m != SIMNET]
-    registry.check_names(methods, options)
+    if config is not None and (options or batch_size != 2):
+        raise CmmasError(None, "give the fusion options and the batch size in the config, not beside it")
+    config = config or SegmentConfig(fusion_options=dict(options or {}), batch_size=batch_size)
+    registry.check_names([m for m in methods if m != SIMNET], config.fusion_options)
     targets, atlases = evaluation_cases(aset, atlas_modality, target_modality, holdout)
-    segmenter, methods = make_segmenter(aset, atlases, reg_model, fusion_model, methods,
-                                        SegmentConfig(fusion=methods[0] if methods else SIMNET,
-                                                      fusion_options=dict(options or {}), batch_size=batch_size,
-                                                      maps=False))
+    segmenter, methods = make_segmenter(aset, atlases, reg_model, fusion_model, methods, config)
     codes = segmenter.codes
     direction = direction_name(atlas_modality, target_modality)
     out = Path(out_dir)
@@ -137,17 +140,15 @@ def evaluate_oracle_set(
         case = {"case": target_id, "direction": direction}
         crop_truth = aset.label(target_id)
         original_image, truth = original_target(aset, target_id)
-        segmented = segmenter.segment_all(original_image, methods, case_id=target_id, exclude=[target_id])
-        warped = next(iter(segmented.values())).warped
+        warped = segmenter.warp(original_image, out, case_id=target_id, exclude=[target_id])
+        segmented = {CROP_MV: segmenter.fuse(unregistered(warped), "mv")}
+        segmented.update({name: segmenter.fuse(warped, name) for name in methods})
         timings.append({**case, "step": "registration", "method": BIREGNET,
                         "seconds": warped.seconds["register"] / len(warped.atlas_ids)})
-        crop_mv = registry.fuse_all(warped.aligned_labels, codes, methods=("mv",))["mv"]
-        on_crop = {CROP_MV: (crop_truth.with_array(crop_mv.label), crop_mv.seconds)}
-        on_crop.update({name: (result.working, result.seconds["fuse"]) for name, result in segmented.items()})
+        on_crop = {name: (result.working, result.seconds["fuse"]) for name, result in segmented.items()}
         folder = out / target_id
         for name, (crop_label, seconds) in on_crop.items():
-            on_original = segmented[name].label if name in segmented else \
-                segmenter.on_scan(warped.placement, crop_mv.result)[0]
+            on_original = segmented[name].label
             write_label(crop_label, folder / CROP / f"pred_{name}.nii.gz", codes)
             write_label(on_original, folder / f"pred_{name}.nii.gz", codes)
             crop_rows += score(crop_label.array, crop_truth.array, aset.labels, crop_truth.spacing_zyx, method=name,

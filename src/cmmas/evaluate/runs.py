@@ -12,6 +12,7 @@ target's original grid against its original label file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -44,7 +45,7 @@ from cmmas.evaluate.scoring import score, stream_bound_rows
 from cmmas.fuse import registry
 from cmmas.io import Image, atomic_write_text, read_label
 from cmmas.outputs import write_label
-from cmmas.segment import SegmentConfig, Segmenter
+from cmmas.segment import SegmentConfig, Segmenter, Warped
 from cmmas.metrics import jacobian_stats
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,13 @@ NOTES = {
     "scoring": "every prediction is the label cmmas segment writes: the fusion's probabilities mapped back onto "
     "the target's original grid through the inverse of its stored affine alignment (linear) and their arg-max "
     "there (cmmas.align.mapping.map_back), scored against the original label file",
-    AFFINE_MV: "majority vote of the affinely pre-aligned atlases, without deformable registration",
+    AFFINE_MV: "majority vote of the fused atlases before deformable registration (affinely aligned; the K chosen "
+    "with --atlases K, each given its own affine stage with --atlas-affine)",
     "bounds": "single-atlas mean and oracle use the BiRegNet-warped atlases, each mapped back to the original "
     "grid the same way (its one-hot as probabilities); the oracle takes the original truth wherever a "
     "mapped-back atlas holds it, the mapped-back majority vote elsewhere",
-    "timings": "registration: BiRegNet seconds per atlas (batched, after one warm-up call); fusion: seconds per "
-    "target on the working grid; mapping back is not timed",
+    "timings": "registration: BiRegNet seconds per atlas (batched, after one warm-up call); refinement (when it ran): "
+    "seconds per target; fusion: seconds per target on the working grid; mapping back is not timed",
 }
 
 
@@ -130,14 +132,23 @@ def evaluation_cases(aset: AtlasSet, atlas_modality: str, target_modality: str,
 
 
 def make_segmenter(aset: AtlasSet, atlases: Sequence[str], reg_model, fusion_model, methods: Sequence[str],
-                   config: SegmentConfig | None = None) -> tuple[Segmenter, list[str]]:
-    """The engine an evaluation segments with (the atlases ``atlases``, ``config``'s settings),
-    warmed up on its fusions, and the fusions it evaluates: ``methods`` and, with a SimNet, "simnet" last."""
-    config = config or SegmentConfig(fusion=methods[0] if methods else registry.SIMNET)
+                   config: SegmentConfig) -> tuple[Segmenter, list[str]]:
+    """The engine an evaluation segments with (the atlases ``atlases``, ``config``'s settings, the
+    label only: no maps), warmed up on its fusions, and the fusions it evaluates: ``methods`` less
+    "simnet" and, with a SimNet, "simnet" last."""
+    methods = [m for m in methods if m != SIMNET]
+    config = dataclasses.replace(config, fusion=methods[0] if methods else "mv", maps=False)
     segmenter = Segmenter(aset, reg_model, fusion_model, config, atlas_ids=atlases)
-    methods = [*methods, SIMNET] if segmenter.simnet is not None else list(methods)
-    segmenter.warm_up(methods)
+    methods = [*methods, SIMNET] if segmenter.simnet is not None else methods
+    segmenter.warm_up(methods or ["mv"])
     return segmenter, methods
+
+
+def unregistered(warped: Warped) -> Warped:
+    """``warped`` with the atlases as they were before the network (aligned, chosen and given
+    their per-atlas affine stage): fused by the engine, the "affine+mv" / "crop+mv" baselines."""
+    return dataclasses.replace(warped, images=warped.aligned_images, labels=warped.aligned_labels, fields=None,
+                               refinement=None)
 
 
 def record(segmenter: Segmenter, methods: Sequence[str], targets: Sequence[str], holdout: int,
@@ -179,16 +190,15 @@ def evaluate_target(aset: AtlasSet, target_id: str, segmenter: Segmenter, method
     image, truth = original_target(aset, target_id)
     codes = segmenter.codes
     case = {"case": target_id, "direction": direction}
-    segmented = segmenter.segment_all(image, methods, alignment=aset.transform(target_id), exclude=[target_id])
-    warped = next(iter(segmented.values())).warped if segmented else \
-        segmenter.warp(image, folder, alignment=aset.transform(target_id), exclude=[target_id])
+    warped = segmenter.warp(image, folder, alignment=aset.transform(target_id), exclude=[target_id])
+    segmented = {name: segmenter.fuse(warped, name) for name in methods}
     placement = warped.placement
 
     def on_scan(maps) -> np.ndarray:
         return segmenter.on_scan(placement, maps)[0].array
 
-    affine = registry.fuse_all(warped.aligned_labels, codes, methods=("mv",))["mv"]
-    labels = {AFFINE_MV: (image.with_array(on_scan(affine.result)), affine.seconds)}
+    affine = segmenter.fuse(unregistered(warped), "mv")
+    labels = {AFFINE_MV: (affine.label, affine.seconds["fuse"])}
     labels.update({name: (result.label, result.seconds["fuse"]) for name, result in segmented.items()})
     rows, paths = [], {}
     for name, (label, seconds) in labels.items():
@@ -202,6 +212,8 @@ def evaluate_target(aset: AtlasSet, target_id: str, segmenter: Segmenter, method
 
     per_atlas = warped.seconds["register"] / len(warped.atlas_ids)
     timings = [{**case, "step": "registration", "method": BIREGNET, "seconds": per_atlas}]
+    if "refine" in warped.seconds:
+        timings.append({**case, "step": "refinement", "method": "mind", "seconds": warped.seconds["refine"]})
     timings += [{**case, "step": "fusion", "method": name, "seconds": seconds} for name, (_, seconds) in labels.items()]
     jacobian = jacobian_row(warped.fields, case) if warped.fields is not None else {}
     return _TargetResult(rows, timings, jacobian, paths)
@@ -273,8 +285,9 @@ def evaluate_atlas_set(
     evaluated = [AFFINE_MV, *methods] + ([SIMNET] if fusion_model is not None else [])
     if overlay_method is not None and overlay_method not in evaluated:
         raise CmmasError(None, f"overlay method {overlay_method!r} is not evaluated (evaluated: {', '.join(evaluated)})")
-    config = config or SegmentConfig(fusion=methods[0] if methods else SIMNET, fusion_options=dict(options or {}),
-                                     batch_size=batch_size, maps=False)
+    if config is not None and (options or batch_size != 2):
+        raise CmmasError(None, "give the fusion options and the batch size in the config, not beside it")
+    config = config or SegmentConfig(fusion_options=dict(options or {}), batch_size=batch_size)
     segmenter, methods = make_segmenter(aset, atlases, reg_model, fusion_model, methods, config)
     out = Path(out_dir)
     rows, timings, jacobians, sources = [], [], [], {}
