@@ -34,17 +34,25 @@ DIR := $(RUN)/$(ATLAS_MOD)2$(TARGET_MOD)/fold$(FOLD)
 ATLAS_SET := $(DIR)/atlas_set/manifest.json
 REG := $(DIR)/reg/model.keras
 SIM := $(DIR)/fusion/simnet.keras
+DLF := $(DIR)/dlf/dlf.keras
+UNET := $(DIR)/unet/unet.keras
 EVAL := $(DIR)/eval/summary.json
 BUNDLE := $(RUN)/bundle-$(ATLAS_MOD)2$(TARGET_MOD)
 
 MODS := --atlas_modality=$(ATLAS_MOD) --target_modality=$(TARGET_MOD)
+# The chain's learned fusions: SimNet, then Deep Label Fusion where the experiment's configs hold
+# train_dlf.flags and the U-Net baseline where they hold train_unet.flags; all are evaluated and
+# bundled (the bundle's default fusion is the best its evaluation measured).
+LEARNED := $(SIM) $(if $(wildcard $(CONFIGS)/train_dlf.flags),$(DLF)) $(if $(wildcard $(CONFIGS)/train_unet.flags),$(UNET))
+comma := ,
+LEARNED_FLAG := --fusion_model=$(subst $() ,$(comma),$(strip $(LEARNED)))
 SHAPE_FLAG := $(if $(SHAPE),--shape=$(SHAPE))
 
 MMWHS_HELP := MM-WHS 2017 (request it at zxh.me, MM-WHS challenge): DATA must hold ct_train_1001_image.nii.gz, ct_train_1001_label.nii.gz, mr_train_1001_... (up to two folders deep)
 CHAOS_HELP := CHAOS (download CHAOS_Train_Sets.zip from chaos.grand-challenge.org): DATA must hold CT/<id>/DICOM_anon + CT/<id>/Ground and MR/<id>/T2SPIR/DICOM_anon + MR/<id>/T2SPIR/Ground
 ABDOMEN := $(abspath ../shared/data/abdomen-ctmr)
 
-.PHONY: install test test-fast results demo clean prealign train-reg train-fusion evaluate chain bundle \
+.PHONY: install test test-fast results demo clean prealign train-reg train-fusion train-dlf train-unet evaluate chain bundle \
         reproduce-mmwhs reproduce-chaos reproduce-abdomen bundle-abdomen
 
 install: $(STAMP)
@@ -84,16 +92,28 @@ $(SIM): $(REG)
 	$(PY) experiments/train_fusion.py --flagfile=$(CONFIGS)/train_fusion.flags --atlas_set=$(DIR)/atlas_set \
 	    --reg_model=$(REG) $(MODS) $(SHAPE_FLAG) --out=$(DIR)/fusion
 
-evaluate: $(EVAL)
-$(EVAL): $(SIM)
-	$(PY) experiments/evaluate.py --flagfile=$(CONFIGS)/evaluate.flags --atlas_set=$(DIR)/atlas_set \
-	    --reg_model=$(REG) --fusion_model=$(SIM) $(MODS) --out=$(DIR)/eval
+# DLF and the U-Net train on train-fusion's pair cache (every training atlas warped onto every
+# labelled training target by the trained BiRegNet)
+train-dlf: $(DLF)
+$(DLF): $(SIM)
+	$(PY) experiments/train_dlf.py --flagfile=$(CONFIGS)/train_dlf.flags --atlas_set=$(DIR)/atlas_set \
+	    --reg_model=$(REG) --cache=$(DIR)/fusion/pairs $(MODS) --out=$(DIR)/dlf
 
-# a bundle: the fold's atlas set, both models and a README.txt with the evaluation's Dice, in one
+train-unet: $(UNET)
+$(UNET): $(SIM)
+	$(PY) experiments/train_unet.py --flagfile=$(CONFIGS)/train_unet.flags --atlas_set=$(DIR)/atlas_set \
+	    --cache=$(DIR)/fusion/pairs $(MODS) --out=$(DIR)/unet
+
+evaluate: $(EVAL)
+$(EVAL): $(LEARNED)
+	$(PY) experiments/evaluate.py --flagfile=$(CONFIGS)/evaluate.flags --atlas_set=$(DIR)/atlas_set \
+	    --reg_model=$(REG) $(LEARNED_FLAG) $(MODS) --out=$(DIR)/eval
+
+# a bundle: the fold's atlas set, its networks, bundle.json and a README.txt with the evaluation's Dice, in one
 # folder for `cmmas segment --bundle`
 bundle: $(BUNDLE)/README.txt
 $(BUNDLE)/README.txt: $(EVAL)
-	$(PY) experiments/make_bundle.py --atlas_set=$(DIR)/atlas_set --reg_model=$(REG) --fusion_model=$(SIM) \
+	$(PY) experiments/make_bundle.py --atlas_set=$(DIR)/atlas_set --reg_model=$(REG) $(LEARNED_FLAG) \
 	    --summary=$(EVAL) --title="cmmas $(EXP) bundle: $(ATLAS_MOD) atlases for $(TARGET_MOD) scans (fold $(FOLD))" \
 	    --out=$(BUNDLE)
 

@@ -100,6 +100,7 @@ def run_scan(scan: str, atlas_set: str, reg_model: str | None, fusion_model: str
     import ants  # noqa: F401  (imported in the setup, as the CLI's first registration would)
 
     from cmmas import outputs, segment
+    from cmmas.fuse import registry
     from cmmas.align import ants as cmmas_ants
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.io import read_image
@@ -110,7 +111,7 @@ def run_scan(scan: str, atlas_set: str, reg_model: str | None, fusion_model: str
         from cmmas.nn.networks import build_biregnet
 
         reg_model = build_biregnet(aset.geometry.shape)
-    engine = segment.Segmenter(aset, reg_model, fusion_model if fusion == segment.SIMNET else None,
+    engine = segment.Segmenter(aset, reg_model, fusion_model if fusion in registry.LEARNED else None,
                                segment.SegmentConfig(fusion=fusion, atlases=atlases, batch_size=batch_size, maps=maps))
     engine.warm_up()
     found = {"setup": time.perf_counter() - start, "steps": []}

@@ -153,11 +153,11 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
         cmmas_ants.set_threads(1)
 
     aset = AtlasSet(job.atlas_set)
-    reg, simnet = segment.load_models(job.reg_model, job.fusion_model, aset)
+    reg, nets = segment.load_models(job.reg_model, segment.learned_models(job.fusion_model), aset)
     config = segment.SegmentConfig(fusion=fusions[0], atlases=atlases, modality=job.atlas_modality,
                                    batch_size=batch_size, maps=maps, atlas_affine=atlas_affine,
                                    starts="robust" if multi_start else "single")
-    engine = segment.Segmenter(aset, reg, simnet, config)
+    engine = segment.Segmenter(aset, reg, nets, config)
     engine.warm_up(fusions)
     setup = time.perf_counter() - start
     found = {"seconds": {}, "range": {}, "steps": {}, "write_seconds": {}, "labels": {}, "setup_seconds": setup}

@@ -12,7 +12,7 @@
   --target_modality case of the prepared atlas set (experiments/prealign.py --mode reference) is
   segmented with the --atlas_modality training cases: "affine+mv" (majority vote of the
   pre-aligned atlases), each of --methods on the atlases warped by --reg_model (BiRegNet) and
-  "simnet" (--fusion_model; skipped without one). Every prediction is mapped back onto the
+  each learned fusion with a network in --fusion_model (simnet, dlf, unet). Every prediction is mapped back onto the
   target's original grid and scored against its original label file; predictions are written
   to OUT/<target>/pred_<method>.nii.gz with the target's header, and jacobian.csv holds the
   folding statistics of the BiRegNet fields.
@@ -61,7 +61,8 @@ flags.DEFINE_enum("aggregate_grid", "original", ["original", "crop"], "--aggrega
 flags.DEFINE_integer("simnet_holdout", 0, "--atlas_set: do not fuse the last K training atlases (withheld from "
                      "BiRegNet by train_reg.py --simnet_holdout K).", lower_bound=0)
 flags.DEFINE_string("reg_model", None, "--atlas_set: trained BiRegNet (.keras).")
-flags.DEFINE_string("fusion_model", None, "--atlas_set: trained SimNet (.keras); without it 'simnet' is skipped.")
+flags.DEFINE_list("fusion_model", [], "--atlas_set: trained networks of the learned fusions (.keras: SimNet, DLF, "
+                  "U-Net; each file's kind names its fusion, which is then evaluated); none: no learned fusion.")
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "--atlas_set: modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "--atlas_set: modality of the targets.")
 flags.DEFINE_integer("batch_size", 2, "--atlas_set: atlases per network call.", lower_bound=1)
@@ -80,7 +81,7 @@ flags.DEFINE_integer("jlf_rad", 1, "Patch radius of the 'jlf' fusion (voxels).",
 flags.DEFINE_integer("jlf_search", 1, "Search radius of the 'jlf' fusion (voxels).", lower_bound=0)
 flags.DEFINE_bool("bounds", True, "Also score the single-atlas mean and the oracle.")
 flags.DEFINE_bool("plots", True, "Draw box plots and best/median/worst overlays.")
-flags.DEFINE_string("overlay_method", None, "Method ranking the overlay cases (default: simnet with --fusion_model, "
+flags.DEFINE_string("overlay_method", None, "Method ranking the overlay cases (default: the last learned fusion of --fusion_model, "
                     "else the first of --methods).")
 flags.DEFINE_string("out", None, "Output folder of the report.")
 flags.DEFINE_integer("seed", 0, "Seed of Python and numpy (and TensorFlow with --atlas_set).", lower_bound=0)
@@ -136,13 +137,13 @@ def _run() -> int:
             from cmmas.evaluate import oracle
 
             report = oracle.evaluate_oracle_set(
-                aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
+                aset, FLAGS.reg_model, FLAGS.fusion_model or None, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
                 target_modality=FLAGS.target_modality, methods=FLAGS.methods, holdout=FLAGS.simnet_holdout,
                 bounds=FLAGS.bounds, plots=FLAGS.plots, progress=FLAGS.progress, run=_run_record(), config=config,
             )
         else:
             report = runs.evaluate_atlas_set(
-                aset, FLAGS.reg_model, FLAGS.fusion_model, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
+                aset, FLAGS.reg_model, FLAGS.fusion_model or None, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
                 target_modality=FLAGS.target_modality, methods=FLAGS.methods, bounds=FLAGS.bounds,
                 plots=FLAGS.plots, overlay_method=FLAGS.overlay_method, progress=FLAGS.progress,
                 holdout=FLAGS.simnet_holdout, config=config, run=_run_record(),

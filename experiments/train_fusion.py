@@ -3,7 +3,7 @@
 Two steps:
   gen   every training atlas (--atlas_modality, role "train", labelled) of the prepared atlas set is
         warped with BiRegNet onto every training target (--target_modality, role "train",
-        labelled); one OUT/pairs/<target>.npz per target (cmmas.fuse.simnet_pairs.generate_pairs).
+        labelled); one OUT/pairs/<target>.npz per target (cmmas.fuse.pairs.generate_pairs).
         Files already there are kept, so a re-run only adds what is missing. --skip_gen skips
         the step (the cache must exist).
   train SimNet on the cached pairs (cmmas.fuse.simnet_train.train): OUT/simnet.keras (+ its
@@ -86,7 +86,7 @@ def _run() -> int:
 
     from cmmas.nn import training
     from cmmas.fuse import simnet as simnet_fusion
-    from cmmas.fuse import simnet_pairs, simnet_train
+    from cmmas.fuse import pairs as training_pairs, simnet_train
     from cmmas.align.cards import card_from_atlas_set
     from cmmas.nn.networks import ARCH_LEVELS
 
@@ -105,7 +105,7 @@ def _run() -> int:
             raise CmmasError("--reg_model", "the gen step needs a trained BiRegNet (or pass --skip_gen)")
         print(f"train_fusion: warping {len(atlases)} atlas(es) onto {len(targets)} target(s) into {cache}")
         reg_model = training.load_model(FLAGS.reg_model, "biregnet")
-        simnet_pairs.generate_pairs(reg_model, aset, atlases, targets, cache, codes, batch_size=FLAGS.gen_batch,
+        training_pairs.generate_pairs(reg_model, aset, atlases, targets, cache, codes, batch_size=FLAGS.gen_batch,
                                     progress=FLAGS.progress)
     config = simnet_train.SimConfig(
         shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels or ARCH_LEVELS[FLAGS.arch], arch=FLAGS.arch,
@@ -115,7 +115,7 @@ def _run() -> int:
         shift_max=FLAGS.shift_max,
         rotation_max=FLAGS.rotation_max, translation_max=FLAGS.translation_max,
         scale_range=(FLAGS.scale_min, FLAGS.scale_max), seed=FLAGS.seed)
-    pairs = simnet_pairs.load_pairs(cache, targets)
+    pairs = training_pairs.load_pairs(cache, targets)
     print(f"train_fusion: training SimNet on {pairs.n_pairs} pairs for {config.steps} steps into {out}")
     path = simnet_train.train(config, pairs, codes, out, strategy=FLAGS.strategy, progress=FLAGS.progress,
                             init_weights=FLAGS.init_weights,

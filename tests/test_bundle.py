@@ -65,10 +65,11 @@ def test_a_bundle_is_replaced_whole_and_keeps_the_model_cards(parts, tmp_path):
     out = bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b")
     (out / "stale.txt").write_text("left from an earlier bundle")
     bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b")
-    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "reg_model.keras",
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "bundle.json", "reg_model.keras",
                                                      "reg_model.keras.json"]
     assert model_card.read_card(out / "reg_model.keras") == model_card.read_card(parts["reg"])
-    assert "no SimNet: use --fusion jlf_tf" in (out / "README.txt").read_text()
+    assert "Default fusion (--fusion), recorded in bundle.json: jlf_tf" in (out / "README.txt").read_text()
+    assert bundle.resolve_bundle(out).fusion == "jlf_tf"
     assert AtlasSet(out / "atlas_set").geometry.shape == SHAPE
 
 

@@ -164,6 +164,48 @@ def test_segment_from_a_bundle_with_mv_and_two_atlases(phantom, simnet_label, ca
     assert _foreground_dice(label, phantom.truth.array) > 0.5
 
 
+def _dlf_model(phantom, path: Path, atlas_count: int) -> Path:
+    """An untrained DLF for the phantom's grid with a model card (trained, so it says, on ``atlas_count``)."""
+    import dataclasses
+
+    from cmmas.align import cards
+    from cmmas.nn import training
+    from cmmas.nn.dlf import build_dlf
+
+    card = dataclasses.replace(cards.card_from_atlas_set(phantom.aset, "dlf", "ct", "mr"), atlas_count=atlas_count)
+    return training.save_model(build_dlf(SHAPE, len(CODES), c_vote=2, c_fine=2, vote_levels=2, fine_levels=2), path,
+                               card)
+
+
+def test_a_bundle_segments_with_the_fusion_it_records(phantom, capsys, tmp_path):
+    from cmmas import bundle as bundles
+
+    model = _dlf_model(phantom, tmp_path / "dlf.keras", atlas_count=2)
+    bundle = bundles.write_bundle(phantom.aset.root, phantom.reg, tmp_path / "bundle",
+                                  fusion_models=[phantom.sim, model], fusion="dlf")
+    assert sorted(p.name for p in bundle.glob("*.keras")) == ["dlf.keras", "reg_model.keras", "simnet.keras"]
+    assert "Default fusion (--fusion), recorded in bundle.json: dlf" in (bundle / "README.txt").read_text()
+    out = tmp_path / "seg.nii.gz"
+    assert cli.main(["segment", "--target", str(phantom.target), "--bundle", str(bundle), "--out", str(out)]) == 0
+    assert "with dlf" in capsys.readouterr().out
+    qc = json.loads((tmp_path / "seg_qc.json").read_text())
+    assert qc["fusion"] == "dlf" and set(qc["models"]) == {"reg_model", "dlf_model"}
+    _check_maps(out, phantom)
+    assert cli.main(["segment", "--target", str(phantom.target), "--bundle", str(bundle), "--fusion", "simnet",
+                     "--out", str(out)]) == 0
+    assert "with simnet" in capsys.readouterr().out
+
+
+def test_a_dlf_outside_its_atlas_count_range_is_refused_in_one_line(phantom, tmp_path):
+    model = _dlf_model(phantom, tmp_path / "dlf.keras", atlas_count=12)
+    done = _python("-m", "cmmas.cli", "segment", "--target", str(phantom.target), "--atlas-set",
+                   str(phantom.aset.root), "--no-registration", "--fusion-model", str(model),
+                   "--out", str(tmp_path / "seg.nii.gz"))
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("cmmas")]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "trained with 12 atlases per target and fuses 6 to 48, not 3" in lines[0]
+
+
 def test_several_targets_in_one_call_each_get_their_map(phantom, simnet_label, capsys, tmp_path):
     other = tmp_path / "other.nii.gz"
     shutil.copy(phantom.target, other)

@@ -117,7 +117,7 @@ def test_one_warp_fused_several_ways_equals_one_engine_per_fusion(engine_set, tm
         assert result.atlas_ids == alone.atlas_ids and len(result.atlas_ids) == 2
     qc = json.loads(outputs.write_segmentation(several["staple"], tmp_path / "seg.nii.gz")[-1].read_text())
     assert qc["fusion"] == "staple" and qc["registration"] is False
-    assert qc["config"] == config.to_dict() and qc["models"] == {"reg_model": None, "fusion_model": None}
+    assert qc["config"] == config.to_dict() and qc["models"] == {"reg_model": None}
 
 
 def test_simnet_without_a_model_is_refused_before_any_work(engine_set):

@@ -281,7 +281,9 @@ def test_bundle_parts_and_explicit_paths(phantom, tmp_path):
     shutil.copytree(phantom.aset.root, bundle / "atlas_set")
     shutil.copy(phantom.reg, bundle / "reg_model.keras")
     found = bundles.resolve_bundle(bundle)
-    assert found == bundles.Bundle(bundle / "atlas_set", bundle / "reg_model.keras", None)
+    assert found == bundles.Bundle(bundle / "atlas_set", bundle / "reg_model.keras", {})
+    shutil.copy(phantom.sim, bundle / "simnet.keras")
+    assert bundles.resolve_bundle(bundle).bundled == {"simnet": bundle / "simnet.keras"}
     other = bundles.resolve_bundle(bundle, reg_model=phantom.reg, fusion_model=phantom.sim)
     assert other.reg_model == phantom.reg and other.fusion_model == phantom.sim
     assert bundles.resolve_bundle(phantom.aset.root).atlas_set == phantom.aset.root  # a set is its own bundle

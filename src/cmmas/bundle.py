@@ -4,7 +4,10 @@ Layout::
 
     BUNDLE/atlas_set/          the prepared atlas set (manifest.json, images/, labels/, ...)
     BUNDLE/reg_model.keras     the trained BiRegNet (and its model card, when it has one)
-    BUNDLE/simnet.keras        the trained SimNet (optional; and its card)
+    BUNDLE/simnet.keras        the learned fusions' networks, each optional (and their cards):
+    BUNDLE/dlf.keras             SimNet, Deep Label Fusion, the U-Net baseline
+    BUNDLE/unet.keras            (file names: :data:`cmmas.fuse.registry.LEARNED`)
+    BUNDLE/bundle.json         the bundle's default fusion and why it was chosen
     BUNDLE/README.txt          what it holds, what it was trained on and how well it did
 
 :func:`resolve_bundle` reads one (explicit paths win over the bundle's); :func:`write_bundle`
@@ -23,22 +26,37 @@ from pathlib import Path
 
 from cmmas.align.atlas_set import MANIFEST, AtlasSet
 from cmmas.errors import AtlasSetError, CmmasError
-from cmmas.segment import atlas_ids_of
+from cmmas.fuse import registry
+from cmmas.io import atomic_write_text
+from cmmas.segment import DEFAULT_FUSION, atlas_ids_of, learned_models
 
-#: Names inside a bundle folder.
+#: Names inside a bundle folder (the learned fusions' files: :data:`cmmas.fuse.registry.LEARNED`).
 BUNDLE_ATLAS_SET = "atlas_set"
 BUNDLE_REG_MODEL = "reg_model.keras"
-BUNDLE_SIMNET = "simnet.keras"
+BUNDLE_FILE = "bundle.json"
 README = "README.txt"
 
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:
-    """Where the atlas set and the two trained models are (a model may be absent: None)."""
+    """Where the atlas set and the trained models are (the BiRegNet may be absent: None), and the
+    bundle's default fusion (None: not recorded; ``cmmas segment`` then uses its own default).
+
+    Attributes:
+        atlas_set: the atlas set folder.
+        reg_model: the BiRegNet file.
+        bundled: learned fusion name -> the bundle's network file, those present.
+        fusion_model: an explicit learned fusion's network, whose fusion its kind says (read by
+            :func:`cmmas.segment.learned_models` where it is used); it replaces the bundle's
+            network of that fusion.
+        fusion: the default fusion recorded in ``bundle.json``.
+    """
 
     atlas_set: Path
     reg_model: Path | None
-    fusion_model: Path | None
+    bundled: dict[str, Path]
+    fusion_model: Path | None = None
+    fusion: str | None = None
 
 
 def resolve_bundle(
@@ -47,7 +65,8 @@ def resolve_bundle(
     reg_model: str | os.PathLike | None = None,
     fusion_model: str | os.PathLike | None = None,
 ) -> Bundle:
-    """Combine a bundle folder with explicit paths; an explicit path wins over the bundle's.
+    """Combine a bundle folder with explicit paths; an explicit path wins over the bundle's (an
+    explicit ``fusion_model`` replaces the bundle's network of its fusion only).
 
     The bundle's atlas set is ``bundle/atlas_set/`` or, when that is absent and ``bundle``
     holds a ``manifest.json``, the bundle folder itself.
@@ -72,16 +91,51 @@ def resolve_bundle(
     if chosen is None:
         where = root if root is not None else None
         raise AtlasSetError(where, f"no atlas set given (--atlas-set, or a bundle holding {BUNDLE_ATLAS_SET}/)")
-    return Bundle(chosen, pick(reg_model, BUNDLE_REG_MODEL), pick(fusion_model, BUNDLE_SIMNET))
+    bundled = {name: root / learned.file for name, learned in registry.LEARNED.items()
+               if root is not None and (root / learned.file).is_file()}
+    return Bundle(chosen, pick(reg_model, BUNDLE_REG_MODEL), bundled, None if fusion_model is None else Path(fusion_model),
+                  _recorded_fusion(root))
+
+
+def _recorded_fusion(root: Path | None) -> str | None:
+    """The default fusion of a bundle's ``bundle.json`` (None without one; a bad file says so)."""
+    if root is None or not (root / BUNDLE_FILE).is_file():
+        return None
+    try:
+        fusion = json.loads((root / BUNDLE_FILE).read_text())["fusion"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AtlasSetError(root / BUNDLE_FILE, f"unreadable bundle record ({type(err).__name__}: {err})") from None
+    if fusion not in registry.names():
+        raise AtlasSetError(root / BUNDLE_FILE, f"names an unknown fusion {fusion!r}")
+    return fusion
+
+
+def best_fusion(summary: dict, runnable: set[str]) -> tuple[str, str]:
+    """The fusion of highest mean Dice over every direction of an evaluation's ``summary.json``
+    among ``runnable`` (the fusions a bundle can run), and why in words; the default fusion when
+    the summary scores none of them."""
+    scores: dict[str, list[float]] = {}
+    for methods in summary.get("metrics", {}).values():
+        for method, entry in methods.items():
+            if method in runnable:
+                scores.setdefault(method, []).append(entry["mean"]["dice"]["mean"])
+    if not scores:
+        return DEFAULT_FUSION, f"{DEFAULT_FUSION}: cmmas segment's default (no evaluation scored this bundle's fusions)"
+    means = {method: sum(v) / len(v) for method, v in scores.items()}
+    best = max(means, key=means.get)
+    others = ", ".join(f"{m} {v:.3f}" for m, v in sorted(means.items(), key=lambda kv: -kv[1]) if m != best)
+    return best, (f"{best}: the highest mean Dice of its evaluation ({means[best]:.3f}"
+                  + (f"; {others}" if others else "") + ")")
 
 
 def write_bundle(
     atlas_set: str | os.PathLike,
     reg_model: str | os.PathLike,
     out: str | os.PathLike,
-    fusion_model: str | os.PathLike | None = None,
+    fusion_models=None,
     summary: str | os.PathLike | None = None,
     title: str = "cmmas bundle",
+    fusion: str | None = None,
 ) -> Path:
     """Copy an atlas set and its trained models into the bundle folder ``out`` (replaced if present).
 
@@ -89,25 +143,36 @@ def write_bundle(
         atlas_set: a prepared atlas set folder.
         reg_model: the BiRegNet ``.keras`` file trained on it.
         out: the bundle folder to write.
-        fusion_model: the SimNet ``.keras`` file (optional: without it the bundle segments with a
-            classic fusion, e.g. ``--fusion jlf_tf``).
+        fusion_models: the learned fusions' ``.keras`` files (SimNet, DLF, U-Net: a path or a
+            list of paths, :func:`cmmas.segment.learned_models`; optional: without them the
+            bundle segments with a classic fusion).
         summary: an evaluation's ``summary.json`` (:func:`cmmas.evaluate.report.summarize`): its
             mean Dice per method and structure go into README.txt.
         title: README.txt's first line.
+        fusion: the bundle's default fusion (``bundle.json``); None: the fusion of highest mean
+            Dice in ``summary`` among those the bundle can run (:func:`best_fusion`).
 
     Returns:
         ``out``.
 
     Raises:
-        CmmasError: a missing input.
+        CmmasError: a missing input; ModelError: a missing fusion network, or a file of another kind.
     """
     aset = AtlasSet(atlas_set)
     sources = {BUNDLE_REG_MODEL: Path(reg_model)}
-    if fusion_model is not None:
-        sources[BUNDLE_SIMNET] = Path(fusion_model)
+    learned = learned_models(fusion_models)
+    sources.update({registry.LEARNED[name].file: Path(path) for name, path in learned.items()})
     for path in [*sources.values(), *([Path(summary)] if summary is not None else [])]:
         if not path.is_file():
             raise CmmasError(path, "not found (needed for the bundle)")
+    runnable = set(registry.PRESETS) | set(learned)
+    if fusion is not None:
+        registry.check_names([fusion])
+        if fusion not in runnable:
+            raise CmmasError(None, f"the bundle's fusion {fusion!r} needs its network (give its --fusion_model)")
+        why = f"{fusion}: chosen by whoever made the bundle"
+    else:
+        fusion, why = best_fusion(json.loads(Path(summary).read_text()) if summary is not None else {}, runnable)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -118,7 +183,8 @@ def write_bundle(
             shutil.copyfile(source, staging / name)
             for sidecar in _sidecars(source):
                 shutil.copyfile(sidecar, staging / (name + sidecar.name[len(source.name):]))
-        (staging / README).write_text(describe(aset, sorted(sources), summary, title))
+        atomic_write_text(staging / BUNDLE_FILE, json.dumps({"fusion": fusion, "why": why}, indent=1))
+        (staging / README).write_text(describe(aset, sorted(sources), summary, title, why))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -133,8 +199,9 @@ def _sidecars(model: Path) -> list[Path]:
     return sorted(p for p in model.parent.glob(model.name + ".*") if p.is_file())
 
 
-def describe(aset: AtlasSet, models: list[str], summary: str | os.PathLike | None, title: str) -> str:
-    """README.txt of a bundle: the grid, the atlases, the labels, the models and the measured Dice."""
+def describe(aset: AtlasSet, models: list[str], summary: str | os.PathLike | None, title: str, why: str) -> str:
+    """README.txt of a bundle: the grid, the atlases, the labels, the models, the default fusion
+    and why, and the measured Dice."""
     manifest = aset.manifest
     geometry = manifest.geometry
     atlases = atlas_ids_of(aset)
@@ -151,7 +218,8 @@ def describe(aset: AtlasSet, models: list[str], summary: str | os.PathLike | Non
         f"{' x '.join(f'{s:g}' for s in geometry.spacing[::-1])} mm; "
         f"scans aligned at {manifest.align_spacing_mm:g} mm.",
         "Labels: " + ", ".join(f"{code} {name}" for code, name in sorted(aset.labels.items())) + ".",
-        "Models: " + ", ".join(models) + ("" if BUNDLE_SIMNET in models else " (no SimNet: use --fusion jlf_tf)") + ".",
+        "Models: " + ", ".join(models) + ".",
+        f"Default fusion (--fusion), recorded in {BUNDLE_FILE}: {why}.",
     ]
     if summary is not None:
         lines += ["", f"Measured on the held-out targets of its evaluation ({Path(summary).name}), mean Dice:"]

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from cmmas.segment import SegmentConfig
 
 #: Fusion names ``--fusion`` accepts (the names of cmmas.fuse.registry.names(), which segment checks again).
-FUSIONS = ("simnet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2", "jlf_tf", "lwv_mind", "jlf_mind")
+FUSIONS = ("simnet", "dlf", "unet", "mv", "staple", "global", "lwv", "lwv_ncc", "jlf", "jlf_r2", "jlf_tf", "lwv_mind",
+           "jlf_mind")
 
 
 def _triple(text: str, kind=float) -> tuple:
@@ -144,8 +145,9 @@ def _segment_parser(sub) -> None:
                      "--out's ending): nii.gz is compressed (small files; gzip runs on one core), nii and mha are not "
                      "(faster to write and read, scan-sized files; see the README). Default nii.gz")
     seg.add_argument("--bundle", type=Path, default=None, metavar="DIR",
-                     help="one folder holding atlas_set/ (or itself an atlas set), reg_model.keras and "
-                     "simnet.keras; explicit --atlas-set/--reg-model/--fusion-model override its parts")
+                     help="one folder holding atlas_set/ (or itself an atlas set), reg_model.keras, the learned "
+                     "fusions' networks (simnet.keras, dlf.keras, unet.keras) and bundle.json (its default fusion); "
+                     "explicit --atlas-set/--reg-model/--fusion-model override its parts")
     seg.add_argument("--atlas-set", type=Path, default=None, metavar="DIR",
                      help="atlas set made by `cmmas prepare-atlases`")
     seg.add_argument("--atlases", type=_atlases, default=None, metavar="K|DIR",
@@ -164,14 +166,19 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--strict", action="store_true",
                      help="refuse a scan whose header is suspicious but readable (NIfTI qform and sform disagreeing, "
                      "DICOM slices not evenly spaced) instead of warning and recording it in the QC record")
-    seg.add_argument("--fusion-model", type=Path, default=None, metavar="SIMNET.keras",
-                     help="trained SimNet (.keras), for --fusion simnet")
-    seg.add_argument("--fusion", default="simnet", choices=FUSIONS, metavar="{" + ",".join(FUSIONS) + "}",
-                     help="label fusion: simnet (SimNet-weighted vote), mv (majority vote), staple, global or "
+    seg.add_argument("--fusion-model", type=Path, default=None, metavar="MODEL.keras",
+                     help="a learned fusion's trained network (.keras: SimNet, DLF or U-Net; its model card says "
+                     "which), for --fusion simnet / dlf / unet (default: the bundle's)")
+    seg.add_argument("--fusion", default=None, choices=FUSIONS, metavar="{" + ",".join(FUSIONS) + "}",
+                     help="label fusion: dlf (Deep Label Fusion: label-specific atlas weights and a network that "
+                     "corrects their vote on the scan; needs dlf.keras, trained on labelled scans of the target "
+                     "modality), simnet (SimNet-weighted vote), unet (the plain U-Net baseline: the scan alone, the "
+                     "atlases only for the agreement map), mv (majority vote), staple, global or "
                      "lwv (vote weighted by global / local mutual information; lwv_ncc: local NCC), jlf "
                      "(ANTs joint label fusion, patch radius 1; jlf_r2: radius 2), jlf_tf (the same joint label fusion in "
                      "TensorFlow, faster), lwv_mind and jlf_mind (the locally weighted vote and jlf_tf on MIND-SSC "
-                     "descriptors instead of intensities, for atlases of another modality). Default simnet")
+                     "descriptors instead of intensities, for atlases of another modality). Default: the bundle's "
+                     "(bundle.json: the best measured), else the fusion of --fusion-model, else jlf_tf")
     seg.add_argument("--prealign", action=argparse.BooleanOptionalAction, default=True,
                      help="align the target to the reference first (default); --no-prealign: the target "
                      "already lies in the reference space")
@@ -247,12 +254,13 @@ def _prepare(args) -> None:
           f"{aset.geometry.shape} at {aset.geometry.spacing_zyx} mm) written to {args.out}")
 
 
-def segment_config(args) -> SegmentConfig:
-    """The engine's settings of a ``cmmas segment`` call."""
-    from cmmas.segment import SegmentConfig
+def segment_config(args, fusion: str | None = None) -> SegmentConfig:
+    """The engine's settings of a ``cmmas segment`` call (``fusion``: the default fusion where
+    ``--fusion`` is not given; None: :data:`cmmas.segment.DEFAULT_FUSION`)."""
+    from cmmas.segment import DEFAULT_FUSION, SegmentConfig
 
     return SegmentConfig(
-        fusion=args.fusion, atlases=args.atlases if isinstance(args.atlases, int) else None,
+        fusion=args.fusion or fusion or DEFAULT_FUSION, atlases=args.atlases if isinstance(args.atlases, int) else None,
         modality=args.atlas_modality, prealign=args.prealign, starts="single" if args.single_start else "robust",
         atlas_affine=args.atlas_affine, refine_steps=args.refine_steps, refine_scale=args.refine_scale,
         maps=not args.no_extras, batch_size=args.batch_size)
@@ -316,7 +324,7 @@ def _segment(args) -> None:
     from cmmas.align import ants, prepare
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.io import read_image
-    from cmmas.segment import Segmenter
+    from cmmas.segment import Segmenter, learned_models
 
     if not args.fast_nondeterministic:
         ants.set_threads(1)  # before this process's first ANTs registration
@@ -353,8 +361,11 @@ def _segment(args) -> None:
         where = (args.bundle / bundles.BUNDLE_REG_MODEL) if args.bundle is not None else "--reg-model"
         raise CmmasError(where, "no registration network (not found): give --reg-model, or pass --no-registration "
                                 "to fuse the affinely aligned atlases")
-    segmenter = Segmenter(aset, reg_model, found.fusion_model if args.fusion == "simnet" else None,
-                          config, progress=_progress())  # the models load once for all targets
+    explicit = learned_models(found.fusion_model)  # after the first scan is read: its error comes first
+    networks = {**found.bundled, **explicit}
+    config = segment_config(args, next(iter(explicit), None) or found.fusion)
+    fusion_model = {config.fusion: networks[config.fusion]} if config.fusion in networks else None
+    segmenter = Segmenter(aset, reg_model, fusion_model, config, progress=_progress())  # the models load once
     if args.no_registration:
         print("cmmas: segmenting without the registration network (--no-registration): the atlases are fused as "
               "affinely aligned", file=sys.stderr)
@@ -365,7 +376,7 @@ def _segment(args) -> None:
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
         flagged = f"; QC FLAGGED the alignment, see {written[-1]}" if result.flagged else ""
         print(f"wrote {written[0]} (+{len(written) - 1} files beside it) from {len(result.atlas_ids)} atlases "
-              f"[{', '.join(result.atlas_ids)}] with {args.fusion}"
+              f"[{', '.join(result.atlas_ids)}] with {config.fusion}"
               f"{'' if reg_model is not None else ' (no registration network)'}; {timing}{flagged}", flush=True)
 
 

@@ -52,8 +52,10 @@ from cmmas.provenance import provenance
 
 log = logging.getLogger(__name__)
 
-#: The learned fusion; every other fusion is a preset of :data:`cmmas.fuse.registry.PRESETS`.
-SIMNET = registry.SIMNET
+#: The fusion of ``cmmas segment`` and of :class:`SegmentConfig` when none is chosen (a bundle
+#: records its own): the fusion measured best on the dev folds of both directions among those
+#: that need no network of their own (docs/results.md).
+DEFAULT_FUSION = "jlf_tf"
 #: The alignment's start sets by name (:class:`SegmentConfig`'s ``starts``).
 STARTS = {"robust": target_alignment.ROBUST, "single": target_alignment.SINGLE}
 
@@ -63,8 +65,9 @@ class SegmentConfig:
     """Every choice of a segmentation, with the one set of defaults (``cmmas segment``'s).
 
     Attributes:
-        fusion: the fusion (:func:`cmmas.fuse.registry.names`): "simnet", mv, staple, global,
-            lwv, lwv_ncc, jlf, jlf_r2, jlf_tf, lwv_mind, jlf_mind.
+        fusion: the fusion (:func:`cmmas.fuse.registry.names`): the learned simnet, dlf, unet
+            (each needs its network) or mv, staple, global, lwv, lwv_ncc, jlf, jlf_r2, jlf_tf,
+            lwv_mind, jlf_mind; default :data:`DEFAULT_FUSION`.
         fusion_options: options of each fusion by name, merged over its preset's
             (e.g. ``{"jlf": {"rad": 2}}``).
         atlases: use the K atlases most similar to the placed scan (None: all).
@@ -81,7 +84,7 @@ class SegmentConfig:
         batch_size: atlases per network batch (a shorter last batch runs padded).
     """
 
-    fusion: str = SIMNET
+    fusion: str = DEFAULT_FUSION
     fusion_options: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
     atlases: int | None = None
     modality: str | None = None
@@ -158,16 +161,91 @@ def select_atlases(atlas_images: np.ndarray, target: np.ndarray, ids: Sequence[s
     return [ids[i] for i in order[: int(k)]]
 
 
-def load_models(reg_model, fusion_model, aset: AtlasSet):
-    """``(BiRegNet, SimNet)`` loaded from paths (objects pass through; None stays None), checked
-    against the atlas set's working grid and label table (by a model's card, naming the flags
-    that would fit, before the network loads; else by its input shape).
+#: A DLF network fuses between this fraction and this multiple of the atlases per target it was
+#: trained with (its voting weights are normalised over the atlases given).
+DLF_ATLAS_RANGE = (0.5, 4.0)
+
+
+def _kind_of(model) -> str:
+    """The kind of a loaded cmmas network (:data:`cmmas.nn.training.MODEL_KINDS`)."""
+    from cmmas.nn import training
+
+    for kind in training.MODEL_KINDS:
+        try:
+            training.check_kind(model, kind)
+            return kind
+        except ModelError:
+            continue
+    raise ModelError(model.name, "not a network of cmmas (BiRegNet, SimNet, DLF or U-Net)")
+
+
+def learned_models(fusion_model) -> dict:
+    """The learned fusions' networks by fusion name (:data:`cmmas.fuse.registry.LEARNED`) from
+    ``fusion_model``: None (none), a mapping fusion name -> network or ``.keras`` path, one
+    network or path, whose fusion is its kind (from its model card, else by loading it), or a
+    list or tuple of those.
+
+    Raises:
+        ModelError: an unknown fusion name, a missing or unloadable file, or a network of no
+            learned fusion's kind.
+    """
+    if fusion_model is None:
+        return {}
+    if isinstance(fusion_model, (list, tuple)):
+        found = {}
+        for model in fusion_model:
+            for name, net in learned_models(model).items():
+                if name in found:
+                    raise ModelError(None, f"two networks for the fusion {name!r}")
+                found[name] = net
+        return found
+    if isinstance(fusion_model, Mapping):
+        unknown = sorted(set(fusion_model) - set(registry.LEARNED))
+        if unknown:
+            raise ModelError(None, f"no learned fusion named {unknown}; expected some of {sorted(registry.LEARNED)}")
+        return {name: m for name, m in fusion_model.items() if m is not None}
+    if isinstance(fusion_model, (str, os.PathLike)):
+        if not Path(fusion_model).is_file():
+            raise ModelError(fusion_model, "fusion model file not found")
+        card = model_card.read_card(fusion_model)
+        if card is not None:
+            kind = card.kind
+        else:
+            from cmmas.nn import training  # TensorFlow: imported only to read a card-less network
+
+            kind = _kind_of(training.load_model(fusion_model))
+    else:
+        kind = _kind_of(fusion_model)
+    names = [name for name, learned in registry.LEARNED.items() if learned.kind == kind]
+    if not names:
+        raise ModelError(fusion_model if isinstance(fusion_model, (str, os.PathLike)) else None,
+                         f"a {model_card.KINDS.get(kind, kind)} is not a fusion network")
+    return {names[0]: fusion_model}
+
+
+def _label_channels(net, kind: str) -> int:
+    if kind == "simnet":
+        return int(net.input["atlas_label"].shape[-1])
+    return int(net.output["probabilities"].shape[-1])
+
+
+def load_models(reg_model, fusion_models: Mapping | None, aset: AtlasSet):
+    """``(BiRegNet, {fusion name: network})`` loaded from paths (objects pass through; a None
+    BiRegNet stays None), each checked against the atlas set's working grid and label table (by its
+    model card, naming the flags that would fit, before the network loads; else by its shape).
+
+    Args:
+        reg_model: a BiRegNet or its path, or None.
+        fusion_models: the learned fusions' networks or paths by fusion name (:func:`learned_models`;
+            None: none).
 
     Raises:
         ModelError: a missing or unloadable file, or a model that does not fit the atlas set.
     """
+    fusion_models = dict(fusion_models or {})
     shape = tuple(aset.geometry.shape)
-    for model, what in ((reg_model, "BiRegNet"), (fusion_model, "SimNet")):
+    named = [(reg_model, "BiRegNet"), *((m, registry.LEARNED[n].what) for n, m in fusion_models.items())]
+    for model, what in named:
         if isinstance(model, (str, os.PathLike)):  # before TensorFlow is imported
             if not Path(model).is_file():
                 raise ModelError(model, f"{what} model file not found")
@@ -175,8 +253,8 @@ def load_models(reg_model, fusion_model, aset: AtlasSet):
             problem = card and cards.mismatch(card, aset, model)
             if problem:
                 raise ModelError(model, problem)
-    if reg_model is None and fusion_model is None:
-        return None, None
+    if reg_model is None and not fusion_models:
+        return None, {}
     from cmmas.nn import training  # TensorFlow: imported only when a network runs
 
     def load(model, kind: str):
@@ -184,6 +262,8 @@ def load_models(reg_model, fusion_model, aset: AtlasSet):
             return None, None
         where = model if isinstance(model, (str, os.PathLike)) else None
         net = training.load_model(model, kind) if where is not None else model
+        if where is None:
+            training.check_kind(net, kind)
         return net, where or net.name
 
     reg_net, where = load(reg_model, "biregnet")
@@ -192,16 +272,38 @@ def load_models(reg_model, fusion_model, aset: AtlasSet):
         if found != shape:
             raise ModelError(where, f"BiRegNet takes a {found} grid but the atlas set's working grid is {shape} "
                                     f"(prepare the atlas set with --shape {','.join(map(str, found))})")
-    simnet, where = load(fusion_model, "simnet")
-    if simnet is not None:
-        found = training.input_grid(simnet, "simnet")
-        channels = int(simnet.input["atlas_label"].shape[-1])
+    nets = {}
+    for name, model in fusion_models.items():
+        learned = registry.LEARNED[name]
+        net, where = load(model, learned.kind)
+        found = training.input_grid(net, learned.kind)
+        channels = _label_channels(net, learned.kind)
         if found != shape:
-            raise ModelError(where, f"SimNet takes a {found} grid but the atlas set's working grid is {shape}")
+            raise ModelError(where, f"{learned.what} takes a {found} grid but the atlas set's working grid is {shape}")
         if channels != len(aset.labels) + 1:
-            raise ModelError(where, f"SimNet has {channels} label channels; the atlas set has "
+            raise ModelError(where, f"{learned.what} has {channels} label channels; the atlas set has "
                                     f"{len(aset.labels) + 1} codes {[0, *sorted(aset.labels)]}")
-    return reg_net, simnet
+        nets[name] = net
+    return reg_net, nets
+
+
+def check_atlas_count(fusion_model, count: int) -> None:
+    """Refuse a DLF network (path with a model card) for ``count`` atlases outside
+    :data:`DLF_ATLAS_RANGE` of the atlases per target it was trained with.
+
+    Raises:
+        ModelError: naming the model, its training count and the range.
+    """
+    if not isinstance(fusion_model, (str, os.PathLike)):
+        return
+    card = model_card.read_card(fusion_model)
+    if card is None or card.atlas_count is None:
+        return
+    low = max(1, int(np.ceil(card.atlas_count * DLF_ATLAS_RANGE[0])))
+    high = int(card.atlas_count * DLF_ATLAS_RANGE[1])
+    if not low <= count <= high:
+        raise ModelError(fusion_model, f"was trained with {card.atlas_count} atlases per target and fuses {low} to "
+                                       f"{high}, not {count} (choose --atlases in that range, or another fusion)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +445,9 @@ class Segmenter:
         atlas_set: a prepared atlas set (object or folder).
         reg_model: a BiRegNet (keras model or ``.keras`` path) of the working grid; None fuses the
             atlases as affinely aligned (``cmmas segment --no-registration``).
-        fusion_model: a SimNet (model or path), needed when a fusion is "simnet".
+        fusion_model: the learned fusions' networks (:func:`learned_models`: one network or
+            ``.keras`` path, whose kind says its fusion, or a mapping fusion name -> network or
+            path), each needed when its fusion is used.
         config: the choices (:class:`SegmentConfig`; default: ``cmmas segment``'s defaults).
         atlas_ids: the atlases to choose from (default :func:`atlas_ids_of` of ``config.modality``;
             an oracle set has no default: it segments its own cases, given by ``case_id``).
@@ -351,7 +455,7 @@ class Segmenter:
 
     Raises:
         AtlasSetError: bad atlas set or no atlas; ModelError: a missing or unfit model, or
-        "simnet" without one; CmmasError: a bad config.
+        a learned fusion without one; CmmasError: a bad config.
     """
 
     def __init__(self, atlas_set: AtlasSet | str | os.PathLike, reg_model=None, fusion_model=None,
@@ -361,15 +465,19 @@ class Segmenter:
         self.config = config or SegmentConfig()
         self.aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
         self.codes = [0, *sorted(self.aset.labels)]
-        registry.check_model(self.config.fusion, fusion_model)  # before the alignment's seconds are spent
+        fusion_models = learned_models(fusion_model)
+        registry.check_model(self.config.fusion, fusion_models)  # before the alignment's seconds are spent
         if atlas_ids is None:
             self.aset.require_alignment()  # an oracle set segments its own cases only (the evaluation's)
         self.atlas_ids = list(atlas_ids) if atlas_ids is not None else atlas_ids_of(self.aset, self.config.modality)
         if not self.atlas_ids:
             raise AtlasSetError(self.aset.root, "no atlas to segment with")
-        self.models = {name: str(m) if isinstance(m, (str, os.PathLike)) else None
-                       for name, m in (("reg_model", reg_model), ("fusion_model", fusion_model))}
-        self.reg_net, self.simnet = load_models(reg_model, fusion_model, self.aset)
+        if "dlf" in fusion_models:
+            check_atlas_count(fusion_models["dlf"], min(self.config.atlases or len(self.atlas_ids), len(self.atlas_ids)))
+        self.models = {"reg_model": str(reg_model) if isinstance(reg_model, (str, os.PathLike)) else None,
+                       **{f"{name}_model": str(m) if isinstance(m, (str, os.PathLike)) else None
+                          for name, m in fusion_models.items()}}
+        self.reg_net, self.fusion_nets = load_models(reg_model, fusion_models, self.aset)
         self.provenance = {**provenance(self.config.to_dict(), self.models, self.aset.root), "atlases": self.atlas_ids}
         self.progress = progress
         self._images, self._labels = self.aset.arrays(self.atlas_ids)
@@ -390,10 +498,10 @@ class Segmenter:
         centre = tuple(slice(max(s // 2 - 8, 0), s // 2 + 8) for s in target.shape)
         few = (slice(0, 2), *centre)
         for name in fusions or [self.config.fusion]:
-            if name == SIMNET:
-                if self.simnet is not None:
-                    registry.fuse_named(SIMNET, target, warped_images, warped_labels, self.codes, simnet=self.simnet,
-                                        batch_size=size)
+            if name in registry.LEARNED:
+                if name in self.fusion_nets:
+                    registry.fuse_named(name, target, warped_images, warped_labels, self.codes,
+                                        models=self.fusion_nets, batch_size=size)
                 continue
             registry.fuse_named(name, target[centre], images[few], labels[few], self.codes,
                                 options=self.config.options(name))
@@ -505,7 +613,7 @@ class Segmenter:
         seconds = dict(warped.seconds)
         t0 = time.perf_counter()
         fused = registry.fuse_named(fusion, warped.placement.working.array, warped.images, warped.labels, self.codes,
-                                    simnet=self.simnet, batch_size=self.config.batch_size,
+                                    models=self.fusion_nets, batch_size=self.config.batch_size,
                                     options=self.config.options(fusion))
         seconds["fuse"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -564,7 +672,7 @@ def segment(target: Image | str | os.PathLike, atlas_set: AtlasSet | str | os.Pa
             transform_dir: str | os.PathLike | None = None, progress: bool = True, **settings) -> Segmentation:
     """Segment one scan: a :class:`Segmenter` built for it (``settings`` are :class:`SegmentConfig`
     fields overriding ``config``'s, e.g. ``fusion="mv", atlases=3``; ``fusion_model`` is loaded only
-    for the "simnet" fusion).
+    for a learned fusion).
 
     Raises:
         ImageReadError: unreadable target; AtlasSetError: bad atlas set, or no atlas in it;
@@ -573,6 +681,6 @@ def segment(target: Image | str | os.PathLike, atlas_set: AtlasSet | str | os.Pa
     config = config or SegmentConfig()
     if settings:
         config = SegmentConfig.from_dict({**config.to_dict(), **settings})
-    segmenter = Segmenter(atlas_set, reg_model, fusion_model if config.fusion == SIMNET else None, config,
+    segmenter = Segmenter(atlas_set, reg_model, fusion_model if config.fusion in registry.LEARNED else None, config,
                           progress=progress)
     return segmenter.segment(target, alignment=alignment, transform_dir=transform_dir)

@@ -96,6 +96,18 @@ def test_oracle_label_takes_the_truth_where_an_atlas_has_it():
     np.testing.assert_array_equal(scoring.oracle_label(atlases, truth, majority).ravel(), [1, 0, 0, 0])
 
 
+def test_oracle10_needs_a_tenth_of_the_atlases_to_hold_the_truth():
+    truth = _truth()
+    wrong = np.where(truth == 1, 0, truth)  # structure 1 lost
+    rows = {r["method"]: r for r in scoring.bound_rows(np.stack([truth] + [wrong] * 19), truth, LABELS, SPACING)
+            if r["name"] == "alpha"}
+    assert rows["oracle"]["dice"] == pytest.approx(1.0)  # one atlas of 20 holds it
+    assert rows["oracle10"]["dice"] == pytest.approx(0.0)  # two are needed
+    rows = {r["method"]: r for r in scoring.bound_rows(np.stack([truth] * 2 + [wrong] * 18), truth, LABELS, SPACING)
+            if r["name"] == "alpha"}
+    assert rows["oracle10"]["dice"] == pytest.approx(1.0)
+
+
 def test_extra_predictions_are_scored_and_unlabelled_targets_only_fused():
     truth = _truth()
     atlases = _noisy_atlases(truth, n=3)
@@ -309,7 +321,7 @@ def test_space_evaluation_scores_every_method_on_the_original_grid(space_run, tm
     out = tmp_path / "eval"
     report = runs.evaluate_atlas_set(space, reg, sim, out, methods=("mv", "staple"), progress=False)
     rows = reports.read_results(report.results_csv)
-    methods = ["affine+mv", "mv", "staple", "simnet", "single-atlas mean", "oracle"]
+    methods = ["affine+mv", "mv", "staple", "simnet", "single-atlas mean", "oracle", "oracle10"]
     assert [r["method"] for r in rows] == [m for m in methods for _ in range(STRUCTURES)]
     assert {(r["case"], r["direction"]) for r in rows} == {("mr_01", "ct->mr")}
     # An untrained BiRegNet returns zero fields: the warped atlases are the pre-aligned ones.
@@ -319,6 +331,7 @@ def test_space_evaluation_scores_every_method_on_the_original_grid(space_run, tm
     np.testing.assert_array_equal(np.array(list(_metrics(rows, "simnet").values())), np.array(list(mv.values())))
     for name, values in _metrics(rows, "oracle").items():
         assert values[0] >= mv[name][0]
+    assert _metrics(rows, "oracle10") == _metrics(rows, "oracle")  # the same with 10 atlases or fewer
     assert np.mean([v[0] for v in mv.values()]) > 0.3
 
     # Predictions lie on the MR file's own (oblique, 40^3) grid and are scored against its label file.
@@ -391,7 +404,7 @@ def test_evaluation_scores_exactly_the_label_that_cmmas_segment_writes(space_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["provenance"]["config"] == config.to_dict()
     assert summary["provenance"]["targets"] == ["mr_01"] and summary["provenance"]["code"]["commit"]
-    assert set(summary["provenance"]["models"]) == {"reg_model", "fusion_model"}
+    assert set(summary["provenance"]["models"]) == {"reg_model", "simnet_model"}
 
 
 def test_space_evaluation_without_fusion_model_and_bad_input(space_run, tmp_path):
@@ -414,7 +427,7 @@ def test_space_evaluation_without_fusion_model_and_bad_input(space_run, tmp_path
     with pytest.raises(ModelError, match=r"BiRegNet takes a \(16, 16, 16\) grid"):
         runs.evaluate_atlas_set(space, build_biregnet((16, 16, 16), c0=4, levels=2), None, tmp_path / "b",
                                   progress=False)
-    with pytest.raises(ModelError, match="simnet.keras|not a SimNet"):
+    with pytest.raises(ModelError, match="a BiRegNet is not a fusion network"):
         runs.evaluate_atlas_set(space, reg, reg, tmp_path / "b", progress=False)
     assert not (tmp_path / "b").exists()
 

@@ -37,7 +37,7 @@ def test_crop_and_original_grid_reports_are_written_with_every_method(evaluated)
     aset, cases, out, result = evaluated
     crop_rows = report.read_results(out / "crop" / "results.csv")
     rows = report.read_results(out / "results.csv")
-    expected = {oracle.CROP_MV, "mv", "single-atlas mean", "oracle"}
+    expected = {oracle.CROP_MV, "mv", "single-atlas mean", "oracle", "oracle10"}
     assert {r["method"] for r in crop_rows} == expected == {r["method"] for r in rows}
     assert {r["case"] for r in rows} == {cases[-1].id} and {r["direction"] for r in rows} == {"ct->mr"}
     for r in crop_rows + rows:

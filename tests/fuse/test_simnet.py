@@ -14,9 +14,9 @@ from scipy import ndimage
 
 from cmmas.fuse import registry
 from cmmas.nn import training
-from cmmas.register import biregnet
+from cmmas.register import augment, biregnet
 from cmmas.fuse import simnet as simnet_fusion
-from cmmas.fuse import simnet_pairs, simnet_train
+from cmmas.fuse import pairs as training_pairs, simnet_train
 from cmmas.errors import DatasetError, GeometryError, LabelError, ModelError
 from cmmas.nn.layers import warp
 from cmmas.nn.networks import build_biregnet
@@ -95,7 +95,7 @@ def test_integer_shift_moves_the_spatial_axes_only():
     _, label = _phantom(np.random.default_rng(2))
     one_hot = biregnet.one_hot(label[None], CODES)
     shift = (1, -2, 3)
-    ddf = simnet_train.augmentation_displacement(SHAPE, [shift], [[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]], [1.0])
+    ddf = augment.augmentation_displacement(SHAPE, [shift], [[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]], [1.0])
     moved = warp(one_hot, ddf, "nearest").numpy()[0]
     np.testing.assert_array_equal(moved, _edge_shift(one_hot[0], shift))
     np.testing.assert_array_equal(moved.sum(axis=-1), 1.0)
@@ -128,12 +128,12 @@ def test_similarity_transform_scales_and_rotates_the_label():
     ball = (((zz - 15.5) ** 2 + (yy - 15.5) ** 2 + (xx - 15.5) ** 2) <= 7**2).astype(np.float32)
     vol = ball[None, ..., None]
     zero = [[0.0, 0.0, 0.0]]
-    grown = simnet_train.augmentation_displacement((size,) * 3, zero, zero, zero, [1.3])
+    grown = augment.augmentation_displacement((size,) * 3, zero, zero, zero, [1.3])
     ratio = warp(vol, grown, "nearest").numpy().sum() / ball.sum()
     assert 1.3**3 * 0.85 < ratio < 1.3**3 * 1.15
     bar = np.zeros((size,) * 3, np.float32)
     bar[15:17, 15:17, 4:28] = 1  # along x
-    turned = simnet_train.augmentation_displacement((size,) * 3, zero, [[np.pi / 2, 0.0, 0.0]], zero, [1.0])
+    turned = augment.augmentation_displacement((size,) * 3, zero, [[np.pi / 2, 0.0, 0.0]], zero, [1.0])
     out = warp(bar[None, ..., None], turned, "nearest").numpy()[0, ..., 0]
     extent = [np.ptp(np.nonzero(out)[k]) for k in range(3)]
     assert extent[1] > 20 and extent[2] < 4  # a rotation about the z axis turns x into y
@@ -148,7 +148,7 @@ def trained(tmp_path_factory):
     rng = np.random.default_rng(0)
     images, labels = zip(*[_phantom(rng) for _ in range(4)])
     warped = [np.stack([label, np.roll(label, tuple(rng.integers(-4, 5, 3)), axis=(0, 1, 2))]) for label in labels]
-    pairs = simnet_pairs.TrainingPairs.from_arrays(np.stack(images), np.stack(labels), warped)
+    pairs = training_pairs.TrainingPairs.from_arrays(np.stack(images), np.stack(labels), warped)
     config = simnet_train.SimConfig(SHAPE, c0=8, levels=2, lr=1e-2, steps=200, batch=2, steps_per_epoch=100,
                                   shift_max=4, translation_max=2.0, scale_range=(0.9, 1.1), seed=0)
     out = tmp_path_factory.mktemp("simnet")
@@ -236,7 +236,7 @@ def test_save_and_load_give_identical_outputs(trained, bad_atlas_case, tmp_path)
 def test_init_weights_continues_from_a_trained_simnet(trained, tmp_path):
     path, simnet = trained
     image, label = _phantom(np.random.default_rng(5))
-    pairs = simnet_pairs.TrainingPairs.from_arrays(image[None], label[None], [label[None]])
+    pairs = training_pairs.TrainingPairs.from_arrays(image[None], label[None], [label[None]])
     config = simnet_train.SimConfig(SHAPE, c0=8, levels=2, lr=1e-12, steps=1, batch=1, steps_per_epoch=1)
     more = simnet_train.train(config, pairs, CODES, tmp_path / "more", progress=False, init_weights=path)
     for old, new in zip(simnet.trainable_weights, training.load_model(more, "simnet").trainable_weights):
@@ -258,11 +258,11 @@ def test_config_and_data_mismatch_are_reported(tmp_path):
     with pytest.raises(ModelError, match="SimConfig"):
         simnet_train.SimConfig(SHAPE, scale_range=(1.2, 0.9))
     _, label = _phantom(np.random.default_rng(4))
-    pairs = simnet_pairs.TrainingPairs.from_arrays(np.zeros((1, *SHAPE)), label[None], [label[None]])
+    pairs = training_pairs.TrainingPairs.from_arrays(np.zeros((1, *SHAPE)), label[None], [label[None]])
     with pytest.raises(ModelError, match="grid"):
         simnet_train.train(simnet_train.SimConfig((8, 8, 8)), pairs, CODES, tmp_path, progress=False)
     with pytest.raises(GeometryError):
-        simnet_pairs.TrainingPairs.from_arrays(np.zeros((1, *SHAPE)), label[None], [label[None, :8]])
+        training_pairs.TrainingPairs.from_arrays(np.zeros((1, *SHAPE)), label[None], [label[None, :8]])
 
 
 # ----------------------------------------------------------------------------- pair cache
@@ -285,24 +285,26 @@ def test_generate_pairs_caches_every_target_and_resumes(tmp_path):
     space = _Space(tmp_path / "space", cases)
     identity = build_biregnet(SHAPE, c0=2, levels=2)  # untrained: zero fields, atlases unchanged
     cache = tmp_path / "pairs"
-    paths = simnet_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
+    paths = training_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
     assert [p.name for p in paths] == ["mr1.npz", "mr2.npz"]
     with np.load(paths[0]) as data:
         assert data["warped_labels"].dtype == data["target_label"].dtype == np.int16  # codes up to 500
         np.testing.assert_array_equal(data["warped_labels"], np.stack([cases["ct1"][1], cases["ct2"][1]]))
         np.testing.assert_array_equal(data["target_label"], cases["mr1"][1])
         np.testing.assert_allclose(data["target_image"], cases["mr1"][0])
+        np.testing.assert_allclose(data["warped_images"], np.stack([cases["ct1"][0], cases["ct2"][0]]), atol=1e-3)
         assert list(data["atlas_ids"]) == ["ct1", "ct2"]
     stamp = paths[0].stat().st_mtime_ns
-    simnet_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
+    training_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
     assert paths[0].stat().st_mtime_ns == stamp  # kept, not recomputed
     # A target that is also an atlas is never its own atlas; a changed atlas list is rewritten.
-    simnet_pairs.generate_pairs(identity, space, ["ct1", "mr1"], ["mr1"], cache, CODES, progress=False)
+    training_pairs.generate_pairs(identity, space, ["ct1", "mr1"], ["mr1"], cache, CODES, progress=False)
     with np.load(paths[0]) as data:
         assert list(data["atlas_ids"]) == ["ct1"]
-    pairs = simnet_pairs.load_pairs(cache)
+    pairs = training_pairs.load_pairs(cache)
     assert pairs.target_ids == ("mr1", "mr2") and pairs.n_pairs == 3 and pairs.shape_zyx == SHAPE
+    assert [w.shape for w in pairs.warped_images] == [w.shape for w in pairs.warped_labels]
     with pytest.raises(DatasetError, match="no training pairs"):
-        simnet_pairs.load_pairs(tmp_path / "empty")
+        training_pairs.load_pairs(tmp_path / "empty")
     with pytest.raises(DatasetError, match="no such pair file"):
-        simnet_pairs.load_pairs(cache, ["mr3"])
+        training_pairs.load_pairs(cache, ["mr3"])

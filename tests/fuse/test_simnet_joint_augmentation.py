@@ -11,7 +11,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from cmmas.errors import ModelError  # noqa: E402
-from cmmas.fuse import simnet_pairs, simnet_train  # noqa: E402
+from cmmas.fuse import pairs as training_pairs, simnet_train  # noqa: E402
 from cmmas.nn import training  # noqa: E402
 from cmmas.nn.networks import build_simnet  # noqa: E402
 from cmmas.register import biregnet  # noqa: E402
@@ -85,7 +85,7 @@ def test_probability_zero_changes_nothing_and_bad_modes_are_refused():
 @pytest.mark.slow
 def test_the_original_simnet_trains_with_joint_augmentation_and_loads_back(tmp_path):
     labels = _blobs()
-    pairs = simnet_pairs.TrainingPairs.from_arrays(labels.astype(np.float32), labels, [labels[::-1], labels])
+    pairs = training_pairs.TrainingPairs.from_arrays(labels.astype(np.float32), labels, [labels[::-1], labels])
     config = _config(arch="original", levels=5, c0=2, steps=2, steps_per_epoch=2, batch=1)
     path = simnet_train.train(config, pairs, TABLE, tmp_path, progress=False)
     loaded = training.load_model(path, "simnet")

@@ -82,7 +82,7 @@ def test_an_invalid_card_is_an_error_naming_it(tmp_path):
     with pytest.raises(ModelError, match="invalid model card") as info:
         read_card(model)
     assert str(info.value).startswith(str(card_path(model)))
-    card_path(model).write_text(_card().to_json().replace('"biregnet"', '"unet"'))
+    card_path(model).write_text(_card().to_json().replace('"biregnet"', '"vnet"'))
     with pytest.raises(ModelError, match="unknown kind"):
         read_card(model)
 

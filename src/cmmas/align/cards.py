@@ -28,11 +28,11 @@ ORACLE_NORMALISATION = "z-score over each case's own oracle box (the original cm
 def card_from_atlas_set(
     aset: AtlasSet, kind: str, atlas_modality: str | None = None, target_modality: str | None = None
 ) -> ModelCard:
-    """The card of a network of ``kind`` ("biregnet" or "simnet") trained on ``aset``, made now.
+    """The card of a network of ``kind`` (a key of :data:`cmmas.nn.model_card.KINDS`) trained on ``aset``, made now.
 
     Args:
         aset: the atlas set the network is trained on (its grid, labels and alignment spacing).
-        kind: "biregnet" or "simnet".
+        kind: a key of :data:`cmmas.nn.model_card.KINDS`.
         atlas_modality, target_modality: the modalities of the training atlases and targets.
 
     Raises:

@@ -41,7 +41,6 @@ from cmmas.evaluate.report import (
 from cmmas.evaluate.plots import write_figures
 from cmmas.evaluate.runs import (
     BIREGNET,
-    SIMNET,
     direction_name,
     evaluation_cases,
     jacobian_row,
@@ -98,10 +97,11 @@ def evaluate_oracle_set(
 
     Args:
         atlas_set: an oracle :class:`AtlasSet` (``manifest.roi == "oracle"``).
-        reg_model, fusion_model: BiRegNet and SimNet (paths or models; SimNet may be None).
+        reg_model, fusion_model: BiRegNet and the learned fusions' networks (paths or models,
+            :func:`cmmas.segment.learned_models`; may be None).
         out_dir: the report's folder.
         atlas_modality, target_modality: the direction.
-        methods: fusions besides SimNet (:func:`cmmas.fuse.registry.names`).
+        methods: fusions besides the learned ones (:func:`cmmas.fuse.registry.names`).
         options: per-fusion options.
         holdout: atlases withheld from BiRegNet, not fused (:func:`fused_atlases`).
         bounds: also score the single-atlas mean and the oracle of the warped atlases.
@@ -129,7 +129,7 @@ def evaluate_oracle_set(
     if config is not None and (options or batch_size != 2):
         raise CmmasError(None, "give the fusion options and the batch size in the config, not beside it")
     config = config or SegmentConfig(fusion_options=dict(options or {}), batch_size=batch_size)
-    registry.check_names([m for m in methods if m != SIMNET], config.fusion_options)
+    registry.check_names([m for m in methods if m not in registry.LEARNED], config.fusion_options)
     targets, atlases = evaluation_cases(aset, atlas_modality, target_modality, holdout)
     segmenter, methods = make_segmenter(aset, atlases, reg_model, fusion_model, methods, config)
     codes = segmenter.codes

@@ -40,7 +40,7 @@ CHAIN = {"ct->mr": "abdomen/ct2mr/fold1/eval/summary.json", "mr->ct": "abdomen/m
 BENCH = {"bench_mas": "bench_mas/bench_mas.json", "bench_alignment": "bench_alignment/bench_alignment.json",
          "bench_accuracy": "bench_accuracy/bench_accuracy.json"}
 #: Methods of the README's headline table, in its row order (those present are shown).
-HEADLINE_METHODS = ("affine+mv", "mv", "staple", "lwv", "jlf", "jlf_tf", "simnet")
+HEADLINE_METHODS = ("affine+mv", "mv", "staple", "lwv", "jlf", "jlf_tf", "simnet", "dlf", "unet")
 #: Alignment methods of bench_alignment in their table order.
 ALIGNMENT_METHODS = ("single", "robust", "robust_mt", "robust_atlas")
 

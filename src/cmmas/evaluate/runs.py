@@ -45,7 +45,7 @@ from cmmas.evaluate.scoring import score, stream_bound_rows
 from cmmas.fuse import registry
 from cmmas.io import Image, atomic_write_text, read_label
 from cmmas.outputs import write_label
-from cmmas.segment import SegmentConfig, Segmenter, Warped
+from cmmas.segment import SegmentConfig, Segmenter, Warped, learned_models
 from cmmas.metrics import jacobian_stats
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 #: Method name of the majority vote of the affinely pre-aligned atlases (no deep registration).
 AFFINE_MV = "affine+mv"
 #: Method name of the SimNet-weighted vote.
-SIMNET = registry.SIMNET
 #: Name of the BiRegNet registration in ``timings.csv``.
 BIREGNET = "biregnet"
 
@@ -135,11 +134,12 @@ def make_segmenter(aset: AtlasSet, atlases: Sequence[str], reg_model, fusion_mod
                    config: SegmentConfig) -> tuple[Segmenter, list[str]]:
     """The engine an evaluation segments with (the atlases ``atlases``, ``config``'s settings, the
     label only: no maps), warmed up on its fusions, and the fusions it evaluates: ``methods`` less
-    "simnet" and, with a SimNet, "simnet" last."""
-    methods = [m for m in methods if m != SIMNET]
+    the learned fusions, then each learned fusion ``fusion_model`` holds a network for
+    (:func:`cmmas.segment.learned_models`), in the order of :data:`cmmas.fuse.registry.LEARNED`."""
+    methods = [m for m in methods if m not in registry.LEARNED]
     config = dataclasses.replace(config, fusion=methods[0] if methods else "mv", maps=False)
     segmenter = Segmenter(aset, reg_model, fusion_model, config, atlas_ids=atlases)
-    methods = [*methods, SIMNET] if segmenter.simnet is not None else methods
+    methods = [*methods, *(name for name in registry.LEARNED if name in segmenter.fusion_nets)]
     segmenter.warm_up(methods or ["mv"])
     return segmenter, methods
 
@@ -258,7 +258,8 @@ def evaluate_atlas_set(
     * ``"affine+mv"``: majority vote of the pre-aligned atlases (no deformable registration);
     * each fusion of ``methods`` (names of :func:`cmmas.fuse.registry.names`) on the atlases
       warped by BiRegNet;
-    * ``"simnet"``: the SimNet-weighted vote (with a ``fusion_model``);
+    * each learned fusion (``"simnet"``, ``"dlf"``, ``"unet"``) with a network in ``fusion_model``
+      (:func:`cmmas.segment.learned_models`: one network or path, a list of them, or a mapping);
     * with ``bounds``, the single-atlas mean and the oracle of the warped atlases.
 
     Every label is mapped back as ``cmmas segment`` maps it (module docstring) and scored
@@ -267,7 +268,7 @@ def evaluate_atlas_set(
     Writes to ``out_dir``: ``<target>/pred_<method>.nii.gz`` (original grid and header),
     ``results.csv``, ``summary.json`` (with ``"jacobian"`` and ``"notes"`` entries),
     ``timings.csv``, ``jacobian.csv`` and, with ``plots``, box plots and best/median/worst
-    overlays ranked by ``overlay_method`` (default ``"simnet"`` with a fusion model, else the
+    overlays ranked by ``overlay_method`` (default: the last learned fusion evaluated, else the
     first of ``methods``).
 
     ``summary.json`` holds a ``"provenance"`` entry (:func:`record`).
@@ -278,11 +279,11 @@ def evaluate_atlas_set(
         CmmasError: an unknown method.
     """
     aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
-    methods = [m for m in methods if m != SIMNET]
+    methods = [m for m in methods if m not in registry.LEARNED]
     registry.check_names(methods, options)
     targets, atlases = evaluation_cases(aset, atlas_modality, target_modality, holdout)
     direction = direction or direction_name(atlas_modality, target_modality)
-    evaluated = [AFFINE_MV, *methods] + ([SIMNET] if fusion_model is not None else [])
+    evaluated = [AFFINE_MV, *methods, *learned_models(fusion_model)]
     if overlay_method is not None and overlay_method not in evaluated:
         raise CmmasError(None, f"overlay method {overlay_method!r} is not evaluated (evaluated: {', '.join(evaluated)})")
     if config is not None and (options or batch_size != 2):
@@ -304,7 +305,8 @@ def evaluate_atlas_set(
     jacobian_csv = atomic_write_text(out / "jacobian.csv", to_csv(jacobians, JACOBIAN_COLUMNS)) if jacobians else None
     figures: list[Path] = []
     if plots:
-        ranked_by = overlay_method or (SIMNET if SIMNET in methods else methods[0] if methods else AFFINE_MV)
+        learned = [m for m in methods if m in registry.LEARNED]
+        ranked_by = overlay_method or (learned[-1] if learned else methods[0] if methods else AFFINE_MV)
         figures = write_figures(rows, out, sources, ranked_by)
     return extended_report(report, jacobian_csv, figures)
 

@@ -5,9 +5,11 @@ Two levels of names:
 * *methods* (:data:`METHODS`): the algorithms of :func:`fuse` with all their options
   (``mv``, ``global``, ``lwv``, ``staple``, ``jlf``, ``jlf_tf``, ``weighted``);
 * *fusions* (:func:`names`): what users choose (``cmmas segment --fusion``, the ``--methods``
-  of the evaluation): ``"simnet"`` (the SimNet-weighted vote, :mod:`cmmas.fuse.simnet`) and the
-  presets of :data:`PRESETS`, each a method with set options. :func:`fuse_named` fuses with one
-  of them and is what ``segment`` and the evaluation both call.
+  of the evaluation): the learned fusions of :data:`LEARNED`, each needing a trained network
+  (``"simnet"``: the SimNet-weighted vote, :mod:`cmmas.fuse.simnet`; ``"dlf"``: Deep Label
+  Fusion, :mod:`cmmas.fuse.dlf`; ``"unet"``: the plain U-Net baseline, which segments the target
+  alone), and the presets of :data:`PRESETS`, each a method with set options. :func:`fuse_named`
+  fuses with one of them and is what ``segment`` and the evaluation both call.
 
 All arrays are numpy in array order ``(z, y, x)`` on the working grid.
 """
@@ -30,10 +32,26 @@ from cmmas.fuse.weights import global_vote, local_vote
 
 logger = logging.getLogger(__name__)
 
-#: The learned fusion's name; every other fusion name is a key of :data:`PRESETS`.
+#: The SimNet-weighted vote's name.
 SIMNET = "simnet"
-#: Options the SimNet-weighted vote takes.
-SIMNET_OPTIONS = ("top_k",)
+
+
+class Learned(NamedTuple):
+    """A learned fusion: the kind of network it runs (:data:`cmmas.nn.training.MODEL_KINDS`), that
+    network's name in messages, the file a bundle holds it in, and the options the fusion takes."""
+
+    kind: str
+    what: str
+    file: str
+    options: tuple[str, ...] = ()
+
+
+#: The learned fusions by name; every other fusion name is a key of :data:`PRESETS`.
+LEARNED = {
+    SIMNET: Learned("simnet", "SimNet", "simnet.keras", ("top_k",)),
+    "dlf": Learned("dlf", "DLF", "dlf.keras"),
+    "unet": Learned("unet", "U-Net", "unet.keras"),
+}
 
 
 def fuse(
@@ -110,8 +128,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
 
 
 def names() -> list[str]:
-    """Every fusion name :func:`fuse_named` accepts: "simnet" and the presets."""
-    return [SIMNET, *PRESETS]
+    """Every fusion name :func:`fuse_named` accepts: the learned fusions and the presets."""
+    return [*LEARNED, *PRESETS]
 
 
 def resolve(name: str, options: Mapping | None = None) -> tuple[str, dict]:
@@ -127,24 +145,27 @@ def resolve(name: str, options: Mapping | None = None) -> tuple[str, dict]:
 
 
 def check_names(fusions: Iterable[str], options: Mapping[str, Mapping] | None = None) -> None:
-    """Fail early on an unknown fusion name or a SimNet option it does not take.
+    """Fail early on an unknown fusion name or an option a learned fusion does not take.
 
     Raises:
         CmmasError: naming the first bad fusion.
     """
     for name in fusions:
-        if name == SIMNET:
-            unknown = sorted(set((options or {}).get(SIMNET, {})) - set(SIMNET_OPTIONS))
+        if name in LEARNED:
+            allowed = LEARNED[name].options
+            unknown = sorted(set((options or {}).get(name, {})) - set(allowed))
             if unknown:
-                raise CmmasError(None, f"unknown option(s) {unknown} for fusion 'simnet' (allowed: {list(SIMNET_OPTIONS)})")
+                raise CmmasError(None, f"unknown option(s) {unknown} for fusion {name!r} (allowed: {list(allowed)})")
         else:
             resolve(name)
 
 
-def check_model(name: str, simnet) -> None:
-    """Raise :class:`ModelError` when the fusion ``name`` needs a SimNet and ``simnet`` is None."""
-    if name == SIMNET and simnet is None:
-        raise ModelError(None, "fusion 'simnet' needs a SimNet model (--fusion-model, or a bundle with simnet.keras)")
+def check_model(name: str, models: Mapping | None) -> None:
+    """Raise :class:`ModelError` when the fusion ``name`` is learned and ``models`` lacks its network."""
+    if name in LEARNED and (models or {}).get(name) is None:
+        learned = LEARNED[name]
+        raise ModelError(None, f"fusion {name!r} needs a {learned.what} model (--fusion-model, or a bundle with "
+                               f"{learned.file})")
 
 
 def fuse_named(
@@ -154,33 +175,42 @@ def fuse_named(
     atlas_labels: np.ndarray,
     codes: Sequence[int],
     *,
-    simnet=None,
+    models: Mapping | None = None,
     batch_size: int = 2,
     options: Mapping | None = None,
 ) -> FusionResult:
     """Fuse warped atlases with the fusion ``name`` (one of :func:`names`).
 
     Args:
-        name: "simnet" or a key of :data:`PRESETS`.
+        name: a key of :data:`LEARNED` or of :data:`PRESETS`.
         target: ``[D, H, W]`` target image on the working grid.
-        atlas_images: ``[N, D, H, W]`` warped atlas images (needed by the similarity-weighted
-            presets and JLF).
+        atlas_images: ``[N, D, H, W]`` warped atlas images (needed by DLF, the
+            similarity-weighted presets and JLF).
         atlas_labels: ``[N, D, H, W]`` warped atlas labels (data-set codes).
         codes: label codes, the background 0 included.
-        simnet: a SimNet model, needed by "simnet".
+        models: the trained networks of the learned fusions by fusion name (``{"simnet": ...,
+            "dlf": ...}``); a learned fusion needs its own.
         batch_size: atlases per SimNet batch.
         options: options of this fusion, merged over the preset's.
 
     Raises:
-        CmmasError: unknown name or option; ModelError: "simnet" without a model.
+        CmmasError: unknown name or option; ModelError: a learned fusion without its network.
     """
     options = dict(options or {})
-    if name == SIMNET:
-        check_names([SIMNET], {SIMNET: options})
-        check_model(name, simnet)
-        from cmmas.fuse import simnet as simnet_fusion  # TensorFlow: imported only when SimNet fuses
+    if name in LEARNED:
+        check_names([name], {name: options})
+        check_model(name, models)
+        net = models[name]
+        # TensorFlow: imported only when a learned fusion runs
+        if name == SIMNET:
+            from cmmas.fuse import simnet as simnet_fusion
 
-        return simnet_fusion.simnet_fuse(simnet, target, atlas_labels, codes, batch_size=batch_size, **options)
+            return simnet_fusion.simnet_fuse(net, target, atlas_labels, codes, batch_size=batch_size, **options)
+        from cmmas.fuse import dlf
+
+        if name == "dlf":
+            return dlf.dlf_fuse(net, target, atlas_images, atlas_labels, codes)
+        return dlf.unet_segment(net, target, atlas_labels, codes)
     method, kwargs = resolve(name, options)
     return fuse(method, atlas_labels, codes, atlas_images=atlas_images, target_image=target, **kwargs)
 
@@ -205,7 +235,7 @@ def fuse_all(
     methods: Sequence[str] = ("mv", "staple", "lwv", "jlf"),
     options: Mapping[str, Mapping] | None = None,
     *,
-    simnet=None,
+    models: Mapping | None = None,
     batch_size: int = 2,
 ) -> dict[str, Fused]:
     """Fuse the atlases with each fusion of ``methods`` (:func:`fuse_named`), timed.
@@ -217,7 +247,7 @@ def fuse_all(
         target_image: ``[D, H, W]``.
         methods: fusion names (:func:`names`).
         options: per-fusion option overrides, e.g. ``{"jlf": {"rad": 2}}``.
-        simnet, batch_size: as :func:`fuse_named` (for "simnet").
+        models, batch_size: as :func:`fuse_named` (for the learned fusions).
 
     Returns:
         fusion name -> :class:`Fused`, in the order of ``methods``.
@@ -227,7 +257,7 @@ def fuse_all(
     out = {}
     for name in methods:
         start = time.perf_counter()
-        result = fuse_named(name, target_image, atlas_images, atlas_labels, codes, simnet=simnet,
+        result = fuse_named(name, target_image, atlas_images, atlas_labels, codes, models=models,
                             batch_size=batch_size, options=(options or {}).get(name))
         out[name] = Fused(result, time.perf_counter() - start)
         logger.debug("fusion %s took %.2f s", name, out[name].seconds)

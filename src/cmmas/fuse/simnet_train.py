@@ -6,7 +6,7 @@ label: the fraction of the 3x3x3 window around the voxel where the warped atlas 
 the target label (:func:`agreement_target`). Fusion is then the weighted vote
 ``argmax_l sum_i S_i [A_i == l]`` (:func:`cmmas.fuse.simnet.simnet_fuse`).
 
-Training data (:func:`cmmas.fuse.simnet_pairs.generate_pairs`): every training atlas warped by a
+Training data (:func:`cmmas.fuse.pairs.generate_pairs`): every training atlas warped by a
 trained BiRegNet to every training target, cached on disk, one ``<target_id>.npz`` per target.
 Training (:func:`train`) runs :class:`SimNetTrainer`, a ``keras.Model`` whose ``train_step`` augments
 in the graph, recomputes the agreement target from the augmented labels, and minimises the
@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from cmmas.errors import GeometryError, ModelError
 from cmmas.fuse.simnet import channel_codes
-from cmmas.fuse.simnet_pairs import TrainingPairs, load_pairs
+from cmmas.fuse.pairs import TrainingPairs, load_pairs
 from cmmas.io import atomic_path, atomic_write_text
 from cmmas.nn import training
 from cmmas.nn.layers import warp
@@ -191,35 +191,6 @@ def agreement_map(atlas_one_hot, target_one_hot) -> tf.Tensor:
     return tf.nn.avg_pool3d(equal, ksize=window, strides=[1, 1, 1, 1, 1], padding="SAME")
 
 
-def augmentation_displacement(shape_zyx: Sequence[int], shift, angles, translation, scale) -> tf.Tensor:
-    """Displacement field that moves a label map by a shift and a similarity transform.
-
-    A point ``x`` of the label moves to ``T(x) = c + s R (x - c) + t + shift``, ``c`` the
-    volume's centre and ``R`` the rotation of :func:`cmmas.register.augment.affine_matrix`; the
-    field samples the label at ``T^-1(x)`` (:func:`cmmas.register.augment.affine_ddf`), so that
-    ``warp(label, ddf, "nearest")`` is the moved label (clamped at the border: edge voxels
-    repeat, as a shift with edge padding). With ``s = 1``, ``R = I`` and ``t = 0`` it is an
-    exact integer shift along the spatial axes; channels are never mixed.
-
-    Args:
-        shape_zyx: ``(D, H, W)``.
-        shift: ``[B, 3]`` voxels (integers for an exact shift), array-axis order.
-        angles: ``[B, 3]`` radians about the array axes ``(d, h, w)``.
-        translation: ``[B, 3]`` voxels.
-        scale: ``[B]`` isotropic scale factors (> 1 enlarges the label).
-
-    Returns:
-        ``[B, D, H, W, 3]`` float32 displacement in voxels (``ij`` order).
-    """
-    angles = tf.cast(angles, tf.float32)
-    rotation = augment.affine_matrix(angles, tf.ones_like(angles), tf.zeros_like(angles))[:, :, :3]
-    # T^-1(x) = A (x - c) + c - A (t + shift), with A = (s R)^-1 = R^T / s.
-    linear = tf.linalg.matrix_transpose(rotation) / tf.reshape(tf.cast(scale, tf.float32), [-1, 1, 1])
-    offset = tf.cast(translation, tf.float32) + tf.cast(shift, tf.float32)
-    matrices = tf.concat([linear, -tf.einsum("bij,bj->bi", linear, offset)[:, :, None]], axis=-1)
-    return augment.affine_ddf(matrices, [int(n) for n in shape_zyx])
-
-
 def random_augmentation(one_hot, config: SimConfig, seed) -> tf.Tensor:
     """Randomly shift and similarity-transform a batch of one-hot atlas labels.
 
@@ -252,7 +223,7 @@ def random_augmentation(one_hot, config: SimConfig, seed) -> tf.Tensor:
     translation = (2.0 * u[:, 7:10] - 1.0) * config.translation_max
     low, high = config.scale_range
     scale = low + u[:, 10] * (high - low)
-    ddf = augmentation_displacement(config.shape_zyx, shift, angles, translation, scale)
+    ddf = augment.augmentation_displacement(config.shape_zyx, shift, angles, translation, scale)
     moved = warp(one_hot, ddf, "nearest")
     return tf.where(apply[:, None, None, None, None], moved, one_hot)
 
@@ -288,11 +259,11 @@ def joint_augmentation(target_image, target_one_hot, atlas_one_hot, config: SimC
     low, high = config.scale_range
     scale = low + u[:, 7] * (high - low)
     zeros = tf.zeros_like(angles)
-    joint = augmentation_displacement(config.shape_zyx, zeros, angles, translation, scale)
+    joint = augment.augmentation_displacement(config.shape_zyx, zeros, angles, translation, scale)
     m = float(config.shift_max)
     shift = tf.floor(u[:, 8:10] * 2 * m) - m  # -m .. m-1 (u < 1); 0 when m == 0
     shift = tf.concat([shift, tf.zeros_like(shift[:, :1])], axis=-1)
-    only_atlas = augmentation_displacement(config.shape_zyx, shift, zeros, zeros, tf.ones_like(scale))
+    only_atlas = augment.augmentation_displacement(config.shape_zyx, shift, zeros, zeros, tf.ones_like(scale))
     moved_image = warp(image, joint, "linear")
     moved_target = warp(target, joint, "nearest")
     moved_atlas = warp(warp(atlas, joint, "nearest"), only_atlas, "nearest")
@@ -332,21 +303,14 @@ class SimNetTrainer(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.mae_tracker]
 
-    def _step_seed(self) -> tf.Tensor:
-        replica = tf.distribute.get_replica_context()
-        replica_id = 0 if replica is None else replica.replica_id_in_sync_group
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        step = tf.cast(self.optimizer.iterations, tf.int64) * replicas + tf.cast(replica_id, tf.int64)
-        return tf.stack([tf.constant(self.config.seed, tf.int64), step])
-
     def train_step(self, data):
         inputs = data[0] if isinstance(data, tuple) else data
         atlas = tf.cast(inputs["atlas_label"], tf.float32)
         image, target = inputs["target"], inputs["target_label"]
         if self.config.augment and self.config.augment_mode == "joint":
-            image, target, atlas = joint_augmentation(image, target, atlas, self.config, self._step_seed())
+            image, target, atlas = joint_augmentation(image, target, atlas, self.config, training.step_seed(self.optimizer, self.config.seed))
         elif self.config.augment:
-            atlas = random_augmentation(atlas, self.config, self._step_seed())
+            atlas = random_augmentation(atlas, self.config, training.step_seed(self.optimizer, self.config.seed))
         agreement = agreement_map(atlas, target)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
@@ -441,7 +405,7 @@ def train(
     init_weights: str | os.PathLike | None = None,
     card: ModelCard | None = None,
 ) -> Path:
-    """Train a SimNet on cached pairs (a folder from :func:`cmmas.fuse.simnet_pairs.generate_pairs`) or
+    """Train a SimNet on cached pairs (a folder from :func:`cmmas.fuse.pairs.generate_pairs`) or
     on arrays.
 
     Writes into ``out_dir``: ``simnet.keras`` (the bare SimNet, atomically, once training is
@@ -453,7 +417,7 @@ def train(
 
     Args:
         config: the run (its ``shape_zyx`` must be the pairs' grid).
-        data: a pair cache folder or :class:`cmmas.fuse.simnet_pairs.TrainingPairs`.
+        data: a pair cache folder or :class:`cmmas.fuse.pairs.TrainingPairs`.
         codes: label codes with the background 0 (the one-hot channels, sorted).
         out_dir: output folder (created).
         strategy: one of :data:`cmmas.nn.training.STRATEGIES`; ``config.batch`` is the global

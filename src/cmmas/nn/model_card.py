@@ -28,7 +28,7 @@ from cmmas.io import atomic_write_text
 VERSION = 1
 
 #: The kinds of network a card describes, and their names in messages.
-KINDS = {"biregnet": "BiRegNet", "simnet": "SimNet"}
+KINDS = {"biregnet": "BiRegNet", "simnet": "SimNet", "dlf": "Deep Label Fusion network", "unet": "U-Net"}
 
 #: Two spacings closer than this (mm, per axis) are the same.
 SPACING_TOLERANCE_MM = 1e-3
@@ -39,7 +39,7 @@ class ModelCard:
     """What a trained network was trained on.
 
     Attributes:
-        kind: "biregnet" or "simnet".
+        kind: a key of :data:`KINDS`.
         shape_zyx: working-grid shape in voxels, array order ``(D, H, W)``.
         spacing_zyx: working-grid spacing in mm, array order.
         labels: label table of the training set, code -> name (background 0 excluded).
@@ -50,6 +50,7 @@ class ModelCard:
         training_set: absolute path of the atlas set the network was trained on.
         created: when the card was made, ISO 8601, UTC.
         version: the card's layout version.
+        atlas_count: atlases per target the network was trained with (DLF; None for the others).
     """
 
     kind: str
@@ -63,6 +64,7 @@ class ModelCard:
     training_set: str
     created: str
     version: int = VERSION
+    atlas_count: int | None = None
 
     def to_json(self) -> str:
         """Serialise (label codes become strings, as JSON keys must)."""
@@ -94,6 +96,7 @@ class ModelCard:
                 align_spacing_mm=float(data["align_spacing_mm"]),
                 training_set=str(data["training_set"]),
                 created=str(data["created"]),
+                atlas_count=None if data.get("atlas_count") is None else int(data["atlas_count"]),
             )
         except ModelError:
             raise

@@ -154,7 +154,7 @@ def _arch_levels(name: str, arch: str, levels: int | None) -> int:
     return ARCH_LEVELS[arch] if levels is None else levels
 
 
-def _check_config(name: str, shape_zyx: Sequence[int], c0: int, levels: int) -> tuple[int, int, int]:
+def check_config(name: str, shape_zyx: Sequence[int], c0: int, levels: int) -> tuple[int, int, int]:
     """Validate the common arguments; return the shape as a tuple of 3 ints."""
     if len(tuple(shape_zyx)) != 3:
         raise ModelError(name, f"shape_zyx must have 3 entries (D, H, W), got {tuple(shape_zyx)}")
@@ -194,7 +194,7 @@ def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels:
         ModelError: when the shape is not divisible by ``2**(levels-1)`` or an argument is invalid.
     """
     levels = _arch_levels(name, arch, levels)
-    shape = _check_config(name, shape_zyx, c0, levels)
+    shape = check_config(name, shape_zyx, c0, levels)
     atlas = keras.Input((*shape, 1), name="atlas")
     target = keras.Input((*shape, 1), name="target")
     x = keras.layers.Concatenate(name="atlas_target")([atlas, target])
@@ -242,7 +242,7 @@ def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, 
         ModelError: when the shape is not divisible by ``2**(levels-1)`` or an argument is invalid.
     """
     levels = _arch_levels(name, arch, levels)
-    shape = _check_config(name, shape_zyx, c0, levels)
+    shape = check_config(name, shape_zyx, c0, levels)
     if int(n_label_channels) != n_label_channels or n_label_channels < 1:
         raise ModelError(name, f"n_label_channels must be a positive integer, got {n_label_channels!r}")
     if arch == "original" and n_label_channels < 2:

@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from cmmas.errors import CmmasError, ModelError
-from cmmas.nn import layers, networks  # noqa: F401  (registers the custom layers that load_model deserialises)
-from cmmas.nn.model_card import ModelCard, card_path, write_card
+from cmmas.nn import dlf, layers, networks  # noqa: F401  (registers the custom layers that load_model deserialises)
+from cmmas.nn.model_card import KINDS, ModelCard, card_path, write_card
 from cmmas.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,16 @@ def get_strategy(name: str) -> "tf.distribute.Strategy":
     if name == "multiworker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise CmmasError("strategy", f"unknown strategy {name!r}; expected one of {STRATEGIES}")
+
+
+def step_seed(optimizer: keras.optimizers.Optimizer, seed: int) -> tf.Tensor:
+    """The ``[2]`` int64 seed of a training step's stateless random ops: ``(seed, step * replicas +
+    replica)``, so that a resumed run draws what the uninterrupted run would, and replicas differ."""
+    replica = tf.distribute.get_replica_context()
+    replica_id = 0 if replica is None else replica.replica_id_in_sync_group
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    step = tf.cast(optimizer.iterations, tf.int64) * replicas + tf.cast(replica_id, tf.int64)
+    return tf.stack([tf.constant(seed, tf.int64), step])
 
 
 class _StopAtStep(keras.callbacks.Callback):
@@ -193,16 +203,18 @@ def plot_history(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Pa
 MODEL_KINDS = {
     "biregnet": (("atlas", "target"), "U"),
     "simnet": (("target", "atlas_label"), "similarity"),
+    "dlf": (("target", "atlas_images", "atlas_labels"), "consensus"),
+    "unet": (("target",), "probabilities"),
 }
 
 
 def check_kind(model: keras.Model, kind: str, where: str | os.PathLike | None = None) -> None:
     """Raise :class:`ModelError` (naming ``where``, default the model's name) unless ``model`` is a
-    network of ``kind`` ("biregnet" or "simnet")."""
+    network of ``kind`` (a key of :data:`MODEL_KINDS`)."""
     names, output = MODEL_KINDS[kind]
     inputs, outputs = getattr(model, "input", None), getattr(model, "output", None)
     if not (isinstance(inputs, dict) and set(inputs) == set(names) and isinstance(outputs, dict) and output in outputs):
-        raise ModelError(where or model.name, f"not a {'BiRegNet' if kind == 'biregnet' else 'SimNet'}: expected "
+        raise ModelError(where or model.name, f"not a {KINDS[kind]}: expected "
                          f"inputs {' and '.join(repr(n) for n in names)} and an output {output!r}")
 
 
@@ -213,11 +225,11 @@ def input_grid(model: keras.Model, kind: str) -> tuple[int, int, int]:
 
 
 def load_model(path: str | os.PathLike, kind: str | None = None) -> keras.Model:
-    """Load a ``.keras`` network saved by cmmas: the one loader of BiRegNet and SimNet files.
+    """Load a ``.keras`` network saved by cmmas: the one loader of BiRegNet, SimNet, DLF and U-Net files.
 
     Args:
         path: the ``.keras`` file.
-        kind: "biregnet" or "simnet" to check that the file holds that network; None accepts any.
+        kind: a key of :data:`MODEL_KINDS` to check that the file holds that network; None accepts any.
 
     Raises:
         ModelError: the file is missing, not a loadable Keras model, or not of ``kind``.

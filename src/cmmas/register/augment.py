@@ -79,6 +79,35 @@ def affine_ddf(matrices, shape_zyx) -> tf.Tensor:
     return tf.einsum("bij,dhwj->bdhwi", linear, centred) + matrices[:, None, None, None, :, 3]
 
 
+def augmentation_displacement(shape_zyx: Sequence[int], shift, angles, translation, scale) -> tf.Tensor:
+    """Displacement field that moves a label map by a shift and a similarity transform.
+
+    A point ``x`` of the label moves to ``T(x) = c + s R (x - c) + t + shift``, ``c`` the
+    volume's centre and ``R`` the rotation of :func:`cmmas.register.affine_matrix`; the
+    field samples the label at ``T^-1(x)`` (:func:`cmmas.register.affine_ddf`), so that
+    ``warp(label, ddf, "nearest")`` is the moved label (clamped at the border: edge voxels
+    repeat, as a shift with edge padding). With ``s = 1``, ``R = I`` and ``t = 0`` it is an
+    exact integer shift along the spatial axes; channels are never mixed.
+
+    Args:
+        shape_zyx: ``(D, H, W)``.
+        shift: ``[B, 3]`` voxels (integers for an exact shift), array-axis order.
+        angles: ``[B, 3]`` radians about the array axes ``(d, h, w)``.
+        translation: ``[B, 3]`` voxels.
+        scale: ``[B]`` isotropic scale factors (> 1 enlarges the label).
+
+    Returns:
+        ``[B, D, H, W, 3]`` float32 displacement in voxels (``ij`` order).
+    """
+    angles = tf.cast(angles, tf.float32)
+    rotation = affine_matrix(angles, tf.ones_like(angles), tf.zeros_like(angles))[:, :, :3]
+    # T^-1(x) = A (x - c) + c - A (t + shift), with A = (s R)^-1 = R^T / s.
+    linear = tf.linalg.matrix_transpose(rotation) / tf.reshape(tf.cast(scale, tf.float32), [-1, 1, 1])
+    offset = tf.cast(translation, tf.float32) + tf.cast(shift, tf.float32)
+    matrices = tf.concat([linear, -tf.einsum("bij,bj->bi", linear, offset)[:, :, None]], axis=-1)
+    return affine_ddf(matrices, [int(n) for n in shape_zyx])
+
+
 def rethreshold(soft_one_hot) -> tf.Tensor:
     """Back to one-hot: ``[..., L]`` -> one-hot of the argmax channel, float32."""
     soft_one_hot = tf.convert_to_tensor(soft_one_hot)

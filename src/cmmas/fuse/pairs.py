@@ -1,6 +1,8 @@
-"""SimNet's training data: every training atlas warped by a trained BiRegNet to every training
-target, cached on disk one ``<target_id>.npz`` per target (:func:`generate_pairs`), and read back
-(:func:`load_pairs`) as :class:`TrainingPairs` for :func:`cmmas.fuse.simnet_train.train`.
+"""The learned fusions' training data: every training atlas warped by a trained BiRegNet to every
+training target, cached on disk one ``<target_id>.npz`` per target (:func:`generate_pairs`), and
+read back (:func:`load_pairs`) as :class:`TrainingPairs` for SimNet
+(:func:`cmmas.fuse.simnet_train.train`, warped labels) and Deep Label Fusion
+(:func:`cmmas.fuse.dlf_train.train`, warped images and labels).
 
 Arrays are numpy in array order ``(z, y, x)``. Label maps hold data-set codes; ``codes`` lists
 them (the background 0 is always included).
@@ -34,16 +36,21 @@ class TrainingPairs:
         target_labels: ``[T, D, H, W]`` target labels (codes).
         warped_labels: one ``[N_t, D, H, W]`` array of warped atlas labels (codes) per target.
         target_ids: the T target ids.
+        warped_images: one ``[N_t, D, H, W]`` float32 array of warped atlas images per target, in
+            the order of ``warped_labels`` (None where only labels were given).
     """
 
     target_images: np.ndarray
     target_labels: np.ndarray
     warped_labels: tuple[np.ndarray, ...]
     target_ids: tuple[str, ...]
+    warped_images: tuple[np.ndarray, ...] | None = None
 
     @classmethod
-    def from_arrays(cls, target_images, target_labels, warped_labels, target_ids=None) -> "TrainingPairs":
-        """Validate and wrap arrays (``warped_labels``: ``[T, N, D, H, W]`` or a list of ``[N_t, ...]``)."""
+    def from_arrays(cls, target_images, target_labels, warped_labels, target_ids=None,
+                    warped_images=None) -> "TrainingPairs":
+        """Validate and wrap arrays (``warped_labels`` and ``warped_images``: ``[T, N, D, H, W]`` or a
+        list of ``[N_t, ...]``)."""
         images = np.asarray(target_images, dtype=np.float32)
         labels = np.asarray(target_labels)
         warped = tuple(np.asarray(w) for w in warped_labels)
@@ -55,7 +62,13 @@ class TrainingPairs:
             if stack.ndim != 4 or stack.shape[1:] != images.shape[1:] or len(stack) < 1:
                 raise GeometryError(target_id, f"warped labels must be [N, {', '.join(map(str, images.shape[1:]))}], "
                                     f"got {stack.shape}")
-        return cls(images, labels, warped, ids)
+        moved = None
+        if warped_images is not None:
+            moved = tuple(np.asarray(w, dtype=np.float32) for w in warped_images)
+            if [m.shape for m in moved] != [w.shape for w in warped]:
+                raise GeometryError("TrainingPairs", "warped images must have the warped labels' shapes, got "
+                                    f"{[m.shape for m in moved]} and {[w.shape for w in warped]}")
+        return cls(images, labels, warped, ids, moved)
 
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
@@ -72,9 +85,12 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
 
 
 def _cached_atlas_ids(path: Path) -> list[str] | None:
-    """The atlas ids recorded in a cache file, or None when it is unreadable."""
+    """The atlas ids recorded in a cache file, or None when it is unreadable or from before the
+    cache held warped images."""
     try:
         with np.load(path) as data:
+            if "warped_images" not in data.files:
+                return None
             return [str(a) for a in data["atlas_ids"]]
     except (OSError, KeyError, ValueError):
         return None
@@ -94,7 +110,8 @@ def generate_pairs(
 
     ``cache_dir/<target_id>.npz`` holds ``warped_labels`` ``[N, D, H, W]`` and ``target_label``
     ``[D, H, W]`` (codes in :func:`cmmas.io.label_dtype`, the smallest integer type that holds
-    them), ``target_image`` ``[D, H, W]`` float32, ``atlas_ids`` and ``codes``. Files are
+    them), ``warped_images`` ``[N, D, H, W]`` float16 (intensities in [0, 1]), ``target_image``
+    ``[D, H, W]`` float32, ``atlas_ids`` and ``codes``. Files are
     written atomically; a file that exists with the same atlas ids is kept (so an interrupted
     run resumes), another is rewritten. A target is never its own atlas (when the id is in both lists).
 
@@ -137,9 +154,10 @@ def generate_pairs(
         images, labels = aset.arrays([target_id])
         if labels is None:
             raise AtlasSetError(aset.root, f"target {target_id!r} has no label (training targets need one)")
-        _, warped, _ = apply.warp_atlases(
+        moved, warped, _ = apply.warp_atlases(
             reg_model, atlas_images[keep], atlas_labels[keep], images[0], codes, batch_size=batch_size)
-        _save_npz_atomic(path, warped_labels=warped.astype(dtype), target_image=images[0].astype(np.float32),
+        _save_npz_atomic(path, warped_labels=warped.astype(dtype), warped_images=moved.astype(np.float16),
+                         target_image=images[0].astype(np.float32),
                          target_label=labels[0].astype(dtype), atlas_ids=np.asarray(used),
                          codes=np.asarray(codes))
     return paths
@@ -159,13 +177,14 @@ def load_pairs(cache_dir: str | os.PathLike, target_ids: Sequence[str] | None = 
             raise DatasetError(cache, "no training pairs (*.npz); run the gen step of train_fusion first")
     else:
         paths = [cache / f"{t}.npz" for t in target_ids]
-    images, labels, warped = [], [], []
+    images, labels, warped, moved = [], [], [], []
     for path in paths:
         try:
             with np.load(path) as data:
                 images.append(data["target_image"].astype(np.float32))
                 labels.append(data["target_label"])
                 warped.append(data["warped_labels"])
+                moved.append(data["warped_images"].astype(np.float32))
         except FileNotFoundError:
             raise DatasetError(path, "no such pair file; run the gen step of train_fusion first") from None
         except (OSError, KeyError, ValueError) as err:
@@ -174,4 +193,4 @@ def load_pairs(cache_dir: str | os.PathLike, target_ids: Sequence[str] | None = 
         if images[-1].shape != images[0].shape:
             raise DatasetError(path, f"grid {images[-1].shape} differs from {paths[0].name}'s {images[0].shape}")
     return TrainingPairs.from_arrays(np.stack(images), np.stack(labels), warped,
-                                     [p.name[: -len(".npz")] for p in paths])
+                                     [p.name[: -len(".npz")] for p in paths], moved)
