@@ -8,8 +8,9 @@ For each target (a labelled scan of --data, segmented with atlases of the other 
   (b) cmmas: the engine (cmmas.segment.Segmenter) with the prepared atlas set (target aligned once to the
       reference, BiRegNet for every atlas, then each fusion of --fusions, map back: the label
       map, as (a) makes, or with --maps the probability and agreement maps too), timed per
-      fusion. Without --fusion_model, "simnet" is dropped from --fusions (majority vote if
-      nothing is left) and it says so; without --reg_model (b) uses the affine alignment only.
+      fusion. A learned fusion (simnet, dlf, unet) without its network in --fusion_model is
+      dropped from --fusions (majority vote if nothing is left) and it says so; without
+      --reg_model (b) uses the affine alignment only.
       (b) runs once per --alignments variant (each in its own process, ITK's thread count being
       fixed at a process's first registration): "robust", what `cmmas segment` does (several
       starts, one ANTs thread); "robust_mt" (--fast-nondeterministic); "single_mt" (one start on
@@ -40,7 +41,8 @@ Example:
   python bench/bench_mas.py \
       --atlas_set=runs/abdomen/ct2mr/fold1/space,runs/abdomen/mr2ct/fold1/space \
       --reg_model=runs/abdomen/ct2mr/fold1/reg/model.keras,runs/abdomen/mr2ct/fold1/reg/model.keras \
-      --fusion_model=runs/abdomen/ct2mr/fold1/fusion/simnet.keras,runs/abdomen/mr2ct/fold1/fusion/simnet.keras \
+      --fusion_model=runs/abdomen/ct2mr/fold1/fusion/simnet.keras+runs/abdomen/ct2mr/fold1/dlf/dlf.keras,\
+runs/abdomen/mr2ct/fold1/fusion/simnet.keras+runs/abdomen/mr2ct/fold1/dlf/dlf.keras --fusions=simnet,dlf,jlf_tf \
       --atlases=10 --out=runs/bench_mas
 """
 
@@ -63,7 +65,8 @@ flags.DEFINE_string("data", str(_DATA), "Data-set root holding the targets (and 
 flags.DEFINE_enum("layout", "folder", ["folder", "mmwhs", "chaos"], "On-disk layout of --data.")
 flags.DEFINE_list("atlas_set", None, "Prepared atlas set(s), one per direction (e.g. CT atlases, MR atlases).")
 flags.DEFINE_list("reg_model", [], "BiRegNet .keras per atlas set (same order); none: affine alignment only.")
-flags.DEFINE_list("fusion_model", [], "SimNet .keras per atlas set (same order); none: (b) uses majority vote.")
+flags.DEFINE_list("fusion_model", [], "The learned fusions' networks per atlas set (same order; several joined by "
+                  "'+': simnet.keras+dlf.keras); none: (b) runs no learned fusion.")
 flags.DEFINE_list("targets", None, "Target case ids of --data (default: each set's test cases).")
 flags.DEFINE_integer("max_targets", 1, "Without --targets: at most this many test cases per atlas set.", lower_bound=1)
 flags.DEFINE_integer("atlases", 10, "Atlases per target (the most similar after alignment).", lower_bound=1)
@@ -99,7 +102,7 @@ class Job:
     target: object  # cmmas.datasets.Case
     atlas_set: str
     reg_model: str | None
-    fusion_model: str | None
+    fusion_model: tuple[str, ...]
     atlas_modality: str
 
 
@@ -153,7 +156,7 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
         cmmas_ants.set_threads(1)
 
     aset = AtlasSet(job.atlas_set)
-    reg, nets = segment.load_models(job.reg_model, segment.learned_models(job.fusion_model), aset)
+    reg, nets = segment.load_models(job.reg_model, segment.learned_models(list(job.fusion_model)), aset)
     config = segment.SegmentConfig(fusion=fusions[0], atlases=atlases, modality=job.atlas_modality,
                                    batch_size=batch_size, maps=maps, atlas_affine=atlas_affine,
                                    starts="robust" if multi_start else "single")
@@ -223,8 +226,8 @@ def _jobs(dataset) -> list[Job]:
         if modality in by_modality:
             raise CmmasError(path, f"a second atlas set of {modality} atlases; give one per direction")
         model = FLAGS.reg_model[k] if FLAGS.reg_model else None
-        simnet = FLAGS.fusion_model[k] if FLAGS.fusion_model else None
-        by_modality[modality] = (aset, model, simnet)
+        networks = tuple(FLAGS.fusion_model[k].split("+")) if FLAGS.fusion_model else ()
+        by_modality[modality] = (aset, model, networks)
     if FLAGS.targets:
         targets = [dataset.case(i) for i in FLAGS.targets]
     else:
@@ -241,10 +244,10 @@ def _jobs(dataset) -> list[Job]:
         choices = [m for m in by_modality if m != target.modality]
         if not choices:
             raise CmmasError(None, f"no atlas set of another modality than {target.modality} for target {target.id}")
-        aset, model, simnet = by_modality[choices[0]]
+        aset, model, networks = by_modality[choices[0]]
         if target.id in aset.ids(role="train"):
             raise CmmasError(aset.root, f"target {target.id} is one of the set's atlases/training cases")
-        jobs.append(Job(target, str(aset.root), model, simnet, choices[0]))
+        jobs.append(Job(target, str(aset.root), model, networks, choices[0]))
     return jobs
 
 
@@ -331,7 +334,8 @@ def _write(out: Path, table: str, rows: list[dict]) -> None:
     atomic_write_text(out / "bench_mas.csv", buffer.getvalue())
     atomic_write_text(out / "bench_mas.md", table + "\n")
     models = {f"{kind}{k}": path
-              for kind, paths in (("reg_model", FLAGS.reg_model), ("fusion_model", FLAGS.fusion_model))
+              for kind, paths in (("reg_model", FLAGS.reg_model),
+                                  ("fusion_model", [p for entry in FLAGS.fusion_model for p in entry.split("+")]))
               for k, path in enumerate(paths)}
     write_bench_json(out / "bench_mas.json", rows, models=models, data=FLAGS.data,
                      cases=list(dict.fromkeys(r["target"] for r in rows)))
@@ -341,6 +345,7 @@ def _run() -> int:
     from cmmas.datasets import open_dataset
     from cmmas.fuse import registry
     from cmmas.io import read_label
+    from cmmas.segment import learned_models
 
     registry.check_names(FLAGS.classical_fusions)
     registry.check_names(FLAGS.fusions)
@@ -354,17 +359,22 @@ def _run() -> int:
     classical = (f"ANTs rigid+affine+SyN at {FLAGS.spacing:g} mm ({schedule} schedule), fusions "
                  f"{','.join(FLAGS.classical_fusions)}" if FLAGS.classical else "skipped (--noclassical)")
     print(f"bench_mas: {len(jobs)} target(s), {FLAGS.atlases} atlases each, {os.cpu_count()} CPU(s); (a) {classical}")
+    available = {}
     for job in jobs:
         if not job.reg_model:
             print(f"bench_mas: no --reg_model for the {job.atlas_modality} atlases: "
                   "(b) fuses the affinely aligned atlases")
-        if not job.fusion_model and "simnet" in FLAGS.fusions:
-            print(f"bench_mas: no --fusion_model for the {job.atlas_modality} atlases: (b) leaves out simnet")
+        available[job.atlas_modality] = set(learned_models(list(job.fusion_model)))
+        missing = [f for f in FLAGS.fusions if f in registry.LEARNED and f not in available[job.atlas_modality]]
+        if missing:
+            print(f"bench_mas: no --fusion_model network for {', '.join(missing)} with the {job.atlas_modality} "
+                  "atlases: (b) leaves them out")
     results = []
     for job in jobs:
         direction = f"{job.atlas_modality}->{job.target.modality}"
         truth = read_label(job.target.label_path, allowed=labels).array
-        fusions = [f for f in FLAGS.fusions if f != "simnet" or job.fusion_model] or ["mv"]
+        fusions = [f for f in FLAGS.fusions
+                   if f not in registry.LEARNED or f in available[job.atlas_modality]] or ["mv"]
         variants = {}
         for alignment in FLAGS.alignments:
             ours = _in_fresh_process(run_cmmas, job, FLAGS.atlases, FLAGS.batch_size, fusions, FLAGS.repeats,

@@ -320,7 +320,7 @@ def test_bench_runs_cmmas_on_a_phantom_target(phantom, tmp_path):
                    f"--reg_model={phantom.reg}", "--targets=mr_00", "--atlases=2", "--noclassical",
                    "--fusions=simnet,mv,jlf_tf", "--repeats=2", "--alignments=robust,single_mt", f"--out={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(b) leaves out simnet" in done.stdout
+    assert "no --fusion_model network for simnet with the ct atlases: (b) leaves them out" in done.stdout
     with open(tmp_path / "bench_mas.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["label"]) for r in rows] == sorted(MMWHS_LABELS) * 4

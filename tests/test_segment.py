@@ -374,3 +374,19 @@ def test_uncompressed_outputs_take_the_label_map_s_format(phantom, simnet_run, t
     agreement = read_image(images[-1], dtype=None)
     assert agreement.array.dtype == np.uint8
     np.testing.assert_array_equal(agreement.array, result.agreement.array)
+
+
+def test_learned_models_name_each_network_by_its_kind(phantom, tmp_path):
+    from cmmas.nn import training
+    from cmmas.nn.dlf import build_unet
+
+    unet = training.save_model(build_unet(phantom.aset.geometry.shape, 4, c0=2, levels=2), tmp_path / "u.keras")
+    found = segment.learned_models([phantom.sim, unet])  # the U-Net has no card: its network says what it is
+    assert found == {"simnet": phantom.sim, "unet": unet}
+    assert segment.learned_models({"dlf": None}) == {} and segment.learned_models(None) == {}
+    with pytest.raises(ModelError, match="two networks for the fusion 'simnet'"):
+        segment.learned_models([phantom.sim, phantom.sim])
+    with pytest.raises(ModelError, match="a BiRegNet is not a fusion network"):
+        segment.learned_models(phantom.reg)
+    with pytest.raises(ModelError, match="no learned fusion named"):
+        segment.learned_models({"jlf": phantom.sim})

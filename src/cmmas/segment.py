@@ -488,19 +488,21 @@ class Segmenter:
         not timed with the first scan.
 
         The network runs once at the one batch shape segmenting runs (``min(batch_size, N)``
-        atlases), and each fusion of ``fusions`` (default: the config's) once on the central
-        16^3 voxels of two atlases (the first one standing in as target).
+        atlases), each learned fusion of ``fusions`` (default: the config's) once on as many
+        atlases as a scan is fused with (DLF's graph is traced per atlas count), and every other
+        fusion once on the central 16^3 voxels of two atlases (the first one standing in as target).
         """
         size = min(self.config.batch_size, len(self.atlas_ids))
-        images, labels = self._images[: max(size, 2)], self._labels[: max(size, 2)]
+        count = min(self.config.atlases or len(self.atlas_ids), len(self.atlas_ids))
+        images, labels = self._images[: max(size, 2, count)], self._labels[: max(size, 2, count)]
         target = images[0]
-        warped_images, warped_labels, _ = self._register(images[:size], labels[:size], target)
+        self._register(images[:size], labels[:size], target)
         centre = tuple(slice(max(s // 2 - 8, 0), s // 2 + 8) for s in target.shape)
         few = (slice(0, 2), *centre)
         for name in fusions or [self.config.fusion]:
             if name in registry.LEARNED:
                 if name in self.fusion_nets:
-                    registry.fuse_named(name, target, warped_images, warped_labels, self.codes,
+                    registry.fuse_named(name, target, images[:count], labels[:count], self.codes,
                                         models=self.fusion_nets, batch_size=size)
                 continue
             registry.fuse_named(name, target[centre], images[few], labels[few], self.codes,
