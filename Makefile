@@ -47,6 +47,10 @@ LEARNED := $(SIM) $(if $(wildcard $(CONFIGS)/train_dlf.flags),$(DLF)) $(if $(wil
 comma := ,
 LEARNED_FLAG := --fusion_model=$(subst $() ,$(comma),$(strip $(LEARNED)))
 SHAPE_FLAG := $(if $(SHAPE),--shape=$(SHAPE))
+# LABELLED=K: every training stage uses the first K labelled training targets of TARGET_MOD only
+# (give each K its own RUN): how many labelled scans of the target modality a method needs.
+LABELLED ?=
+LABELLED_FLAG := $(if $(LABELLED),--labelled_targets=$(LABELLED))
 
 MMWHS_HELP := MM-WHS 2017 (request it at zxh.me, MM-WHS challenge): DATA must hold ct_train_1001_image.nii.gz, ct_train_1001_label.nii.gz, mr_train_1001_... (up to two folders deep)
 CHAOS_HELP := CHAOS (download CHAOS_Train_Sets.zip from chaos.grand-challenge.org): DATA must hold CT/<id>/DICOM_anon + CT/<id>/Ground and MR/<id>/T2SPIR/DICOM_anon + MR/<id>/T2SPIR/Ground
@@ -85,24 +89,24 @@ $(ATLAS_SET): | $(STAMP)
 train-reg: $(REG)
 $(REG): $(ATLAS_SET)
 	$(PY) experiments/train_reg.py --flagfile=$(CONFIGS)/train_reg.flags --atlas_set=$(DIR)/atlas_set $(MODS) \
-	    $(SHAPE_FLAG) --out=$(DIR)/reg
+	    $(SHAPE_FLAG) $(LABELLED_FLAG) --out=$(DIR)/reg
 
 train-fusion: $(SIM)
 $(SIM): $(REG)
 	$(PY) experiments/train_fusion.py --flagfile=$(CONFIGS)/train_fusion.flags --atlas_set=$(DIR)/atlas_set \
-	    --reg_model=$(REG) $(MODS) $(SHAPE_FLAG) --out=$(DIR)/fusion
+	    --reg_model=$(REG) $(MODS) $(SHAPE_FLAG) $(LABELLED_FLAG) --out=$(DIR)/fusion
 
 # DLF and the U-Net train on train-fusion's pair cache (every training atlas warped onto every
 # labelled training target by the trained BiRegNet)
 train-dlf: $(DLF)
 $(DLF): $(SIM)
 	$(PY) experiments/train_dlf.py --flagfile=$(CONFIGS)/train_dlf.flags --atlas_set=$(DIR)/atlas_set \
-	    --reg_model=$(REG) --cache=$(DIR)/fusion/pairs $(MODS) --out=$(DIR)/dlf
+	    --reg_model=$(REG) --cache=$(DIR)/fusion/pairs $(MODS) $(LABELLED_FLAG) --out=$(DIR)/dlf
 
 train-unet: $(UNET)
 $(UNET): $(SIM)
 	$(PY) experiments/train_unet.py --flagfile=$(CONFIGS)/train_unet.flags --atlas_set=$(DIR)/atlas_set \
-	    --cache=$(DIR)/fusion/pairs $(MODS) --out=$(DIR)/unet
+	    --cache=$(DIR)/fusion/pairs $(MODS) $(LABELLED_FLAG) --out=$(DIR)/unet
 
 evaluate: $(EVAL)
 $(EVAL): $(LEARNED)

@@ -25,7 +25,7 @@ import random
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set
+from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, labelled_targets
 
 FLAGS = flags.FLAGS
 
@@ -37,8 +37,7 @@ flags.DEFINE_string("cache", None, "Folder of the warped pairs (train_fusion.py'
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
 flags.DEFINE_string("out", None, "Output folder.")
-flags.DEFINE_integer("labelled_targets", 0, "Train on the first K labelled training targets only (0: all): how "
-                     "many labelled scans of the target modality it takes.", lower_bound=0)
+define_labelled_targets()
 flags.DEFINE_integer("atlases", 5, "Atlases drawn per target and step, with duplicates.", lower_bound=1)
 flags.DEFINE_integer("c_vote", 8, "Channels of the weighted-voting subnet's first level.", lower_bound=1)
 flags.DEFINE_integer("c_fine", 16, "Channels of the fine-tuning subnet's (the U-Net's) first level.", lower_bound=1)
@@ -83,9 +82,7 @@ def run() -> int:
     cache = Path(FLAGS.cache) if FLAGS.cache else out / "pairs"
     codes = channel_codes(aset.labels)
     atlases = aset.ids(FLAGS.atlas_modality, role="train", labelled=True)
-    targets = aset.ids(FLAGS.target_modality, role="train", labelled=True)
-    if FLAGS.labelled_targets:
-        targets = targets[: FLAGS.labelled_targets]
+    targets = labelled_targets(aset.ids(FLAGS.target_modality, role="train", labelled=True))
     if not targets or (FLAGS.network == "dlf" and not atlases):
         raise AtlasSetError(aset.root, f"needs labelled training cases; found {len(atlases)} {FLAGS.atlas_modality} "
                             f"atlas(es) and {len(targets)} {FLAGS.target_modality} target(s)")

@@ -30,11 +30,13 @@ import random
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, parse_shape
+from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, labelled_targets,
+                           parse_shape)
 
 FLAGS = flags.FLAGS
 
 define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).")
+define_labelled_targets()
 flags.DEFINE_string("reg_model", None, "Trained BiRegNet (.keras) for the gen step.")
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
@@ -95,7 +97,7 @@ def _run() -> int:
     codes = simnet_fusion.channel_codes(aset.labels)
     shape = parse_shape(FLAGS.shape) if FLAGS.shape else aset.geometry.shape
     atlases = aset.ids(FLAGS.atlas_modality, role="train", labelled=True)
-    targets = aset.ids(FLAGS.target_modality, role="train", labelled=True)
+    targets = labelled_targets(aset.ids(FLAGS.target_modality, role="train", labelled=True))
     if not atlases or not targets:
         raise AtlasSetError(aset.root, f"needs labelled training cases of both modalities; found {len(atlases)} "
                             f"{FLAGS.atlas_modality} atlas(es) and {len(targets)} {FLAGS.target_modality} target(s)")

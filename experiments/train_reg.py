@@ -25,11 +25,13 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, parse_shape
+from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, labelled_targets,
+                           parse_shape)
 
 FLAGS = flags.FLAGS
 
 define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).")
+define_labelled_targets()
 flags.DEFINE_string("atlas_modality", "ct", "Modality of the atlases.")
 flags.DEFINE_string("target_modality", "mr", "Modality of the targets.")
 flags.DEFINE_string("out", None, "Run folder (model.keras, history.csv, ...).")
@@ -94,7 +96,7 @@ def _run() -> int:
             f"{','.join(map(str, aset.geometry.shape))} or prepare the atlas set at {shape}"
         )
     atlas_ids = aset.ids(modality=FLAGS.atlas_modality, role="train", labelled=True)
-    target_ids = aset.ids(modality=FLAGS.target_modality, role="train", labelled=True)
+    target_ids = labelled_targets(aset.ids(modality=FLAGS.target_modality, role="train", labelled=True))
     for ids, modality in ((atlas_ids, FLAGS.atlas_modality), (target_ids, FLAGS.target_modality)):
         if not ids:
             raise AtlasSetError(aset.root, f"no labelled train case of modality {modality!r}")

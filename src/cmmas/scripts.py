@@ -65,6 +65,19 @@ def atlas_set_flag(required: bool = True) -> str | None:
     return value
 
 
+def define_labelled_targets() -> None:
+    """``--labelled_targets K``: train with the first K labelled training targets only (the
+    curve of how many labelled scans of the target modality a method needs)."""
+    flags.DEFINE_integer("labelled_targets", 0, "Train with the first K labelled training targets of the target "
+                         "modality only (0: all): how many labelled scans of that modality it takes.", lower_bound=0,
+                         module_name=sys.argv[0])
+
+
+def labelled_targets(ids: Sequence[str]) -> list[str]:
+    """``ids`` cut to ``--labelled_targets`` (all when it is 0)."""
+    return list(ids[: FLAGS.labelled_targets] if FLAGS.labelled_targets else ids)
+
+
 def _three(text: str | float, convert, flag: str, what: str) -> list:
     """One value or three comma-separated ones, converted; one value stands for all three axes."""
     try:
