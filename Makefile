@@ -1,6 +1,6 @@
 # cmmas: two commands do everything on a fresh clone: `make demo` and `make test`.
 #
-# The chain prealign -> train-reg -> train-fusion -> evaluate is a chain of file targets under
+# The chain prealign -> train-reg -> train-fusion [-> train-dlf, train-unet] -> evaluate is a chain of file targets under
 # $(DIR), so re-running skips what is done (and an interrupted training resumes). Each stage
 # reads experiments/configs/$(EXP)/<stage>.flags; variables below override single flags.
 SHELL := /bin/bash
@@ -21,7 +21,7 @@ export MPLBACKEND := Agg
 
 EXP ?= demo
 CONFIGS := experiments/configs/$(EXP)
-RUN ?= runs/$(EXP)
+RUN ?= runs/$(EXP)$(if $(LABELLED),-labelled$(LABELLED))
 DATA ?=
 ATLAS_MOD ?= ct
 TARGET_MOD ?= mr
@@ -48,8 +48,8 @@ comma := ,
 LEARNED_FLAG := --fusion_model=$(subst $() ,$(comma),$(strip $(LEARNED)))
 SHAPE_FLAG := $(if $(SHAPE),--shape=$(SHAPE))
 # LABELLED=K: every training stage uses the first K labelled training targets of TARGET_MOD only
-# (give each K its own RUN): how many labelled scans of the target modality a method needs.
-LABELLED ?=
+# (in its own RUN, runs/<exp>-labelledK by default): how many labelled scans of the target
+# modality a method needs.
 LABELLED_FLAG := $(if $(LABELLED),--labelled_targets=$(LABELLED))
 
 MMWHS_HELP := MM-WHS 2017 (request it at zxh.me, MM-WHS challenge): DATA must hold ct_train_1001_image.nii.gz, ct_train_1001_label.nii.gz, mr_train_1001_... (up to two folders deep)
@@ -106,7 +106,7 @@ $(DLF): $(SIM)
 train-unet: $(UNET)
 $(UNET): $(SIM)
 	$(PY) experiments/train_unet.py --flagfile=$(CONFIGS)/train_unet.flags --atlas_set=$(DIR)/atlas_set \
-	    --cache=$(DIR)/fusion/pairs $(MODS) $(LABELLED_FLAG) --out=$(DIR)/unet
+	    --reg_model=$(REG) --cache=$(DIR)/fusion/pairs $(MODS) $(LABELLED_FLAG) --out=$(DIR)/unet
 
 evaluate: $(EVAL)
 $(EVAL): $(LEARNED)

@@ -53,7 +53,8 @@ def run_set(atlas_set: str, reg_model: str, refinement: dict) -> list[dict]:
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.evaluate.runs import original_target
     from cmmas.evaluate.scoring import score
-    from cmmas.segment import SegmentConfig, Segmenter, load_models
+    from cmmas.models import load_models
+    from cmmas.segment import SegmentConfig, Segmenter
 
     aset = AtlasSet(atlas_set)
     name = _direction(atlas_set)

@@ -48,7 +48,7 @@ flags.DEFINE_integer("ct_slices", 600, "Slices of the large CT (0.7 mm isotropic
 flags.DEFINE_integer("mr_slices", 200, "Slices of the large MR (0.8 mm in plane, 512 x 512).", lower_bound=1)
 flags.DEFINE_list("modalities", ["ct", "mr"], "Which targets to run: ct, mr.")
 flags.DEFINE_list("modes", ["label", "maps"], "label: --no-extras; maps: with the probability and agreement maps.")
-flags.DEFINE_string("fusion", "mv", "Fusion of segment() (simnet needs --fusion_model).")
+flags.DEFINE_string("fusion", "mv", "Fusion of segment() (a learned one needs its network in --fusion_model).")
 flags.DEFINE_enum("format", "nii.gz", ["nii.gz", "nii", "mha"], "Format of the written images.")
 flags.DEFINE_string("scans", None, "Folder of the large scans (built when missing); default <out>/scans.")
 flags.DEFINE_enum("scan_format", "nii.gz", ["nii.gz", "nii", "mha"],
@@ -90,8 +90,8 @@ def large_scan(source: Path, modality: str, slices: int, out: Path) -> Path:
     return write_image(moved.with_array(np.rint(moved.array).astype(np.int16)), out, compress=out.name.endswith(".gz"))
 
 
-def run_scan(scan: str, atlas_set: str, reg_model: str | None, fusion_model: str | None, fusion: str, atlases: int,
-             batch_size: int, maps: bool, repeats: int, out: str, alignment: str) -> dict:
+def run_scan(scan: str, atlas_set: str, reg_model: str | None, fusion_model: list[str] | None, fusion: str,
+             atlases: int, batch_size: int, maps: bool, repeats: int, out: str, alignment: str) -> dict:
     """In this process: setup, then ``repeats`` timed read + segment + write of ``scan`` (module
     docstring); the seconds of each step (median), the peak memory (MB) and the label's path.
     ``alignment``: a folder the scan's alignment is kept in, or, when it holds one already
@@ -196,7 +196,8 @@ def _run() -> int:
                 label_out = out / mode / f"{case}_{name.replace(', ', '_').replace('.', '').replace(' ', '_')}" \
                     f".{FLAGS.format}"
                 runs[name] = _in_fresh_process(
-                    run_scan, str(scan), atlas_set, reg_model, FLAGS.fusion_model[0] if FLAGS.fusion_model else None,
+                    run_scan, str(scan), atlas_set, reg_model,
+                    FLAGS.fusion_model[0].split("+") if FLAGS.fusion_model else None,
                     FLAGS.fusion, FLAGS.atlases, FLAGS.batch_size, mode == "maps", FLAGS.repeats, str(label_out),
                     str(out / mode / f"{case}_{aligned}_alignment"))
                 steps = {k: statistics.median(s[k] for s in runs[name]["steps"]) for k in runs[name]["steps"][0]}

@@ -147,7 +147,7 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
     import ants  # noqa: F401  (imported in the setup, as the CLI's first registration would)
     import numpy as np
 
-    from cmmas import outputs, segment
+    from cmmas import models, outputs, segment
     from cmmas.align import ants as cmmas_ants
     from cmmas.align.atlas_set import AtlasSet
 
@@ -156,7 +156,10 @@ def run_cmmas(job: Job, atlases: int, batch_size: int, fusions: list[str], repea
         cmmas_ants.set_threads(1)
 
     aset = AtlasSet(job.atlas_set)
-    reg, nets = segment.load_models(job.reg_model, segment.learned_models(list(job.fusion_model)), aset)
+    paths = models.learned_models(list(job.fusion_model))
+    if "dlf" in paths:
+        models.check_atlas_count(paths["dlf"], min(atlases, len(segment.atlas_ids_of(aset, job.atlas_modality))))
+    reg, nets = models.load_models(job.reg_model, paths, aset)
     config = segment.SegmentConfig(fusion=fusions[0], atlases=atlases, modality=job.atlas_modality,
                                    batch_size=batch_size, maps=maps, atlas_affine=atlas_affine,
                                    starts="robust" if multi_start else "single")
@@ -226,7 +229,7 @@ def _jobs(dataset) -> list[Job]:
         if modality in by_modality:
             raise CmmasError(path, f"a second atlas set of {modality} atlases; give one per direction")
         model = FLAGS.reg_model[k] if FLAGS.reg_model else None
-        networks = tuple(FLAGS.fusion_model[k].split("+")) if FLAGS.fusion_model else ()
+        networks = tuple(p for p in FLAGS.fusion_model[k].split("+") if p) if FLAGS.fusion_model else ()
         by_modality[modality] = (aset, model, networks)
     if FLAGS.targets:
         targets = [dataset.case(i) for i in FLAGS.targets]
@@ -335,7 +338,7 @@ def _write(out: Path, table: str, rows: list[dict]) -> None:
     atomic_write_text(out / "bench_mas.md", table + "\n")
     models = {f"{kind}{k}": path
               for kind, paths in (("reg_model", FLAGS.reg_model),
-                                  ("fusion_model", [p for entry in FLAGS.fusion_model for p in entry.split("+")]))
+                                  ("fusion_model", [p for entry in FLAGS.fusion_model for p in entry.split("+") if p]))
               for k, path in enumerate(paths)}
     write_bench_json(out / "bench_mas.json", rows, models=models, data=FLAGS.data,
                      cases=list(dict.fromkeys(r["target"] for r in rows)))
@@ -345,7 +348,7 @@ def _run() -> int:
     from cmmas.datasets import open_dataset
     from cmmas.fuse import registry
     from cmmas.io import read_label
-    from cmmas.segment import learned_models
+    from cmmas.models import learned_models
 
     registry.check_names(FLAGS.classical_fusions)
     registry.check_names(FLAGS.fusions)

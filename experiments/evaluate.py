@@ -81,7 +81,7 @@ flags.DEFINE_integer("jlf_rad", 1, "Patch radius of the 'jlf' fusion (voxels).",
 flags.DEFINE_integer("jlf_search", 1, "Search radius of the 'jlf' fusion (voxels).", lower_bound=0)
 flags.DEFINE_bool("bounds", True, "Also score the single-atlas mean and the oracle.")
 flags.DEFINE_bool("plots", True, "Draw box plots and best/median/worst overlays.")
-flags.DEFINE_string("overlay_method", None, "Method ranking the overlay cases (default: the last learned fusion of --fusion_model, "
+flags.DEFINE_string("overlay_method", None, "Method ranking the overlay cases (default: dlf, simnet or unet, the first evaluated, "
                     "else the first of --methods).")
 flags.DEFINE_string("out", None, "Output folder of the report.")
 flags.DEFINE_integer("seed", 0, "Seed of Python and numpy (and TensorFlow with --atlas_set).", lower_bound=0)

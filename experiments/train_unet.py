@@ -15,6 +15,8 @@ from absl import app, flags
 import train_dlf  # experiments/ is on sys.path when this script runs
 from cmmas.scripts import absl_main
 
+flags.adopt_module_key_flags(train_dlf)
+
 if __name__ == "__main__":
     flags.FLAGS.set_default("network", "unet")
     flags.FLAGS.set_default("steps", 1000)

@@ -6,6 +6,7 @@ README's recipe does."""
 
 import csv
 import json
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,6 +17,7 @@ from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets.mmwhs import MMWHS_LABELS
 from cmmas.datasets.phantom import make_subject
 from cmmas.errors import CmmasError
+from cmmas.fuse import registry
 from cmmas.io import read_label, write_image
 from cmmas.nn import model_card
 from phantom_data import GRID as SHAPE
@@ -38,10 +40,12 @@ def test_the_readme_recipe_segments_a_new_scan_with_the_bundle(parts, tmp_path):
     done = run_experiment("make_bundle", f"--atlas_set={parts['set']}", f"--reg_model={parts['reg']}",
                           f"--fusion_model={parts['sim']}", f"--summary={parts['summary']}", f"--out={out}")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "reg_model.keras",
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "atlas_set", "bundle.json", "reg_model.keras",
                                                      "reg_model.keras.json", "simnet.keras", "simnet.keras.json"]
     readme = (out / "README.txt").read_text()
     assert "cmmas segment --bundle" in readme and "ct->mr jlf (3 targets): 0.750 (left atrium 0.800)" in readme
+    chosen = bundle.best_fusion(json.loads(Path(parts["summary"]).read_text()), {"simnet", *registry.PRESETS})[0]
+    assert bundle.resolve_bundle(out).fusion == chosen and f"Default fusion (--fusion), recorded in bundle.json: {chosen}" in readme
     assert "24 x 24 x 24 voxels" in readme and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
     image, _ = make_subject("mr", 100, shape=40)
@@ -78,3 +82,18 @@ def test_a_missing_model_is_one_line_naming_it(parts, tmp_path):
         bundle.write_bundle(parts["set"], tmp_path / "nope.keras", tmp_path / "b")
     assert "nope.keras" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "b").exists()
+
+
+def test_the_best_fusion_breaks_near_ties_by_speed_and_skips_unscored():
+    def entry(dice):
+        return {"mean": {"dice": {"mean": dice}}}
+
+    summary = {"metrics": {"ct->mr": {"jlf": entry(0.7103), "jlf_tf": entry(0.7100), "mv": entry(0.6),
+                                      "simnet": entry(None)}},
+               "seconds": {"ct->mr": {"fusion": {"jlf": {"mean": 7.0}, "jlf_tf": {"mean": 2.0}}}}}
+    best, why = bundle.best_fusion(summary, {"jlf", "jlf_tf", "mv", "simnet"})
+    assert best == "jlf_tf" and "fastest of the fusions within" in why
+    assert bundle.best_fusion(summary, {"mv"})[0] == "mv"
+    assert bundle.best_fusion({}, {"mv"})[0] == "jlf_tf"  # the engine's default
+    with pytest.raises(CmmasError, match="not an evaluation summary"):
+        bundle.best_fusion({"metrics": {"ct->mr": {"mv": 0.5}}}, {"mv"})

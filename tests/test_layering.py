@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "cmmas.align": 3,
     "cmmas.register": 4,
     "cmmas.fuse": 5,
+    "cmmas.models": 6,  # the networks a segmentation runs
     "cmmas.segment": 6,  # the engine
     # what is built on the engine: its files, bundles, the checks of a user's request
     "cmmas.outputs": 7,

@@ -26,7 +26,7 @@ from cmmas.evaluate import alignment as alignment_eval
 from cmmas.fuse import registry
 from cmmas.fuse import weights
 from cmmas import bundle as bundles
-from cmmas import drawing, outputs, segment
+from cmmas import drawing, models, outputs, segment
 from cmmas.nn import training
 from cmmas.register import apply
 from cmmas.fuse import simnet as simnet_fusion
@@ -381,12 +381,12 @@ def test_learned_models_name_each_network_by_its_kind(phantom, tmp_path):
     from cmmas.nn.dlf import build_unet
 
     unet = training.save_model(build_unet(phantom.aset.geometry.shape, 4, c0=2, levels=2), tmp_path / "u.keras")
-    found = segment.learned_models([phantom.sim, unet])  # the U-Net has no card: its network says what it is
+    found = models.learned_models([phantom.sim, unet])  # the U-Net has no card: its network says what it is
     assert found == {"simnet": phantom.sim, "unet": unet}
-    assert segment.learned_models({"dlf": None}) == {} and segment.learned_models(None) == {}
+    assert models.learned_models({"dlf": None}) == {} and models.learned_models(None) == {}
     with pytest.raises(ModelError, match="two networks for the fusion 'simnet'"):
-        segment.learned_models([phantom.sim, phantom.sim])
+        models.learned_models([phantom.sim, phantom.sim])
     with pytest.raises(ModelError, match="a BiRegNet is not a fusion network"):
-        segment.learned_models(phantom.reg)
+        models.learned_models(phantom.reg)
     with pytest.raises(ModelError, match="no learned fusion named"):
-        segment.learned_models({"jlf": phantom.sim})
+        models.learned_models({"jlf": phantom.sim})

@@ -24,11 +24,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from cmmas.align.atlas_set import MANIFEST, AtlasSet
 from cmmas.errors import AtlasSetError, CmmasError
 from cmmas.fuse import registry
 from cmmas.io import atomic_write_text
-from cmmas.segment import DEFAULT_FUSION, atlas_ids_of, learned_models
+from cmmas.models import learned_models
+from cmmas.segment import DEFAULT_FUSION, atlas_ids_of
 
 #: Names inside a bundle folder (the learned fusions' files: :data:`cmmas.fuse.registry.LEARNED`).
 BUNDLE_ATLAS_SET = "atlas_set"
@@ -47,7 +50,7 @@ class Bundle:
         reg_model: the BiRegNet file.
         bundled: learned fusion name -> the bundle's network file, those present.
         fusion_model: an explicit learned fusion's network, whose fusion its kind says (read by
-            :func:`cmmas.segment.learned_models` where it is used); it replaces the bundle's
+            :func:`cmmas.models.learned_models` where it is used); it replaces the bundle's
             network of that fusion.
         fusion: the default fusion recorded in ``bundle.json``.
     """
@@ -110,22 +113,43 @@ def _recorded_fusion(root: Path | None) -> str | None:
     return fusion
 
 
+#: Mean Dice within this of the best counts as a tie, won by the fusion of fewer seconds.
+TIE_DICE = 0.005
+
+
 def best_fusion(summary: dict, runnable: set[str]) -> tuple[str, str]:
     """The fusion of highest mean Dice over every direction of an evaluation's ``summary.json``
-    among ``runnable`` (the fusions a bundle can run), and why in words; the default fusion when
-    the summary scores none of them."""
+    among ``runnable`` (the fusions a bundle can run), fusions within :data:`TIE_DICE` of it
+    decided by their mean fusion seconds, and why in words; the default fusion when the summary
+    scores none of them.
+
+    Raises:
+        CmmasError: a summary of another layout.
+    """
     scores: dict[str, list[float]] = {}
-    for methods in summary.get("metrics", {}).values():
-        for method, entry in methods.items():
-            if method in runnable:
-                scores.setdefault(method, []).append(entry["mean"]["dice"]["mean"])
+    seconds: dict[str, list[float]] = {}
+    try:
+        for methods in summary.get("metrics", {}).values():
+            for method, entry in methods.items():
+                mean = entry["mean"]["dice"]["mean"]
+                if method in runnable and mean is not None and np.isfinite(mean):
+                    scores.setdefault(method, []).append(float(mean))
+        for steps in summary.get("seconds", {}).values():
+            for method, stats in steps.get("fusion", {}).items():
+                if stats.get("mean") is not None:
+                    seconds.setdefault(method, []).append(float(stats["mean"]))
+    except (AttributeError, KeyError, TypeError) as err:
+        raise CmmasError(None, f"not an evaluation summary ({type(err).__name__}: {err})") from None
     if not scores:
         return DEFAULT_FUSION, f"{DEFAULT_FUSION}: cmmas segment's default (no evaluation scored this bundle's fusions)"
-    means = {method: sum(v) / len(v) for method, v in scores.items()}
-    best = max(means, key=means.get)
+    means = {method: float(np.mean(v)) for method, v in scores.items()}
+    top = max(means.values())
+    tied = [m for m in means if means[m] >= top - TIE_DICE]
+    best = min(tied, key=lambda m: (np.mean(seconds.get(m, [np.inf])), -means[m]))
     others = ", ".join(f"{m} {v:.3f}" for m, v in sorted(means.items(), key=lambda kv: -kv[1]) if m != best)
-    return best, (f"{best}: the highest mean Dice of its evaluation ({means[best]:.3f}"
-                  + (f"; {others}" if others else "") + ")")
+    how = ("the highest mean Dice of its evaluation" if means[best] == top else
+           f"the fastest of the fusions within {TIE_DICE} mean Dice of the best of its evaluation")
+    return best, f"{best}: {how} ({means[best]:.3f}" + (f"; {others}" if others else "") + ")"
 
 
 def write_bundle(
@@ -144,7 +168,7 @@ def write_bundle(
         reg_model: the BiRegNet ``.keras`` file trained on it.
         out: the bundle folder to write.
         fusion_models: the learned fusions' ``.keras`` files (SimNet, DLF, U-Net: a path or a
-            list of paths, :func:`cmmas.segment.learned_models`; optional: without them the
+            list of paths, :func:`cmmas.models.learned_models`; optional: without them the
             bundle segments with a classic fusion).
         summary: an evaluation's ``summary.json`` (:func:`cmmas.evaluate.report.summarize`): its
             mean Dice per method and structure go into README.txt.
@@ -172,7 +196,7 @@ def write_bundle(
             raise CmmasError(None, f"the bundle's fusion {fusion!r} needs its network (give its --fusion_model)")
         why = f"{fusion}: chosen by whoever made the bundle"
     else:
-        fusion, why = best_fusion(json.loads(Path(summary).read_text()) if summary is not None else {}, runnable)
+        fusion, why = best_fusion(_read_summary(summary) if summary is not None else {}, runnable)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -192,6 +216,14 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _read_summary(path: str | os.PathLike) -> dict:
+    """An evaluation's ``summary.json``; a missing or malformed file is one :class:`CmmasError`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CmmasError(path, f"unreadable evaluation summary ({type(err).__name__}: {err})") from None
 
 
 def _sidecars(model: Path) -> list[Path]:
@@ -223,7 +255,7 @@ def describe(aset: AtlasSet, models: list[str], summary: str | os.PathLike | Non
     ]
     if summary is not None:
         lines += ["", f"Measured on the held-out targets of its evaluation ({Path(summary).name}), mean Dice:"]
-        lines += _dice_lines(json.loads(Path(summary).read_text()))
+        lines += _dice_lines(_read_summary(summary))
     return "\n".join(lines) + "\n"
 
 

@@ -177,8 +177,9 @@ def _segment_parser(sub) -> None:
                      "lwv (vote weighted by global / local mutual information; lwv_ncc: local NCC), jlf "
                      "(ANTs joint label fusion, patch radius 1; jlf_r2: radius 2), jlf_tf (the same joint label fusion in "
                      "TensorFlow, faster), lwv_mind and jlf_mind (the locally weighted vote and jlf_tf on MIND-SSC "
-                     "descriptors instead of intensities, for atlases of another modality). Default: the bundle's "
-                     "(bundle.json: the best measured), else the fusion of --fusion-model, else jlf_tf")
+                     "descriptors instead of intensities, for atlases of another modality). Default: the fusion of an "
+                     "explicit --fusion-model, else the bundle's (bundle.json: the best its evaluation measured), "
+                     "else jlf_tf")
     seg.add_argument("--prealign", action=argparse.BooleanOptionalAction, default=True,
                      help="align the target to the reference first (default); --no-prealign: the target "
                      "already lies in the reference space")
@@ -324,7 +325,8 @@ def _segment(args) -> None:
     from cmmas.align import ants, prepare
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.io import read_image
-    from cmmas.segment import Segmenter, learned_models
+    from cmmas.models import learned_models
+    from cmmas.segment import Segmenter
 
     if not args.fast_nondeterministic:
         ants.set_threads(1)  # before this process's first ANTs registration

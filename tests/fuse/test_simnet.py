@@ -301,7 +301,7 @@ def test_generate_pairs_caches_every_target_and_resumes(tmp_path):
     training_pairs.generate_pairs(identity, space, ["ct1", "mr1"], ["mr1"], cache, CODES, progress=False)
     with np.load(paths[0]) as data:
         assert list(data["atlas_ids"]) == ["ct1"]
-    pairs = training_pairs.load_pairs(cache)
+    pairs = training_pairs.load_pairs(cache, images=True)
     assert pairs.target_ids == ("mr1", "mr2") and pairs.n_pairs == 3 and pairs.shape_zyx == SHAPE
     assert [w.shape for w in pairs.warped_images] == [w.shape for w in pairs.warped_labels]
     with pytest.raises(DatasetError, match="no training pairs"):

@@ -157,13 +157,13 @@ def test_training_writes_the_card_and_checks_it_first(world, tmp_path):
 
 
 def test_a_set_on_the_default_grid_is_refused_with_the_remedy_and_like_fits(world, tmp_path):
-    from cmmas import cli, segment
+    from cmmas import cli, models
     from cmmas.align.atlas_set import AtlasSet
 
     assert cli.main(["prepare-atlases", "--atlases", str(world["data"]), "--modality", "ct",
                      "--out", str(tmp_path / "default"), "--shape", "24"]) == 0
     with pytest.raises(ModelError) as err:
-        segment.load_models(world["model"], None, AtlasSet(tmp_path / "default"))
+        models.load_models(world["model"], None, AtlasSet(tmp_path / "default"))
     message = str(err.value)
     assert "\n" not in message and message.startswith(str(world["model"]))
     assert "--shape 16,24,24 --spacing 5 --align-spacing 4" in message and "--like" in message
@@ -171,5 +171,5 @@ def test_a_set_on_the_default_grid_is_refused_with_the_remedy_and_like_fits(worl
                      "--out", str(tmp_path / "like"), "--like", str(world["model"])]) == 0
     fitted = AtlasSet(tmp_path / "like")
     assert fitted.geometry.shape == SHAPE and fitted.manifest.align_spacing_mm == ALIGN_MM
-    reg, _ = segment.load_models(world["model"], None, fitted)
+    reg, _ = models.load_models(world["model"], None, fitted)
     assert reg is not None

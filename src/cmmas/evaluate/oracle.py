@@ -98,7 +98,7 @@ def evaluate_oracle_set(
     Args:
         atlas_set: an oracle :class:`AtlasSet` (``manifest.roi == "oracle"``).
         reg_model, fusion_model: BiRegNet and the learned fusions' networks (paths or models,
-            :func:`cmmas.segment.learned_models`; may be None).
+            :func:`cmmas.models.learned_models`; may be None).
         out_dir: the report's folder.
         atlas_modality, target_modality: the direction.
         methods: fusions besides the learned ones (:func:`cmmas.fuse.registry.names`).

@@ -45,16 +45,18 @@ from cmmas.evaluate.scoring import score, stream_bound_rows
 from cmmas.fuse import registry
 from cmmas.io import Image, atomic_write_text, read_label
 from cmmas.outputs import write_label
-from cmmas.segment import SegmentConfig, Segmenter, Warped, learned_models
+from cmmas.models import learned_models
+from cmmas.segment import SegmentConfig, Segmenter, Warped
 from cmmas.metrics import jacobian_stats
 
 logger = logging.getLogger(__name__)
 
 #: Method name of the majority vote of the affinely pre-aligned atlases (no deep registration).
 AFFINE_MV = "affine+mv"
-#: Method name of the SimNet-weighted vote.
 #: Name of the BiRegNet registration in ``timings.csv``.
 BIREGNET = "biregnet"
+#: The learned fusions whose results rank the overlay cases by default, the first evaluated.
+OVERLAY_PREFERENCE = ("dlf", "simnet", "unet")
 
 #: What ``summary.json`` says about how :func:`evaluate_atlas_set` scored (its ``"notes"`` entry).
 NOTES = {
@@ -65,7 +67,8 @@ NOTES = {
     "with --atlases K, each given its own affine stage with --atlas-affine)",
     "bounds": "single-atlas mean and oracle use the BiRegNet-warped atlases, each mapped back to the original "
     "grid the same way (its one-hot as probabilities); the oracle takes the original truth wherever a "
-    "mapped-back atlas holds it, the mapped-back majority vote elsewhere",
+    "mapped-back atlas holds it, the mapped-back majority vote elsewhere; oracle10 wherever at least 10 % of "
+    "them (at least one) hold it",
     "timings": "registration: BiRegNet seconds per atlas (batched, after one warm-up call); refinement (when it ran): "
     "seconds per target; fusion: seconds per target on the working grid; mapping back is not timed",
 }
@@ -135,7 +138,7 @@ def make_segmenter(aset: AtlasSet, atlases: Sequence[str], reg_model, fusion_mod
     """The engine an evaluation segments with (the atlases ``atlases``, ``config``'s settings, the
     label only: no maps), warmed up on its fusions, and the fusions it evaluates: ``methods`` less
     the learned fusions, then each learned fusion ``fusion_model`` holds a network for
-    (:func:`cmmas.segment.learned_models`), in the order of :data:`cmmas.fuse.registry.LEARNED`."""
+    (:func:`cmmas.models.learned_models`), in the order of :data:`cmmas.fuse.registry.LEARNED`."""
     methods = [m for m in methods if m not in registry.LEARNED]
     config = dataclasses.replace(config, fusion=methods[0] if methods else "mv", maps=False)
     segmenter = Segmenter(aset, reg_model, fusion_model, config, atlas_ids=atlases)
@@ -259,7 +262,7 @@ def evaluate_atlas_set(
     * each fusion of ``methods`` (names of :func:`cmmas.fuse.registry.names`) on the atlases
       warped by BiRegNet;
     * each learned fusion (``"simnet"``, ``"dlf"``, ``"unet"``) with a network in ``fusion_model``
-      (:func:`cmmas.segment.learned_models`: one network or path, a list of them, or a mapping);
+      (:func:`cmmas.models.learned_models`: one network or path, a list of them, or a mapping);
     * with ``bounds``, the single-atlas mean and the oracle of the warped atlases.
 
     Every label is mapped back as ``cmmas segment`` maps it (module docstring) and scored
@@ -268,8 +271,8 @@ def evaluate_atlas_set(
     Writes to ``out_dir``: ``<target>/pred_<method>.nii.gz`` (original grid and header),
     ``results.csv``, ``summary.json`` (with ``"jacobian"`` and ``"notes"`` entries),
     ``timings.csv``, ``jacobian.csv`` and, with ``plots``, box plots and best/median/worst
-    overlays ranked by ``overlay_method`` (default: the last learned fusion evaluated, else the
-    first of ``methods``).
+    overlays ranked by ``overlay_method`` (default: the first of :data:`OVERLAY_PREFERENCE`
+    evaluated, else the first of ``methods``).
 
     ``summary.json`` holds a ``"provenance"`` entry (:func:`record`).
 
@@ -305,8 +308,8 @@ def evaluate_atlas_set(
     jacobian_csv = atomic_write_text(out / "jacobian.csv", to_csv(jacobians, JACOBIAN_COLUMNS)) if jacobians else None
     figures: list[Path] = []
     if plots:
-        learned = [m for m in methods if m in registry.LEARNED]
-        ranked_by = overlay_method or (learned[-1] if learned else methods[0] if methods else AFFINE_MV)
+        learned = [m for m in OVERLAY_PREFERENCE if m in methods]
+        ranked_by = overlay_method or (learned[0] if learned else methods[0] if methods else AFFINE_MV)
         figures = write_figures(rows, out, sources, ranked_by)
     return extended_report(report, jacobian_csv, figures)
 

@@ -101,7 +101,7 @@ class DLFConfig:
     fine_levels: int = 4
     fine_tune: bool = True
     mask: bool = True
-    atlases: int = 6
+    atlases: int = 5
     lr: float = 1e-3
     decay_rate: float = 0.5
     decay_steps: int = 300
@@ -153,31 +153,36 @@ def histogram_shift(images, strength: float, seed) -> tf.Tensor:
 
     The curve maps :data:`HISTOGRAM_KNOTS` evenly spaced intensities of [0, 1] to themselves plus
     a uniform draw in ``[-strength, strength]``, sorted (so the curve keeps intensities in order)
-    and clipped to [0, 1]; intensities outside [0, 1] are clipped first.
+    and clipped to [0, 1]. A volume whose intensities leave [0, 1] (a z-scored oracle set) is
+    mapped from ``[min(lowest, 0), max(highest, 1)]`` to [0, 1] for the curve and back.
 
     Args:
-        images: ``[M, D, H, W, C]`` float intensities in [0, 1].
+        images: ``[M, D, H, W, C]`` float intensities.
         strength: the largest knot displacement (0: the identity).
         seed: ``[2]`` int tensor for the stateless random draw.
 
     Returns:
         ``[M, D, H, W, C]`` float32.
     """
-    images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 1.0)
+    images = tf.cast(images, tf.float32)
+    axes = tf.range(1, tf.rank(images))
+    low = tf.minimum(tf.reduce_min(images, axis=axes, keepdims=True), 0.0)
+    span = tf.maximum(tf.reduce_max(images, axis=axes, keepdims=True), 1.0) - low
+    images = (images - low) / span
     count = tf.shape(images)[0]
     knots = tf.linspace(0.0, 1.0, HISTOGRAM_KNOTS)
     moved = knots[None] + strength * (2.0 * tf.random.stateless_uniform(tf.stack([count, HISTOGRAM_KNOTS]),
                                                                         seed=seed) - 1.0)
     values = tf.clip_by_value(tf.sort(moved, axis=-1), 0.0, 1.0)
     position = images * (HISTOGRAM_KNOTS - 1)
-    low = tf.minimum(tf.floor(position), HISTOGRAM_KNOTS - 2)
-    frac = position - low
-    index = tf.cast(low, tf.int32)
+    knot = tf.minimum(tf.floor(position), HISTOGRAM_KNOTS - 2)
+    frac = position - knot
+    index = tf.cast(knot, tf.int32)
     gather = lambda k: tf.gather(values, k, batch_dims=1)  # noqa: E731  ([M, K] by [M, ...] indices)
     flat = tf.reshape(index, tf.stack([count, -1]))
     lower = tf.reshape(gather(flat), tf.shape(images))
     upper = tf.reshape(gather(flat + 1), tf.shape(images))
-    return lower + frac * (upper - lower)
+    return (lower + frac * (upper - lower)) * span + low
 
 
 def _similarity(shape_zyx, count, u, rotation_max, translation_max, scale_low, scale_high) -> tf.Tensor:
@@ -305,7 +310,7 @@ class _TargetBatches(keras.utils.PyDataset):
         self._images = pairs.target_images
         self._labels = channel_index(pairs.target_labels, codes)
         self._atlas_labels = [channel_index(w, codes) for w in pairs.warped_labels]
-        self._atlas_images = pairs.warped_images
+        self._atlas_images = pairs.warped_images  # float16 in memory, float32 per batch
         self._config = config
         self._epoch = first_epoch
 
@@ -319,7 +324,8 @@ class _TargetBatches(keras.utils.PyDataset):
         batch = {"target": self._images[chosen][..., None], "target_label": self._labels[chosen]}
         if config.kind == "dlf":
             draws = [rng.integers(len(self._atlas_labels[t]), size=config.atlases) for t in chosen]
-            batch["atlas_images"] = np.stack([self._atlas_images[t][d] for t, d in zip(chosen, draws)])[..., None]
+            batch["atlas_images"] = np.stack([self._atlas_images[t][d] for t, d in zip(chosen, draws)]
+                                             ).astype(np.float32)[..., None]
             batch["atlas_labels"] = np.stack([self._atlas_labels[t][d] for t, d in zip(chosen, draws)])
         return (batch,)
 
@@ -367,7 +373,7 @@ def train(
     Raises:
         ModelError: the config does not fit the data or the card; DatasetError: unreadable cache.
     """
-    pairs = data if isinstance(data, TrainingPairs) else load_pairs(data, target_ids)
+    pairs = data if isinstance(data, TrainingPairs) else load_pairs(data, target_ids, images=config.kind == "dlf")
     if pairs.shape_zyx != config.shape_zyx:
         raise ModelError("DLFConfig", f"shape_zyx {config.shape_zyx} differs from the training pairs' grid "
                          f"{pairs.shape_zyx}")

@@ -36,8 +36,9 @@ class TrainingPairs:
         target_labels: ``[T, D, H, W]`` target labels (codes).
         warped_labels: one ``[N_t, D, H, W]`` array of warped atlas labels (codes) per target.
         target_ids: the T target ids.
-        warped_images: one ``[N_t, D, H, W]`` float32 array of warped atlas images per target, in
-            the order of ``warped_labels`` (None where only labels were given).
+        warped_images: one ``[N_t, D, H, W]`` float array of warped atlas images per target, in
+            the order of ``warped_labels`` (float16 as read from a cache; None where only labels
+            were given or read).
     """
 
     target_images: np.ndarray
@@ -64,7 +65,8 @@ class TrainingPairs:
                                     f"got {stack.shape}")
         moved = None
         if warped_images is not None:
-            moved = tuple(np.asarray(w, dtype=np.float32) for w in warped_images)
+            moved = tuple(np.asarray(w) if np.asarray(w).dtype == np.float16 else np.asarray(w, np.float32)
+                          for w in warped_images)
             if [m.shape for m in moved] != [w.shape for w in warped]:
                 raise GeometryError("TrainingPairs", "warped images must have the warped labels' shapes, got "
                                     f"{[m.shape for m in moved]} and {[w.shape for w in warped]}")
@@ -110,7 +112,7 @@ def generate_pairs(
 
     ``cache_dir/<target_id>.npz`` holds ``warped_labels`` ``[N, D, H, W]`` and ``target_label``
     ``[D, H, W]`` (codes in :func:`cmmas.io.label_dtype`, the smallest integer type that holds
-    them), ``warped_images`` ``[N, D, H, W]`` float16 (intensities in [0, 1]), ``target_image``
+    them), ``warped_images`` ``[N, D, H, W]`` float16 (the atlas set's intensities), ``target_image``
     ``[D, H, W]`` float32, ``atlas_ids`` and ``codes``. Files are
     written atomically; a file that exists with the same atlas ids is kept (so an interrupted
     run resumes), another is rewritten. A target is never its own atlas (when the id is in both lists).
@@ -163,8 +165,10 @@ def generate_pairs(
     return paths
 
 
-def load_pairs(cache_dir: str | os.PathLike, target_ids: Sequence[str] | None = None) -> TrainingPairs:
-    """Read a pair cache written by :func:`generate_pairs` (all its targets, or ``target_ids``).
+def load_pairs(cache_dir: str | os.PathLike, target_ids: Sequence[str] | None = None,
+               images: bool = False) -> TrainingPairs:
+    """Read a pair cache written by :func:`generate_pairs` (all its targets, or ``target_ids``;
+    with ``images`` the warped atlas images too, float16).
 
     Raises:
         DatasetError: the folder holds no pairs, a file is missing or unreadable, or the
@@ -184,7 +188,8 @@ def load_pairs(cache_dir: str | os.PathLike, target_ids: Sequence[str] | None = 
                 images.append(data["target_image"].astype(np.float32))
                 labels.append(data["target_label"])
                 warped.append(data["warped_labels"])
-                moved.append(data["warped_images"].astype(np.float32))
+                if images:
+                    moved.append(data["warped_images"])
         except FileNotFoundError:
             raise DatasetError(path, "no such pair file; run the gen step of train_fusion first") from None
         except (OSError, KeyError, ValueError) as err:
@@ -193,4 +198,4 @@ def load_pairs(cache_dir: str | os.PathLike, target_ids: Sequence[str] | None = 
         if images[-1].shape != images[0].shape:
             raise DatasetError(path, f"grid {images[-1].shape} differs from {paths[0].name}'s {images[0].shape}")
     return TrainingPairs.from_arrays(np.stack(images), np.stack(labels), warped,
-                                     [p.name[: -len(".npz")] for p in paths], moved)
+                                     [p.name[: -len(".npz")] for p in paths], moved if images else None)
