@@ -269,7 +269,7 @@ def test_script_writes_report_predictions_and_figures(phantom_pairs, tmp_path):
     rows = reports.read_results(out / "results.csv")
     n_structures = len(truth_codes := set(np.unique(truth.array)) - {0})
     assert n_structures >= 1
-    methods = {"mv", "staple", "perfect", "single-atlas mean", "oracle"}
+    methods = {"mv", "staple", "perfect", "single-atlas mean", "oracle", "oracle10"}
     assert {r["method"] for r in rows} == methods and len(rows) == 7 * len(methods)
     assert all(r["dice"] == 1.0 for r in rows if r["method"] == "perfect" and r["label"] in truth_codes)
     for method in ("mv", "staple"):
@@ -486,11 +486,11 @@ def test_script_space_and_aggregate_modes(space_run, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| affine+mv |" in done.stdout and "| simnet |" in done.stdout
     assert {r["method"] for r in reports.read_results(out / "results.csv")} == {
-        "affine+mv", "mv", "simnet", "single-atlas mean", "oracle"}
+        "affine+mv", "mv", "simnet", "single-atlas mean", "oracle", "oracle10"}
     assert (out / "jacobian.csv").is_file() and (out / "mr_01" / "pred_simnet.nii.gz").is_file()
     done = _evaluate("--aggregate", str(tmp_path / "run"), "--out", str(tmp_path / "run"), "--noplots")
     assert done.returncode == 0, done.stderr
-    assert len(reports.read_results(tmp_path / "run" / "results.csv")) == 5 * STRUCTURES
+    assert len(reports.read_results(tmp_path / "run" / "results.csv")) == 6 * STRUCTURES
     missing = _evaluate("--aggregate", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
