@@ -97,3 +97,10 @@ def test_the_best_fusion_breaks_near_ties_by_speed_and_skips_unscored():
     assert bundle.best_fusion({}, {"mv"})[0] == "jlf_tf"  # the engine's default
     with pytest.raises(CmmasError, match="not an evaluation summary"):
         bundle.best_fusion({"metrics": {"ct->mr": {"mv": 0.5}}}, {"mv"})
+
+
+def test_a_bundle_never_replaces_one_of_its_inputs(parts, tmp_path):
+    for out in (parts["set"], Path(parts["reg"]).parent):
+        with pytest.raises(CmmasError, match="would replace its input"):
+            bundle.write_bundle(parts["set"], parts["reg"], out)
+    assert Path(parts["reg"]).is_file() and AtlasSet(parts["set"]).geometry.shape == SHAPE

@@ -198,6 +198,10 @@ def write_bundle(
     else:
         fusion, why = best_fusion(_read_summary(summary) if summary is not None else {}, runnable)
     out = Path(out)
+    where = out.resolve()
+    for source in [aset.root, *sources.values(), *([Path(summary)] if summary is not None else [])]:
+        if where == source.resolve() or where in source.resolve().parents:
+            raise CmmasError(out, f"the bundle folder would replace its input {source}: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it 0700: others could not read the bundle
