@@ -66,7 +66,7 @@ def test_tables_from_a_fake_runs_folder_name_commit_state_and_command(tmp_path):
 def test_every_table_reads_not_run_when_runs_is_empty(tmp_path):
     tables = page.render_tables(page.load_records(tmp_path, [*page.CHAIN.values(), *page.BENCH.values()]),
                                 lambda commit: False)
-    assert set(tables) == {"headline", "chain", "bench_mas", "bench_alignment", "bench_accuracy"}
+    assert set(tables) == {"headline", "chain", "labelled", "bench_mas", "bench_alignment", "bench_accuracy"}
     for text in tables.values():
         assert "|---" not in text and page.NOT_RUN in text
 
@@ -119,3 +119,29 @@ def test_code_changed_compares_watched_paths_with_head(tmp_path):
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "code")
     assert page.code_changed(first, tmp_path) is True
     assert page.code_changed("f" * 40, tmp_path) is None
+
+
+def test_labelled_curve_reads_each_count_run_and_draws_its_figure(tmp_path):
+    from cmmas.evaluate.plots import labelled_curve
+
+    runs = tmp_path / "runs"
+    assert page.labelled_curve_points(runs) == {}
+    _write(runs / page.CHAIN["ct->mr"], _summary("ct->mr", {"jlf_tf": [(0.8, 0.6)], "dlf": [(0.9, 0.7)]}))
+    assert page.labelled_curve_points(runs) == {}, "the full chain alone is no curve"
+    _write(runs / page.labelled_paths()[("ct->mr", 2)],
+           _summary("ct->mr", {"unet": [(0.4, 0.2), (0.6, 0.4)], "dlf": [(0.7, 0.5)]}, commit="e" * 40))
+    points = page.labelled_curve_points(runs)
+    assert points == {"ct->mr": {"unet": [(2, 0.4, pytest.approx(0.3))], "dlf": [(2, 0.6, 0.6), ("all", 0.8, 0.8)],
+                                 "jlf_tf": [("all", 0.7, 0.7)]}}
+    table = page.labelled_table(points).splitlines()
+    assert table[2] == "| CT -> MR | 2 | 0.400 (worst 0.300) |  | 0.600 (worst 0.600) |"
+    assert table[3] == "| CT -> MR | all |  | 0.700 (worst 0.700) | 0.800 (worst 0.800) |"
+    records = page.load_records(runs, list(page.labelled_paths().values()))
+    block = page.render_tables(records, lambda commit: False)["labelled"]
+    assert "`runs/abdomen-labelled2/ct2mr/fold1/eval/summary.json`: commit eeeeeeeeee (current)" in block
+    assert "`runs/abdomen-labelled4/ct2mr/fold1/eval/summary.json`: not run at this commit" in block
+    assert block.endswith(page.LABELLED_FIGURE)
+    png = labelled_curve(points, tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(CmmasError, match="no labelled-curve point"):
+        labelled_curve({}, tmp_path / "none.png")

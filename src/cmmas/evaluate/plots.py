@@ -109,6 +109,42 @@ def boxplot(rows: Sequence[dict], metric: str, out_png: str | os.PathLike, title
     return _save(fig, out_png)
 
 
+def labelled_curve(points: Mapping[str, Mapping[str, Sequence[tuple]]], out_png: str | os.PathLike) -> Path:
+    """Mean Dice (solid) and worst target (dashed) per method against the number of labelled
+    target-modality training scans, one panel per direction.
+
+    Args:
+        points: direction -> method -> ``[(labelled count, mean Dice, worst target's Dice), ...]``
+            (:func:`cmmas.evaluate.results_page.labelled_points`); counts are drawn as categories in
+            their given order ("all" included).
+        out_png: output file.
+
+    Raises:
+        CmmasError: no point to draw.
+    """
+    if not any(series for methods in points.values() for series in methods.values()):
+        raise CmmasError(out_png, "no labelled-curve point to plot")
+    plt = _pyplot()
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 3.8), squeeze=False)
+    for ax, (direction, methods) in zip(axes[0], points.items()):
+        counts = _ordered(c for series in methods.values() for c, _, _ in series)
+        for k, (method, series) in enumerate(methods.items()):
+            x = [counts.index(c) for c, _, _ in series]
+            ax.plot(x, [m for _, m, _ in series], "-o", color=colours(k % 10), label=f"{method} mean")
+            ax.plot(x, [w for _, _, w in series], "--", marker=".", color=colours(k % 10), alpha=0.7,
+                    label=f"{method} worst target")
+        ax.set_xticks(range(len(counts)))
+        ax.set_xticklabels([str(c) for c in counts])
+        ax.set_xlabel("labelled target-modality training scans")
+        ax.set_ylabel("Dice (mean over organs)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(direction.upper().replace("->", " -> "))
+        ax.legend(fontsize="x-small", loc="lower right")
+    return _save(fig, out_png)
+
+
 def _array(volume, what: str) -> np.ndarray:
     array = np.asarray(volume.array if isinstance(volume, Image) else volume)
     if array.ndim != 3:

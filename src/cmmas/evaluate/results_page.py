@@ -39,6 +39,13 @@ CHAIN = {"ct->mr": "abdomen/ct2mr/fold1/eval/summary.json", "mr->ct": "abdomen/m
 #: The bench records (relative to ``runs/``).
 BENCH = {"bench_mas": "bench_mas/bench_mas.json", "bench_alignment": "bench_alignment/bench_alignment.json",
          "bench_accuracy": "bench_accuracy/bench_accuracy.json"}
+#: The labelled-scan curve (DLF issue): ``make reproduce-abdomen LABELLED=K`` leaves its evaluations
+#: under ``runs/abdomen-labelledK``; "all" is the full chain's (:data:`CHAIN`).
+LABELLED_COUNTS = (2, 4, "all")
+#: The curve's figure under its table (written by experiments/make_results.py, relative to docs/).
+LABELLED_FIGURE = "![Mean (solid) and worst-target (dashed) Dice against the labelled scans](figures/labelled_curve.png)"
+#: Methods compared on the labelled curve, in its column order.
+CURVE_METHODS = ("unet", "jlf_tf", "dlf")
 #: Methods of the README's headline table, in its row order (those present are shown).
 HEADLINE_METHODS = ("affine+mv", "mv", "staple", "lwv", "jlf", "jlf_tf", "simnet", "dlf", "unet")
 #: Alignment methods of bench_alignment in their table order.
@@ -267,15 +274,61 @@ def accuracy_table(rows: Sequence[Mapping]) -> str:
     return "\n\n".join(blocks)
 
 
+def labelled_paths() -> dict[tuple[str, int | str], str]:
+    """(direction, labelled count) -> the evaluation summary of that run, relative to ``runs/``."""
+    out = {}
+    for direction, path in CHAIN.items():
+        for count in LABELLED_COUNTS:
+            out[(direction, count)] = path if count == "all" else path.replace("abdomen/", f"abdomen-labelled{count}/", 1)
+    return out
+
+
+def labelled_points(summaries: Mapping[tuple[str, int | str], Mapping]
+                    ) -> dict[str, dict[str, list[tuple[int | str, float, float]]]]:
+    """direction -> method -> ``[(labelled count, mean Dice, worst target's mean Dice), ...]`` in
+    :data:`LABELLED_COUNTS` order, for the methods of :data:`CURVE_METHODS` each summary holds.
+
+    Args:
+        summaries: (direction, count) -> that run's ``summary.json`` (absent runs left out).
+    """
+    out: dict[str, dict[str, list]] = {}
+    for (direction, count), summary in sorted(summaries.items(), key=lambda kv: (
+            list(CHAIN).index(kv[0][0]), LABELLED_COUNTS.index(kv[0][1]))):
+        methods = summary.get("metrics", {}).get(direction, {})
+        for method in CURVE_METHODS:
+            mean, worst = _mean_min(((methods.get(method) or {}).get("mean") or {}).get("dice"))
+            if mean is not None:
+                out.setdefault(direction, {}).setdefault(method, []).append((count, mean, worst))
+    return out
+
+
+def labelled_table(points: Mapping[str, Mapping[str, Sequence[tuple]]]) -> str:
+    """The curve as a table: per direction and labelled count, mean Dice (worst target) of each
+    method of :data:`CURVE_METHODS` (:func:`labelled_points`' output)."""
+    lines = ["| direction | labelled target-modality training scans | "
+             + " | ".join(f"{m}: mean Dice (worst target)" for m in CURVE_METHODS) + " |",
+             "|---" * (len(CURVE_METHODS) + 2) + "|"]
+    for direction, methods in points.items():
+        for count in LABELLED_COUNTS:
+            cells = []
+            for method in CURVE_METHODS:
+                found = [(mean, worst) for c, mean, worst in methods.get(method, ()) if c == count]
+                cells.append(f"{_f(found[0][0])} (worst {_f(found[0][1])})" if found else "")
+            if any(cells):
+                lines.append(f"| {direction.upper().replace('->', ' -> ')} | {count} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _block(records: Sequence[Record], missing: Sequence[str], changed: Changed, table: str | None) -> str:
     source = source_line(records, missing, changed)
     return source if not table else f"{source}\n\n{table}"
 
 
 def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[str, str]:
-    """name -> Markdown of every generated table (``headline``, ``chain``, ``bench_mas``,
-    ``bench_alignment``, ``bench_accuracy``), from the records :func:`load_records` found
-    (keyed by their path relative to ``runs/``: :data:`CHAIN` and :data:`BENCH`)."""
+    """name -> Markdown of every generated table (``headline``, ``chain``, ``labelled``,
+    ``bench_mas``, ``bench_alignment``, ``bench_accuracy``), from the records :func:`load_records`
+    found (keyed by their path relative to ``runs/``: :data:`CHAIN`, :func:`labelled_paths` and
+    :data:`BENCH`)."""
     chain_records = [runs_records[p] for p in CHAIN.values() if p in runs_records]
     chain_missing = [p for p in CHAIN.values() if p not in runs_records]
     chain = {d: runs_records[p].data for d, p in CHAIN.items() if p in runs_records}
@@ -291,6 +344,13 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
     parts = [f"**{d.upper().replace('->', ' -> ')}, {_cases(s, d)} targets**\n\n{chain_table(s, d)}"
              for d, s in chain.items() if d in s.get("metrics", {})]
     tables["chain"] = _block(chain_records, chain_missing, changed, "\n\n".join(parts) or None)
+
+    curve = {key: path for key, path in labelled_paths().items() if key[1] != "all"}
+    curve_records = [runs_records[p] for p in curve.values() if p in runs_records]
+    points = labelled_points({key: runs_records[p].data for key, p in labelled_paths().items() if p in runs_records})
+    tables["labelled"] = _block(chain_records + curve_records, chain_missing + [p for p in curve.values()
+                                                                                if p not in runs_records],
+                                changed, f"{labelled_table(points)}\n\n{LABELLED_FIGURE}" if curve_records else None)
 
     renderers = {
         "bench_mas": bench_mas_table,
@@ -346,7 +406,7 @@ def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo
     Raises:
         CmmasError: a page is missing or its markers are malformed; a record is not JSON.
     """
-    records = load_records(runs, [*CHAIN.values(), *BENCH.values()])
+    records = load_records(runs, [*CHAIN.values(), *labelled_paths().values(), *BENCH.values()])
     answers: dict[str, bool | None] = {}
 
     def changed(commit: str) -> bool | None:
@@ -362,6 +422,16 @@ def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo
         text = page.read_text(encoding="utf-8")
         out[page] = (text, replace_blocks(text, tables, page))
     return out
+
+
+def labelled_curve_points(runs: str | os.PathLike) -> dict[str, dict[str, list[tuple]]]:
+    """:func:`labelled_points` of the labelled-curve runs found under ``runs`` (empty when the
+    curve's own runs, ``LABELLED=K``, are absent: the full chain alone is no curve)."""
+    paths = labelled_paths()
+    records = load_records(runs, list(paths.values()))
+    if not any(key[1] != "all" and path in records for key, path in paths.items()):
+        return {}
+    return labelled_points({key: records[path].data for key, path in paths.items() if path in records})
 
 
 def statuses(text: str) -> dict[str, str]:
