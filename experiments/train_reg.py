@@ -6,7 +6,11 @@ the original cmmas's: Adam 1e-3 decayed x0.96 every 100 steps (staircase), 1503 
 c0 4, the multi-scale Dice loss in both directions plus 0.1 x cycle consistency. Two defaults are
 ours (docs/fidelity.md): the network (--arch cmmas, 4 levels; --arch original is the original's
 5-level design, cmmas.nn.original) and one random affine per pair applied to atlas and target
-alike (--augment_mode pair; --augment_mode image draws the original's, one per image). The
+alike (--augment_mode pair; --augment_mode image draws the original's, one per image).
+--labelmix P gives each image, with probability P, a random contrast drawn from its label map
+(cmmas.nn.labelmix: the network cannot learn the training scans' intensities); --pairs atlas_only
+trains on pairs of atlas-modality scans only, each side with its own random contrast, so that a
+model exists before any scan of the target modality is labelled (the model card records it). The
 architecture is saved in model.keras (and config.json), so evaluate and `cmmas segment` load it
 as trained. --simnet_holdout=K withholds the last K
 atlases and targets from BiRegNet, as the original (4), so that SimNet trains on warps of cases
@@ -59,6 +63,12 @@ flags.DEFINE_bool("augment", True, "Random affine augmentation (see --augment_mo
 flags.DEFINE_enum("augment_mode", "pair", ["pair", "image"], "pair: one random affine per pair, applied to atlas "
                   "and target alike (ours); image: an independent random affine per image, the original's "
                   "(corners moved by up to 0.1 of the half-extent; the --aug_* ranges are then unused).")
+flags.DEFINE_float("labelmix", None, "Probability, per image, of a random contrast drawn from its label map "
+                   "(cmmas.nn.labelmix), atlas and target independently (default 0; 1 with --pairs atlas_only).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("pairs", "cross", ["cross", "atlas_only"], "cross: atlases x labelled training scans of "
+                  "--target_modality; atlas_only: pairs of atlas-modality scans, each side given its own random "
+                  "contrast (--labelmix), no labelled scan of the target modality used (SynthMorph's setting).")
 flags.DEFINE_integer("simnet_holdout", 0, "Withhold the last K training atlases and targets (natural id order) "
                      "from BiRegNet, for SimNet's training pairs (the original: 4).", lower_bound=0)
 flags.DEFINE_float("aug_rotation", 10.0, "Largest augmentation rotation about each axis, degrees.", lower_bound=0.0)
@@ -75,6 +85,7 @@ flags.mark_flags_as_required(["out"])
 
 
 def _run() -> int:
+    import dataclasses
     import random
 
     import numpy as np
@@ -82,7 +93,7 @@ def _run() -> int:
     from cmmas.register import biregnet
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.datasets import splits
-    from cmmas.errors import AtlasSetError
+    from cmmas.errors import AtlasSetError, CmmasError
     from cmmas.align.cards import card_from_atlas_set
     from cmmas.nn.networks import ARCH_LEVELS
 
@@ -95,9 +106,15 @@ def _run() -> int:
             aset.root, f"working grid is {aset.geometry.shape} but --shape is {shape}; pass --shape "
             f"{','.join(map(str, aset.geometry.shape))} or prepare the atlas set at {shape}"
         )
+    labelmix = FLAGS.labelmix if FLAGS.labelmix is not None else float(FLAGS.pairs == "atlas_only")
+    if FLAGS.pairs == "atlas_only" and labelmix == 0:
+        raise CmmasError("--labelmix", "--pairs atlas_only needs random contrasts (--labelmix > 0): without them "
+                         "BiRegNet would learn the atlas modality against itself")
     atlas_ids = aset.ids(modality=FLAGS.atlas_modality, role="train", labelled=True)
-    target_ids = labelled_targets(aset.ids(modality=FLAGS.target_modality, role="train", labelled=True))
-    for ids, modality in ((atlas_ids, FLAGS.atlas_modality), (target_ids, FLAGS.target_modality)):
+    target_modality = FLAGS.atlas_modality if FLAGS.pairs == "atlas_only" else FLAGS.target_modality
+    target_ids = aset.ids(modality=target_modality, role="train", labelled=True)
+    target_ids = target_ids if FLAGS.pairs == "atlas_only" else labelled_targets(target_ids)
+    for ids, modality in ((atlas_ids, FLAGS.atlas_modality), (target_ids, target_modality)):
         if not ids:
             raise AtlasSetError(aset.root, f"no labelled train case of modality {modality!r}")
     if FLAGS.simnet_holdout:
@@ -112,16 +129,18 @@ def _run() -> int:
         decay_steps=FLAGS.decay_steps,
         steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch, augment=FLAGS.augment,
         augment_mode=FLAGS.augment_mode, aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale,
-        aug_shift=FLAGS.aug_shift, seed=FLAGS.seed,
+        aug_shift=FLAGS.aug_shift, labelmix=labelmix, seed=FLAGS.seed,
     )
     atlas_images, atlas_labels = aset.arrays(atlas_ids)
     target_images, target_labels = aset.arrays(target_ids)
     print(f"train_reg: {len(atlas_ids)} {FLAGS.atlas_modality} atlases x {len(target_ids)} "
-          f"{FLAGS.target_modality} targets at {shape}, {config.steps} steps of batch {config.batch}")
+          f"{target_modality} targets at {shape}, {config.steps} steps of batch {config.batch}"
+          + (f", random contrasts (labelmix {labelmix:g})" if labelmix else ""))
     path = biregnet.train(
         config, atlas_images, atlas_labels, target_images, target_labels, sorted(aset.labels), FLAGS.out,
         strategy=FLAGS.strategy, progress=FLAGS.progress, init_weights=FLAGS.init_weights,
-        card=card_from_atlas_set(aset, "biregnet", FLAGS.atlas_modality, FLAGS.target_modality),
+        card=dataclasses.replace(card_from_atlas_set(aset, "biregnet", FLAGS.atlas_modality, FLAGS.target_modality),
+                                 training_pairs=FLAGS.pairs),
     )
     print(f"train_reg: model written to {path}")
     return 0

@@ -26,8 +26,8 @@ def _blob(seed: int) -> np.ndarray:
     return ((((z - c[0]) / 5.0) ** 2 + ((y - c[1]) / 4.0) ** 2 + ((x - c[2]) / 3.5) ** 2) <= 1).astype(np.int32)
 
 
-def _trainer(mode: str) -> biregnet.BiRegNetTrainer:
-    config = biregnet.RegConfig(shape_zyx=(N, N, N), levels=2, augment_mode=mode, seed=3)
+def _trainer(mode: str, labelmix: float = 0.0) -> biregnet.BiRegNetTrainer:
+    config = biregnet.RegConfig(shape_zyx=(N, N, N), levels=2, augment_mode=mode, labelmix=labelmix, seed=3)
     trainer = biregnet.BiRegNetTrainer(build_biregnet((N, N, N), levels=2), config)
     trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
     return trainer
@@ -65,6 +65,22 @@ def test_labels_follow_their_images_and_only_image_mode_moves_them_apart(mode):
         assert differ > 0.5  # an independent affine per image
 
 
+def test_labelmix_changes_each_side_s_contrast_on_its_own_and_keeps_the_labels():
+    foreground = np.stack([_blob(1), _blob(2), _blob(3), _blob(4)])
+    image = (0.2 + 0.6 * foreground[..., None]).astype(np.float32)
+    label = biregnet.one_hot(foreground, TABLE)
+    data = {"atlas": image, "target": image, "atlas_label": label, "target_label": label}
+    out = _trainer("pair", labelmix=1.0)._randomise(data)
+    again = _trainer("pair", labelmix=1.0)._randomise(data)
+    for side in ("atlas", "target"):
+        assert out[f"{side}_label"] is data[f"{side}_label"]
+        assert np.array_equal(out[side].numpy(), again[side].numpy())
+        assert np.abs(out[side].numpy() - image).max() > 0.2
+    assert np.abs(out["atlas"].numpy() - out["target"].numpy()).max() > 0.2, "drawn independently"
+    with pytest.raises(ModelError, match="labelmix must be a probability"):
+        biregnet.RegConfig(labelmix=1.5)
+
+
 def test_config_rejects_unknown_modes_and_architectures():
     with pytest.raises(ModelError, match="augment_mode"):
         biregnet.RegConfig(augment_mode="both")
@@ -88,3 +104,19 @@ def test_the_original_architecture_is_trained_saved_and_loaded_as_such(tmp_path)
     assert sorted(w.name for w in loaded.layers) == sorted(w.name for w in original.layers)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["arch"] == "original" and saved["augment_mode"] == "image"
+
+
+def test_train_reg_atlas_only_trains_without_the_target_modality_and_says_so(phantom, tmp_path):
+    from scripts import run_experiment
+
+    args = [f"--atlas_set={phantom.aset.root}", "--shape=24", "--levels=2", "--c0=4", "--steps=2",
+            "--steps_per_epoch=2", "--batch=2", "--atlas_modality=ct", "--target_modality=mr", "--progress=false"]
+    done = run_experiment("train_reg", *args, "--pairs=atlas_only", f"--out={tmp_path / 'reg'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 ct atlases x 3 ct targets" in done.stdout and "random contrasts (labelmix 1)" in done.stdout
+    card = json.loads((tmp_path / "reg" / "model.keras.json").read_text())
+    assert (card["training_pairs"], card["target_modality"]) == ("atlas_only", "mr")
+    assert json.loads((tmp_path / "reg" / "config.json").read_text())["labelmix"] == 1.0
+    refused = run_experiment("train_reg", *args, "--pairs=atlas_only", "--labelmix=0", f"--out={tmp_path / 'no'}")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "--pairs atlas_only needs random contrasts" in refused.stderr.strip().splitlines()[-1]

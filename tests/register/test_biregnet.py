@@ -445,6 +445,8 @@ def test_train_reg_flag_defaults_are_the_config_defaults():
     for field in biregnet.RegConfig.__dataclass_fields__:
         if field == "shape_zyx":
             assert parse_shape(script.FLAGS["shape"].default) == defaults.shape_zyx
+        elif field == "labelmix":  # None: 0, or 1 with --pairs atlas_only
+            assert script.FLAGS["labelmix"].default is None and defaults.labelmix == 0.0
         elif field == "levels":  # None: the architecture's, which for the default one is the config's
             assert script.FLAGS["levels"].default is None
             assert ARCH_LEVELS[script.FLAGS["arch"].default] == defaults.levels

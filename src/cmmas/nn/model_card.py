@@ -30,6 +30,11 @@ VERSION = 1
 #: The kinds of network a card describes, and their names in messages.
 KINDS = {"biregnet": "BiRegNet", "simnet": "SimNet", "dlf": "Deep Label Fusion network", "unet": "U-Net"}
 
+#: What a registration network can be trained on: "cross", atlases x labelled scans of the
+#: target modality; "atlas_only", pairs of atlas-modality scans each given a random contrast
+#: (:mod:`cmmas.nn.labelmix`): no labelled scan of the target modality used.
+TRAINING_PAIRS = ("cross", "atlas_only")
+
 #: Two spacings closer than this (mm, per axis) are the same.
 SPACING_TOLERANCE_MM = 1e-3
 
@@ -51,6 +56,8 @@ class ModelCard:
         created: when the card was made, ISO 8601, UTC.
         version: the card's layout version.
         atlas_count: atlases per target the network was trained with (DLF; None for the others).
+        training_pairs: what BiRegNet was trained on (:data:`TRAINING_PAIRS`; None: not recorded,
+            a card made before the zero-label mode, i.e. "cross").
     """
 
     kind: str
@@ -65,6 +72,7 @@ class ModelCard:
     created: str
     version: int = VERSION
     atlas_count: int | None = None
+    training_pairs: str | None = None
 
     def to_json(self) -> str:
         """Serialise (label codes become strings, as JSON keys must)."""
@@ -82,6 +90,9 @@ class ModelCard:
             if data["kind"] not in KINDS:
                 raise ModelError(source, f"model card of unknown kind {data['kind']!r}; "
                                          f"expected one of {sorted(KINDS)}")
+            if data.get("training_pairs") not in (None, *TRAINING_PAIRS):
+                raise ModelError(source, f"model card training_pairs {data['training_pairs']!r} is not one of "
+                                         f"{TRAINING_PAIRS}")
             shape, spacing = tuple(int(n) for n in data["shape_zyx"]), tuple(float(s) for s in data["spacing_zyx"])
             if len(shape) != 3 or len(spacing) != 3:
                 raise ModelError(source, f"model card grid {shape} at {spacing} mm is not three-dimensional")
@@ -97,6 +108,7 @@ class ModelCard:
                 training_set=str(data["training_set"]),
                 created=str(data["created"]),
                 atlas_count=None if data.get("atlas_count") is None else int(data["atlas_count"]),
+                training_pairs=data.get("training_pairs"),
             )
         except ModelError:
             raise

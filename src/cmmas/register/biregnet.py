@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from cmmas.errors import CmmasError, GeometryError, LabelError, ModelError
 from cmmas.io import atomic_write_text
+from cmmas.nn.labelmix import randomise_some
 from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.losses import Grad, LocalNCC, MindDistance, MultiScaleDice, MutualInformation, NegativeJacobian
@@ -118,6 +119,9 @@ class RegConfig:
         aug_rotation: largest rotation about each array axis, degrees.
         aug_scale: largest relative scale change per axis.
         aug_shift: largest translation per axis, voxels of the working grid.
+        labelmix: probability, per image, that its intensities are replaced by a random contrast
+            drawn from its label map (:mod:`cmmas.nn.labelmix`), atlas and target drawn
+            independently, after the affine augmentation (0: off). The losses are unchanged.
         seed: seeds initial weights, pair sampling and augmentation.
     """
 
@@ -142,6 +146,7 @@ class RegConfig:
     aug_rotation: float = AUG_MAX_ROTATION_DEG
     aug_scale: float = AUG_MAX_SCALE
     aug_shift: float = AUG_MAX_SHIFT_VOX
+    labelmix: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -162,6 +167,8 @@ class RegConfig:
                      "aug_shift"):
             if float(getattr(self, name)) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.labelmix <= 1.0:
+            problems.append(f"labelmix must be a probability in [0, 1], got {self.labelmix}")
         if not (self.lr > 0 and 0 < self.decay_rate <= 1):
             problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {self.lr}, {self.decay_rate}")
         if problems:
@@ -381,15 +388,28 @@ class BiRegNetTrainer(keras.Model):
         dice = -self._dice(target_label[..., 1:], moved_labels[:n, ..., 1:])
         return {"loss": loss, "sim": sim, "dice": dice, "consis": consis, "smooth": smooth, "fold": fold}
 
-    def _augment(self, data: dict) -> dict:
-        """``augment_mode`` "pair": one random affine per pair, applied to its atlas and its target
-        alike (one warp); "image": an independent random affine (the original's) for the atlas
-        (with its label) and for the target (with its label)."""
+    def _step_seed(self) -> tf.Tensor:
+        """``[2]`` seed of this step's draws on this replica: (config seed, step x replicas + replica)."""
         context = tf.distribute.get_replica_context()
         replica = 0 if context is None else context.replica_id_in_sync_group
         replicas = self.distribute_strategy.num_replicas_in_sync
         step = tf.cast(self.optimizer.iterations, tf.int64)
-        seed = tf.stack([tf.constant(self.config.seed, tf.int64), step * replicas + tf.cast(replica, tf.int64)])
+        return tf.stack([tf.constant(self.config.seed, tf.int64), step * replicas + tf.cast(replica, tf.int64)])
+
+    def _randomise(self, data: dict) -> dict:
+        """``labelmix``: each atlas and each target, independently, gets a random contrast from
+        its label map with probability ``config.labelmix`` (the labels are not touched)."""
+        seed = tf.random.experimental.stateless_fold_in(self._step_seed(), 1)
+        atlas_seed, target_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        p = self.config.labelmix
+        return {**data, "atlas": randomise_some(data["atlas"], data["atlas_label"], atlas_seed, p),
+                "target": randomise_some(data["target"], data["target_label"], target_seed, p)}
+
+    def _augment(self, data: dict) -> dict:
+        """``augment_mode`` "pair": one random affine per pair, applied to its atlas and its target
+        alike (one warp); "image": an independent random affine (the original's) for the atlas
+        (with its label) and for the target (with its label)."""
+        seed = self._step_seed()
         c = self.config
         if c.augment_mode == "image":
             atlas_seed, target_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -411,6 +431,8 @@ class BiRegNetTrainer(keras.Model):
     def train_step(self, data):
         if self.config.augment:
             data = self._augment(data)
+        if self.config.labelmix > 0:
+            data = self._randomise(data)
         with tf.GradientTape() as tape:
             terms = self.pair_losses(data, training=True)
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
