@@ -15,7 +15,9 @@ Held-out ("test") cases are never used. The schedule defaults are the original S
 decayed x0.96 every 1000 steps, 5003 steps, batch 2); the network (--arch cmmas, 4 levels), the
 augmentation (--augment_mode atlas) and, unless BiRegNet was trained with --simnet_holdout, the
 pairs are not (docs/fidelity.md). --arch original --augment_mode joint --augment_probability 1
---shift_max 4 are the original's; the architecture is saved in simnet.keras.
+--shift_max 4 are the original's; the architecture is saved in simnet.keras. --pairs atlas_only
+takes the targets from the atlas modality too (warped by an atlas-only BiRegNet) and gives each
+target image a random contrast (--labelmix): SimNet without a labelled scan of the target modality.
 Prints the model path.
 
 Example:
@@ -25,18 +27,20 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 from absl import app, flags
 
-from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, labelled_targets,
-                           parse_shape)
+from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, define_training_pairs,
+                           pair_targets, parse_shape)
 
 FLAGS = flags.FLAGS
 
 define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).")
 define_labelled_targets()
+define_training_pairs()
 flags.DEFINE_string("reg_model", None, "Trained BiRegNet (.keras) for the gen step.")
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
@@ -97,10 +101,11 @@ def _run() -> int:
     codes = simnet_fusion.channel_codes(aset.labels)
     shape = parse_shape(FLAGS.shape) if FLAGS.shape else aset.geometry.shape
     atlases = aset.ids(FLAGS.atlas_modality, role="train", labelled=True)
-    targets = labelled_targets(aset.ids(FLAGS.target_modality, role="train", labelled=True))
+    target_modality, targets, labelmix = pair_targets(lambda modality: aset.ids(modality, role="train",
+                                                                                 labelled=True))
     if not atlases or not targets:
-        raise AtlasSetError(aset.root, f"needs labelled training cases of both modalities; found {len(atlases)} "
-                            f"{FLAGS.atlas_modality} atlas(es) and {len(targets)} {FLAGS.target_modality} target(s)")
+        raise AtlasSetError(aset.root, f"needs labelled training atlases and targets; found {len(atlases)} "
+                            f"{FLAGS.atlas_modality} atlas(es) and {len(targets)} {target_modality} target(s)")
 
     if not FLAGS.skip_gen:
         if not FLAGS.reg_model:
@@ -116,12 +121,14 @@ def _run() -> int:
         augment=FLAGS.augment, augment_mode=FLAGS.augment_mode, augment_probability=FLAGS.augment_probability,
         shift_max=FLAGS.shift_max,
         rotation_max=FLAGS.rotation_max, translation_max=FLAGS.translation_max,
-        scale_range=(FLAGS.scale_min, FLAGS.scale_max), seed=FLAGS.seed)
+        scale_range=(FLAGS.scale_min, FLAGS.scale_max), labelmix=labelmix, seed=FLAGS.seed)
     pairs = training_pairs.load_pairs(cache, targets)
     print(f"train_fusion: training SimNet on {pairs.n_pairs} pairs for {config.steps} steps into {out}")
     path = simnet_train.train(config, pairs, codes, out, strategy=FLAGS.strategy, progress=FLAGS.progress,
                             init_weights=FLAGS.init_weights,
-                            card=card_from_atlas_set(aset, "simnet", FLAGS.atlas_modality, FLAGS.target_modality))
+                            card=dataclasses.replace(card_from_atlas_set(aset, "simnet", FLAGS.atlas_modality,
+                                                                         FLAGS.target_modality),
+                                                     training_pairs=FLAGS.pairs))
     print(path)
     return 0
 

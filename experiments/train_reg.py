@@ -29,13 +29,14 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, labelled_targets,
-                           parse_shape)
+from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, define_training_pairs,
+                           pair_targets, parse_shape)
 
 FLAGS = flags.FLAGS
 
 define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).")
 define_labelled_targets()
+define_training_pairs()
 flags.DEFINE_string("atlas_modality", "ct", "Modality of the atlases.")
 flags.DEFINE_string("target_modality", "mr", "Modality of the targets.")
 flags.DEFINE_string("out", None, "Run folder (model.keras, history.csv, ...).")
@@ -63,12 +64,6 @@ flags.DEFINE_bool("augment", True, "Random affine augmentation (see --augment_mo
 flags.DEFINE_enum("augment_mode", "pair", ["pair", "image"], "pair: one random affine per pair, applied to atlas "
                   "and target alike (ours); image: an independent random affine per image, the original's "
                   "(corners moved by up to 0.1 of the half-extent; the --aug_* ranges are then unused).")
-flags.DEFINE_float("labelmix", None, "Probability, per image, of a random contrast drawn from its label map "
-                   "(cmmas.nn.labelmix), atlas and target independently (default 0; 1 with --pairs atlas_only).",
-                   lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_enum("pairs", "cross", ["cross", "atlas_only"], "cross: atlases x labelled training scans of "
-                  "--target_modality; atlas_only: pairs of atlas-modality scans, each side given its own random "
-                  "contrast (--labelmix), no labelled scan of the target modality used (SynthMorph's setting).")
 flags.DEFINE_integer("simnet_holdout", 0, "Withhold the last K training atlases and targets (natural id order) "
                      "from BiRegNet, for SimNet's training pairs (the original: 4).", lower_bound=0)
 flags.DEFINE_float("aug_rotation", 10.0, "Largest augmentation rotation about each axis, degrees.", lower_bound=0.0)
@@ -93,7 +88,7 @@ def _run() -> int:
     from cmmas.register import biregnet
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.datasets import splits
-    from cmmas.errors import AtlasSetError, CmmasError
+    from cmmas.errors import AtlasSetError
     from cmmas.align.cards import card_from_atlas_set
     from cmmas.nn.networks import ARCH_LEVELS
 
@@ -106,14 +101,9 @@ def _run() -> int:
             aset.root, f"working grid is {aset.geometry.shape} but --shape is {shape}; pass --shape "
             f"{','.join(map(str, aset.geometry.shape))} or prepare the atlas set at {shape}"
         )
-    labelmix = FLAGS.labelmix if FLAGS.labelmix is not None else float(FLAGS.pairs == "atlas_only")
-    if FLAGS.pairs == "atlas_only" and labelmix == 0:
-        raise CmmasError("--labelmix", "--pairs atlas_only needs random contrasts (--labelmix > 0): without them "
-                         "BiRegNet would learn the atlas modality against itself")
     atlas_ids = aset.ids(modality=FLAGS.atlas_modality, role="train", labelled=True)
-    target_modality = FLAGS.atlas_modality if FLAGS.pairs == "atlas_only" else FLAGS.target_modality
-    target_ids = aset.ids(modality=target_modality, role="train", labelled=True)
-    target_ids = target_ids if FLAGS.pairs == "atlas_only" else labelled_targets(target_ids)
+    target_modality, target_ids, labelmix = pair_targets(
+        lambda modality: aset.ids(modality=modality, role="train", labelled=True))
     for ids, modality in ((atlas_ids, FLAGS.atlas_modality), (target_ids, target_modality)):
         if not ids:
             raise AtlasSetError(aset.root, f"no labelled train case of modality {modality!r}")

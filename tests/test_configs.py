@@ -43,10 +43,10 @@ def test_every_experiment_has_a_flagfile_per_stage():
 
 
 @pytest.mark.parametrize("exp, stage", _flagfiles())
-def test_flagfile_parses_in_its_stage_script(exp, stage, tmp_path):
+def test_flagfile_parses_in_its_stage_script(exp, stage):
     args = {**STAGE_ARGS, **OPTIONAL_STAGE_ARGS}[stage]
     done = run_experiment(stage, f"--flagfile={CONFIGS / exp / f'{stage}.flags'}", *args, *MODS,
-                          "--only_check_args", cwd=tmp_path)
+                          "--only_check_args")  # from the repository root, as the Makefile (nested --flagfile paths)
     assert done.returncode == 0, done.stderr[-2000:]
 
 

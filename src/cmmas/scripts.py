@@ -78,6 +78,38 @@ def labelled_targets(ids: Sequence[str]) -> list[str]:
     return list(ids[: FLAGS.labelled_targets] if FLAGS.labelled_targets else ids)
 
 
+def define_training_pairs() -> None:
+    """``--pairs cross|atlas_only`` and ``--labelmix P``: what a registration or SimNet network
+    trains on (:data:`cmmas.nn.model_card.TRAINING_PAIRS`) and how often an image gets a random
+    contrast from its label map (:mod:`cmmas.nn.labelmix`)."""
+    flags.DEFINE_enum("pairs", "cross", ["cross", "atlas_only"], "cross: atlases x labelled training scans of "
+                      "--target_modality; atlas_only: atlas-modality scans as targets too, each image given its own "
+                      "random contrast (--labelmix): no labelled scan of the target modality used (SynthMorph's "
+                      "setting).", module_name=sys.argv[0])
+    flags.DEFINE_float("labelmix", None, "Probability, per image, of a random contrast drawn from its label map "
+                       "(cmmas.nn.labelmix), each image independently (default 0; 1 with --pairs atlas_only).",
+                       lower_bound=0.0, upper_bound=1.0, module_name=sys.argv[0])
+
+
+def pair_targets(ids_of: Callable[[str], Sequence[str]]) -> tuple[str, list[str], float]:
+    """The training targets that ``--pairs`` and ``--labelmix`` ask for: (their modality, their
+    ids, the labelmix probability). ``ids_of(modality)`` lists a modality's labelled training
+    cases; cross: ``--target_modality``'s, cut by ``--labelled_targets``; atlas_only:
+    ``--atlas_modality``'s, all of them.
+
+    Raises:
+        CmmasError: ``--pairs atlas_only`` with ``--labelmix 0``.
+    """
+    atlas_only = FLAGS.pairs == "atlas_only"
+    labelmix = FLAGS.labelmix if FLAGS.labelmix is not None else float(atlas_only)
+    if atlas_only and labelmix == 0:
+        raise CmmasError("--labelmix", "--pairs atlas_only needs random contrasts (--labelmix > 0): without them "
+                         "the network would learn the atlas modality against itself")
+    modality = FLAGS.atlas_modality if atlas_only else FLAGS.target_modality
+    ids = list(ids_of(modality))
+    return modality, ids if atlas_only else labelled_targets(ids), labelmix
+
+
 def _three(text: str | float, convert, flag: str, what: str) -> list:
     """One value or three comma-separated ones, converted; one value stands for all three axes."""
     try:

@@ -40,8 +40,9 @@ CHAIN = {"ct->mr": "abdomen/ct2mr/fold1/eval/summary.json", "mr->ct": "abdomen/m
 BENCH = {"bench_mas": "bench_mas/bench_mas.json", "bench_alignment": "bench_alignment/bench_alignment.json",
          "bench_accuracy": "bench_accuracy/bench_accuracy.json"}
 #: The labelled-scan curve (DLF issue): ``make reproduce-abdomen LABELLED=K`` leaves its evaluations
-#: under ``runs/abdomen-labelledK``; "all" is the full chain's (:data:`CHAIN`).
-LABELLED_COUNTS = (2, 4, "all")
+#: under ``runs/abdomen-labelledK``, ``SETTING=zero`` (no labelled scan) under ``runs/abdomen-zero``;
+#: "all" is the full chain's (:data:`CHAIN`).
+LABELLED_COUNTS = (0, 2, 4, "all")
 #: The curve's figure under its table (written by experiments/make_results.py, relative to docs/).
 LABELLED_FIGURE = "![Mean (solid) and worst-target (dashed) Dice against the labelled scans](figures/labelled_curve.png)"
 #: Methods compared on the labelled curve, in its column order.
@@ -279,7 +280,8 @@ def labelled_paths() -> dict[tuple[str, int | str], str]:
     out = {}
     for direction, path in CHAIN.items():
         for count in LABELLED_COUNTS:
-            out[(direction, count)] = path if count == "all" else path.replace("abdomen/", f"abdomen-labelled{count}/", 1)
+            run = {"all": "abdomen", 0: "abdomen-zero"}.get(count, f"abdomen-labelled{count}")
+            out[(direction, count)] = path.replace("abdomen/", f"{run}/", 1)
     return out
 
 

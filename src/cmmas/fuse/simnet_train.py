@@ -48,6 +48,7 @@ from cmmas.nn import training
 from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.networks import build_simnet
+from cmmas.nn.labelmix import randomise_some
 from cmmas.register import augment, biregnet
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class SimConfig:
         rotation_max: random rotation about each axis, up to this angle (radians).
         translation_max: random translation along each axis, up to this many voxels.
         scale_range: random isotropic scale factor of the atlas label, uniform in this range.
+        labelmix: probability that a pair's target image gets a random contrast from its label
+            map (:mod:`cmmas.nn.labelmix`), after the augmentation (0: off; the atlas-only mode,
+            whose targets are of the atlas modality, needs it).
         seed: seeds the weights, the sampling of pairs and the augmentation.
     """
 
@@ -119,6 +123,7 @@ class SimConfig:
     rotation_max: float = math.pi / 28
     translation_max: float = 10.0
     scale_range: tuple[float, float] = (0.85, 1.45)
+    labelmix: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -140,6 +145,8 @@ class SimConfig:
             problems.append(f"augment_probability must be in [0, 1], got {self.augment_probability}")
         if self.shift_max < 0 or self.rotation_max < 0 or self.translation_max < 0:
             problems.append("shift_max, rotation_max and translation_max must be >= 0")
+        if not 0 <= self.labelmix <= 1:
+            problems.append(f"labelmix must be a probability in [0, 1], got {self.labelmix}")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             problems.append(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
         if problems:
@@ -311,6 +318,9 @@ class SimNetTrainer(keras.Model):
             image, target, atlas = joint_augmentation(image, target, atlas, self.config, training.step_seed(self.optimizer, self.config.seed))
         elif self.config.augment:
             atlas = random_augmentation(atlas, self.config, training.step_seed(self.optimizer, self.config.seed))
+        if self.config.labelmix > 0:
+            seed = tf.random.experimental.stateless_fold_in(training.step_seed(self.optimizer, self.config.seed), 1)
+            image = randomise_some(image, target, seed, self.config.labelmix)
         agreement = agreement_map(atlas, target)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
