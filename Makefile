@@ -135,16 +135,19 @@ demo: install $(RUN)/data/.done
 # SETTING=paper: the original cmmas's setting (experiments/configs/paper-<data>/: oracle crop per
 # case, the original networks, schedules, augmentations and SimNet hold-out; docs/fidelity.md);
 # SETTING=cmmas: our pipeline (experiments/configs/<data>/). reproduce-mmwhs and reproduce-chaos
-# default to paper, reproduce-abdomen to cmmas (and takes SETTING=zero). MM-WHS in the paper setting runs each structure
-# of COMPONENTS (the original's myocardium 205 and LV 500) into runs/paper-mmwhs-<code>.
+# default to paper, reproduce-abdomen to cmmas (and takes SETTING=zero or labelmix). MM-WHS in the
+# paper setting runs each structure of COMPONENTS (the original's myocardium 205 and LV 500) into
+# runs/paper-mmwhs-<code>.
 SETTING ?= paper
 ABDOMEN_SETTING := $(if $(filter command line,$(origin SETTING)),$(SETTING),cmmas)
 COMPONENTS ?= 205 500
 # reproduce-abdomen's experiment per SETTING; zero: no labelled scan of the target modality
-# (BiRegNet and SimNet trained on atlas-modality pairs given random contrasts, --pairs atlas_only).
+# (BiRegNet and SimNet trained on atlas-modality pairs given random contrasts, --pairs atlas_only);
+# labelmix: the usual training with random contrasts mixed in (--labelmix 0.5).
 ABDOMEN_EXP_paper := paper-abdomen
 ABDOMEN_EXP_cmmas := abdomen
 ABDOMEN_EXP_zero := abdomen-zero
+ABDOMEN_EXP_labelmix := abdomen-labelmix
 SETTINGS := paper cmmas
 check_setting = $(if $(filter $(1),$(SETTINGS)),,$(error SETTING must be paper or cmmas, not '$(1)'))
 
@@ -161,7 +164,7 @@ reproduce-chaos:
 	$(MAKE) --no-print-directory _folds EXP=$(if $(filter paper,$(SETTING)),paper-chaos,chaos)
 
 reproduce-abdomen:
-	$(if $(filter $(ABDOMEN_SETTING),$(SETTINGS) zero),,$(error SETTING must be paper, cmmas or zero, not '$(ABDOMEN_SETTING)'))
+	$(if $(filter $(ABDOMEN_SETTING),$(SETTINGS) zero labelmix),,$(error SETTING must be paper, cmmas, zero or labelmix, not '$(ABDOMEN_SETTING)'))
 	@test -d "$(ABDOMEN)" || { echo "reproduce-abdomen: $(ABDOMEN) not found (the shared real CT/MR abdomen set)" >&2; exit 2; }
 	$(MAKE) --no-print-directory _folds EXP=$(ABDOMEN_EXP_$(ABDOMEN_SETTING)) DATA=$(ABDOMEN) FOLDS="$(ABDOMEN_FOLDS)"
 
