@@ -101,8 +101,7 @@ def _run() -> int:
     codes = simnet_fusion.channel_codes(aset.labels)
     shape = parse_shape(FLAGS.shape) if FLAGS.shape else aset.geometry.shape
     atlases = aset.ids(FLAGS.atlas_modality, role="train", labelled=True)
-    target_modality, targets, labelmix = pair_targets(lambda modality: aset.ids(modality, role="train",
-                                                                                 labelled=True))
+    target_modality, targets, labelmix = pair_targets(aset)
     if not atlases or not targets:
         raise AtlasSetError(aset.root, f"needs labelled training atlases and targets; found {len(atlases)} "
                             f"{FLAGS.atlas_modality} atlas(es) and {len(targets)} {target_modality} target(s)")

@@ -102,15 +102,14 @@ def _run() -> int:
             f"{','.join(map(str, aset.geometry.shape))} or prepare the atlas set at {shape}"
         )
     atlas_ids = aset.ids(modality=FLAGS.atlas_modality, role="train", labelled=True)
-    target_modality, target_ids, labelmix = pair_targets(
-        lambda modality: aset.ids(modality=modality, role="train", labelled=True))
+    target_modality, target_ids, labelmix = pair_targets(aset)
     for ids, modality in ((atlas_ids, FLAGS.atlas_modality), (target_ids, target_modality)):
         if not ids:
             raise AtlasSetError(aset.root, f"no labelled train case of modality {modality!r}")
     if FLAGS.simnet_holdout:
         held = splits.simnet_holdout(atlas_ids, target_ids, FLAGS.simnet_holdout)
         atlas_ids, target_ids = list(held.reg_atlases), list(held.reg_targets)
-        print(f"train_reg: withheld for SimNet: {', '.join(held.held_atlases + held.held_targets)}")
+        print(f"train_reg: withheld for SimNet: {', '.join(dict.fromkeys(held.held_atlases + held.held_targets))}")
     config = biregnet.RegConfig(
         shape_zyx=shape, c0=FLAGS.c0, levels=FLAGS.levels or ARCH_LEVELS[FLAGS.arch], arch=FLAGS.arch,
         diffeomorphic=FLAGS.diffeomorphic,
@@ -131,6 +130,7 @@ def _run() -> int:
         strategy=FLAGS.strategy, progress=FLAGS.progress, init_weights=FLAGS.init_weights,
         card=dataclasses.replace(card_from_atlas_set(aset, "biregnet", FLAGS.atlas_modality, FLAGS.target_modality),
                                  training_pairs=FLAGS.pairs),
+        distinct_pairs=FLAGS.pairs == "atlas_only",
     )
     print(f"train_reg: model written to {path}")
     return 0

@@ -91,22 +91,26 @@ def define_training_pairs() -> None:
                        lower_bound=0.0, upper_bound=1.0, module_name=sys.argv[0])
 
 
-def pair_targets(ids_of: Callable[[str], Sequence[str]]) -> tuple[str, list[str], float]:
-    """The training targets that ``--pairs`` and ``--labelmix`` ask for: (their modality, their
-    ids, the labelmix probability). ``ids_of(modality)`` lists a modality's labelled training
-    cases; cross: ``--target_modality``'s, cut by ``--labelled_targets``; atlas_only:
-    ``--atlas_modality``'s, all of them.
+def pair_targets(aset) -> tuple[str, list[str], float]:
+    """The training targets that ``--pairs`` and ``--labelmix`` ask for in the prepared atlas set
+    ``aset`` (:class:`cmmas.align.atlas_set.AtlasSet`): (their modality, their ids, the labelmix
+    probability). cross: ``--target_modality``'s labelled training cases, cut by
+    ``--labelled_targets``; atlas_only: ``--atlas_modality``'s, all of them.
 
     Raises:
-        CmmasError: ``--pairs atlas_only`` with ``--labelmix 0``.
+        CmmasError: ``--pairs atlas_only`` with ``--labelmix 0``; labelmix on a z-scored (oracle)
+            atlas set (the randomisation reads intensities in [0, 1]).
     """
     atlas_only = FLAGS.pairs == "atlas_only"
     labelmix = FLAGS.labelmix if FLAGS.labelmix is not None else float(atlas_only)
     if atlas_only and labelmix == 0:
         raise CmmasError("--labelmix", "--pairs atlas_only needs random contrasts (--labelmix > 0): without them "
                          "the network would learn the atlas modality against itself")
+    if labelmix and aset.manifest.oracle:
+        raise CmmasError("--labelmix", f"the atlas set {aset.root} is z-scored (oracle crops); the random contrasts "
+                         "read intensities in [0, 1]: use a reference-mode atlas set")
     modality = FLAGS.atlas_modality if atlas_only else FLAGS.target_modality
-    ids = list(ids_of(modality))
+    ids = list(aset.ids(modality, role="train", labelled=True))
     return modality, ids if atlas_only else labelled_targets(ids), labelmix
 
 

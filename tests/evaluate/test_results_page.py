@@ -141,7 +141,8 @@ def test_labelled_curve_reads_each_count_run_and_draws_its_figure(tmp_path):
     assert "`runs/abdomen-labelled2/ct2mr/fold1/eval/summary.json`: commit eeeeeeeeee (current)" in block
     assert "`runs/abdomen-labelled4/ct2mr/fold1/eval/summary.json`: not run at this commit" in block
     assert block.endswith(page.LABELLED_FIGURE)
-    png = labelled_curve(points, tmp_path / "curve.png")
+    png = labelled_curve({"ct->mr": {"dlf": [("all", 0.8, 0.7), (2, 0.6, 0.5)], "jlf_tf": [(0, 0.5, 0.4)]}},
+                         tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(CmmasError, match="no labelled-curve point"):
         labelled_curve({}, tmp_path / "none.png")

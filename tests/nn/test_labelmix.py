@@ -98,3 +98,13 @@ def test_randomise_some_keeps_the_others_and_is_deterministic(phantom):
 def test_bad_ranges_are_refused_in_one_line():
     with pytest.raises(CmmasError, match="background_clusters must be an integer >= 1.*noise_max must be >= 0"):
         LabelMix(background_clusters=0, noise_max=-1)
+
+
+def test_the_blur_keeps_a_constant_image_constant_to_its_edges():
+    from cmmas.nn.labelmix import _blur
+
+    flat = tf.fill([2, 6, 7, 8, 1], 0.8)
+    out = _blur(flat, tf.constant([1.0, 0.0])).numpy()
+    np.testing.assert_allclose(out, 0.8, atol=1e-6)
+    with pytest.raises(CmmasError, match="blur_max must be <= 1"):
+        LabelMix(blur_max=2.0)

@@ -120,3 +120,11 @@ def test_train_reg_atlas_only_trains_without_the_target_modality_and_says_so(pha
     refused = run_experiment("train_reg", *args, "--pairs=atlas_only", "--labelmix=0", f"--out={tmp_path / 'no'}")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "--pairs atlas_only needs random contrasts" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_distinct_pairs_never_pair_a_case_with_itself():
+    images = np.stack([np.full((N, N, N), k, np.float32) for k in range(3)])
+    onehot = biregnet.one_hot(np.zeros((3, N, N, N), np.int32), TABLE)
+    stream = biregnet.pair_dataset(images, onehot, images, onehot, batch=4, seed=0, distinct=True)
+    pairs = [(int(b["atlas"][i, 0, 0, 0, 0]), int(b["target"][i, 0, 0, 0, 0])) for b in stream.take(12) for i in range(4)]
+    assert all(a != t for a, t in pairs) and len(set(pairs)) == 6

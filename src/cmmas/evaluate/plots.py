@@ -110,13 +110,14 @@ def boxplot(rows: Sequence[dict], metric: str, out_png: str | os.PathLike, title
 
 
 def labelled_curve(points: Mapping[str, Mapping[str, Sequence[tuple]]], out_png: str | os.PathLike) -> Path:
-    """Mean Dice (solid) and worst target (dashed) per method against the number of labelled
-    target-modality training scans, one panel per direction.
+    """Mean Dice (solid) and worst target (dashed), in [0, 1], per method against the number of
+    labelled target-modality training scans, one panel per direction; a method keeps its colour
+    across panels.
 
     Args:
         points: direction -> method -> ``[(labelled count, mean Dice, worst target's Dice), ...]``
-            (:func:`cmmas.evaluate.results_page.labelled_points`); counts are drawn as categories in
-            their given order ("all" included).
+            (:func:`cmmas.evaluate.results_page.labelled_points`); the counts are categories on the
+            x axis, numbers ascending, then words ("all").
         out_png: output file.
 
     Raises:
@@ -127,12 +128,16 @@ def labelled_curve(points: Mapping[str, Mapping[str, Sequence[tuple]]], out_png:
     plt = _pyplot()
     colours = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 3.8), squeeze=False)
+    counts = sorted({c for methods in points.values() for series in methods.values() for c, _, _ in series},
+                    key=lambda c: (isinstance(c, str), 0 if isinstance(c, str) else c, str(c)))
+    names = _ordered(m for methods in points.values() for m in methods)
     for ax, (direction, methods) in zip(axes[0], points.items()):
-        counts = _ordered(c for series in methods.values() for c, _, _ in series)
-        for k, (method, series) in enumerate(methods.items()):
+        for method, series in methods.items():
+            colour = colours(names.index(method) % 10)
+            series = sorted(series, key=lambda point: counts.index(point[0]))
             x = [counts.index(c) for c, _, _ in series]
-            ax.plot(x, [m for _, m, _ in series], "-o", color=colours(k % 10), label=f"{method} mean")
-            ax.plot(x, [w for _, _, w in series], "--", marker=".", color=colours(k % 10), alpha=0.7,
+            ax.plot(x, [m for _, m, _ in series], "-o", color=colour, label=f"{method} mean")
+            ax.plot(x, [w for _, _, w in series], "--", marker=".", color=colour, alpha=0.7,
                     label=f"{method} worst target")
         ax.set_xticks(range(len(counts)))
         ax.set_xticklabels([str(c) for c in counts])

@@ -45,10 +45,10 @@ from cmmas.fuse.simnet import channel_codes
 from cmmas.fuse.pairs import TrainingPairs, load_pairs
 from cmmas.io import atomic_path, atomic_write_text
 from cmmas.nn import training
+from cmmas.nn.labelmix import randomise_some
 from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.networks import build_simnet
-from cmmas.nn.labelmix import randomise_some
 from cmmas.register import augment, biregnet
 
 logger = logging.getLogger(__name__)

@@ -61,11 +61,14 @@ class LabelMix:
         for name in ("bias_std", "gamma_std", "blur_max", "noise_max"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.blur_max > BLUR_RADIUS / 2:
+            problems.append(f"blur_max must be <= {BLUR_RADIUS / 2:g} voxels (the kernel's radius is {BLUR_RADIUS}), "
+                            f"got {self.blur_max}")
         if problems:
             raise CmmasError("LabelMix", "; ".join(problems))
 
 
-def class_masks(images, one_hot, clusters: int) -> tf.Tensor:
+def class_masks(images: tf.Tensor, one_hot: tf.Tensor, clusters: int) -> tf.Tensor:
     """The classes of step 1 as soft masks ``[B, D, H, W, clusters + L - 1]`` summing to the label
     map's sum (1 for a one-hot map): the background (channel 0) split by intensity into
     ``clusters`` bins of [0, 1] centred at ``(k + 0.5) / clusters`` (a voxel's membership a
@@ -77,7 +80,7 @@ def class_masks(images, one_hot, clusters: int) -> tf.Tensor:
     return tf.concat([one_hot[..., :1] * membership, one_hot[..., 1:]], axis=-1)
 
 
-def bezier_curves(x, controls) -> tf.Tensor:
+def bezier_curves(x: tf.Tensor, controls: tf.Tensor) -> tf.Tensor:
     """Each class's cubic Bezier curve at the intensities ``x`` ``[B, D, H, W, 1]`` (in [0, 1]),
     from control values ``controls`` ``[B, C, 4]``: ``[B, D, H, W, C]``."""
     t = tf.clip_by_value(x, 0.0, 1.0)
@@ -94,7 +97,8 @@ def _min_max(y) -> tf.Tensor:
 
 def _blur(y, sigma) -> tf.Tensor:
     """Separable Gaussian of standard deviation ``sigma`` ``[B]`` (voxels; 0: unchanged) on
-    ``[B, D, H, W, 1]``, each item its own: the batch runs as channels of a diagonal kernel."""
+    ``[B, D, H, W, 1]``, each item its own: the batch runs as channels of a diagonal kernel. The
+    edges are mirrored (zero padding would darken a rim that the final min-max then stretches)."""
     offsets = tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=y.dtype)
     safe = tf.maximum(sigma, 1e-3)[:, None]
     weights = tf.exp(-0.5 * (offsets[None] / safe) ** 2)
@@ -103,13 +107,15 @@ def _blur(y, sigma) -> tf.Tensor:
     kernel = tf.linalg.diag(tf.transpose(weights))  # [K, B, B]
     x = tf.transpose(y, [4, 1, 2, 3, 0])  # [1, D, H, W, B]
     size = 2 * BLUR_RADIUS + 1
-    for shape in ((size, 1, 1), (1, size, 1), (1, 1, size)):
+    for axis in range(3):
+        shape, pad = [1, 1, 1], [[0, 0]] * 5
+        shape[axis], pad[axis + 1] = size, [BLUR_RADIUS, BLUR_RADIUS]
         k = tf.reshape(kernel, (*shape, tf.shape(kernel)[1], tf.shape(kernel)[2]))
-        x = tf.nn.conv3d(x, k, strides=(1, 1, 1, 1, 1), padding="SAME")
+        x = tf.nn.conv3d(tf.pad(x, pad, mode="SYMMETRIC"), k, strides=(1, 1, 1, 1, 1), padding="VALID")
     return tf.transpose(x, [4, 1, 2, 3, 0])
 
 
-def randomise(images, one_hot, seed, params: LabelMix = LabelMix()) -> tf.Tensor:
+def randomise(images: tf.Tensor, one_hot: tf.Tensor, seed: tf.Tensor, params: LabelMix = LabelMix()) -> tf.Tensor:
     """A random contrast for each image from its label map (module docstring).
 
     Args:
@@ -123,7 +129,7 @@ def randomise(images, one_hot, seed, params: LabelMix = LabelMix()) -> tf.Tensor
     """
     images = tf.cast(images, tf.float32)
     one_hot = tf.cast(one_hot, tf.float32)
-    seeds = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 8))
+    seeds = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 7))
     batch = tf.shape(images)[0]
     masks = class_masks(images, one_hot, params.background_clusters)
     classes = tf.shape(masks)[-1]
@@ -149,7 +155,8 @@ def randomise(images, one_hot, seed, params: LabelMix = LabelMix()) -> tf.Tensor
     return tf.clip_by_value(_min_max(y), 0.0, 1.0)
 
 
-def randomise_some(images, one_hot, seed, probability: float, params: LabelMix = LabelMix()) -> tf.Tensor:
+def randomise_some(images: tf.Tensor, one_hot: tf.Tensor, seed: tf.Tensor, probability: float,
+                   params: LabelMix = LabelMix()) -> tf.Tensor:
     """:func:`randomise` for each image with probability ``probability`` (drawn per image from
     ``seed``), the others returned unchanged. Shapes as :func:`randomise`."""
     images = tf.cast(images, tf.float32)

@@ -56,8 +56,8 @@ class ModelCard:
         created: when the card was made, ISO 8601, UTC.
         version: the card's layout version.
         atlas_count: atlases per target the network was trained with (DLF; None for the others).
-        training_pairs: what BiRegNet was trained on (:data:`TRAINING_PAIRS`; None: not recorded,
-            a card made before the zero-label mode, i.e. "cross").
+        training_pairs: what a BiRegNet or SimNet was trained on (:data:`TRAINING_PAIRS`; None:
+            not recorded, a card made before the zero-label mode, i.e. "cross").
     """
 
     kind: str

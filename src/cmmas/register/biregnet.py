@@ -56,6 +56,7 @@ from cmmas.nn.training import (
     plot_history,
     resume_epoch_of,
     save_model,
+    step_seed,
     training_callbacks,
 )
 from cmmas.register.augment import (
@@ -248,11 +249,14 @@ def pair_dataset(
     batch: int,
     seed: int,
     start: int = 0,
+    distinct: bool = False,
 ) -> "tf.data.Dataset":
     """An infinite stream of random (atlas, target) pairs, batched.
 
     Pair ``k`` (counting from 0) is drawn from ``numpy.random.default_rng([seed, k])``, so the
-    stream is a function of the seed alone and ``start`` resumes it at pair ``start``.
+    stream is a function of the seed alone and ``start`` resumes it at pair ``start``. With
+    ``distinct`` (atlases and targets are the same cases, in the same order: the atlas-only mode)
+    a case is never paired with itself.
 
     Args:
         atlas_images, target_images: ``[N, D, H, W]`` float images.
@@ -273,13 +277,21 @@ def pair_dataset(
         raise GeometryError(
             "target labels", f"shape {target_onehot.shape[1:]} differs from the atlases' {atlas_onehot.shape[1:]}"
         )
+    if distinct and (len(atlas_images) != len(target_images) or len(atlas_images) < 2):
+        raise GeometryError("pairs", f"distinct pairs of one case list need >= 2 cases on both sides, got "
+                                     f"{len(atlas_images)} atlases and {len(target_images)} targets")
     spatial, channels = atlas_images.shape[1:], atlas_onehot.shape[-1]
 
     def pairs():
         k = int(start)
         while True:
             rng = np.random.default_rng([int(seed), k])
-            a, t = int(rng.integers(len(atlas_images))), int(rng.integers(len(target_images)))
+            a = int(rng.integers(len(atlas_images)))
+            if distinct:
+                t = int(rng.integers(len(target_images) - 1))
+                t += t >= a
+            else:
+                t = int(rng.integers(len(target_images)))
             yield {
                 "atlas": atlas_images[a][..., None],
                 "target": target_images[t][..., None],
@@ -388,18 +400,10 @@ class BiRegNetTrainer(keras.Model):
         dice = -self._dice(target_label[..., 1:], moved_labels[:n, ..., 1:])
         return {"loss": loss, "sim": sim, "dice": dice, "consis": consis, "smooth": smooth, "fold": fold}
 
-    def _step_seed(self) -> tf.Tensor:
-        """``[2]`` seed of this step's draws on this replica: (config seed, step x replicas + replica)."""
-        context = tf.distribute.get_replica_context()
-        replica = 0 if context is None else context.replica_id_in_sync_group
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        step = tf.cast(self.optimizer.iterations, tf.int64)
-        return tf.stack([tf.constant(self.config.seed, tf.int64), step * replicas + tf.cast(replica, tf.int64)])
-
     def _randomise(self, data: dict) -> dict:
         """``labelmix``: each atlas and each target, independently, gets a random contrast from
         its label map with probability ``config.labelmix`` (the labels are not touched)."""
-        seed = tf.random.experimental.stateless_fold_in(self._step_seed(), 1)
+        seed = tf.random.experimental.stateless_fold_in(step_seed(self.optimizer, self.config.seed), 1)
         atlas_seed, target_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         p = self.config.labelmix
         return {**data, "atlas": randomise_some(data["atlas"], data["atlas_label"], atlas_seed, p),
@@ -409,7 +413,7 @@ class BiRegNetTrainer(keras.Model):
         """``augment_mode`` "pair": one random affine per pair, applied to its atlas and its target
         alike (one warp); "image": an independent random affine (the original's) for the atlas
         (with its label) and for the target (with its label)."""
-        seed = self._step_seed()
+        seed = step_seed(self.optimizer, self.config.seed)
         c = self.config
         if c.augment_mode == "image":
             atlas_seed, target_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -468,6 +472,7 @@ def train(
     callbacks: Sequence = (),
     init_weights: str | os.PathLike | None = None,
     card: ModelCard | None = None,
+    distinct_pairs: bool = False,
 ) -> Path:
     """Train BiRegNet on random atlas x target pairs; re-running an interrupted call resumes it.
 
@@ -492,6 +497,8 @@ def train(
         card: what the network is trained on (:func:`cmmas.align.cards.card_from_atlas_set`),
             written beside ``model.keras`` (``model.keras.json``); checked against
             ``config.shape_zyx`` before training.
+        distinct_pairs: the atlases and targets are the same cases in the same order (the
+            atlas-only mode): never pair a case with itself.
 
     Returns:
         The path of ``model.keras``.
@@ -513,7 +520,8 @@ def train(
     elif resume_epoch:
         log.info("resuming %s at epoch %d", out, resume_epoch)
     start = resume_epoch * config.steps_per_epoch * config.batch
-    dataset = pair_dataset(atlas_images, atlas_onehot, target_images, target_onehot, config.batch, config.seed, start)
+    dataset = pair_dataset(atlas_images, atlas_onehot, target_images, target_onehot, config.batch, config.seed, start,
+                           distinct=distinct_pairs)
     validation = None
     if val is not None:
         v_atlas, v_atlas_labels, v_target, v_target_labels = val
