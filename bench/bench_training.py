@@ -1,0 +1,210 @@
+"""Where a training step goes: BiRegNet (with and without labelmix), SimNet, DLF and the U-Net at
+the abdomen chain's working grid, on synthetic batches (random blob label maps, images in [0, 1]).
+
+Each network is set up as its trainer builds it (the abdomen configs' widths: BiRegNet c0 4 with
+4 levels, SimNet c0 8, DLF c_vote 8 / c_fine 16 with --atlases per target, the U-Net c 16), then
+four compiled functions are timed, each over --steps calls after --warmup untimed ones:
+  step         the trainer's own train_step, compiled (augmentation, forward, backward, optimizer);
+  augment      its augmentation alone (BiRegNet: the affine and, for labelmix, the contrasts);
+  forward      its loss on the batch (training mode, no gradient);
+  fwd+bwd      the loss and its gradient with respect to every trainable weight.
+Printed per variant: seconds per step (median over the calls), steps per second, the ratio of
+its step time to the first variant's (the reference of this run), and the shares of the step:
+augment, forward, backward (fwd+bwd - forward) and the rest (optimizer update, metrics, call
+overhead: step - augment - fwd+bwd). BiRegNet's input pipeline (pair_dataset: a numpy draw per
+pair, batched and prefetched) is timed per batch beside it. Nothing else should run on the
+machine meanwhile: the ratios are only meaningful within one run.
+
+Example:
+  python bench/bench_training.py --out runs/bench_training
+  python bench/bench_training.py --variants biregnet,biregnet_labelmix --steps 10
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from absl import app, flags
+
+from cmmas.scripts import absl_main, parse_shape, write_bench_json
+
+FLAGS = flags.FLAGS
+
+#: What can be timed, the first given being the run's reference.
+VARIANTS = ("biregnet", "biregnet_labelmix", "simnet", "dlf", "unet")
+
+flags.DEFINE_list("variants", list(VARIANTS), f"Networks to time, the first the reference (of {', '.join(VARIANTS)}).")
+flags.DEFINE_string("shape", "56,48,64", "Working grid in voxels: one integer or z,y,x (the abdomen chain's).")
+flags.DEFINE_integer("batch", 2, "Pairs (targets) per step.", lower_bound=1)
+flags.DEFINE_integer("atlases", 5, "DLF: atlases per target.", lower_bound=1)
+flags.DEFINE_integer("labels", 5, "Label channels, the background included.", lower_bound=2)
+flags.DEFINE_integer("steps", 20, "Timed calls of each function.", lower_bound=1)
+flags.DEFINE_integer("warmup", 3, "Untimed calls first (tracing, allocation).", lower_bound=1)
+flags.DEFINE_string("out", None, "Folder for bench_training.json (the rows printed, with their provenance).")
+
+#: Keys of a variant's row, in the printed order.
+ROW_KEYS = ("step_s", "steps_per_s", "ratio", "augment_share", "forward_share", "backward_share", "rest_share",
+            "data_s")
+
+
+def _median_seconds(fn, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _labels(rng, count: int, shape, n_labels: int):
+    """``count`` label maps ``[count, D, H, W]`` (ints): random ellipsoids of labels 1..L-1."""
+    import numpy as np
+
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float32)
+    out = np.zeros((count, *shape), np.int32)
+    for k in range(count):
+        for label in range(1, n_labels):
+            centre = rng.uniform(0.25, 0.75, 3) * np.asarray(shape)
+            radii = rng.uniform(0.08, 0.2, 3) * np.asarray(shape)
+            out[k][(((grid - centre) / radii) ** 2).sum(-1) <= 1] = label
+    return out
+
+
+def _setup(variant: str, shape, batch: int, atlases: int, n_labels: int, rng):
+    """(trainer, batch of tensors, augmentation fn, loss fn, data fn or None) of one variant."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    seed = tf.constant([0, 0], tf.int64)
+    labels = _labels(rng, batch, shape, n_labels)
+    images = (0.2 + 0.6 * labels / n_labels + 0.05 * rng.standard_normal(labels.shape)).astype(np.float32)
+    if variant.startswith("biregnet"):
+        from cmmas.nn.networks import build_biregnet
+        from cmmas.register import biregnet
+
+        config = biregnet.RegConfig(shape_zyx=shape, batch=batch, labelmix=0.5 if variant.endswith("labelmix") else 0.0)
+        trainer = biregnet.BiRegNetTrainer(build_biregnet(shape, c0=config.c0, levels=config.levels), config)
+        onehot = biregnet.one_hot(labels, tuple(range(n_labels)))
+        data = {"atlas": images[..., None], "target": images[::-1, ..., None].copy(), "atlas_label": onehot,
+                "target_label": onehot[::-1].copy()}
+
+        def augment(d):
+            d = trainer._augment(d)
+            return trainer._randomise(d) if config.labelmix else d
+
+        stream = iter(biregnet.pair_dataset(images, onehot, images, onehot, batch, 0))
+        return trainer, data, augment, lambda d: trainer.pair_losses(d, training=True)["loss"], lambda: next(stream)
+    if variant == "simnet":
+        from cmmas.fuse import simnet_train
+        from cmmas.nn.networks import build_simnet
+
+        config = simnet_train.SimConfig(shape_zyx=shape, c0=8, batch=batch)
+        trainer = simnet_train.SimNetTrainer(build_simnet(shape, n_labels, c0=8), config)
+        onehot = tf.one_hot(labels, n_labels).numpy()
+        data = {"target": images[..., None], "target_label": onehot, "atlas_label": onehot[::-1].copy()}
+
+        def loss(d):
+            outputs = trainer.simnet({"target": d["target"], "atlas_label": d["atlas_label"]}, training=True)
+            agreement = simnet_train.agreement_map(d["atlas_label"], d["target_label"])
+            return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=agreement, logits=outputs["logits"]))
+
+        return trainer, data, lambda d: simnet_train.random_augmentation(d["atlas_label"], config, seed), loss, None
+    from cmmas.fuse import dlf_train
+
+    config = dlf_train.DLFConfig(kind=variant, shape_zyx=shape, batch=batch, atlases=atlases)
+    net = dlf_train.build(config, n_labels)
+    trainer = dlf_train.DLFTrainer(net, config, n_labels)
+    pick = rng.integers(batch, size=(batch, atlases))
+    data = {"target": images[..., None], "target_label": labels.astype(np.int8)}
+    if variant == "dlf":
+        data |= {"atlas_images": images[pick][..., None], "atlas_labels": labels[pick].astype(np.int8)}
+
+    def tensors(d):
+        truth = tf.one_hot(tf.cast(d["target_label"], tf.int32), n_labels)
+        atlas = (tf.cast(d["atlas_images"], tf.float32), tf.one_hot(tf.cast(d["atlas_labels"], tf.int32), n_labels)) \
+            if variant == "dlf" else (None, None)
+        return tf.cast(d["target"], tf.float32), truth, *atlas
+
+    def loss(d):
+        target, truth, atlas_images, atlas_labels = tensors(d)
+        feed = {"target": target, **({"atlas_images": atlas_images, "atlas_labels": atlas_labels}
+                                     if variant == "dlf" else {})}
+        return dlf_train.fusion_loss(net(feed, training=True)["probabilities"], truth, config.ce_weight)[0]
+
+    return trainer, data, lambda d: dlf_train.augment_batch(*tensors(d), config, seed), loss, None
+
+
+def _time_variant(variant: str, rng) -> dict:
+    import keras
+    import tensorflow as tf
+
+    shape = parse_shape(FLAGS.shape)
+    trainer, data, augment, loss, fetch = _setup(variant, shape, FLAGS.batch, FLAGS.atlases, FLAGS.labels, rng)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-4))
+    trainer.optimizer.build(trainer.trainable_variables)
+    batch = {k: tf.constant(v) for k, v in data.items()}
+    variables = trainer.trainable_variables
+
+    @tf.function
+    def forward_backward(d):
+        with tf.GradientTape() as tape:
+            value = loss(d)
+        return tape.gradient(value, variables)
+
+    step_fn, augment_fn, forward_fn = tf.function(trainer.train_step), tf.function(augment), tf.function(loss)
+
+    def materialise(out) -> None:
+        for tensor in tf.nest.flatten(out):
+            if tensor is not None:
+                tensor.numpy()
+
+    timed = {
+        "step": lambda: materialise(step_fn(batch)),
+        "augment": lambda: materialise(augment_fn(batch)),
+        "forward": lambda: materialise(forward_fn(batch)),
+        "fwd+bwd": lambda: materialise(forward_backward(batch)),
+    }
+    seconds = {name: _median_seconds(fn, FLAGS.warmup, FLAGS.steps) for name, fn in timed.items()}
+    data_s = _median_seconds(fetch, FLAGS.warmup, FLAGS.steps) if fetch else None
+    step = seconds["step"]
+    return {"variant": variant, "step_s": step, "steps_per_s": 1.0 / step,
+            "augment_share": seconds["augment"] / step, "forward_share": seconds["forward"] / step,
+            "backward_share": (seconds["fwd+bwd"] - seconds["forward"]) / step,
+            "rest_share": (step - seconds["augment"] - seconds["fwd+bwd"]) / step, "data_s": data_s}
+
+
+def _run() -> int:
+    import numpy as np
+
+    unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+    if unknown or not FLAGS.variants:
+        from cmmas.errors import CmmasError
+
+        raise CmmasError("--variants", f"unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"bench_training: grid {FLAGS.shape}, batch {FLAGS.batch}, median of {FLAGS.steps} calls after "
+          f"{FLAGS.warmup}; shares of the step")
+    print(f"{'variant':<20}{'s/step':>8}{'steps/s':>9}{'x ref':>7}{'augment':>9}{'forward':>9}{'backward':>10}"
+          f"{'rest':>7}{'data s':>8}")
+    for variant in FLAGS.variants:
+        row = _time_variant(variant, rng)
+        row["ratio"] = row["step_s"] / (rows[0]["step_s"] if rows else row["step_s"])
+        rows.append(row)
+        data = f"{row['data_s']:.3f}" if row["data_s"] is not None else "-"
+        print(f"{variant:<20}{row['step_s']:>8.3f}{row['steps_per_s']:>9.2f}{row['ratio']:>7.2f}"
+              f"{row['augment_share']:>9.0%}{row['forward_share']:>9.0%}{row['backward_share']:>10.0%}"
+              f"{row['rest_share']:>7.0%}{data:>8}")
+    if FLAGS.out:
+        from pathlib import Path
+
+        print(f"bench_training: {write_bench_json(Path(FLAGS.out) / 'bench_training.json', rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(absl_main("bench_training", _run))
