@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "cmmas.bundle": 7,
     "cmmas.request": 7,
     "cmmas.evaluate": 8,
+    "cmmas.cohort": 8,
     # the front doors
     "cmmas.cli": 9,
     "cmmas.scripts": 9,

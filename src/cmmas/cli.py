@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _prepare_parser(sub)
     _segment_parser(sub)
+    _batch_parser(sub)
     _register_parser(sub)
     return parser
 
@@ -216,6 +217,38 @@ def _segment_parser(sub) -> None:
                      "(default 0: off; see docs/results.md for what it gains and costs)")
     seg.add_argument("--refine-scale", type=float, default=0.5, metavar="S",
                      help="the refinement's grid, as a fraction of the working grid's voxels per axis (default 0.5)")
+
+
+def _batch_parser(sub) -> None:
+    batch = sub.add_parser(
+        "segment-batch",
+        help="segment a cohort: every scan of a manifest with a bundle, resumable, failures recorded",
+        description="Segment every scan of a manifest (a CSV with id and path columns; other columns are carried "
+        "into the cohort table; relative paths are read from the manifest's folder) with a bundle, each into "
+        "OUT/<id>/ (seg.nii.gz and what `cmmas segment` writes beside it, then record.json). A scan whose record "
+        "exists for the same settings and bundle is skipped, so a killed run started again finishes the rest. A "
+        "scan that fails (unreadable, constant, refused alignment...) is recorded in OUT/<id>/failure.json with "
+        "its one-line reason and the run goes on. At the end OUT/cohort.csv holds one row per segmented scan "
+        "(volumes, agreement and alignment QC per structure, seconds, settings key) and OUT/failures.csv one per "
+        "manifest scan without a result; the exit status is 1 when a scan failed. On a cluster, --shard I/N runs "
+        "every N-th scan from I (a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), and "
+        "--merge writes the tables once the shards are done.",
+    )
+    batch.add_argument("--manifest", type=Path, default=None, metavar="SCANS.csv",
+                       help="the cohort: a CSV with id and path columns (required, except with --merge)")
+    batch.add_argument("--bundle", type=Path, default=None, metavar="DIR", help="the bundle to segment with "
+                       "(make bundle; required, except with --merge)")
+    batch.add_argument("--out", type=Path, required=True, metavar="DIR", help="the cohort folder")
+    batch.add_argument("--fusion", default=None, choices=FUSIONS, metavar="{" + ",".join(FUSIONS) + "}",
+                       help="fusion method (default: the bundle's)")
+    batch.add_argument("--shard", default=None, metavar="I/N", help="segment every N-th scan from I (0 <= I < N) "
+                       "and write no table (run --merge after the shards)")
+    batch.add_argument("--merge", action="store_true", help="only write OUT/cohort.csv and OUT/failures.csv from the "
+                       "records in OUT (with --manifest, its scans without a record are listed as failures)")
+    batch.add_argument("--no-extras", action="store_true", help="write the label map, volumes and QC record only")
+    batch.add_argument("--preview", action="store_true", help="also write each scan's preview PNG")
+    batch.add_argument("--strict", action="store_true", help="refuse NIfTI headers that disagree (as segment)")
+    batch.add_argument("--quiet", action="store_true", help="no line per scan, only the summary (for cluster logs)")
 
 
 def _register_parser(sub) -> None:
@@ -382,6 +415,29 @@ def _segment(args) -> None:
               f"{'' if reg_model is not None else ' (no registration network)'}; {timing}{flagged}", flush=True)
 
 
+def _segment_batch(args) -> int:
+    from cmmas.align import ants
+    from cmmas.cohort import manifest as manifests
+    from cmmas.cohort import run
+
+    if args.merge:
+        rows, failures = run.merge_cohort(args.manifest, args.out)
+        print(f"cmmas segment-batch: {args.out / 'cohort.csv'}: {rows} scans; {args.out / 'failures.csv'}: "
+              f"{failures} without a result")
+        return 1 if failures else 0
+    for flag, value in (("--manifest", args.manifest), ("--bundle", args.bundle)):
+        if value is None:
+            raise CmmasError(flag, "required (except with --merge)")
+    shard = manifests.parse_shard(args.shard) if args.shard else None
+    ants.set_threads(1)
+    summary = run.segment_cohort(args.manifest, args.bundle, args.out, fusion=args.fusion, extras=not args.no_extras,
+                                 preview=args.preview, shard_of=shard, strict=args.strict,
+                                 report=None if args.quiet else print)
+    print(f"cmmas segment-batch: {summary.line(args.out)}"
+          + ("" if shard else f"; cohort table {args.out / 'cohort.csv'}"))
+    return 1 if summary.failed else 0
+
+
 def _register(args) -> None:
     from cmmas.register import apply
 
@@ -393,7 +449,7 @@ def _register(args) -> None:
     print("jacobian: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
 
 
-COMMANDS = {"prepare-atlases": _prepare, "segment": _segment, "register": _register}
+COMMANDS = {"prepare-atlases": _prepare, "segment": _segment, "segment-batch": _segment_batch, "register": _register}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -401,14 +457,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except CmmasError as err:
         print(f"cmmas: error: {err}", file=sys.stderr)
         return 1
     except OSError as err:
         print(f"cmmas: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+"""Segmenting a cohort: every scan of a manifest by one bundle, each into its own folder, resumable,
+one bad scan never stopping the run.
+
+Layout of the output folder ``DIR``::
+
+    DIR/<id>/seg.nii.gz (+ its maps, volumes, QC record: cmmas.outputs.write_segmentation)
+    DIR/<id>/record.json     written last, atomically: the scan is done
+    DIR/<id>/failure.json    the one-line reason it failed (removed once it succeeds)
+    DIR/cohort.csv           one row per segmented scan (manifest order)
+    DIR/failures.csv         one row per manifest scan without a record, with its reason
+
+A scan is done when its ``record.json`` holds the run's key (:func:`run_key`: the segmentation
+settings and the hashes of the bundle's files) and names the same scan file; a re-run skips it,
+so a killed run restarted finishes the rest. The tables are assembled from the records
+(:func:`merge`): a sharded run (each shard a SLURM array task) leaves records, and one merge
+writes the tables. Rows of ``cohort.csv`` + rows of ``failures.csv`` = rows of the manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cmmas.cohort.manifest import Scan
+from cmmas.errors import CmmasError
+from cmmas.io import atomic_write_text
+
+SEGMENTATION = "seg.nii.gz"
+RECORD = "record.json"
+FAILURE = "failure.json"
+COHORT = "cohort.csv"
+FAILURES = "failures.csv"
+
+#: The reason given for a manifest scan that has neither record nor failure.
+NOT_RUN = "not segmented (no record: its shard has not run, or it was stopped during this scan)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a run did: scans segmented now, found done, failed (ids)."""
+
+    segmented: int
+    skipped: int
+    failed: list[str]
+
+    def line(self, out: str | os.PathLike) -> str:
+        failed = f", {len(self.failed)} failed (see {Path(out) / FAILURES})" if self.failed else ", none failed"
+        return f"{self.segmented} segmented, {self.skipped} already done{failed}"
+
+
+def run_key(settings: dict, files: Sequence[str | os.PathLike]) -> str:
+    """The key of a run's results: a hash of the segmentation settings (JSON values) and of the
+    content of ``files`` (the atlas set's manifest, the networks)."""
+    from cmmas.provenance import config_hash, sha256_file
+
+    return config_hash({"settings": settings, "files": [sha256_file(f) for f in files]})
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(out: str | os.PathLike, scan: Scan, key: str) -> bool:
+    """Whether ``scan`` has a finished record of this run's key for the same file."""
+    record = _read_json(Path(out) / scan.id / RECORD)
+    return bool(record and record.get("key") == key and record.get("path") == str(scan.path)
+                and (Path(out) / scan.id / SEGMENTATION).exists())
+
+
+def reason_of(err: BaseException) -> str:
+    """One line saying why a scan failed (a cmmas error names its file already)."""
+    text = " ".join(str(err).split())
+    return text if isinstance(err, CmmasError) else f"{type(err).__name__}: {text}"
+
+
+def run_scans(scans: Sequence[Scan], segment_one: Callable[[Scan, Path], dict], out: str | os.PathLike, key: str,
+              report: Callable[[str], None] | None = print) -> Summary:
+    """Segment every scan not done yet, each into ``out/<id>/``, recording each failure and going on.
+
+    Args:
+        scans: the (shard of the) manifest.
+        segment_one: segments one scan into the folder it is given and returns its record's
+            fields (``seconds``, ``flagged``, volumes...; :func:`segment_record`); raises on failure.
+        out: the cohort folder.
+        key: the run's key (:func:`run_key`), stored in each record.
+        report: receives one progress line per scan (id, seconds, QC flag, count, ETA); None: quiet.
+
+    Returns:
+        The run's :class:`Summary`.
+    """
+    out = Path(out)
+    todo = [scan for scan in scans if not is_done(out, scan, key)]
+    skipped, failed, spent = len(scans) - len(todo), [], []
+    if report and skipped:
+        report(f"{skipped} of {len(scans)} scans already done, skipped")
+    for k, scan in enumerate(todo, start=1):
+        folder = out / scan.id
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            fields = segment_one(scan, folder)
+        except Exception as err:  # one bad scan never stops the cohort: recorded, and on to the next
+            failed.append(scan.id)
+            atomic_write_text(folder / FAILURE, json.dumps({"id": scan.id, "path": str(scan.path), "key": key,
+                                                            "reason": reason_of(err)}, indent=1))
+            status = f"FAILED: {reason_of(err)}"
+        else:
+            record = {"id": scan.id, "path": str(scan.path), "extra": scan.extra, "key": key, **fields}
+            atomic_write_text(folder / RECORD, json.dumps(record, indent=1))
+            (folder / FAILURE).unlink(missing_ok=True)
+            status = "QC FLAGGED" if fields.get("flagged") else "ok"
+        spent.append(time.perf_counter() - start)
+        if report:
+            left = (len(todo) - k) * sum(spent) / len(spent)
+            report(f"[{k}/{len(todo)}] {scan.id}: {spent[-1]:.1f} s, {status}; ETA {_duration(left)}")
+    return Summary(len(todo) - len(failed), skipped, failed)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(math.ceil(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def segment_record(result, written: Sequence[Path], seconds: float) -> dict:
+    """A record's fields from a :class:`cmmas.segment.Segmentation` and the files written for it:
+    seconds, QC flag and the alignment's scalar QC values, fusion, atlases, each structure's
+    millilitres and mean agreement (None without the agreement map), the files (names in the
+    scan's folder)."""
+    from cmmas.outputs import label_volumes
+
+    volumes = label_volumes(result.label, result.names, result.agreement)
+    alignment = {k: v for k, v in (result.alignment or {}).items() if isinstance(v, (bool, int, float, str))}
+    return {"seconds": round(seconds, 3), "flagged": result.flagged, "alignment": alignment, "fusion": result.fusion,
+            "atlases": len(result.atlas_ids), "volumes_ml": {r["name"]: r["millilitres"] for r in volumes},
+            "agreement": {r["name"]: _finite(r["mean_agreement"]) for r in volumes},
+            "files": [p.name for p in written]}
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a missing value (e.g. no agreement map) is None."""
+    return None if value is None or math.isnan(value) else value
+
+
+def merge(out: str | os.PathLike, scans: Sequence[Scan] | None = None) -> tuple[list[dict], list[dict]]:
+    """Assemble ``cohort.csv`` and ``failures.csv`` in ``out`` from the scans' records (written
+    atomically).
+
+    Args:
+        out: the cohort folder.
+        scans: the manifest (its order; a scan with no record is a failure, :data:`NOT_RUN`);
+            None: every record and failure found in ``out``.
+
+    Returns:
+        The cohort rows and the failure rows written.
+    """
+    out = Path(out)
+    if scans is None:
+        scans = [Scan(p.parent.name, Path(str((_read_json(p) or {}).get("path", ""))))
+                 for p in sorted(list(out.glob(f"*/{RECORD}")) + list(out.glob(f"*/{FAILURE}")))]
+        scans = list({s.id: s for s in scans}.values())
+    rows, failures = [], []
+    for scan in scans:
+        record = _read_json(out / scan.id / RECORD)
+        if record is not None and record.get("path") == str(scan.path):
+            rows.append(_cohort_row(record))
+            continue
+        failure = _read_json(out / scan.id / FAILURE) or {}
+        failures.append({"id": scan.id, "path": str(scan.path), "reason": failure.get("reason", NOT_RUN)})
+    atomic_write_text(out / COHORT, _csv(rows, ["id", "path"]))
+    atomic_write_text(out / FAILURES, _csv(failures, ["id", "path", "reason"]))
+    return rows, failures
+
+
+def _cohort_row(record: dict) -> dict:
+    row = {"id": record["id"], "path": record["path"], **record.get("extra", {}),
+           "flagged": record.get("flagged"), "seconds": record.get("seconds"), "fusion": record.get("fusion"),
+           "atlases": record.get("atlases"), "key": record.get("key")}
+    row |= {f"{name}_ml": value for name, value in record.get("volumes_ml", {}).items()}
+    row |= {f"{name}_agreement": value for name, value in record.get("agreement", {}).items()}
+    row |= {f"qc_{name}": value for name, value in record.get("alignment", {}).items()}
+    return row
+
+
+def _csv(rows: Sequence[dict], first: Sequence[str]) -> str:
+    columns = list(dict.fromkeys([*first, *(k for row in rows for k in row)]))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

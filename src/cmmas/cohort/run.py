@@ -1,0 +1,84 @@
+"""``cmmas segment-batch``: a manifest segmented with a bundle (:mod:`cmmas.cohort.batch`), in one
+process or as one shard of many (``--shard I/N``, a SLURM array), and the merge of the shards."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cmmas.cohort import batch
+from cmmas.cohort.manifest import Scan, read_manifest, shard
+
+
+def open_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool = True, progress: bool = False):
+    """The :class:`cmmas.segment.Segmenter` of a bundle (its networks loaded once) and the run's key.
+
+    Args:
+        bundle: a bundle folder (``make bundle``, :func:`cmmas.bundle.write_bundle`).
+        fusion: the fusion (None: the bundle's recorded one, else :data:`cmmas.segment.DEFAULT_FUSION`).
+        maps: map the probability and agreement maps back too.
+        progress: progress bars while the networks load and warm up.
+
+    Returns:
+        ``(segmenter, key)`` (:func:`cmmas.cohort.batch.run_key`).
+
+    Raises:
+        CmmasError: the bundle lacks its atlas set or registration network, or the fusion's network.
+    """
+    from cmmas import bundle as bundles
+    from cmmas.errors import CmmasError
+    from cmmas.segment import DEFAULT_FUSION, SegmentConfig, Segmenter
+
+    found = bundles.resolve_bundle(bundle)
+    if found.reg_model is None:
+        raise CmmasError(Path(bundle) / bundles.BUNDLE_REG_MODEL, "the bundle has no registration network")
+    config = SegmentConfig(fusion=fusion or found.fusion or DEFAULT_FUSION, maps=maps)
+    network = found.bundled.get(config.fusion)
+    segmenter = Segmenter(found.atlas_set, found.reg_model, {config.fusion: network} if network else None, config,
+                          progress=progress)
+    files = [Path(found.atlas_set) / bundles.MANIFEST, found.reg_model, *([network] if network else [])]
+    return segmenter, batch.run_key(config.to_dict(), files)
+
+
+def segmenter_of(segmenter, extras: bool, preview: bool, strict: bool = False) -> Callable[[Scan, Path], dict]:
+    """``segment_one`` for :func:`cmmas.cohort.batch.run_scans`: read the scan, segment it, write
+    its outputs into its folder and return its record's fields."""
+    from cmmas.io import read_image
+    from cmmas.outputs import write_segmentation
+
+    def segment_one(scan: Scan, folder: Path) -> dict:
+        start = time.perf_counter()
+        result = segmenter.segment(read_image(scan.path, dtype=None, strict=strict))
+        written = write_segmentation(result, folder / batch.SEGMENTATION, extras=extras, preview=preview)
+        return batch.segment_record(result, written, time.perf_counter() - start)
+
+    return segment_one
+
+
+def segment_cohort(manifest: str | os.PathLike, bundle: str | os.PathLike, out: str | os.PathLike,
+                   fusion: str | None = None, extras: bool = True, preview: bool = False,
+                   shard_of: tuple[int, int] | None = None, strict: bool = False,
+                   report: Callable[[str], None] | None = print) -> batch.Summary:
+    """Segment a manifest's scans (or one shard of them) into ``out``; without a shard, write the
+    cohort tables (:func:`cmmas.cohort.batch.merge`) at the end.
+
+    Raises:
+        CmmasError: a bad manifest or bundle (before any scan is read).
+    """
+    scans = read_manifest(manifest)
+    mine = shard(scans, *shard_of) if shard_of else scans
+    Path(out).mkdir(parents=True, exist_ok=True)
+    segmenter, key = open_bundle(bundle, fusion, maps=extras, progress=report is not None)
+    summary = batch.run_scans(mine, segmenter_of(segmenter, extras, preview, strict), out, key, report)
+    if shard_of is None:
+        batch.merge(out, scans)
+    return summary
+
+
+def merge_cohort(manifest: str | os.PathLike | None, out: str | os.PathLike) -> tuple[int, int]:
+    """Write the cohort tables of ``out`` from its records (after the shards ran); returns the
+    numbers of cohort rows and of failures (scans of the manifest without a record included)."""
+    rows, failures = batch.merge(out, read_manifest(manifest) if manifest else None)
+    return len(rows), len(failures)
