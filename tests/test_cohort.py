@@ -98,6 +98,18 @@ def test_an_unrun_shard_is_reported_not_lost(cohort, tmp_path):
     assert rows == [] and [f["reason"] for f in failures] == [batch.NOT_RUN] * 4
 
 
+def test_an_output_never_replaces_an_input(tmp_path):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "scans.csv").write_text("id,path\ns1,s1/scan.nii.gz\n")
+    scans = manifest.read_manifest(tmp_path / "scans.csv")
+    with pytest.raises(CmmasError, match="lies in the output folder"):
+        run.check_inputs_kept(tmp_path / "scans.csv", scans, tmp_path)
+    (tmp_path / "cohort.csv").write_text("id,path\ns1,elsewhere/scan.nii.gz\n")
+    with pytest.raises(CmmasError, match="the manifest would be replaced"):
+        run.check_inputs_kept(tmp_path / "cohort.csv", manifest.read_manifest(tmp_path / "cohort.csv"), tmp_path)
+    run.check_inputs_kept(tmp_path / "scans.csv", scans, tmp_path / "out")
+
+
 def test_manifest_and_shard_errors_are_one_line(tmp_path):
     bad = {"dup.csv": ("id,path\na,x.nii\na,y.nii\n", "id 'a' repeats row 2"),
            "cols.csv": ("name,file\na,x\n", "lacks the column(s) id, path"),

@@ -65,9 +65,11 @@ def segment_cohort(manifest: str | os.PathLike, bundle: str | os.PathLike, out: 
     cohort tables (:func:`cmmas.cohort.batch.merge`) at the end.
 
     Raises:
-        CmmasError: a bad manifest or bundle (before any scan is read).
+        CmmasError: a bad manifest or bundle, or an output that would replace an input (before
+            any scan is read).
     """
     scans = read_manifest(manifest)
+    check_inputs_kept(manifest, scans, out)
     mine = shard(scans, *shard_of) if shard_of else scans
     Path(out).mkdir(parents=True, exist_ok=True)
     segmenter, key = open_bundle(bundle, fusion, maps=extras, progress=report is not None)
@@ -75,6 +77,26 @@ def segment_cohort(manifest: str | os.PathLike, bundle: str | os.PathLike, out: 
     if shard_of is None:
         batch.merge(out, scans)
     return summary
+
+
+def check_inputs_kept(manifest: str | os.PathLike, scans: list[Scan], out: str | os.PathLike) -> None:
+    """Refuse a run whose outputs could replace one of its inputs: the manifest as a cohort table,
+    or a scan inside a scan's output folder ``OUT/<id>/``.
+
+    Raises:
+        CmmasError: naming the input.
+    """
+    from cmmas.errors import CmmasError
+
+    out = Path(out).resolve()
+    if Path(manifest).resolve() in (out / batch.COHORT, out / batch.FAILURES):
+        raise CmmasError(manifest, f"the manifest would be replaced by the cohort table: choose another --out than {out}")
+    folders = {out / scan.id for scan in scans}
+    for scan in scans:
+        inside = [f for f in folders if f == scan.path.resolve() or f in scan.path.resolve().parents]
+        if inside:
+            raise CmmasError(scan.path, f"scan {scan.id!r} lies in the output folder {inside[0]} of a scan: "
+                                        "choose another --out")
 
 
 def merge_cohort(manifest: str | os.PathLike | None, out: str | os.PathLike) -> tuple[int, int]:
