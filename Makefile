@@ -64,7 +64,7 @@ install: $(STAMP)
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -e ".[$(TF_EXTRA)]"
+	$(PY) -m pip install -q -r requirements.txt -e ".[$(TF_EXTRA),dask]"
 	touch $@
 
 test: install

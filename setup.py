@@ -25,6 +25,7 @@ setup(
     extras_require={
         "cpu": ["tensorflow-cpu>=2.18,<2.22"],
         "gpu": ["tensorflow[and-cuda]>=2.18,<2.22"],
+        "dask": ["dask[distributed]>=2024.8"],
     },
     entry_points={"console_scripts": ["cmmas=cmmas.cli:main"]},
 )

@@ -62,8 +62,8 @@ def test_a_batch_label_is_what_cmmas_segment_writes(cohort, tmp_path):
 
 def test_a_killed_run_restarted_and_a_sharded_run_merged_give_the_same_table(cohort, tmp_path):
     scans = manifest.read_manifest(cohort["manifest"])
-    segmenter, key = run.open_bundle(cohort["bundle"], "mv", maps=False)
-    segment_one = run.segmenter_of(segmenter, extras=False, preview=False)
+    plan = run.plan_bundle(cohort["bundle"], "mv", maps=False)
+    segment_one, key = run.segmenter_of(run.open_bundle(plan), extras=False, preview=False), plan.key
     calls = []
 
     def killed_at_the_third(scan, folder):
@@ -131,3 +131,24 @@ def test_manifest_and_shard_errors_are_one_line(tmp_path):
     shards = [manifest.shard(many, index, 3) for index in range(3)]
     assert sorted(s.id for part in shards for s in part) == sorted(s.id for s in many)
     assert [s.id for s in shards[1]] == ["s1", "s4", "s7"]
+
+
+@pytest.mark.slow
+def test_two_dask_workers_write_what_one_process_writes(cohort, tmp_path):
+    pytest.importorskip("distributed", reason="dask.distributed not installed (make install installs it)")
+    out = tmp_path / "dask"
+    status = cli.main(["segment-batch", "--manifest", str(cohort["manifest"]), "--bundle", str(cohort["bundle"]),
+                       "--out", str(out), "--dask", "local:2", *FUSION, "--quiet"])
+    assert status == 1
+    for table in (batch.COHORT, batch.FAILURES):
+        assert _table(out / table) == _table(cohort["out"] / table), table
+    from cmmas.io import read_label
+
+    for scan_id in ("s101", "s102", "s103"):
+        ours, theirs = (read_label(root / scan_id / batch.SEGMENTATION).array for root in (out, cohort["out"]))
+        assert (ours == theirs).all(), scan_id
+    with pytest.raises(CmmasError, match="local:N with N >= 1"):
+        from cmmas.cohort.dask_run import dask_client
+
+        with dask_client("local:0"):
+            pass

@@ -243,6 +243,9 @@ def _batch_parser(sub) -> None:
                        help="fusion method (default: the bundle's)")
     batch.add_argument("--shard", default=None, metavar="I/N", help="segment every N-th scan from I (0 <= I < N) "
                        "and write no table (run --merge after the shards)")
+    batch.add_argument("--dask", default=None, metavar="ADDRESS|local:N", help="distribute the scans over a "
+                       "dask.distributed scheduler at ADDRESS, or over a new local cluster of N single-threaded worker "
+                       "processes (each loads the bundle once; pip install 'cmmas[dask]')")
     batch.add_argument("--merge", action="store_true", help="only write OUT/cohort.csv and OUT/failures.csv from the "
                        "records in OUT (with --manifest, its scans without a record are listed as failures)")
     batch.add_argument("--no-extras", action="store_true", help="write the label map, volumes and QC record only")
@@ -429,6 +432,16 @@ def _segment_batch(args) -> int:
         if value is None:
             raise CmmasError(flag, "required (except with --merge)")
     shard = manifests.parse_shard(args.shard) if args.shard else None
+    if args.dask and shard:
+        raise CmmasError("--dask", "give --dask or --shard, not both (Dask distributes the whole manifest)")
+    if args.dask:
+        from cmmas.cohort import dask_run
+
+        summary = dask_run.segment_cohort_dask(args.manifest, args.bundle, args.out, args.dask, fusion=args.fusion,
+                                               extras=not args.no_extras, preview=args.preview, strict=args.strict,
+                                               report=None if args.quiet else print)
+        print(f"cmmas segment-batch: {summary.line(args.out)}; cohort table {args.out / 'cohort.csv'}")
+        return 1 if summary.failed else 0
     ants.set_threads(1)
     summary = run.segment_cohort(args.manifest, args.bundle, args.out, fusion=args.fusion, extras=not args.no_extras,
                                  preview=args.preview, shard_of=shard, strict=args.strict,

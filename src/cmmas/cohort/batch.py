@@ -77,6 +77,11 @@ def is_done(out: str | os.PathLike, scan: Scan, key: str) -> bool:
                 and (Path(out) / scan.id / SEGMENTATION).exists())
 
 
+def read_failure(out: str | os.PathLike, scan_id: str) -> str | None:
+    """The recorded reason a scan failed, None when it has no failure record."""
+    return (_read_json(Path(out) / scan_id / FAILURE) or {}).get("reason")
+
+
 def reason_of(err: BaseException) -> str:
     """One line saying why a scan failed (a cmmas error names its file already)."""
     text = " ".join(str(err).split())

@@ -3,43 +3,68 @@ process or as one shard of many (``--shard I/N``, a SLURM array), and the merge 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cmmas.cohort import batch
 from cmmas.cohort.manifest import Scan, read_manifest, shard
 
+if TYPE_CHECKING:
+    from cmmas.segment import SegmentConfig
 
-def open_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool = True, progress: bool = False):
-    """The :class:`cmmas.segment.Segmenter` of a bundle (its networks loaded once) and the run's key.
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a bundle run will use, read without loading a network: the bundle's parts, the
+    segmentation settings, the fusion's network (None for a classic fusion) and the run's key."""
+
+    bundle: Path
+    atlas_set: Path
+    reg_model: Path
+    config: SegmentConfig
+    network: Path | None
+    key: str
+
+
+def plan_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool = True) -> Plan:
+    """The :class:`Plan` of segmenting with ``bundle``.
 
     Args:
         bundle: a bundle folder (``make bundle``, :func:`cmmas.bundle.write_bundle`).
         fusion: the fusion (None: the bundle's recorded one, else :data:`cmmas.segment.DEFAULT_FUSION`).
         maps: map the probability and agreement maps back too.
-        progress: progress bars while the networks load and warm up.
-
-    Returns:
-        ``(segmenter, key)`` (:func:`cmmas.cohort.batch.run_key`).
 
     Raises:
-        CmmasError: the bundle lacks its atlas set or registration network, or the fusion's network.
+        CmmasError: the bundle lacks its atlas set or registration network.
     """
     from cmmas import bundle as bundles
     from cmmas.errors import CmmasError
-    from cmmas.segment import DEFAULT_FUSION, SegmentConfig, Segmenter
+    from cmmas.segment import DEFAULT_FUSION, SegmentConfig
 
     found = bundles.resolve_bundle(bundle)
     if found.reg_model is None:
         raise CmmasError(Path(bundle) / bundles.BUNDLE_REG_MODEL, "the bundle has no registration network")
     config = SegmentConfig(fusion=fusion or found.fusion or DEFAULT_FUSION, maps=maps)
     network = found.bundled.get(config.fusion)
-    segmenter = Segmenter(found.atlas_set, found.reg_model, {config.fusion: network} if network else None, config,
-                          progress=progress)
     files = [Path(found.atlas_set) / bundles.MANIFEST, found.reg_model, *([network] if network else [])]
-    return segmenter, batch.run_key(config.to_dict(), files)
+    return Plan(Path(bundle), Path(found.atlas_set), Path(found.reg_model), config, network,
+                batch.run_key(config.to_dict(), files))
+
+
+def open_bundle(plan: Plan, progress: bool = False):
+    """The plan's :class:`cmmas.segment.Segmenter`, its networks loaded once.
+
+    Raises:
+        CmmasError: a network that does not fit the atlas set, or a learned fusion without one.
+    """
+    from cmmas.segment import Segmenter
+
+    fusion_model = {plan.config.fusion: plan.network} if plan.network else None
+    return Segmenter(plan.atlas_set, plan.reg_model, fusion_model, plan.config, progress=progress)
 
 
 def segmenter_of(segmenter, extras: bool, preview: bool, strict: bool = False) -> Callable[[Scan, Path], dict]:
@@ -72,8 +97,9 @@ def segment_cohort(manifest: str | os.PathLike, bundle: str | os.PathLike, out: 
     check_inputs_kept(manifest, scans, out)
     mine = shard(scans, *shard_of) if shard_of else scans
     Path(out).mkdir(parents=True, exist_ok=True)
-    segmenter, key = open_bundle(bundle, fusion, maps=extras, progress=report is not None)
-    summary = batch.run_scans(mine, segmenter_of(segmenter, extras, preview, strict), out, key, report)
+    plan = plan_bundle(bundle, fusion, maps=extras)
+    segment_one = segmenter_of(open_bundle(plan, progress=report is not None), extras, preview, strict)
+    summary = batch.run_scans(mine, segment_one, out, plan.key, report)
     if shard_of is None:
         batch.merge(out, scans)
     return summary
