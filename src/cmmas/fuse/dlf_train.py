@@ -248,7 +248,7 @@ def fusion_loss(probabilities, target_one_hot, ce_weight: float) -> tuple[tf.Ten
     return ce_weight * cross_entropy + 1.0 - dice, dice, cross_entropy
 
 
-class DLFTrainer(keras.Model):
+class DLFTrainer(training.Trainer):
     """Trains a DLF or U-Net network: in-graph augmentation (:func:`augment_batch`), seeded by
     ``(config.seed, step, replica)``, and :func:`fusion_loss`. Metrics: ``loss``, ``dice``, ``ce``.
 
@@ -290,7 +290,7 @@ class DLFTrainer(keras.Model):
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         for tracker, value in zip(self.trackers, (loss, dice, cross_entropy)):
             tracker.update_state(value)
-        return {m.name: m.result() for m in self.trackers}
+        return self.step_logs({m.name: m.result() for m in self.trackers})
 
 
 def channel_index(labels: np.ndarray, codes: Sequence[int]) -> np.ndarray:

@@ -279,7 +279,7 @@ def joint_augmentation(target_image, target_one_hot, atlas_one_hot, config: SimC
             tf.where(where, moved_atlas, atlas))
 
 
-class SimNetTrainer(keras.Model):
+class SimNetTrainer(training.Trainer):
     """Trains a SimNet: in-graph augmentation, agreement target, sigmoid cross-entropy.
 
     ``fit`` data: dicts with ``target`` ``[B, D, H, W, 1]`` (target image), ``atlas_label``
@@ -332,7 +332,7 @@ class SimNetTrainer(keras.Model):
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self.loss_tracker.update_state(loss)
         self.mae_tracker.update_state(tf.reduce_mean(tf.abs(outputs["similarity"] - agreement)))
-        return {m.name: m.result() for m in self.metrics}
+        return self.step_logs({m.name: m.result() for m in self.metrics})
 
 
 class _PairBatches(keras.utils.PyDataset):

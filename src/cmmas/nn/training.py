@@ -49,6 +49,27 @@ def step_seed(optimizer: keras.optimizers.Optimizer, seed: int) -> tf.Tensor:
     return tf.stack([tf.constant(seed, tf.int64), step])
 
 
+class Trainer(keras.Model):
+    """Base of our trainers (a ``keras.Model`` whose ``train_step`` trains a wrapped network):
+    they build the network, metrics and optimizer before ``fit``, so ``fit``'s symbolic build pass
+    has nothing to build. That pass is skipped: under ``MultiWorkerMirroredStrategy`` Keras 3
+    reduces the first batch across workers to build from, which fails for a batch that is a dict
+    of tensors (the collective reduce takes single tensors), as ours are. A ``train_step`` returns
+    its logs through :meth:`step_logs`."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if not all(layer.built for layer in self._flatten_layers()):
+            super()._maybe_symbolic_build(iterator, data_batch)
+
+    def step_logs(self, logs: dict) -> dict:
+        """A step's scalar logs as ``fit`` can reduce them: under ``MultiWorkerMirroredStrategy``
+        Keras 3 reduces each along axis 0 (``strategy.reduce("MEAN", v, axis=0)``), which a scalar
+        lacks, so there each becomes ``[1]`` (and the reduction gives the scalar back)."""
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+
 class _StopAtStep(keras.callbacks.Callback):
     """Stop ``fit`` once the optimiser has taken ``steps`` steps (mid-epoch if need be)."""
 

@@ -57,6 +57,7 @@ from cmmas.nn.training import (
     resume_epoch_of,
     save_model,
     step_seed,
+    Trainer,
     training_callbacks,
 )
 from cmmas.register.augment import (
@@ -323,7 +324,7 @@ def _fixed_pairs_dataset(atlas_images, atlas_onehot, target_images, target_oneho
     return tf.data.Dataset.from_tensor_slices(data).batch(int(batch))
 
 
-class BiRegNetTrainer(keras.Model):
+class BiRegNetTrainer(Trainer):
     """BiRegNet with its training loss: ``fit`` it on :func:`pair_dataset` batches.
 
     Each batch is a dict of ``atlas``, ``target`` ``[B, D, H, W, 1]`` and ``atlas_label``,
@@ -430,7 +431,7 @@ class BiRegNetTrainer(keras.Model):
     def _track(self, terms: dict) -> dict:
         for tracker in self.trackers:
             tracker.update_state(terms[tracker.name])
-        return {tracker.name: tracker.result() for tracker in self.trackers}
+        return self.step_logs({tracker.name: tracker.result() for tracker in self.trackers})
 
     def train_step(self, data):
         if self.config.augment:
@@ -507,6 +508,11 @@ def train(
     shape = tuple(config.shape_zyx)
     if card is not None:
         card.check_shape(shape, "RegConfig")
+    distribution = get_strategy(strategy)  # first: a multi-worker strategy must exist before any TensorFlow op
+    if config.batch % distribution.num_replicas_in_sync:
+        raise CmmasError(
+            "batch", f"batch {config.batch} is not divisible by the {distribution.num_replicas_in_sync} replicas"
+        )
     atlas_images, atlas_labels = _check_training_set(atlas_images, atlas_labels, shape, "atlas")
     target_images, target_labels = _check_training_set(target_images, target_labels, shape, "target")
     table = label_table(codes)
@@ -532,11 +538,6 @@ def train(
         )
 
     keras.utils.set_random_seed(config.seed)
-    distribution = get_strategy(strategy)
-    if config.batch % distribution.num_replicas_in_sync:
-        raise CmmasError(
-            "batch", f"batch {config.batch} is not divisible by the {distribution.num_replicas_in_sync} replicas"
-        )
     with distribution.scope():
         net = build_biregnet(shape, c0=config.c0, levels=config.levels, diffeomorphic=config.diffeomorphic,
                              arch=config.arch)
