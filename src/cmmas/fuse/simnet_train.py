@@ -460,11 +460,11 @@ def train(
     elif resume_epoch:
         logger.info("resuming %s at epoch %d", out, resume_epoch)
 
-    keras.utils.set_random_seed(config.seed)
-    distribution = training.get_strategy(strategy)
+    distribution = training.get_strategy(strategy)  # before any TensorFlow op (a multi-worker strategy needs it)
     if config.batch % distribution.num_replicas_in_sync:
         raise ModelError("SimConfig", f"batch {config.batch} is not divisible by the "
                          f"{distribution.num_replicas_in_sync} replicas")
+    keras.utils.set_random_seed(config.seed)
     with distribution.scope():
         simnet = build_simnet(config.shape_zyx, len(codes), c0=config.c0, levels=config.levels, arch=config.arch)
         if init_weights is not None and resume_epoch == 0:
