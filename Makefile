@@ -56,7 +56,7 @@ MMWHS_HELP := MM-WHS 2017 (request it at zxh.me, MM-WHS challenge): DATA must ho
 CHAOS_HELP := CHAOS (download CHAOS_Train_Sets.zip from chaos.grand-challenge.org): DATA must hold CT/<id>/DICOM_anon + CT/<id>/Ground and MR/<id>/T2SPIR/DICOM_anon + MR/<id>/T2SPIR/Ground
 ABDOMEN := $(abspath ../shared/data/abdomen-ctmr)
 
-.PHONY: install test test-fast results demo clean prealign train-reg train-fusion train-dlf train-unet evaluate chain bundle \
+.PHONY: install test test-fast browser results demo clean prealign train-reg train-fusion train-dlf train-unet evaluate chain bundle \
         reproduce-mmwhs reproduce-chaos reproduce-abdomen bundle-abdomen
 
 install: $(STAMP)
@@ -69,6 +69,11 @@ $(STAMP): requirements.txt setup.py
 
 test: install
 	$(PY) -m pytest -q tests
+
+# the browser of the cohort page's rendering test (tests/test_cohort.py skips without it): Debian's
+# chromium (run as root, or prefix sudo)
+browser:
+	command -v chromium >/dev/null || apt-get install -y -q chromium
 
 # the quick tier: every test but the end-to-end chains marked slow (pytest.ini)
 test-fast: install

@@ -152,3 +152,45 @@ def test_two_dask_workers_write_what_one_process_writes(cohort, tmp_path):
 
         with dask_client("local:0"):
             pass
+
+
+def test_the_cohort_page_lists_flagged_then_failed_then_good_scans():
+    from cmmas.cohort.page import FLAGGED_COLOUR, cohort_page
+
+    rows = [{"id": f"g{k}", "flagged": "False", "liver_ml": 1500 + k} for k in range(3)]
+    rows.insert(1, {"id": "f1", "flagged": "True", "liver_ml": 900, "preview": "f1/seg_preview.png"})
+    page = cohort_page(rows, [{"id": "x", "path": "x.nii", "reason": "x.nii: unreadable <image>"}])
+    order = [page.index(f">{name}<") for name in ("f1", "x", "g0", "g1", "g2")]
+    assert order == sorted(order) and page.count(FLAGGED_COLOUR) == 1
+    assert "unreadable &lt;image&gt;" in page and '<img loading="lazy" src="f1/seg_preview.png"' in page
+    assert "5 scans: 4 segmented (1 QC flagged), 1 without a result" in page
+
+
+def test_the_cohort_page_shows_flagged_rows_first_in_a_real_browser(tmp_path):
+    import shutil
+    import subprocess
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from cmmas.cohort.page import FAILED_COLOUR, FLAGGED_COLOUR, cohort_page
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not found: `make browser` installs Debian's chromium for this test")
+    rows = [{"id": f"scan{k:03d}", "flagged": str(k % 7 == 3), "liver_ml": 1400 + k} for k in range(40)]
+    (tmp_path / "cohort.html").write_text(cohort_page(rows, [{"id": "bad", "path": "b.nii", "reason": "unreadable"}]))
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=900,1400", f"--screenshot={shot}", (tmp_path / "cohort.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    image = (plt.imread(shot)[..., :3] * 255).round()
+
+    def rows_of(colour: str) -> np.ndarray:
+        rgb = np.array([int(colour[k:k + 2], 16) for k in (1, 3, 5)])
+        return np.flatnonzero((np.abs(image - rgb).max(axis=-1) <= 2).sum(axis=1) > 100)
+
+    flagged, failed = rows_of(FLAGGED_COLOUR), rows_of(FAILED_COLOUR)
+    assert len(flagged) and len(failed), "the flagged and failed rows are on screen"
+    assert flagged.max() < failed.min(), "flagged rows above the failures, the good rows below"
+    assert sum(np.diff(flagged) > 1) <= 6 and flagged.min() < image.shape[0] // 3

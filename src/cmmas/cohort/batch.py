@@ -8,6 +8,7 @@ Layout of the output folder ``DIR``::
     DIR/<id>/failure.json    the one-line reason it failed (removed once it succeeds)
     DIR/cohort.csv           one row per segmented scan (manifest order)
     DIR/failures.csv         one row per manifest scan without a record, with its reason
+    DIR/cohort.html          the table as a page: flagged scans first (cmmas.cohort.page)
 
 A scan is done when its ``record.json`` holds the run's key (:func:`run_key`: the segmentation
 settings and the hashes of the bundle's files) and names the same scan file; a re-run skips it,
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cmmas.cohort.manifest import Scan
+from cmmas.cohort.page import cohort_page
 from cmmas.errors import CmmasError
 from cmmas.io import atomic_write_text
 
@@ -37,6 +39,7 @@ RECORD = "record.json"
 FAILURE = "failure.json"
 COHORT = "cohort.csv"
 FAILURES = "failures.csv"
+PAGE = "cohort.html"
 
 #: The reason given for a manifest scan that has neither record nor failure.
 NOT_RUN = "not segmented (no record: its shard has not run, or it was stopped during this scan)"
@@ -158,8 +161,8 @@ def _finite(value: float) -> float | None:
 
 
 def merge(out: str | os.PathLike, scans: Sequence[Scan] | None = None) -> tuple[list[dict], list[dict]]:
-    """Assemble ``cohort.csv`` and ``failures.csv`` in ``out`` from the scans' records (written
-    atomically).
+    """Assemble ``cohort.csv``, ``failures.csv`` and ``cohort.html`` in ``out`` from the scans'
+    records (written atomically).
 
     Args:
         out: the cohort folder.
@@ -184,6 +187,7 @@ def merge(out: str | os.PathLike, scans: Sequence[Scan] | None = None) -> tuple[
         failures.append({"id": scan.id, "path": str(scan.path), "reason": failure.get("reason", NOT_RUN)})
     atomic_write_text(out / COHORT, _csv(rows, ["id", "path"]))
     atomic_write_text(out / FAILURES, _csv(failures, ["id", "path", "reason"]))
+    atomic_write_text(out / PAGE, cohort_page(rows, failures, f"cmmas cohort {out.resolve().name}"))
     return rows, failures
 
 
@@ -194,7 +198,8 @@ def _cohort_row(record: dict) -> dict:
     row |= {f"{name}_ml": value for name, value in record.get("volumes_ml", {}).items()}
     row |= {f"{name}_agreement": value for name, value in record.get("agreement", {}).items()}
     row |= {f"qc_{name}": value for name, value in record.get("alignment", {}).items()}
-    return row
+    previews = [name for name in record.get("files", []) if name.endswith("_preview.png")]
+    return row | ({"preview": f"{record['id']}/{previews[0]}"} if previews else {})
 
 
 def _csv(rows: Sequence[dict], first: Sequence[str]) -> str:
