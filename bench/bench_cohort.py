@@ -86,9 +86,14 @@ def _command(run: str, bundle: Path, scans: list[Path], manifest: Path, out: Pat
 def _run() -> int:
     out = Path(FLAGS.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if bool(FLAGS.bundle) != bool(FLAGS.scan_dir):
+        from cmmas.errors import CmmasError
+
+        raise CmmasError("--bundle" if FLAGS.scan_dir else "--scan_dir", "give --bundle and --scan_dir together "
+                         "(or neither: the phantom)")
     if FLAGS.bundle:
         bundle = Path(FLAGS.bundle)
-        found = sorted(p for p in Path(FLAGS.scan_dir or ".").iterdir() if p.name.endswith((".nii.gz", ".nii", ".mha")))
+        found = sorted(p for p in Path(FLAGS.scan_dir).iterdir() if p.name.endswith((".nii.gz", ".nii", ".mha")))
         scans = found[: FLAGS.scans]
     else:
         bundle, scans = _phantom(out, FLAGS.scans)
@@ -110,9 +115,11 @@ def _run() -> int:
         peak = int(done.stdout.strip().splitlines()[-1]) / 1024
         row = {"run": run, "scans": len(scans), "wall_s": wall, "scans_per_hour": len(scans) * 3600 / wall,
                "peak_mb": peak}
-        row["ratio"] = row["scans_per_hour"] / (rows[0]["scans_per_hour"] if rows else row["scans_per_hour"])
+        reference = [r for r in rows if r["run"] == FLAGS.runs[0]] or ([row] if run == FLAGS.runs[0] else [])
+        row["ratio"] = row["scans_per_hour"] / reference[0]["scans_per_hour"] if reference else None
         rows.append(row)
-        print(f"{run:<10}{wall:>9.1f}{row['scans_per_hour']:>10.0f}{row['ratio']:>7.2f}{peak:>9.0f}")
+        ratio = f"{row['ratio']:>7.2f}" if reference else f"{'-':>7}"
+        print(f"{run:<10}{wall:>9.1f}{row['scans_per_hour']:>10.0f}{ratio}{peak:>9.0f}")
     print(f"bench_cohort: {write_bench_json(out / 'bench_cohort.json', rows, data=str(bundle))}")
     return 0
 

@@ -75,7 +75,6 @@ def _labels(rng, count: int, shape, n_labels: int):
 
 def _setup(variant: str, shape, batch: int, atlases: int, n_labels: int, rng):
     """(trainer, batch of tensors, augmentation fn, loss fn, data fn or None) of one variant."""
-    import keras
     import numpy as np
     import tensorflow as tf
 
@@ -153,7 +152,8 @@ def _time_variant(variant: str, rng) -> dict:
     def forward_backward(d):
         with tf.GradientTape() as tape:
             value = loss(d)
-        return tape.gradient(value, variables)
+        gradients = [g for g in tape.gradient(value, variables) if g is not None]
+        return tf.add_n([tf.reduce_sum(g) for g in gradients])  # one scalar to the host, as the step's logs
 
     step_fn, augment_fn, forward_fn = tf.function(trainer.train_step), tf.function(augment), tf.function(loss)
 

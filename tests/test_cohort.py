@@ -92,6 +92,25 @@ def test_a_killed_run_restarted_and_a_sharded_run_merged_give_the_same_table(coh
             assert _table(folder / table) == _table(cohort["out"] / table), (folder.name, table)
 
 
+def test_a_failed_rerun_and_another_key_never_show_old_results(tmp_path):
+    scans = [manifest.Scan("a", tmp_path / "a.nii"), manifest.Scan("b", tmp_path / "b.nii")]
+
+    def good(scan, folder):
+        (folder / batch.SEGMENTATION).write_bytes(b"x")
+        return {"seconds": 1.0, "flagged": False}
+
+    def bad(scan, folder):
+        raise ValueError("boom")
+
+    batch.run_scans(scans, good, tmp_path, "K1", report=None)
+    assert batch.run_scans(scans, bad, tmp_path, "K2", report=None).failed == ["a", "b"]
+    rows, failures = batch.merge(tmp_path, scans, "K2")
+    assert rows == [] and [f["reason"] for f in failures] == ["ValueError: boom"] * 2
+    batch.run_scans(scans[:1], good, tmp_path, "K1", report=None)
+    rows, failures = batch.merge(tmp_path, scans, "K2")
+    assert rows == [] and failures[0]["reason"] == batch.OTHER_KEY
+
+
 def test_an_unrun_shard_is_reported_not_lost(cohort, tmp_path):
     scans = manifest.read_manifest(cohort["manifest"])
     rows, failures = batch.merge(tmp_path, scans)
@@ -112,6 +131,7 @@ def test_an_output_never_replaces_an_input(tmp_path):
 
 def test_manifest_and_shard_errors_are_one_line(tmp_path):
     bad = {"dup.csv": ("id,path\na,x.nii\na,y.nii\n", "id 'a' repeats row 2"),
+           "wide.csv": ("id,path\nb,b.nii,EXTRA\n", "row 2 has more fields than the header's 2"),
            "cols.csv": ("name,file\na,x\n", "lacks the column(s) id, path"),
            "slash.csv": ("id,path\n../a,x.nii\n", "not a plain name"),
            "empty.csv": ("id,path\n", "has no scan")}
@@ -121,7 +141,7 @@ def test_manifest_and_shard_errors_are_one_line(tmp_path):
             manifest.read_manifest(tmp_path / name)
     (tmp_path / "ok.csv").write_text("id,path,age\nx1,sub/x1.nii.gz,40\ny2,/abs/y2.nii.gz,51\n")
     scans = manifest.read_manifest(tmp_path / "ok.csv")
-    assert scans[0].path == tmp_path / "sub" / "x1.nii.gz" and str(scans[1].path) == "/abs/y2.nii.gz"
+    assert scans[0].path == tmp_path.resolve() / "sub" / "x1.nii.gz" and str(scans[1].path) == "/abs/y2.nii.gz"
     assert scans[0].extra == {"age": "40"}
     assert manifest.parse_shard("3/100") == (3, 100)
     for text in ("100/100", "a/b", "3"):

@@ -246,8 +246,9 @@ def _batch_parser(sub) -> None:
     batch.add_argument("--dask", default=None, metavar="ADDRESS|local:N", help="distribute the scans over a "
                        "dask.distributed scheduler at ADDRESS, or over a new local cluster of N single-threaded worker "
                        "processes (each loads the bundle once; pip install 'cmmas[dask]')")
-    batch.add_argument("--merge", action="store_true", help="only write OUT/cohort.csv and OUT/failures.csv from the "
-                       "records in OUT (with --manifest, its scans without a record are listed as failures)")
+    batch.add_argument("--merge", action="store_true", help="only write OUT/cohort.csv, failures.csv and cohort.html "
+                       "from the records in OUT (with --manifest, its scans without a record are listed as failures; "
+                       "with --bundle and the shards' options, only records of those settings count)")
     batch.add_argument("--no-extras", action="store_true", help="write the label map, volumes and QC record only")
     batch.add_argument("--preview", action="store_true", help="also write each scan's preview PNG")
     batch.add_argument("--strict", action="store_true", help="refuse NIfTI headers that disagree (as segment)")
@@ -424,9 +425,15 @@ def _segment_batch(args) -> int:
     from cmmas.cohort import run
 
     if args.merge:
-        rows, failures = run.merge_cohort(args.manifest, args.out)
+        if args.shard or args.dask:
+            raise CmmasError("--merge", "merges the records already in --out: give it without --shard or --dask")
+        rows, failures, keys = run.merge_cohort(args.manifest, args.out, args.bundle, args.fusion,
+                                                extras=not args.no_extras, preview=args.preview)
         print(f"cmmas segment-batch: {args.out / 'cohort.csv'}: {rows} scans; {args.out / 'failures.csv'}: "
               f"{failures} without a result")
+        if keys > 1:
+            print(f"cmmas segment-batch: warning: the rows come from {keys} different settings or bundles (column "
+                  "key); give --bundle (and the shards' options) to keep only this run's", file=sys.stderr)
         return 1 if failures else 0
     for flag, value in (("--manifest", args.manifest), ("--bundle", args.bundle)):
         if value is None:

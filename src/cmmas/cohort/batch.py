@@ -28,11 +28,15 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cmmas.cohort.manifest import Scan
 from cmmas.cohort.page import cohort_page
 from cmmas.errors import CmmasError
 from cmmas.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from cmmas.segment import Segmentation
 
 SEGMENTATION = "seg.nii.gz"
 RECORD = "record.json"
@@ -41,6 +45,8 @@ COHORT = "cohort.csv"
 FAILURES = "failures.csv"
 PAGE = "cohort.html"
 
+#: The reason given for a scan whose record is of other settings or another bundle than the run's.
+OTHER_KEY = "segmented with other settings or another bundle than this run's (run it again to redo it)"
 #: The reason given for a manifest scan that has neither record nor failure.
 NOT_RUN = "not segmented (no record: its shard has not run, or it was stopped during this scan)"
 
@@ -85,6 +91,14 @@ def read_failure(out: str | os.PathLike, scan_id: str) -> str | None:
     return (_read_json(Path(out) / scan_id / FAILURE) or {}).get("reason")
 
 
+def record_failure(out: str | os.PathLike, scan: Scan, key: str, reason: str) -> None:
+    """Write ``out/<id>/failure.json`` (atomically) with the one-line ``reason``."""
+    folder = Path(out) / scan.id
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / FAILURE, json.dumps({"id": scan.id, "path": str(scan.path), "key": key,
+                                                    "reason": reason}, indent=1))
+
+
 def reason_of(err: BaseException) -> str:
     """One line saying why a scan failed (a cmmas error names its file already)."""
     text = " ".join(str(err).split())
@@ -114,13 +128,14 @@ def run_scans(scans: Sequence[Scan], segment_one: Callable[[Scan, Path], dict], 
     for k, scan in enumerate(todo, start=1):
         folder = out / scan.id
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in (RECORD, FAILURE):  # an earlier run's verdict no longer holds once this one starts
+            (folder / stale).unlink(missing_ok=True)
         start = time.perf_counter()
         try:
             fields = segment_one(scan, folder)
         except Exception as err:  # one bad scan never stops the cohort: recorded, and on to the next
             failed.append(scan.id)
-            atomic_write_text(folder / FAILURE, json.dumps({"id": scan.id, "path": str(scan.path), "key": key,
-                                                            "reason": reason_of(err)}, indent=1))
+            record_failure(out, scan, key, reason_of(err))
             status = f"FAILED: {reason_of(err)}"
         else:
             record = {"id": scan.id, "path": str(scan.path), "extra": scan.extra, "key": key, **fields}
@@ -140,7 +155,7 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
-def segment_record(result, written: Sequence[Path], seconds: float) -> dict:
+def segment_record(result: Segmentation, written: Sequence[Path], seconds: float) -> dict:
     """A record's fields from a :class:`cmmas.segment.Segmentation` and the files written for it:
     seconds, QC flag and the alignment's scalar QC values, fusion, atlases, each structure's
     millilitres and mean agreement (None without the agreement map), the files (names in the
@@ -160,7 +175,8 @@ def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def merge(out: str | os.PathLike, scans: Sequence[Scan] | None = None) -> tuple[list[dict], list[dict]]:
+def merge(out: str | os.PathLike, scans: Sequence[Scan] | None = None, key: str | None = None
+          ) -> tuple[list[dict], list[dict]]:
     """Assemble ``cohort.csv``, ``failures.csv`` and ``cohort.html`` in ``out`` from the scans'
     records (written atomically).
 
@@ -168,6 +184,8 @@ def merge(out: str | os.PathLike, scans: Sequence[Scan] | None = None) -> tuple[
         out: the cohort folder.
         scans: the manifest (its order; a scan with no record is a failure, :data:`NOT_RUN`);
             None: every record and failure found in ``out``.
+        key: the run's key: a record of other settings is a failure (:data:`OTHER_KEY`); None:
+            any record counts.
 
     Returns:
         The cohort rows and the failure rows written.
@@ -181,7 +199,10 @@ def merge(out: str | os.PathLike, scans: Sequence[Scan] | None = None) -> tuple[
     for scan in scans:
         record = _read_json(out / scan.id / RECORD)
         if record is not None and record.get("path") == str(scan.path):
-            rows.append(_cohort_row(record))
+            if key is None or record.get("key") == key:
+                rows.append(_cohort_row(record))
+                continue
+            failures.append({"id": scan.id, "path": str(scan.path), "reason": OTHER_KEY})
             continue
         failure = _read_json(out / scan.id / FAILURE) or {}
         failures.append({"id": scan.id, "path": str(scan.path), "reason": failure.get("reason", NOT_RUN)})

@@ -2,7 +2,8 @@
 manifest not done yet are mapped over a ``dask.distributed`` cluster, each worker process loading
 the bundle's networks once (cached per process) and running the same per-scan step as a single
 process (:func:`cmmas.cohort.batch.run_scans` on one scan), so outputs, records and failures are
-identical; Dask retries a scan whose worker died. ``local:N`` starts a ``LocalCluster`` of N
+identical. A task that raises is retried once (``retries``); a scan whose worker keeps dying
+(the scheduler's ``allowed-failures``) is recorded as failed with Dask's reason and the run goes on. ``local:N`` starts a ``LocalCluster`` of N
 single-threaded worker processes (TensorFlow and ANTs on one thread each); its dashboard address
 is printed. dask[distributed] is an optional extra (``pip install cmmas[dask]``; ``make install``
 installs it).
@@ -15,12 +16,16 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cmmas.cohort import batch
 from cmmas.cohort.manifest import Scan, read_manifest
 from cmmas.errors import CmmasError
 
-#: Per worker process: (bundle, fusion, extras) -> the bundle's ``segment_one``.
+if TYPE_CHECKING:
+    from distributed import Client
+
+#: Per worker process: (bundle, fusion, options, run key) -> the bundle's ``segment_one``.
 _SEGMENTERS: dict[tuple, Callable] = {}
 
 
@@ -44,11 +49,12 @@ def segment_on_worker(scan: Scan, bundle: str, fusion: str | None, extras: bool,
     run's :func:`cmmas.cohort.batch.run_key`; Dask's ``map`` keeps ``key`` for its own)."""
     from cmmas.cohort import run
 
-    cache = (bundle, fusion, extras, preview, strict)
+    cache = (bundle, fusion, extras, preview, strict, run_key)
     if cache not in _SEGMENTERS:
+        _SEGMENTERS.clear()  # a bundle rebuilt at the same path: its old networks go
         if single_thread:
             _threads_one()
-        plan = run.plan_bundle(bundle, fusion, maps=extras)
+        plan = run.plan_bundle(bundle, fusion, maps=extras, preview=preview)
         _SEGMENTERS[cache] = run.segmenter_of(run.open_bundle(plan), extras, preview, strict)
     summary = batch.run_scans([scan], _SEGMENTERS[cache], out, run_key, report=None)
     failure = batch.read_failure(Path(out), scan.id) if summary.failed else None
@@ -56,7 +62,7 @@ def segment_on_worker(scan: Scan, bundle: str, fusion: str | None, extras: bool,
 
 
 @contextlib.contextmanager
-def dask_client(address: str) -> Iterator:
+def dask_client(address: str) -> Iterator[Client]:
     """A ``distributed.Client`` of a scheduler address, or of a new ``LocalCluster`` for
     ``local:N`` (N single-threaded worker processes, closed on exit).
 
@@ -96,7 +102,7 @@ def segment_cohort_dask(manifest: str | os.PathLike, bundle: str | os.PathLike, 
     scans = read_manifest(manifest)
     run.check_inputs_kept(manifest, scans, out)
     Path(out).mkdir(parents=True, exist_ok=True)
-    plan = run.plan_bundle(bundle, fusion, maps=extras)
+    plan = run.plan_bundle(bundle, fusion, maps=extras, preview=preview)
     todo = [scan for scan in scans if not batch.is_done(out, scan, plan.key)]
     failed = []
     with dask_client(address) as client:
@@ -106,11 +112,17 @@ def segment_cohort_dask(manifest: str | os.PathLike, bundle: str | os.PathLike, 
         futures = client.map(segment_on_worker, todo, bundle=str(Path(bundle).resolve()), fusion=fusion,
                              extras=extras, preview=preview, strict=strict, out=str(Path(out).resolve()),
                              run_key=plan.key, single_thread=address.startswith("local:"), pure=False, retries=retries)
+        owner = dict(zip(futures, todo))
         for k, future in enumerate(as_completed(futures), start=1):
-            scan_id, done, reason = future.result()
+            try:
+                scan_id, done, reason = future.result()
+            except Exception as err:  # the task itself failed (a worker lost on it, the bundle unreadable there)
+                scan = owner[future]
+                scan_id, done, reason = scan.id, False, batch.reason_of(err)
+                batch.record_failure(out, scan, plan.key, reason)
             if not done:
                 failed.append(scan_id)
             if report:
                 report(f"[{k}/{len(todo)}] {scan_id}: {'ok' if done else f'FAILED: {reason}'}")
-    batch.merge(out, scans)
+    batch.merge(out, scans, plan.key)
     return batch.Summary(len(todo) - len(failed), len(scans) - len(todo), failed)

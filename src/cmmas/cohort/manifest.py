@@ -3,7 +3,8 @@ carried through to the cohort table), and its shards.
 
 An id names the scan's output folder, so it is a plain name (letters, digits, ``.``, ``_``,
 ``-``; not starting with a dot) and unique in the manifest. A relative path is read relative to
-the manifest's folder.
+the manifest's folder and kept absolute (the same manifest given another way names the same scans;
+Dask workers read them from their own working folder).
 """
 
 from __future__ import annotations
@@ -51,9 +52,14 @@ def read_manifest(path: str | os.PathLike) -> list[Scan]:
             if missing:
                 raise CmmasError(path, f"manifest lacks the column(s) {', '.join(missing)} (found: "
                                        f"{', '.join(columns) or 'none'}); it needs id,path")
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            raw = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
         raise CmmasError(path, f"not a readable CSV manifest ({err})") from None
+    for number, row in enumerate(raw, start=2):
+        if None in row:
+            raise CmmasError(path, f"row {number} has more fields than the header's {len(columns)}")
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items()} for row in raw]
+    folder = path.resolve().parent
     scans, seen = [], {}
     for number, row in enumerate(rows, start=2):
         scan_id, scan_path = row.get("id", ""), row.get("path", "")
@@ -66,7 +72,7 @@ def read_manifest(path: str | os.PathLike) -> list[Scan]:
         seen[scan_id] = number
         location = Path(scan_path).expanduser()
         extra = {k: v for k, v in row.items() if k not in REQUIRED}
-        scans.append(Scan(scan_id, location if location.is_absolute() else path.parent / location, extra))
+        scans.append(Scan(scan_id, location if location.is_absolute() else folder / location, extra))
     if not scans:
         raise CmmasError(path, "manifest has no scan")
     return scans

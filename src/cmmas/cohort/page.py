@@ -19,7 +19,7 @@ document.querySelectorAll('th').forEach((th, column) => th.addEventListener('cli
   const body = th.closest('table').tBodies[0];
   const up = th.dataset.order !== 'up';
   th.dataset.order = up ? 'up' : 'down';
-  const key = row => row.cells[column].dataset.value ?? row.cells[column].textContent;
+  const key = row => row.cells[column]?.dataset.value ?? row.cells[column]?.textContent ?? '';
   const rows = Array.from(body.rows).sort((a, b) => {
     const x = key(a), y = key(b), nx = parseFloat(x), ny = parseFloat(y);
     const order = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);

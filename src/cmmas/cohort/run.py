@@ -14,7 +14,7 @@ from cmmas.cohort import batch
 from cmmas.cohort.manifest import Scan, read_manifest, shard
 
 if TYPE_CHECKING:
-    from cmmas.segment import SegmentConfig
+    from cmmas.segment import SegmentConfig, Segmenter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +30,16 @@ class Plan:
     key: str
 
 
-def plan_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool = True) -> Plan:
+def plan_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool = True, preview: bool = False
+                ) -> Plan:
     """The :class:`Plan` of segmenting with ``bundle``.
 
     Args:
         bundle: a bundle folder (``make bundle``, :func:`cmmas.bundle.write_bundle`).
         fusion: the fusion (None: the bundle's recorded one, else :data:`cmmas.segment.DEFAULT_FUSION`).
         maps: map the probability and agreement maps back too.
+        preview: each scan's preview PNG is written (part of the key: a run asking for previews
+            redoes scans done without).
 
     Raises:
         CmmasError: the bundle lacks its atlas set or registration network.
@@ -52,10 +55,10 @@ def plan_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool
     network = found.bundled.get(config.fusion)
     files = [Path(found.atlas_set) / bundles.MANIFEST, found.reg_model, *([network] if network else [])]
     return Plan(Path(bundle), Path(found.atlas_set), Path(found.reg_model), config, network,
-                batch.run_key(config.to_dict(), files))
+                batch.run_key({**config.to_dict(), "preview": preview}, files))
 
 
-def open_bundle(plan: Plan, progress: bool = False):
+def open_bundle(plan: Plan, progress: bool = False) -> Segmenter:
     """The plan's :class:`cmmas.segment.Segmenter`, its networks loaded once.
 
     Raises:
@@ -67,7 +70,8 @@ def open_bundle(plan: Plan, progress: bool = False):
     return Segmenter(plan.atlas_set, plan.reg_model, fusion_model, plan.config, progress=progress)
 
 
-def segmenter_of(segmenter, extras: bool, preview: bool, strict: bool = False) -> Callable[[Scan, Path], dict]:
+def segmenter_of(segmenter: Segmenter, extras: bool, preview: bool, strict: bool = False
+                 ) -> Callable[[Scan, Path], dict]:
     """``segment_one`` for :func:`cmmas.cohort.batch.run_scans`: read the scan, segment it, write
     its outputs into its folder and return its record's fields."""
     from cmmas.io import read_image
@@ -97,11 +101,11 @@ def segment_cohort(manifest: str | os.PathLike, bundle: str | os.PathLike, out: 
     check_inputs_kept(manifest, scans, out)
     mine = shard(scans, *shard_of) if shard_of else scans
     Path(out).mkdir(parents=True, exist_ok=True)
-    plan = plan_bundle(bundle, fusion, maps=extras)
+    plan = plan_bundle(bundle, fusion, maps=extras, preview=preview)
     segment_one = segmenter_of(open_bundle(plan, progress=report is not None), extras, preview, strict)
     summary = batch.run_scans(mine, segment_one, out, plan.key, report)
     if shard_of is None:
-        batch.merge(out, scans)
+        batch.merge(out, scans, plan.key)
     return summary
 
 
@@ -125,8 +129,19 @@ def check_inputs_kept(manifest: str | os.PathLike, scans: list[Scan], out: str |
                                         "choose another --out")
 
 
-def merge_cohort(manifest: str | os.PathLike | None, out: str | os.PathLike) -> tuple[int, int]:
-    """Write the cohort tables of ``out`` from its records (after the shards ran); returns the
-    numbers of cohort rows and of failures (scans of the manifest without a record included)."""
-    rows, failures = batch.merge(out, read_manifest(manifest) if manifest else None)
-    return len(rows), len(failures)
+def merge_cohort(manifest: str | os.PathLike | None, out: str | os.PathLike, bundle: str | os.PathLike | None = None,
+                 fusion: str | None = None, extras: bool = True, preview: bool = False) -> tuple[int, int, int]:
+    """Write the cohort tables of ``out`` from its records (after the shards ran).
+
+    Args:
+        manifest: the cohort's manifest (its scans without a record are failures), or None.
+        out: the cohort folder.
+        bundle, fusion, extras, preview: the shards' settings: with ``bundle``, only records of
+            this run's key count (:func:`plan_bundle`); without, any record does.
+
+    Returns:
+        The numbers of cohort rows, of failures and of distinct settings keys among the rows.
+    """
+    key = plan_bundle(bundle, fusion, maps=extras, preview=preview).key if bundle else None
+    rows, failures = batch.merge(out, read_manifest(manifest) if manifest else None, key)
+    return len(rows), len(failures), len({row.get("key") for row in rows})

@@ -60,12 +60,16 @@ class Trainer(keras.Model):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if not all(layer.built for layer in self._flatten_layers()):
             super()._maybe_symbolic_build(iterator, data_batch)
+        elif self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
 
     def step_logs(self, logs: dict) -> dict:
         """A step's scalar logs as ``fit`` can reduce them: under ``MultiWorkerMirroredStrategy``
         Keras 3 reduces each along axis 0 (``strategy.reduce("MEAN", v, axis=0)``), which a scalar
         lacks, so there each becomes ``[1]`` (and the reduction gives the scalar back)."""
-        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+                self.distribute_strategy.extended._in_multi_worker_mode():
             return {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
 
