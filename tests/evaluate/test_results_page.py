@@ -66,7 +66,8 @@ def test_tables_from_a_fake_runs_folder_name_commit_state_and_command(tmp_path):
 def test_every_table_reads_not_run_when_runs_is_empty(tmp_path):
     tables = page.render_tables(page.load_records(tmp_path, [*page.CHAIN.values(), *page.BENCH.values()]),
                                 lambda commit: False)
-    assert set(tables) == {"headline", "chain", "labelled", "bench_mas", "bench_alignment", "bench_accuracy"}
+    assert set(tables) == {"headline", "chain", "settings", "labelled", "bench_mas", "bench_alignment",
+                           "bench_accuracy", "bench_training", "bench_cohort"}
     for text in tables.values():
         assert "|---" not in text and page.NOT_RUN in text
 
@@ -146,3 +147,25 @@ def test_labelled_curve_reads_each_count_run_and_draws_its_figure(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(CmmasError, match="no labelled-curve point"):
         labelled_curve({}, tmp_path / "none.png")
+
+
+def test_the_settings_table_compares_today_labelmix_and_zero(tmp_path):
+    runs = tmp_path / "runs"
+    _write(runs / page.CHAIN["ct->mr"], _summary("ct->mr", {"jlf_tf": [(0.8, 0.6)], "simnet": [(0.7, 0.5)]}))
+    assert page.render_tables(page.load_records(runs, list(page.settings_paths().values())),
+                              lambda c: False)["settings"].count("not run at this commit") == 5
+    _write(runs / page.settings_paths()[("zero", "ct->mr")], _summary("ct->mr", {"jlf_tf": [(0.6, 0.4)]}))
+    block = page.render_tables(page.load_records(runs, list(page.settings_paths().values())),
+                               lambda c: False)["settings"]
+    assert "| today | jlf_tf | 0.800 | 0.600 | 0.700 | 0.700 |" in block
+    assert "| zero | jlf_tf | 0.600 | 0.400 | 0.500 | 0.500 |" in block and "| zero | simnet" not in block
+
+
+def test_bench_training_and_cohort_tables():
+    training = page.training_table([{"variant": "biregnet", "step_s": 1.4, "steps_per_s": 0.714, "ratio": 1.0,
+                                     "augment_share": 0.05, "forward_share": 0.3, "backward_share": 0.55,
+                                     "rest_share": 0.1, "data_s": 0.004}])
+    assert training.splitlines()[2] == "| biregnet | 1.400 | 0.71 | 1.00 | 5% | 30% | 55% | 10% | 0.004 |"
+    cohort = page.cohort_table([{"run": "dask:2", "scans": 40, "wall_s": 300.0, "scans_per_hour": 480.0,
+                                 "ratio": 1.8, "peak_mb": 2100.0}])
+    assert cohort.splitlines()[2] == "| dask:2 | 40 | 300.0 | 480 | 1.80 | 2100 |"

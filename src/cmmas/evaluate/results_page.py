@@ -38,7 +38,12 @@ WATCHED = ("src", "experiments", "bench", "Makefile")
 CHAIN = {"ct->mr": "abdomen/ct2mr/fold1/eval/summary.json", "mr->ct": "abdomen/mr2ct/fold1/eval/summary.json"}
 #: The bench records (relative to ``runs/``).
 BENCH = {"bench_mas": "bench_mas/bench_mas.json", "bench_alignment": "bench_alignment/bench_alignment.json",
-         "bench_accuracy": "bench_accuracy/bench_accuracy.json"}
+         "bench_accuracy": "bench_accuracy/bench_accuracy.json", "bench_training": "bench_training/bench_training.json",
+         "bench_cohort": "bench_cohort/bench_cohort.json"}
+#: The contrast-agnostic comparison (#32): reproduce-abdomen's settings, each its own run folder.
+SETTINGS = {"today": "abdomen", "labelmix": "abdomen-labelmix", "zero": "abdomen-zero"}
+#: Fusions of the contrast-agnostic table.
+SETTING_METHODS = ("jlf_tf", "simnet")
 #: The labelled-scan curve (DLF issue): ``make reproduce-abdomen LABELLED=K`` leaves its evaluations
 #: under ``runs/abdomen-labelledK``, ``SETTING=zero`` (no labelled scan) under ``runs/abdomen-zero``;
 #: "all" is the full chain's (:data:`CHAIN`).
@@ -321,16 +326,71 @@ def labelled_table(points: Mapping[str, Mapping[str, Sequence[tuple]]]) -> str:
     return "\n".join(lines)
 
 
+def settings_paths() -> dict[tuple[str, str], str]:
+    """(setting, direction) -> that run's fold-1 evaluation summary, relative to ``runs/``."""
+    return {(name, direction): path.replace("abdomen/", f"{run}/", 1)
+            for name, run in SETTINGS.items() for direction, path in CHAIN.items()}
+
+
+def settings_table(summaries: Mapping[tuple[str, str], Mapping]) -> str:
+    """Per direction, setting and fusion of :data:`SETTING_METHODS`: Dice per organ (mean over
+    targets), mean Dice and worst target, from each setting's evaluation summary."""
+    lines = []
+    for direction in CHAIN:
+        present = [(name, summaries[(name, direction)]) for name in SETTINGS if (name, direction) in summaries]
+        if not present:
+            continue
+        organs = list(dict.fromkeys(o for _, summary in present for entry in summary["metrics"][direction].values()
+                                    for o in entry if o != "mean"))
+        lines += [f"**{direction.upper().replace('->', ' -> ')}**", "",
+                  "| setting | fusion | " + " | ".join(organs) + " | mean Dice | worst target |",
+                  "|---" * (len(organs) + 4) + "|"]
+        for name, summary in present:
+            for method in SETTING_METHODS:
+                entry = summary["metrics"][direction].get(method)
+                if entry is None:
+                    continue
+                cells = " | ".join(_f(((entry.get(o) or {}).get("dice") or {}).get("mean")) for o in organs)
+                mean, worst = _mean_min(entry["mean"]["dice"])
+                lines.append(f"| {name} | {method} | {cells} | {_f(mean)} | {_f(worst)} |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+def training_table(rows: Sequence[Mapping]) -> str:
+    """bench_training's rows: seconds and steps per second per variant, the ratio to the run's
+    first variant and the shares of the step."""
+    lines = ["| variant | s / step | steps / s | x first | augment | forward | backward | rest | data s / batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        data = f"{r['data_s']:.3f}" if r.get("data_s") is not None else "-"
+        lines.append(f"| {r['variant']} | {r['step_s']:.3f} | {r['steps_per_s']:.2f} | {r['ratio']:.2f} | "
+                     f"{r['augment_share']:.0%} | {r['forward_share']:.0%} | {r['backward_share']:.0%} | "
+                     f"{r['rest_share']:.0%} | {data} |")
+    return "\n".join(lines)
+
+
+def cohort_table(rows: Sequence[Mapping]) -> str:
+    """bench_cohort's rows: per run, scans, wall seconds, scans per hour, ratio to the reference
+    run and peak memory of its largest process."""
+    lines = ["| run | scans | wall s | scans / hour | x reference | peak MB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
+        lines.append(f"| {r['run']} | {r['scans']} | {r['wall_s']:.1f} | {r['scans_per_hour']:.0f} | {ratio} | "
+                     f"{r['peak_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def _block(records: Sequence[Record], missing: Sequence[str], changed: Changed, table: str | None) -> str:
     source = source_line(records, missing, changed)
     return source if not table else f"{source}\n\n{table}"
 
 
 def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[str, str]:
-    """name -> Markdown of every generated table (``headline``, ``chain``, ``labelled``,
-    ``bench_mas``, ``bench_alignment``, ``bench_accuracy``), from the records :func:`load_records`
-    found (keyed by their path relative to ``runs/``: :data:`CHAIN`, :func:`labelled_paths` and
-    :data:`BENCH`)."""
+    """name -> Markdown of every generated table (``headline``, ``chain``, ``settings``,
+    ``labelled`` and one per bench of :data:`BENCH`), from the records :func:`load_records` found
+    (keyed by their path relative to ``runs/``: :data:`CHAIN`, :func:`settings_paths`,
+    :func:`labelled_paths` and :data:`BENCH`)."""
     chain_records = [runs_records[p] for p in CHAIN.values() if p in runs_records]
     chain_missing = [p for p in CHAIN.values() if p not in runs_records]
     chain = {d: runs_records[p].data for d, p in CHAIN.items() if p in runs_records}
@@ -347,6 +407,13 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
              for d, s in chain.items() if d in s.get("metrics", {})]
     tables["chain"] = _block(chain_records, chain_missing, changed, "\n\n".join(parts) or None)
 
+    setting_records = {key: runs_records[p] for key, p in settings_paths().items() if p in runs_records}
+    other = [p for key, p in settings_paths().items() if key[0] != "today"]
+    tables["settings"] = _block(list(setting_records.values()),
+                                [p for p in settings_paths().values() if p not in runs_records], changed,
+                                settings_table({k: r.data for k, r in setting_records.items()})
+                                if any(p in runs_records for p in other) else None)
+
     curve = {key: path for key, path in labelled_paths().items() if key[1] != "all"}
     curve_records = [runs_records[p] for p in curve.values() if p in runs_records]
     points = labelled_points({key: runs_records[p].data for key, p in labelled_paths().items() if p in runs_records})
@@ -359,6 +426,8 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
         "bench_alignment": lambda data: alignment_table(
             data["rows"], float(((data.get("provenance") or {}).get("config") or {}).get("collapse", 0.3))),
         "bench_accuracy": lambda data: accuracy_table(data["rows"]),
+        "bench_training": lambda data: training_table(data["rows"]),
+        "bench_cohort": lambda data: cohort_table(data["rows"]),
     }
     for name, render in renderers.items():
         record = bench[name]
@@ -408,7 +477,8 @@ def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo
     Raises:
         CmmasError: a page is missing or its markers are malformed; a record is not JSON.
     """
-    records = load_records(runs, [*CHAIN.values(), *labelled_paths().values(), *BENCH.values()])
+    records = load_records(runs, [*CHAIN.values(), *labelled_paths().values(), *settings_paths().values(),
+                                  *BENCH.values()])
     answers: dict[str, bool | None] = {}
 
     def changed(commit: str) -> bool | None:
