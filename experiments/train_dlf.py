@@ -25,7 +25,8 @@ import random
 
 from absl import app, flags
 
-from cmmas.scripts import absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, labelled_targets
+from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, define_precision,
+                           labelled_targets)
 
 FLAGS = flags.FLAGS
 
@@ -38,6 +39,7 @@ flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
 flags.DEFINE_string("out", None, "Output folder.")
 define_labelled_targets()
+define_precision()
 flags.DEFINE_integer("atlases", 5, "Atlases drawn per target and step, with duplicates.", lower_bound=1)
 flags.DEFINE_integer("c_vote", 8, "Channels of the weighted-voting subnet's first level.", lower_bound=1)
 flags.DEFINE_integer("c_fine", 16, "Channels of the fine-tuning subnet's (the U-Net's) first level.", lower_bound=1)
@@ -98,7 +100,8 @@ def run() -> int:
         kind=FLAGS.network, shape_zyx=tuple(aset.geometry.shape), c_vote=FLAGS.c_vote, c_fine=FLAGS.c_fine,
         fine_tune=FLAGS.fine_tune, mask=FLAGS.mask, atlases=FLAGS.atlases, lr=FLAGS.lr, decay_rate=FLAGS.decay_rate,
         decay_steps=FLAGS.decay_steps, steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch, augment=FLAGS.augment,
-        jitter_probability=FLAGS.jitter_probability, shift_strength=FLAGS.shift_strength, seed=FLAGS.seed)
+        jitter_probability=FLAGS.jitter_probability, shift_strength=FLAGS.shift_strength,
+        precision=FLAGS.precision, seed=FLAGS.seed)
     card = card_from_atlas_set(aset, FLAGS.network, FLAGS.atlas_modality, FLAGS.target_modality)
     if FLAGS.network == "dlf":
         card = dataclasses.replace(card, atlas_count=FLAGS.atlases)

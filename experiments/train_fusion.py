@@ -33,14 +33,15 @@ import random
 
 from absl import app, flags
 
-from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, define_training_pairs,
-                           pair_targets, parse_shape)
+from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, define_precision,
+                           define_training_pairs, pair_targets, parse_shape)
 
 FLAGS = flags.FLAGS
 
 define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).")
 define_labelled_targets()
 define_training_pairs()
+define_precision()
 flags.DEFINE_string("reg_model", None, "Trained BiRegNet (.keras) for the gen step.")
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
@@ -120,7 +121,8 @@ def _run() -> int:
         augment=FLAGS.augment, augment_mode=FLAGS.augment_mode, augment_probability=FLAGS.augment_probability,
         shift_max=FLAGS.shift_max,
         rotation_max=FLAGS.rotation_max, translation_max=FLAGS.translation_max,
-        scale_range=(FLAGS.scale_min, FLAGS.scale_max), labelmix=labelmix, seed=FLAGS.seed)
+        scale_range=(FLAGS.scale_min, FLAGS.scale_max), labelmix=labelmix, precision=FLAGS.precision,
+        seed=FLAGS.seed)
     pairs = training_pairs.load_pairs(cache, targets)
     print(f"train_fusion: training SimNet on {pairs.n_pairs} pairs for {config.steps} steps into {out}")
     path = simnet_train.train(config, pairs, codes, out, strategy=FLAGS.strategy, progress=FLAGS.progress,

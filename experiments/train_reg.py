@@ -29,14 +29,15 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, define_training_pairs,
-                           pair_targets, parse_shape)
+from cmmas.scripts import (absl_main, atlas_set_flag, define_atlas_set, define_labelled_targets, define_precision,
+                           define_training_pairs, pair_targets, parse_shape)
 
 FLAGS = flags.FLAGS
 
 define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).")
 define_labelled_targets()
 define_training_pairs()
+define_precision()
 flags.DEFINE_string("atlas_modality", "ct", "Modality of the atlases.")
 flags.DEFINE_string("target_modality", "mr", "Modality of the targets.")
 flags.DEFINE_string("out", None, "Run folder (model.keras, history.csv, ...).")
@@ -118,7 +119,7 @@ def _run() -> int:
         decay_steps=FLAGS.decay_steps,
         steps=FLAGS.steps, batch=FLAGS.batch, steps_per_epoch=FLAGS.steps_per_epoch, augment=FLAGS.augment,
         augment_mode=FLAGS.augment_mode, aug_rotation=FLAGS.aug_rotation, aug_scale=FLAGS.aug_scale,
-        aug_shift=FLAGS.aug_shift, labelmix=labelmix, seed=FLAGS.seed,
+        aug_shift=FLAGS.aug_shift, labelmix=labelmix, precision=FLAGS.precision, seed=FLAGS.seed,
     )
     atlas_images, atlas_labels = aset.arrays(atlas_ids)
     target_images, target_labels = aset.arrays(target_ids)

@@ -78,6 +78,14 @@ def labelled_targets(ids: Sequence[str]) -> list[str]:
     return list(ids[: FLAGS.labelled_targets] if FLAGS.labelled_targets else ids)
 
 
+def define_precision() -> None:
+    """``--precision float32|mixed_bfloat16``: the trained network's trunk precision (:mod:`cmmas.nn.precision`)."""
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"], "Precision of the network's "
+                      "convolutions in training: mixed_bfloat16 computes them in bfloat16 (faster on CPUs with "
+                      "AVX-512 bfloat16), weights, heads, warps and losses stay float32; inference runs in float32 "
+                      "either way.", module_name=sys.argv[0])
+
+
 def define_training_pairs() -> None:
     """``--pairs cross|atlas_only`` and ``--labelmix P``: what a registration or SimNet network
     trains on (:data:`cmmas.nn.model_card.TRAINING_PAIRS`) and how often an image gets a random

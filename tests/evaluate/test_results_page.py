@@ -162,10 +162,12 @@ def test_the_settings_table_compares_today_labelmix_and_zero(tmp_path):
 
 
 def test_bench_training_and_cohort_tables():
-    training = page.training_table([{"variant": "biregnet", "step_s": 1.4, "steps_per_s": 0.714, "ratio": 1.0,
-                                     "augment_share": 0.05, "forward_share": 0.3, "backward_share": 0.55,
-                                     "rest_share": 0.1, "data_s": 0.004}])
-    assert training.splitlines()[2] == "| biregnet | 1.400 | 0.71 | 1.00 | 5% | 30% | 55% | 10% | 0.004 |"
+    before = {"variant": "biregnet", "step_s": 1.4, "steps_per_s": 0.714, "ratio": 1.0, "augment_share": 0.05,
+              "forward_share": 0.3, "backward_share": 0.55, "rest_share": 0.1, "data_s": 0.004}
+    after = {**before, "precision": "mixed_bfloat16", "step_s": 0.7, "steps_per_s": 1.43, "ratio": 0.5, "speedup": 2.0}
+    training = page.training_table([before, after]).splitlines()
+    assert training[2] == "| biregnet | float32 | 1.400 | 0.71 | 1.00 | - | 5% | 30% | 55% | 10% | 0.004 |"
+    assert training[3] == "| biregnet | mixed_bfloat16 | 0.700 | 1.43 | 0.50 | 2.00 | 5% | 30% | 55% | 10% | 0.004 |"
     cohort = page.cohort_table([{"run": "dask:2", "scans": 40, "wall_s": 300.0, "scans_per_hour": 480.0,
                                  "ratio": 1.8, "peak_mb": 2100.0}])
     assert cohort.splitlines()[2] == "| dask:2 | 40 | 300.0 | 480 | 1.80 | 2100 |"

@@ -297,6 +297,22 @@ def test_training_lowers_the_loss_and_raises_dice(trained):
 
 
 @pytest.mark.slow
+def test_bfloat16_training_also_raises_dice_and_saves_a_float32_inference_network(tmp_path):
+    from cmmas.nn.precision import precision_of
+
+    config = dataclasses.replace(SMOKE, precision="mixed_bfloat16")
+    path = biregnet.train(config, ATLASES[0], ATLASES[1], TARGETS[0], TARGETS[1], CODES, tmp_path, progress=False)
+    model = training.load_model(path)
+    assert precision_of(model) == "mixed_bfloat16" and precision_of(inference_copy(model)) == "float32"
+    before, after = [], []
+    for target, target_label in zip(*TARGETS):
+        _, warped, _ = apply.warp_atlases(model, ATLASES[0], ATLASES[1], target, CODES)
+        before += [_mean_dice(a, target_label) for a in ATLASES[1]]
+        after += [_mean_dice(w, target_label) for w in warped]
+    assert np.mean(after) > np.mean(before) + 0.1
+
+
+@pytest.mark.slow
 def test_saved_model_is_the_trained_network_and_reloads_identically(trained, tmp_path):
     model = training.load_model(trained["path"])
     inputs = {"atlas": ATLASES[0][:1, ..., None], "target": TARGETS[0][:1, ..., None]}

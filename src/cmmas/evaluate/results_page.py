@@ -358,15 +358,17 @@ def settings_table(summaries: Mapping[tuple[str, str], Mapping]) -> str:
 
 
 def training_table(rows: Sequence[Mapping]) -> str:
-    """bench_training's rows: seconds and steps per second per variant, the ratio to the run's
-    first variant and the shares of the step."""
-    lines = ["| variant | s / step | steps / s | x first | augment | forward | backward | rest | data s / batch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """bench_training's rows: seconds and steps per second per variant and trunk precision (float32
+    in the runs that predate the precision), the ratio to the run's first row, the speed-up over the
+    same variant's first precision and the shares of the step."""
+    lines = ["| variant | precision | s / step | steps / s | x first | speed-up | augment | forward | backward | rest "
+             "| data s / batch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         data = f"{r['data_s']:.3f}" if r.get("data_s") is not None else "-"
-        lines.append(f"| {r['variant']} | {r['step_s']:.3f} | {r['steps_per_s']:.2f} | {r['ratio']:.2f} | "
-                     f"{r['augment_share']:.0%} | {r['forward_share']:.0%} | {r['backward_share']:.0%} | "
-                     f"{r['rest_share']:.0%} | {data} |")
+        speedup = f"{r['speedup']:.2f}" if r.get("speedup") is not None else "-"
+        lines.append(f"| {r['variant']} | {r.get('precision', 'float32')} | {r['step_s']:.3f} | {r['steps_per_s']:.2f} "
+                     f"| {r['ratio']:.2f} | {speedup} | {r['augment_share']:.0%} | {r['forward_share']:.0%} | "
+                     f"{r['backward_share']:.0%} | {r['rest_share']:.0%} | {data} |")
     return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ from cmmas.nn import training
 from cmmas.nn.dlf import build_dlf, build_unet
 from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
+from cmmas.nn.precision import PRECISIONS
 from cmmas.register.augment import augmentation_displacement
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class DLFConfig:
         shift_strength: the histogram shift's largest knot displacement (intensities in [0, 1]).
         noise_max: the noise's largest standard deviation.
         ce_weight: weight of the cross-entropy beside the Dice term.
+        precision: the network's trunk precision (:data:`cmmas.nn.precision.PRECISIONS`;
+            "mixed_bfloat16" trains the convolutions in bfloat16, weights, heads and losses float32).
         seed: seeds the weights, the draws of targets and atlases and the augmentation.
     """
 
@@ -119,12 +122,15 @@ class DLFConfig:
     shift_strength: float = 0.1
     noise_max: float = 0.03
     ce_weight: float = 1.0
+    precision: str = "float32"
     seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape_zyx", tuple(int(n) for n in self.shape_zyx))
         object.__setattr__(self, "scale_range", tuple(float(s) for s in self.scale_range))
         problems = []
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.kind not in MODEL_FILES:
             problems.append(f"kind must be one of {sorted(MODEL_FILES)}, got {self.kind!r}")
         for name in ("c_vote", "vote_levels", "c_fine", "fine_levels", "atlases", "decay_steps", "steps", "batch",
@@ -338,8 +344,8 @@ def build(config: DLFConfig, n_labels: int) -> keras.Model:
     if config.kind == "dlf":
         return build_dlf(config.shape_zyx, n_labels, c_vote=config.c_vote, c_fine=config.c_fine,
                          vote_levels=config.vote_levels, fine_levels=config.fine_levels, fine_tune=config.fine_tune,
-                         mask=config.mask)
-    return build_unet(config.shape_zyx, n_labels, c0=config.c_fine, levels=config.fine_levels)
+                         mask=config.mask, precision=config.precision)
+    return build_unet(config.shape_zyx, n_labels, c0=config.c_fine, levels=config.fine_levels, precision=config.precision)
 
 
 def train(

@@ -49,6 +49,7 @@ from cmmas.nn.labelmix import randomise_some
 from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.networks import build_simnet
+from cmmas.nn.precision import PRECISIONS
 from cmmas.register import augment, biregnet
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class SimConfig:
         labelmix: probability that a pair's target image gets a random contrast from its label
             map (:mod:`cmmas.nn.labelmix`), after the augmentation (0: off; the atlas-only mode,
             whose targets are of the atlas modality, needs it).
+        precision: the network's trunk precision (:data:`cmmas.nn.precision.PRECISIONS`;
+            "mixed_bfloat16" trains the convolutions in bfloat16, weights, heads and losses float32).
         seed: seeds the weights, the sampling of pairs and the augmentation.
     """
 
@@ -124,6 +127,7 @@ class SimConfig:
     translation_max: float = 10.0
     scale_range: tuple[float, float] = (0.85, 1.45)
     labelmix: float = 0.0
+    precision: str = "float32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,6 +141,8 @@ class SimConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 < self.decay_rate <= 1:
             problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {self.lr}, {self.decay_rate}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.augment_mode not in AUGMENT_MODES:
             problems.append(f"augment_mode must be one of {AUGMENT_MODES}, got {self.augment_mode!r}")
         if self.arch not in ("cmmas", "original"):
@@ -466,7 +472,8 @@ def train(
                          f"{distribution.num_replicas_in_sync} replicas")
     keras.utils.set_random_seed(config.seed)
     with distribution.scope():
-        simnet = build_simnet(config.shape_zyx, len(codes), c0=config.c0, levels=config.levels, arch=config.arch)
+        simnet = build_simnet(config.shape_zyx, len(codes), c0=config.c0, levels=config.levels, arch=config.arch,
+                              precision=config.precision)
         if init_weights is not None and resume_epoch == 0:
             training.copy_weights(init_weights, simnet)
         trainer = SimNetTrainer(simnet, config)

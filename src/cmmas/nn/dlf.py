@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from cmmas.errors import ModelError
 from cmmas.nn.networks import check_config, summed_heads, unet_features
+from cmmas.nn.precision import trunk_precision
 
 #: The fine-tuning subnet's initial weight of the consensus in its logits: softmax(5 * S) picks
 #: the label with the largest vote share.
@@ -150,9 +151,11 @@ def _check_labels(name: str, n_labels: int) -> int:
 
 
 def build_dlf(shape_zyx: Sequence[int], n_labels: int, c_vote: int = 8, c_fine: int = 16, vote_levels: int = 3,
-              fine_levels: int = 4, fine_tune: bool = True, mask: bool = True, name: str = "dlf") -> keras.Model:
+              fine_levels: int = 4, fine_tune: bool = True, mask: bool = True, precision: str = "float32",
+              name: str = "dlf") -> keras.Model:
     """Deep Label Fusion: weighted-voting subnet, then the masked fine-tuning subnet (module docstring;
-    ``fine_tune`` False: the weighted vote alone; ``mask`` False: no atlas mask).
+    ``fine_tune`` False: the weighted vote alone; ``mask`` False: no atlas mask; ``precision``: both
+    subnets' U-Nets', :mod:`cmmas.nn.precision`, their heads, the weights and the vote float32).
 
     Inputs (named): ``target`` ``[B, D, H, W, 1]``, ``atlas_images`` ``[B, N, D, H, W, 1]`` and
     ``atlas_labels`` ``[B, N, D, H, W, L]`` (one-hot of the warped atlas labels), N free.
@@ -172,15 +175,17 @@ def build_dlf(shape_zyx: Sequence[int], n_labels: int, c_vote: int = 8, c_fine: 
     atlas_labels = keras.Input((None, *shape, n_labels), name="atlas_labels")
     coords = CoordinateMaps(name="coordinates")(target)
     pairs = AtlasPairs(name="atlas_pairs")([target, atlas_images, coords])
-    vote_logits = summed_heads(unet_features(pairs, c_vote, vote_levels, name="vote"), n_labels,
-                               is_displacement=False, name="vote")
+    with trunk_precision(precision, name):
+        vote_features = unet_features(pairs, c_vote, vote_levels, name="vote")
+    vote_logits = summed_heads(vote_features, n_labels, is_displacement=False, name="vote")
     weights = AtlasWeights(name="weights")([vote_logits, atlas_labels])
     consensus = WeightedVote(name="consensus")([weights, atlas_labels])
     logits = Scale(PRIOR_SCALE, name="prior")(consensus)
     if fine_tune:
-        x = keras.layers.Concatenate(name="fine_input")([consensus, target, coords])
-        head = summed_heads(unet_features(x, c_fine, fine_levels, name="fine"), n_labels, is_displacement=False,
-                            name="fine")
+        with trunk_precision(precision, name):
+            x = keras.layers.Concatenate(name="fine_input")([consensus, target, coords])
+            fine_features = unet_features(x, c_fine, fine_levels, name="fine")
+        head = summed_heads(fine_features, n_labels, is_displacement=False, name="fine")
         logits = keras.layers.Add(name="fine_logits")([head, logits])
     logits = AtlasMask(name="logits")([logits, atlas_labels]) if mask else keras.layers.Identity(name="logits")(logits)
     probabilities = keras.layers.Softmax(name="probabilities")(logits)
@@ -189,9 +194,10 @@ def build_dlf(shape_zyx: Sequence[int], n_labels: int, c_vote: int = 8, c_fine: 
                        name=name)
 
 
-def build_unet(shape_zyx: Sequence[int], n_labels: int, c0: int = 16, levels: int = 4, name: str = "unet") -> keras.Model:
+def build_unet(shape_zyx: Sequence[int], n_labels: int, c0: int = 16, levels: int = 4, precision: str = "float32",
+               name: str = "unet") -> keras.Model:
     """The plain 3D U-Net DLF is compared with: the fine-tuning subnet's U-Net on the target image
-    and the coordinate maps alone (no atlas).
+    and the coordinate maps alone (no atlas); ``precision``: its trunk's (:mod:`cmmas.nn.precision`).
 
     Inputs (named): ``target`` ``[B, D, H, W, 1]``. Outputs: ``probabilities`` and ``logits``
     ``[B, D, H, W, L]``.
@@ -200,8 +206,10 @@ def build_unet(shape_zyx: Sequence[int], n_labels: int, c0: int = 16, levels: in
     n_labels = _check_labels(name, n_labels)
     target = keras.Input((*shape, 1), name="target")
     coords = CoordinateMaps(name="coordinates")(target)
-    x = keras.layers.Concatenate(name="unet_input")([target, coords])
-    head = summed_heads(unet_features(x, c0, levels, name="unet"), n_labels, is_displacement=False, name="unet")
+    with trunk_precision(precision, name):
+        x = keras.layers.Concatenate(name="unet_input")([target, coords])
+        features = unet_features(x, c0, levels, name="unet")
+    head = summed_heads(features, n_labels, is_displacement=False, name="unet")
     logits = keras.layers.Identity(name="logits")(head)
     probabilities = keras.layers.Softmax(name="probabilities")(logits)
     return keras.Model({"target": target}, {"probabilities": probabilities, "logits": logits}, name=name)

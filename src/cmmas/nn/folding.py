@@ -36,7 +36,8 @@ def _foldable_pairs(model: keras.Model) -> dict[str, str]:
 def folded_copy(model: keras.Model) -> keras.Model:
     """An inference-only copy of ``model`` with each BatchNormalization folded into the
     convolution before it (:func:`sync_folded`): the same outputs up to float rounding, without
-    the normalisation passes (a BiRegNet forward pass on a 2-core CPU is 10-20 % faster).
+    the normalisation passes (a BiRegNet forward pass on a 2-core CPU is 10-20 % faster). Every
+    layer of the copy computes in float32, also those trained in bfloat16 (:mod:`cmmas.nn.precision`).
 
     The copy does not follow later changes of ``model``'s weights: call :func:`sync_folded`.
     """
@@ -46,7 +47,7 @@ def folded_copy(model: keras.Model) -> keras.Model:
     def clone(layer):
         if layer.name in norms:
             return keras.layers.Identity(name=layer.name)
-        config = layer.get_config()
+        config = {**layer.get_config(), "dtype": "float32"}  # inference in float32 whatever the training precision
         if layer.name in pairs:
             config["use_bias"] = True
         return layer.__class__.from_config(config)

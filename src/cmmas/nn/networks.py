@@ -37,6 +37,7 @@ from cmmas.errors import ModelError
 from cmmas.nn import original
 from cmmas.nn.blocks import BN_MOMENTUM, Upsample3D
 from cmmas.nn.layers import VecInt
+from cmmas.nn.precision import trunk_precision
 
 #: Architectures of both networks -> their default number of levels.
 ARCH_LEVELS = {"cmmas": 4, "original": 5}
@@ -172,7 +173,7 @@ def check_config(name: str, shape_zyx: Sequence[int], c0: int, levels: int) -> t
 
 def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels: int | None = None,
                    diffeomorphic: bool = False, int_steps: int = 7, arch: str = "cmmas",
-                   name: str = "biregnet") -> keras.Model:
+                   precision: str = "float32", name: str = "biregnet") -> keras.Model:
     """BiRegNet: bidirectional registration of an atlas and a target image.
 
     Inputs (named): ``atlas`` and ``target``, each ``[B, D, H, W, 1]``, concatenated.
@@ -197,11 +198,12 @@ def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels:
     shape = check_config(name, shape_zyx, c0, levels)
     atlas = keras.Input((*shape, 1), name="atlas")
     target = keras.Input((*shape, 1), name="target")
-    x = keras.layers.Concatenate(name="atlas_target")([atlas, target])
-    if arch == "original":
-        features = original.biregnet_features(x, c0, levels, name="reg")
-    else:
-        features = unet_features(x, c0, levels, first_kernel=7, name="reg")
+    with trunk_precision(precision, name):
+        x = keras.layers.Concatenate(name="atlas_target")([atlas, target])
+        if arch == "original":
+            features = original.biregnet_features(x, c0, levels, name="reg")
+        else:
+            features = unet_features(x, c0, levels, first_kernel=7, name="reg")
     outputs = {}
     for field in ("U", "V"):
         # The original resizes its coarse heads without scaling their values.
@@ -215,7 +217,7 @@ def build_biregnet(shape_zyx: Sequence[int] = (96, 96, 96), c0: int = 4, levels:
 
 
 def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, levels: int | None = None,
-                 arch: str = "cmmas", name: str = "simnet") -> keras.Model:
+                 arch: str = "cmmas", precision: str = "float32", name: str = "simnet") -> keras.Model:
     """SimNet: voxel-wise similarity between a target image and one warped atlas label.
 
     Inputs (named): ``target`` ``[B, D, H, W, 1]`` (image) and ``atlas_label``
@@ -226,7 +228,7 @@ def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, 
     (no attention, first kernel 7), which reads the label without its background channel, as the
     original reads the binary label of its one structure (``L = 2``, ``c0=16``, 5 levels: the
     original's 4,727,925 trainable parameters). ``levels`` None: the architecture's
-    (:data:`ARCH_LEVELS`).
+    (:data:`ARCH_LEVELS`). ``precision``: the U-Net's (:mod:`cmmas.nn.precision`; the heads stay float32).
 
     Design: one map per atlas from the multi-label one-hot input, not one map per label. The
     training target is label-agnostic (the fraction of voxels of a 3^3 window where the warped
@@ -250,13 +252,14 @@ def build_simnet(shape_zyx: Sequence[int], n_label_channels: int, c0: int = 16, 
                                f"n_label_channels must be at least 2, got {n_label_channels}")
     target = keras.Input((*shape, 1), name="target")
     atlas_label = keras.Input((*shape, int(n_label_channels)), name="atlas_label")
-    if arch == "original":
-        foreground = original.DropBackground(name="foreground")(atlas_label)
-        x = keras.layers.Concatenate(name="target_atlas_label")([target, foreground])
-        features = original.simnet_features(x, c0, levels, name="sim")
-    else:
-        x = keras.layers.Concatenate(name="target_atlas_label")([target, atlas_label])
-        features = unet_features(x, c0, levels, first_kernel=3, name="sim")
+    with trunk_precision(precision, name):
+        if arch == "original":
+            foreground = original.DropBackground(name="foreground")(atlas_label)
+            x = keras.layers.Concatenate(name="target_atlas_label")([target, foreground])
+            features = original.simnet_features(x, c0, levels, name="sim")
+        else:
+            x = keras.layers.Concatenate(name="target_atlas_label")([target, atlas_label])
+            features = unet_features(x, c0, levels, first_kernel=3, name="sim")
     logits = keras.layers.Identity(name="logits")(
         summed_heads(features, 1, is_displacement=False, name="sim"))
     similarity = keras.layers.Activation("sigmoid", name="similarity")(logits)

@@ -49,6 +49,7 @@ from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.losses import Grad, LocalNCC, MindDistance, MultiScaleDice, MutualInformation, NegativeJacobian
 from cmmas.nn.networks import build_biregnet
+from cmmas.nn.precision import PRECISIONS
 from cmmas.nn.training import (
     copy_weights,
     fit_verbosity,
@@ -124,6 +125,8 @@ class RegConfig:
         labelmix: probability, per image, that its intensities are replaced by a random contrast
             drawn from its label map (:mod:`cmmas.nn.labelmix`), atlas and target drawn
             independently, after the affine augmentation (0: off). The losses are unchanged.
+        precision: the network's trunk precision (:data:`cmmas.nn.precision.PRECISIONS`;
+            "mixed_bfloat16" trains the convolutions in bfloat16, weights, heads and losses float32).
         seed: seeds initial weights, pair sampling and augmentation.
     """
 
@@ -149,6 +152,7 @@ class RegConfig:
     aug_scale: float = AUG_MAX_SCALE
     aug_shift: float = AUG_MAX_SHIFT_VOX
     labelmix: float = 0.0
+    precision: str = "float32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -160,6 +164,8 @@ class RegConfig:
             problems.append(f"sim_loss must be one of {SIM_LOSSES}, got {self.sim_loss!r}")
         if self.augment_mode not in AUGMENT_MODES:
             problems.append(f"augment_mode must be one of {AUGMENT_MODES}, got {self.augment_mode!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.arch not in ARCHS:
             problems.append(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
@@ -540,7 +546,7 @@ def train(
     keras.utils.set_random_seed(config.seed)
     with distribution.scope():
         net = build_biregnet(shape, c0=config.c0, levels=config.levels, diffeomorphic=config.diffeomorphic,
-                             arch=config.arch)
+                             arch=config.arch, precision=config.precision)
         if init_weights is not None and resume_epoch == 0:
             copy_weights(init_weights, net)
         trainer = BiRegNetTrainer(net, config)
