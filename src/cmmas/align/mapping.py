@@ -87,8 +87,8 @@ def _index_matrix(geometry: Geometry) -> np.ndarray:
     return matrix
 
 
-def _resample(image: Image, matrix: np.ndarray, geometry: Geometry, interpolator: int, pixel_type: int,
-              default: float = 0.0) -> np.ndarray:
+def _resampled(image: Image, matrix: np.ndarray, geometry: Geometry, interpolator: int, pixel_type: int,
+               default: float = 0.0) -> sitk.Image:
     """``image`` sampled on ``geometry`` through ``matrix`` (output physical point -> input
     physical point), by SimpleITK: the input in its own dtype (bool and float16 as float32)."""
     if image.array.dtype in (np.bool_, np.float16):
@@ -96,9 +96,14 @@ def _resample(image: Image, matrix: np.ndarray, geometry: Geometry, interpolator
     transform = sitk.AffineTransform(3)
     transform.SetMatrix([float(v) for v in matrix[:3, :3].ravel()])
     transform.SetTranslation([float(v) for v in matrix[:3, 3]])
-    out = sitk.Resample(to_sitk(image), reference_image(geometry, pixel_type), transform, interpolator,
-                        float(default), pixel_type)
-    return sitk.GetArrayFromImage(out)
+    return sitk.Resample(to_sitk(image), reference_image(geometry, pixel_type), transform, interpolator,
+                         float(default), pixel_type)
+
+
+def _resample(image: Image, matrix: np.ndarray, geometry: Geometry, interpolator: int, pixel_type: int,
+              default: float = 0.0) -> np.ndarray:
+    """:func:`_resampled` as a numpy array ``(z, y, x)``."""
+    return sitk.GetArrayFromImage(_resampled(image, matrix, geometry, interpolator, pixel_type, default))
 
 
 def _moved(image: Image, transforms: Sequence[str], geometry: Geometry, default: float) -> Image:
@@ -238,25 +243,27 @@ def _labels_at(foreground: np.ndarray, index_matrix: np.ndarray, points_zyx: Seq
     foreground ``[L - 1, D, H, W]`` interpolated linearly at each voxel's working index
     (``index_matrix``: scan index (x, y, z, 1) -> working index), clamped to the grid within half a
     voxel of its edge and 0 beyond (as ITK's linear interpolation), then :func:`_scores`' arg-max.
-    The weights and values are single precision: their rounding (~1e-7) is far below :data:`MARGIN`.
+    The working indices, weights and values are single precision: their rounding (~1e-7 relative,
+    ~1e-4 of a working voxel on a 1000-voxel scan axis) is far below :data:`MARGIN`.
     """
     size = np.asarray(foreground.shape[1:][::-1])  # x, y, z
     rows = np.ascontiguousarray(np.moveaxis(foreground, 0, -1).reshape(-1, foreground.shape[0]), np.float32)
+    rows_of_matrix = index_matrix.astype(np.float32)
     out = np.zeros(len(points_zyx[0]), dtype=np.uint8)
     for start in range(0, len(out), _CHUNK):
         part = slice(start, start + _CHUNK)
-        index = [np.asarray(p[part], np.float64) for p in points_zyx[::-1]]  # x, y, z
+        index = [np.asarray(p[part], np.float32) for p in points_zyx[::-1]]  # x, y, z
         inside = np.ones(len(index[0]), dtype=bool)
         low, high, frac = [], [], []
         for axis in range(3):
-            u = (index_matrix[axis, 0] * index[0] + index_matrix[axis, 1] * index[1] + index_matrix[axis, 2] * index[2]
-                 + index_matrix[axis, 3])
+            u = (rows_of_matrix[axis, 0] * index[0] + rows_of_matrix[axis, 1] * index[1]
+                 + rows_of_matrix[axis, 2] * index[2] + rows_of_matrix[axis, 3])
             inside &= (u >= -0.5) & (u < size[axis] - 0.5)
             np.clip(u, 0, size[axis] - 1, out=u)
             base = np.minimum(u.astype(np.intp), max(size[axis] - 2, 0))  # u >= 0: truncation is floor
             low.append(base)
             high.append(np.minimum(base + 1, size[axis] - 1))
-            frac.append((u - base).astype(np.float32))
+            frac.append(u - base.astype(np.float32))
         values = np.zeros((len(index[0]), foreground.shape[0]), dtype=np.float32)
         for dz, dy in np.ndindex(2, 2):
             plane = ((high[2] if dz else low[2]) * size[1] + (high[1] if dy else low[1])) * size[0]
@@ -269,17 +276,19 @@ def _labels_at(foreground: np.ndarray, index_matrix: np.ndarray, points_zyx: Seq
     return out
 
 
-def _label(foreground: np.ndarray, working: Geometry, matrix: np.ndarray, target: Geometry) -> np.ndarray:
-    """The label index ``[D, H, W]`` of every scan voxel (:func:`map_back`): cells sampled by
-    nearest neighbour onto the box of the scan they reach, the cells' refined voxels interpolated."""
-    label = np.zeros(target.shape, dtype=np.uint8)
+def _label(foreground: np.ndarray, working: Geometry, matrix: np.ndarray,
+           target: Geometry) -> tuple[np.ndarray, tuple[slice, slice, slice]] | None:
+    """The label index (0 = background) of the scan voxels :func:`map_back` labels: cells sampled
+    by nearest neighbour onto the box of the scan they reach, the cells' refined voxels
+    interpolated. Returns ``(index, box)``, ``index`` the box's ``[d, h, w]``; outside the box every
+    voxel is background. None when no cell can hold a structure on the scan."""
     cells = _cell_labels(foreground)
     if not cells.any():
-        return label
+        return None
     cell_grid = _cell_geometry(working)
     box = _box(cell_grid.sub_grid(preprocess.bounding_box(cells)), matrix, target)
     if box is None:
-        return label
+        return None
     sampled = _resample(Image(cells, cell_grid), np.linalg.inv(matrix), target.sub_grid(box),
                         sitk.sitkNearestNeighbor, sitk.sitkUInt8)
     refine = np.nonzero(sampled == _REFINE)
@@ -287,26 +296,49 @@ def _label(foreground: np.ndarray, working: Geometry, matrix: np.ndarray, target
         index_matrix = np.linalg.inv(_index_matrix(working)) @ np.linalg.inv(matrix) @ _index_matrix(target)
         points = [p + cut.start for p, cut in zip(refine, box)]
         sampled[refine] = _labels_at(foreground, index_matrix, points)
-    label[box] = sampled
-    return label
+    return sampled, box
 
 
 def _probability_map(values: np.ndarray, working: Geometry, inverse: np.ndarray, target: Geometry,
-                     support: np.ndarray | None, outside: int) -> np.ndarray:
+                     support: np.ndarray | None) -> tuple[np.ndarray, tuple[slice, slice, slice] | None]:
     """Fractions ``[D, H, W]`` on the working grid as a uint8 map on the scan's grid (value /
     :data:`cmmas.io.PROBABILITY_SCALE`, rounded): clipped to [0, 1] and scaled on the working grid,
     then interpolated linearly (``inverse``: scan point -> reference point) onto the box of the
-    scan that ``support`` (working voxels, default all) reaches; ``outside`` elsewhere."""
-    out = np.full(target.shape, outside, dtype=np.uint8)
+    scan that ``support`` (working voxels, default all) reaches; 0 elsewhere. Returns the map and
+    that box (None: the map is 0 everywhere)."""
+    out = np.zeros(target.shape, dtype=np.uint8)  # untouched pages stay the kernel's zero page
     if support is not None and not support.any():
-        return out
+        return out, None
     grid = working if support is None else working.sub_grid(preprocess.bounding_box(support, margin_vox=1))
     box = _box(grid, np.linalg.inv(inverse), target)
     if box is None:
-        return out
+        return out, None
     scaled = np.clip(values, 0.0, 1.0) * PROBABILITY_SCALE + 0.5  # truncated to uint8 by ITK: rounded
-    out[box] = _resample(Image(scaled.astype(np.float32), working), inverse, target.sub_grid(box), sitk.sitkLinear,
-                         sitk.sitkUInt8, default=outside)
+    moved = _resampled(Image(scaled.astype(np.float32), working), inverse, target.sub_grid(box), sitk.sitkLinear,
+                       sitk.sitkUInt8)
+    out[box] = sitk.GetArrayViewFromImage(moved)
+    return out, box
+
+
+def _background_map(foreground: Sequence[tuple[np.ndarray, tuple[slice, slice, slice] | None]],
+                    shape: tuple[int, ...]) -> np.ndarray:
+    """The background's uint8 map: :data:`cmmas.io.PROBABILITY_SCALE` minus the foreground maps'
+    sum (0 where they reach it), so that the maps of a voxel sum to the scale (more only where the
+    foreground maps' roundings alone exceed it); ``foreground``
+    holds each map with its box (:func:`_probability_map`). Interpolation is linear, so this is the
+    background's working-grid fraction interpolated, up to the foreground maps' rounding; outside
+    every box the background is 1."""
+    out = np.full(shape, PROBABILITY_SCALE, dtype=np.uint8)
+    boxes = [box for _, box in foreground if box is not None]
+    if not boxes:
+        return out
+    union = tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes)) for axis in range(3))
+    total = np.zeros(tuple(cut.stop - cut.start for cut in union), dtype=np.uint16)
+    for values, box in foreground:
+        if box is not None:
+            inner = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
+            total[inner] += values[box]
+    out[union] = PROBABILITY_SCALE - np.minimum(total, PROBABILITY_SCALE)
     return out
 
 
@@ -336,11 +368,13 @@ def map_back(fused: WorkingMaps, working: Image, transforms: Sequence[str], targ
         The label (codes, as :func:`cmmas.io.label_dtype` of them), and with ``maps`` code ->
         probability and the agreement, all on the scan's grid, uint8: value /
         :data:`cmmas.io.PROBABILITY_SCALE` (255) is the fraction, rounded to the nearest 1/255.
-        Each map is its working-grid fractions (the foreground clipped to [0, 1], the background
-        ``1 -`` their sum, as :func:`_scores`) interpolated linearly; outside the working grid the
-        background has probability 1 (255) and the agreement is 0. A foreground map is resampled
-        only on the box its non-zero working voxels reach, the others on the box the working
-        grid covers.
+        A foreground map is its working-grid fractions (clipped to [0, 1]) interpolated linearly,
+        resampled only on the box its non-zero working voxels reach; the background map is 255
+        minus their sum (the working grid's ``1 -`` their sum interpolated, as :func:`_scores`, up
+        to their rounding), so the maps of a voxel sum to 255 (more only where the foreground maps'
+        roundings alone exceed it); the agreement is interpolated on
+        the box the working grid covers. Outside the working grid the background has probability
+        1 (255) and the agreement is 0.
 
     The label is the arg-max (ties to the lowest code) of the scores of :func:`_scores` (the
     foreground probabilities clipped to [0, 1], the background ``1 -`` their sum) interpolated
@@ -353,17 +387,18 @@ def map_back(fused: WorkingMaps, working: Image, transforms: Sequence[str], targ
     codes = np.asarray([int(c) for c in fused.labels])  # ascending: the background 0 first
     foreground = np.asarray(fused.probabilities[1:], dtype=np.float32)
     matrix = alignment_matrix(transforms)
-    index = _label(foreground, working.geometry, matrix, target.geometry)
-    label = target.with_array(codes.astype(label_dtype(codes))[index])
+    label = np.zeros(target.shape, dtype=label_dtype(codes))
+    labelled = _label(foreground, working.geometry, matrix, target.geometry)
+    if labelled is not None:
+        index, box = labelled
+        label[box] = codes.astype(label.dtype)[index]
+    label = target.with_array(label)
     if not maps:
         return label, None, None
     inverse = np.linalg.inv(matrix)
-    background = _scores(foreground)[0]
-    probabilities = [_probability_map(background, working.geometry, inverse, target.geometry, None,
-                                      PROBABILITY_SCALE)]
-    probabilities += [_probability_map(values, working.geometry, inverse, target.geometry, values != 0, 0)
-                      for values in foreground]
-    agreement = _probability_map(np.asarray(fused.agreement, np.float32), working.geometry, inverse,
-                                 target.geometry, None, 0)
+    moved = [_probability_map(values, working.geometry, inverse, target.geometry, values != 0) for values in foreground]
+    probabilities = [_background_map(moved, target.shape), *(values for values, _ in moved)]
+    agreement, _ = _probability_map(np.asarray(fused.agreement, np.float32), working.geometry, inverse,
+                                    target.geometry, None)
     return (label, {int(code): target.with_array(p) for code, p in zip(codes, probabilities)},
             target.with_array(agreement))
