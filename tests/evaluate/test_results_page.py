@@ -66,7 +66,7 @@ def test_tables_from_a_fake_runs_folder_name_commit_state_and_command(tmp_path):
 def test_every_table_reads_not_run_when_runs_is_empty(tmp_path):
     tables = page.render_tables(page.load_records(tmp_path, [*page.CHAIN.values(), *page.BENCH.values()]),
                                 lambda commit: False)
-    assert set(tables) == {"headline", "chain", "settings", "labelled", "bench_mas", "bench_alignment",
+    assert set(tables) == {"headline", "chain", "settings", "precision", "labelled", "bench_mas", "bench_alignment",
                            "bench_accuracy", "bench_training", "bench_cohort"}
     for text in tables.values():
         assert "|---" not in text and page.NOT_RUN in text
@@ -159,6 +159,19 @@ def test_the_settings_table_compares_today_labelmix_and_zero(tmp_path):
                                lambda c: False)["settings"]
     assert "| today | jlf_tf | 0.800 | 0.600 | 0.700 | 0.700 |" in block
     assert "| zero | jlf_tf | 0.600 | 0.400 | 0.500 | 0.500 |" in block and "| zero | simnet" not in block
+
+
+def test_the_precision_table_sets_bfloat16_beside_two_float32_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    paths = page.settings_paths(page.PRECISION_RUNS)
+    _write(runs / paths[("float32, seed 0", "ct->mr")], _summary("ct->mr", {"jlf_tf": [(0.8, 0.6)]}))
+    wanted = list(paths.values())
+    assert "| float32" not in page.render_tables(page.load_records(runs, wanted), lambda c: False)["precision"]
+    _write(runs / paths[("mixed_bfloat16, seed 0", "ct->mr")], _summary("ct->mr", {"jlf_tf": [(0.7, 0.7)]}))
+    block = page.render_tables(page.load_records(runs, wanted), lambda c: False)["precision"]
+    rows = [line for line in block.splitlines() if line.startswith("| float32") or line.startswith("| mixed")]
+    assert rows == ["| float32, seed 0 | jlf_tf | 0.800 | 0.600 | 0.700 | 0.700 |",
+                    "| mixed_bfloat16, seed 0 | jlf_tf | 0.700 | 0.700 | 0.700 | 0.700 |"]
 
 
 def test_bench_training_and_cohort_tables():

@@ -44,6 +44,10 @@ BENCH = {"bench_mas": "bench_mas/bench_mas.json", "bench_alignment": "bench_alig
 SETTINGS = {"today": "abdomen", "labelmix": "abdomen-labelmix", "zero": "abdomen-zero"}
 #: Fusions of the contrast-agnostic table.
 SETTING_METHODS = ("jlf_tf", "simnet")
+#: The training-precision check (#35): the chain's BiRegNet and SimNet in float32 (two seeds: the
+#: spread between trainings) and with bfloat16 convolutions, same steps, each its own run folder.
+PRECISION_RUNS = {"float32, seed 0": "abdomen", "float32, seed 1": "abdomen-seed1",
+                  "mixed_bfloat16, seed 0": "abdomen-bf16"}
 #: The labelled-scan curve (DLF issue): ``make reproduce-abdomen LABELLED=K`` leaves its evaluations
 #: under ``runs/abdomen-labelledK``, ``SETTING=zero`` (no labelled scan) under ``runs/abdomen-zero``;
 #: "all" is the full chain's (:data:`CHAIN`).
@@ -326,18 +330,20 @@ def labelled_table(points: Mapping[str, Mapping[str, Sequence[tuple]]]) -> str:
     return "\n".join(lines)
 
 
-def settings_paths() -> dict[tuple[str, str], str]:
-    """(setting, direction) -> that run's fold-1 evaluation summary, relative to ``runs/``."""
+def settings_paths(settings: Mapping[str, str] = SETTINGS) -> dict[tuple[str, str], str]:
+    """(setting, direction) -> that run's fold-1 evaluation summary, relative to ``runs/``
+    (``settings``: name -> run folder, :data:`SETTINGS` or :data:`PRECISION_RUNS`)."""
     return {(name, direction): path.replace("abdomen/", f"{run}/", 1)
-            for name, run in SETTINGS.items() for direction, path in CHAIN.items()}
+            for name, run in settings.items() for direction, path in CHAIN.items()}
 
 
-def settings_table(summaries: Mapping[tuple[str, str], Mapping]) -> str:
-    """Per direction, setting and fusion of :data:`SETTING_METHODS`: Dice per organ (mean over
-    targets), mean Dice and worst target, from each setting's evaluation summary."""
+def settings_table(summaries: Mapping[tuple[str, str], Mapping], settings: Mapping[str, str] = SETTINGS) -> str:
+    """Per direction, setting (of ``settings``, in its order) and fusion of :data:`SETTING_METHODS`:
+    Dice per organ (mean over targets), mean Dice and worst target, from each setting's evaluation
+    summary."""
     lines = []
     for direction in CHAIN:
-        present = [(name, summaries[(name, direction)]) for name in SETTINGS if (name, direction) in summaries]
+        present = [(name, summaries[(name, direction)]) for name in settings if (name, direction) in summaries]
         if not present:
             continue
         organs = list(dict.fromkeys(o for _, summary in present for entry in summary["metrics"][direction].values()
@@ -409,12 +415,13 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
              for d, s in chain.items() if d in s.get("metrics", {})]
     tables["chain"] = _block(chain_records, chain_missing, changed, "\n\n".join(parts) or None)
 
-    setting_records = {key: runs_records[p] for key, p in settings_paths().items() if p in runs_records}
-    other = [p for key, p in settings_paths().items() if key[0] != "today"]
-    tables["settings"] = _block(list(setting_records.values()),
-                                [p for p in settings_paths().values() if p not in runs_records], changed,
-                                settings_table({k: r.data for k, r in setting_records.items()})
-                                if any(p in runs_records for p in other) else None)
+    for block, settings in (("settings", SETTINGS), ("precision", PRECISION_RUNS)):
+        paths = settings_paths(settings)
+        records = {key: runs_records[p] for key, p in paths.items() if p in runs_records}
+        reference = next(iter(settings))
+        tables[block] = _block(list(records.values()), [p for p in paths.values() if p not in runs_records], changed,
+                               settings_table({k: r.data for k, r in records.items()}, settings)
+                               if any(p in runs_records for key, p in paths.items() if key[0] != reference) else None)
 
     curve = {key: path for key, path in labelled_paths().items() if key[1] != "all"}
     curve_records = [runs_records[p] for p in curve.values() if p in runs_records]
@@ -480,6 +487,7 @@ def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo
         CmmasError: a page is missing or its markers are malformed; a record is not JSON.
     """
     records = load_records(runs, [*CHAIN.values(), *labelled_paths().values(), *settings_paths().values(),
+                                  *settings_paths(PRECISION_RUNS).values(),
                                   *BENCH.values()])
     answers: dict[str, bool | None] = {}
 
