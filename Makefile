@@ -102,11 +102,23 @@ $(SIM): $(REG)
 	    --reg_model=$(REG) $(MODS) $(SHAPE_FLAG) $(LABELLED_FLAG) --out=$(DIR)/fusion
 
 # DLF and the U-Net train on train-fusion's pair cache (every training atlas warped onto every
-# labelled training target by the trained BiRegNet)
+# labelled training target by the trained BiRegNet). CROSSFIT=K (the default of experiments named
+# in CROSSFIT_<exp>): DLF trains instead on pairs warped by K more BiRegNets, the I-th trained
+# without every K-th training target from the I-th, each target warped by the one that did not see it.
+CROSSFIT_abdomen-crossfit := 2
+CROSSFIT ?= $(CROSSFIT_$(EXP))
+CROSSFIT_REGS := $(if $(CROSSFIT),$(foreach i,$(shell seq 0 $$(($(CROSSFIT) - 1))),$(DIR)/reg_withhold$(i)of$(CROSSFIT)/model.keras))
+DLF_PAIRS := $(if $(CROSSFIT_REGS),--crossfit_models=$(subst $() ,$(comma),$(strip $(CROSSFIT_REGS))) \
+    --cache=$(DIR)/dlf/pairs_crossfit,--reg_model=$(REG) --cache=$(DIR)/fusion/pairs)
+
+$(DIR)/reg_withhold%/model.keras: $(ATLAS_SET)
+	$(PY) experiments/train_reg.py --flagfile=$(CONFIGS)/train_reg.flags --atlas_set=$(DIR)/atlas_set $(MODS) \
+	    $(SHAPE_FLAG) $(LABELLED_FLAG) --withhold_fold=$(subst of,/,$*) --out=$(DIR)/reg_withhold$*
+
 train-dlf: $(DLF)
-$(DLF): $(SIM)
+$(DLF): $(SIM) $(CROSSFIT_REGS)
 	$(PY) experiments/train_dlf.py --flagfile=$(CONFIGS)/train_dlf.flags --atlas_set=$(DIR)/atlas_set \
-	    --reg_model=$(REG) --cache=$(DIR)/fusion/pairs $(MODS) $(LABELLED_FLAG) --out=$(DIR)/dlf
+	    $(DLF_PAIRS) $(MODS) $(LABELLED_FLAG) --out=$(DIR)/dlf
 
 train-unet: $(UNET)
 $(UNET): $(SIM)

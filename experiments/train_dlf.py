@@ -5,7 +5,10 @@ weight map per label, their vote is corrected by a fine-tuning subnet that reads
 image, and each label is masked to where some atlas votes for it. It trains on the pair cache
 of the learned fusions (OUT of train_fusion.py's gen step: every training atlas warped by the
 trained BiRegNet onto every labelled training target), which --reg_model fills where it is
-missing. The U-Net reads the target image alone and trains on the same targets: the baseline a
+missing. With --crossfit_models (K BiRegNets, the I-th trained by train_reg.py --withhold_fold I/K)
+each training target is warped by the network that did not see it (into --cache, which then
+must be a folder of its own): DLF learns from warps as good as those of scans at test time,
+not from a BiRegNet's warps of its own training targets. The U-Net reads the target image alone and trains on the same targets: the baseline a
 user with labelled scans of the target modality would train instead.
 
 Writes OUT/dlf.keras (or unet.keras) with its model card (grid, labels, modalities, atlases per
@@ -34,6 +37,9 @@ define_atlas_set("Prepared atlas set (experiments/prealign.py --mode reference).
 flags.DEFINE_enum("network", "dlf", ["dlf", "unet"], "dlf: Deep Label Fusion; unet: the plain U-Net on the target "
                   "image alone (the fine-tuning subnet's size).")
 flags.DEFINE_string("reg_model", None, "Trained BiRegNet (.keras), to warp the pairs the cache lacks.")
+flags.DEFINE_list("crossfit_models", [], "K BiRegNets (.keras), the I-th trained without cross-fitting fold I of K "
+                  "of the training targets (train_reg.py --withhold_fold I/K): each target's pairs are warped by the "
+                  "one that did not see it (instead of --reg_model).")
 flags.DEFINE_string("cache", None, "Folder of the warped pairs (train_fusion.py's OUT/pairs; default OUT/pairs).")
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
@@ -76,6 +82,7 @@ def run() -> int:
     aset = AtlasSet(atlas_set_flag())  # fails fast, before TensorFlow is imported
 
     from cmmas.align.cards import card_from_atlas_set
+    from cmmas.datasets import splits
     from cmmas.fuse import dlf_train, pairs
     from cmmas.fuse.simnet import channel_codes
     from cmmas.nn import training
@@ -89,7 +96,14 @@ def run() -> int:
         raise AtlasSetError(aset.root, f"needs labelled training cases; found {len(atlases)} {FLAGS.atlas_modality} "
                             f"atlas(es) and {len(targets)} {FLAGS.target_modality} target(s)")
     missing = [t for t in targets if not (cache / f"{t}.npz").exists()]
-    if missing or FLAGS.reg_model:
+    if FLAGS.crossfit_models:
+        if FLAGS.reg_model:
+            raise CmmasError("--crossfit_models", "give either the cross-fitted BiRegNets or --reg_model, not both")
+        folds = splits.crossfit_folds(targets, len(FLAGS.crossfit_models))
+        for path, fold in zip(FLAGS.crossfit_models, folds):
+            pairs.generate_pairs(training.load_model(path, "biregnet"), aset, atlases, fold, cache, codes,
+                                 batch_size=FLAGS.gen_batch, progress=FLAGS.progress, made_by=path)
+    elif missing or FLAGS.reg_model:
         if not FLAGS.reg_model:
             raise CmmasError("--reg_model", f"the pair cache {cache} lacks {len(missing)} target(s) "
                              f"({', '.join(missing[:3])}...): give the trained BiRegNet to warp them")

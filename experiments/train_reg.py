@@ -15,7 +15,9 @@ architecture is saved in model.keras (and config.json), so evaluate and `cmmas s
 as trained. --simnet_holdout=K withholds the last K
 atlases and targets from BiRegNet, as the original (4), so that SimNet trains on warps of cases
 BiRegNet never saw (experiments/train_fusion.py warps every training atlas onto every training
-target). Writes OUT/model.keras (+ model.keras.json, its model card: the atlas set's grid,
+target). --withhold_fold I/K withholds cross-fitting fold I of K of the training targets (every
+K-th from the I-th): the K such networks warp DLF's training pairs (train_dlf.py --crossfit).
+Writes OUT/model.keras (+ model.keras.json, its model card: the atlas set's grid,
 spacing and labels; config.json, history.csv, curves.png, checkpoints/, tensorboard/); killed and
 re-run with the same flags, it resumes from the last finished epoch.
 
@@ -65,6 +67,9 @@ flags.DEFINE_bool("augment", True, "Random affine augmentation (see --augment_mo
 flags.DEFINE_enum("augment_mode", "pair", ["pair", "image"], "pair: one random affine per pair, applied to atlas "
                   "and target alike (ours); image: an independent random affine per image, the original's "
                   "(corners moved by up to 0.1 of the half-extent; the --aug_* ranges are then unused).")
+flags.DEFINE_string("withhold_fold", None, "I/K: withhold cross-fitting fold I of K of the training targets (every "
+                    "K-th from the I-th, natural id order): the BiRegNet that warps fold I's targets for DLF's training "
+                    "pairs as the full one warps scans it has not seen (train_dlf.py --crossfit).")
 flags.DEFINE_integer("simnet_holdout", 0, "Withhold the last K training atlases and targets (natural id order) "
                      "from BiRegNet, for SimNet's training pairs (the original: 4).", lower_bound=0)
 flags.DEFINE_float("aug_rotation", 10.0, "Largest augmentation rotation about each axis, degrees.", lower_bound=0.0)
@@ -89,7 +94,8 @@ def _run() -> int:
     from cmmas.register import biregnet
     from cmmas.align.atlas_set import AtlasSet
     from cmmas.datasets import splits
-    from cmmas.errors import AtlasSetError
+    from cmmas.cohort.manifest import parse_shard
+    from cmmas.errors import AtlasSetError, CmmasError
     from cmmas.align.cards import card_from_atlas_set
     from cmmas.nn.networks import ARCH_LEVELS
 
@@ -107,6 +113,14 @@ def _run() -> int:
     for ids, modality in ((atlas_ids, FLAGS.atlas_modality), (target_ids, target_modality)):
         if not ids:
             raise AtlasSetError(aset.root, f"no labelled train case of modality {modality!r}")
+    if FLAGS.withhold_fold:
+        if FLAGS.pairs != "cross":
+            raise CmmasError("--withhold_fold", "cross-fitting withholds labelled targets of --target_modality: "
+                             "it needs --pairs cross")
+        index, count = parse_shard(FLAGS.withhold_fold, "--withhold_fold")
+        held = splits.crossfit_folds(target_ids, count)[index]
+        target_ids = [t for t in target_ids if t not in held]
+        print(f"train_reg: withheld for cross-fitting: {', '.join(held)}")
     if FLAGS.simnet_holdout:
         held = splits.simnet_holdout(atlas_ids, target_ids, FLAGS.simnet_holdout)
         atlas_ids, target_ids = list(held.reg_atlases), list(held.reg_targets)

@@ -50,6 +50,20 @@ def test_flagfile_parses_in_its_stage_script(exp, stage):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_crossfit_trains_k_withholding_biregnets_and_dlf_on_their_warps():
+    import subprocess
+
+    plan = subprocess.run(["make", "-n", "train-dlf", "EXP=abdomen", "CROSSFIT=2", "RUN=/nonexistent/run", "DATA=x"],
+                          cwd=REPO, capture_output=True, text=True, check=True).stdout
+    folder = "/nonexistent/run/ct2mr/fold1"
+    assert plan.count("--withhold_fold=") == 2 and "--withhold_fold=0/2" in plan and "--withhold_fold=1/2" in plan
+    assert (f"--crossfit_models={folder}/reg_withhold0of2/model.keras,{folder}/reg_withhold1of2/model.keras "
+            f"--cache={folder}/dlf/pairs_crossfit") in " ".join(plan.split())
+    plain = subprocess.run(["make", "-n", "train-dlf", "EXP=abdomen", "RUN=/nonexistent/run", "DATA=x"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "--withhold_fold" not in plain and f"--reg_model={folder}/reg/model.keras --cache={folder}/fusion/pairs" in plain
+
+
 @pytest.mark.slow
 def test_paper_mmwhs_chain_runs_on_the_phantom(tmp_path):
     data, root = tmp_path / "data", tmp_path / "run"

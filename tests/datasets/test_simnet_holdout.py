@@ -1,4 +1,5 @@
-"""The original's SimNet hold-out: 4 atlases and 4 targets of each fold withheld from BiRegNet."""
+"""Cases withheld from BiRegNet: the original's SimNet hold-out (4 atlases and 4 targets of each
+fold) and the cross-fitting folds of DLF's training pairs."""
 
 from pathlib import Path
 
@@ -42,3 +43,15 @@ def test_no_holdout_and_impossible_holdouts():
         simnet_holdout(["a1", "a2", "a3"], ["t1", "t2"], 2)
     with pytest.raises(DatasetError, match="cannot withhold -1"):
         simnet_holdout(["a1"], ["t1"], -1)
+
+
+def test_crossfit_folds_partition_the_targets_in_natural_order():
+    from cmmas.datasets.splits import crossfit_folds
+
+    folds = crossfit_folds(["t10", "t2", "t1", "t3", "t11"], 2)
+    assert folds == [("t1", "t3", "t11"), ("t2", "t10")]
+    assert sorted(t for fold in crossfit_folds([f"c{i}" for i in range(7)], 3) for t in fold) == \
+        sorted(f"c{i}" for i in range(7))
+    for k in (1, 6):
+        with pytest.raises(DatasetError, match="cannot cross-fit 5 target"):
+            crossfit_folds(["a", "b", "c", "d", "e"], k)

@@ -297,6 +297,16 @@ def test_generate_pairs_caches_every_target_and_resumes(tmp_path):
     stamp = paths[0].stat().st_mtime_ns
     training_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1", "mr2"], cache, CODES, progress=False)
     assert paths[0].stat().st_mtime_ns == stamp  # kept, not recomputed
+    # pairs another network is to warp (a cross-fitted one) are remade, and then kept
+    training_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1"], cache, CODES, progress=False,
+                                  made_by="reg_withhold0of2/model.keras")
+    assert paths[0].stat().st_mtime_ns != stamp
+    stamp = paths[0].stat().st_mtime_ns
+    with np.load(paths[0]) as data:
+        assert str(data["made_by"]) == "reg_withhold0of2/model.keras"
+    training_pairs.generate_pairs(identity, space, ["ct1", "ct2"], ["mr1"], cache, CODES, progress=False,
+                                  made_by="reg_withhold0of2/model.keras")
+    assert paths[0].stat().st_mtime_ns == stamp
     # A target that is also an atlas is never its own atlas; a changed atlas list is rewritten.
     training_pairs.generate_pairs(identity, space, ["ct1", "mr1"], ["mr1"], cache, CODES, progress=False)
     with np.load(paths[0]) as data:

@@ -78,15 +78,16 @@ def read_manifest(path: str | os.PathLike) -> list[Scan]:
     return scans
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (a SLURM array's task id over its size).
+def parse_shard(text: str, flag: str = "--shard") -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (a SLURM array's task id over its size, or a
+    cross-fitting fold of train_reg's ``--withhold_fold``).
 
     Raises:
-        CmmasError: anything else (naming ``--shard``).
+        CmmasError: anything else (naming ``flag``).
     """
     found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
     if not found or not int(found.group(1)) < int(found.group(2)):
-        raise CmmasError("--shard", f"expected I/N with 0 <= I < N (e.g. 3/100), got {text!r}")
+        raise CmmasError(flag, f"expected I/N with 0 <= I < N (e.g. 3/100), got {text!r}")
     return int(found.group(1)), int(found.group(2))
 
 

@@ -179,3 +179,18 @@ def simnet_holdout(atlases: Sequence[str], targets: Sequence[str], k: int) -> Si
                                  "target(s) from BiRegNet: it needs at least one of each")
     cut_a, cut_t = len(atlases) - k, len(targets) - k
     return SimNetHoldout(tuple(atlases[:cut_a]), tuple(targets[:cut_t]), tuple(atlases[cut_a:]), tuple(targets[cut_t:]))
+
+
+def crossfit_folds(targets: Sequence[str], k: int) -> list[tuple[str, ...]]:
+    """The ``k`` cross-fitting folds of a fold's training targets: fold ``i`` holds every ``k``-th
+    target (natural id order) from the ``i``-th. A network trained without fold ``i`` makes the
+    training data of fold ``i`` for the next stage, as a network trained on all of them meets
+    scans it has not seen (stacking: Wolpert 1992).
+
+    Raises:
+        DatasetError: ``k`` below 2 or above the number of targets.
+    """
+    ordered = sorted(targets, key=natural_key)
+    if not 2 <= k <= len(ordered):
+        raise DatasetError(None, f"cannot cross-fit {len(ordered)} target(s) in {k} folds: need 2 <= folds <= targets")
+    return [tuple(ordered[i::k]) for i in range(k)]

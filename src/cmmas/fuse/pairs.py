@@ -86,14 +86,14 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
         np.savez_compressed(tmp, **arrays)
 
 
-def _cached_atlas_ids(path: Path) -> list[str] | None:
-    """The atlas ids recorded in a cache file, or None when it is unreadable or from before the
-    cache held warped images."""
+def _cached_source(path: Path) -> tuple[list[str], str] | None:
+    """The atlas ids and the warping network's name recorded in a cache file ("" where none was
+    recorded), or None when it is unreadable or from before the cache held warped images."""
     try:
         with np.load(path) as data:
             if "warped_images" not in data.files:
                 return None
-            return [str(a) for a in data["atlas_ids"]]
+            return [str(a) for a in data["atlas_ids"]], str(data["made_by"]) if "made_by" in data.files else ""
     except (OSError, KeyError, ValueError):
         return None
 
@@ -107,15 +107,16 @@ def generate_pairs(
     codes: Sequence[int],
     batch_size: int = 4,
     progress: bool = True,
+    made_by: str = "",
 ) -> list[Path]:
     """Warp every atlas to every target with BiRegNet and cache the pairs, one file per target.
 
     ``cache_dir/<target_id>.npz`` holds ``warped_labels`` ``[N, D, H, W]`` and ``target_label``
     ``[D, H, W]`` (codes in :func:`cmmas.io.label_dtype`, the smallest integer type that holds
     them), ``warped_images`` ``[N, D, H, W]`` float16 (the atlas set's intensities), ``target_image``
-    ``[D, H, W]`` float32, ``atlas_ids`` and ``codes``. Files are
-    written atomically; a file that exists with the same atlas ids is kept (so an interrupted
-    run resumes), another is rewritten. A target is never its own atlas (when the id is in both lists).
+    ``[D, H, W]`` float32, ``atlas_ids``, ``codes`` and ``made_by``. Files are written
+    atomically; a file that exists with the same atlas ids and ``made_by`` is kept (so an
+    interrupted run resumes), another is rewritten. A target is never its own atlas (when the id is in both lists).
 
     Args:
         reg_model: a trained BiRegNet (:func:`cmmas.nn.training.load_model`).
@@ -125,6 +126,8 @@ def generate_pairs(
         codes: label codes with the background 0.
         batch_size: atlases per BiRegNet batch.
         progress: show a progress bar over targets.
+        made_by: names the warping network in the cache (a cross-fitted one's path), so that a
+            target's pairs are remade when another network is to warp them.
 
     Returns:
         The cache files, in the order of ``target_ids``.
@@ -150,7 +153,7 @@ def generate_pairs(
         if not keep:
             raise AtlasSetError(aset.root, f"no atlas left for target {target_id!r}")
         used = [atlas_ids[k] for k in keep]
-        if path.exists() and _cached_atlas_ids(path) == used:
+        if path.exists() and _cached_source(path) == (used, made_by):
             logger.info("keeping cached pairs %s", path)
             continue
         images, labels = aset.arrays([target_id])
@@ -161,7 +164,7 @@ def generate_pairs(
         _save_npz_atomic(path, warped_labels=warped.astype(dtype), warped_images=moved.astype(np.float16),
                          target_image=images[0].astype(np.float32),
                          target_label=labels[0].astype(dtype), atlas_ids=np.asarray(used),
-                         codes=np.asarray(codes))
+                         codes=np.asarray(codes), made_by=np.asarray(made_by))
     return paths
 
 
