@@ -6,14 +6,15 @@ Each network is set up as its trainer builds it (the abdomen configs' widths: Bi
 four compiled functions are timed, each over --steps calls after --warmup untimed ones, at each of
 --precisions (cmmas.nn.precision: the trunk's convolutions in float32 or bfloat16):
   step         the trainer's own train_step, compiled (augmentation, forward, backward, optimizer);
-  augment      its augmentation alone (BiRegNet: the affine and, for labelmix, the contrasts);
-  forward      its loss on the batch (training mode, no gradient);
+  augment      its training_batch alone (the batch cast, one-hot encoded and augmented: BiRegNet's
+               affine and, for labelmix, the contrasts);
+  forward      its losses on the batch, not augmented (training mode, no gradient);
   fwd+bwd      the loss and its gradient with respect to every trainable weight.
-Printed per variant and precision: seconds per step (median over the calls), steps per second, the ratio of
-its step time to the first row's (the first variant at the first precision: the reference of
-this run), and the shares of the step:
-augment, forward, backward (fwd+bwd - forward) and the rest (optimizer update, metrics, call
-overhead: step - augment - fwd+bwd). BiRegNet's input pipeline (pair_dataset: a numpy draw per
+Printed per variant and precision: seconds per step (median over the calls), steps per second,
+the ratio of its step time to the first row's (the first variant at the first precision: the
+reference of this run), the speed-up over the same variant at the first precision, and the
+shares of the step: augment, forward, backward (fwd+bwd - forward) and the rest (optimizer
+update, metrics, call overhead: step - augment - fwd+bwd). BiRegNet's input pipeline (pair_dataset: a numpy draw per
 pair, batched and prefetched) is timed per batch beside it. Nothing else should run on the
 machine meanwhile: the ratios are only meaningful within one run.
 
@@ -78,11 +79,10 @@ def _labels(rng, count: int, shape, n_labels: int):
 
 
 def _setup(variant: str, precision: str, shape, batch: int, atlases: int, n_labels: int, rng):
-    """(trainer, batch of tensors, augmentation fn, loss fn, data fn or None) of one variant."""
+    """(trainer, a batch of its training data, a data fetch fn or None) of one variant."""
     import numpy as np
     import tensorflow as tf
 
-    seed = tf.constant([0, 0], tf.int64)
     labels = _labels(rng, batch, shape, n_labels)
     images = (0.2 + 0.6 * labels / n_labels + 0.05 * rng.standard_normal(labels.shape)).astype(np.float32)
     if variant.startswith("biregnet"):
@@ -92,55 +92,27 @@ def _setup(variant: str, precision: str, shape, batch: int, atlases: int, n_labe
         config = biregnet.RegConfig(shape_zyx=shape, batch=batch, labelmix=0.5 if variant.endswith("labelmix") else 0.0,
                                     precision=precision)
         net = build_biregnet(shape, c0=config.c0, levels=config.levels, precision=precision)
-        trainer = biregnet.BiRegNetTrainer(net, config)
         onehot = biregnet.one_hot(labels, tuple(range(n_labels)))
         data = {"atlas": images[..., None], "target": images[::-1, ..., None].copy(), "atlas_label": onehot,
                 "target_label": onehot[::-1].copy()}
-
-        def augment(d):
-            d = trainer._augment(d)
-            return trainer._randomise(d) if config.labelmix else d
-
         stream = iter(biregnet.pair_dataset(images, onehot, images, onehot, batch, 0))
-        return trainer, data, augment, lambda d: trainer.pair_losses(d, training=True)["loss"], lambda: next(stream)
+        return biregnet.BiRegNetTrainer(net, config), data, lambda: next(stream)
     if variant == "simnet":
         from cmmas.fuse import simnet_train
         from cmmas.nn.networks import build_simnet
 
         config = simnet_train.SimConfig(shape_zyx=shape, c0=8, batch=batch, precision=precision)
-        trainer = simnet_train.SimNetTrainer(build_simnet(shape, n_labels, c0=8, precision=precision), config)
         onehot = tf.one_hot(labels, n_labels).numpy()
         data = {"target": images[..., None], "target_label": onehot, "atlas_label": onehot[::-1].copy()}
-
-        def loss(d):
-            outputs = trainer.simnet({"target": d["target"], "atlas_label": d["atlas_label"]}, training=True)
-            agreement = simnet_train.agreement_map(d["atlas_label"], d["target_label"])
-            return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=agreement, logits=outputs["logits"]))
-
-        return trainer, data, lambda d: simnet_train.random_augmentation(d["atlas_label"], config, seed), loss, None
+        return simnet_train.SimNetTrainer(build_simnet(shape, n_labels, c0=8, precision=precision), config), data, None
     from cmmas.fuse import dlf_train
 
     config = dlf_train.DLFConfig(kind=variant, shape_zyx=shape, batch=batch, atlases=atlases, precision=precision)
-    net = dlf_train.build(config, n_labels)
-    trainer = dlf_train.DLFTrainer(net, config, n_labels)
     pick = rng.integers(batch, size=(batch, atlases))
     data = {"target": images[..., None], "target_label": labels.astype(np.int8)}
     if variant == "dlf":
         data |= {"atlas_images": images[pick][..., None], "atlas_labels": labels[pick].astype(np.int8)}
-
-    def tensors(d):
-        truth = tf.one_hot(tf.cast(d["target_label"], tf.int32), n_labels)
-        atlas = (tf.cast(d["atlas_images"], tf.float32), tf.one_hot(tf.cast(d["atlas_labels"], tf.int32), n_labels)) \
-            if variant == "dlf" else (None, None)
-        return tf.cast(d["target"], tf.float32), truth, *atlas
-
-    def loss(d):
-        target, truth, atlas_images, atlas_labels = tensors(d)
-        feed = {"target": target, **({"atlas_images": atlas_images, "atlas_labels": atlas_labels}
-                                     if variant == "dlf" else {})}
-        return dlf_train.fusion_loss(net(feed, training=True)["probabilities"], truth, config.ce_weight)[0]
-
-    return trainer, data, lambda d: dlf_train.augment_batch(*tensors(d), config, seed), loss, None
+    return dlf_train.DLFTrainer(dlf_train.build(config, n_labels), config, n_labels), data, None
 
 
 def _time_variant(variant: str, precision: str, rng) -> dict:
@@ -148,12 +120,15 @@ def _time_variant(variant: str, precision: str, rng) -> dict:
     import tensorflow as tf
 
     shape = parse_shape(FLAGS.shape)
-    trainer, data, augment, loss, fetch = _setup(variant, precision, shape, FLAGS.batch, FLAGS.atlases, FLAGS.labels,
-                                                 rng)
+    trainer, data, fetch = _setup(variant, precision, shape, FLAGS.batch, FLAGS.atlases, FLAGS.labels, rng)
     trainer.compile(optimizer=keras.optimizers.Adam(1e-4))
     trainer.optimizer.build(trainer.trainable_variables)
     batch = {k: tf.constant(v) for k, v in data.items()}
+    prepared = trainer.training_batch(batch, augment=False)
     variables = trainer.trainable_variables
+
+    def loss(d):
+        return trainer.losses(d)["loss"]
 
     @tf.function
     def forward_backward(d):
@@ -162,7 +137,8 @@ def _time_variant(variant: str, precision: str, rng) -> dict:
         gradients = [g for g in tape.gradient(value, variables) if g is not None]
         return tf.add_n([tf.reduce_sum(g) for g in gradients])  # one scalar to the host, as the step's logs
 
-    step_fn, augment_fn, forward_fn = tf.function(trainer.train_step), tf.function(augment), tf.function(loss)
+    step_fn, augment_fn, forward_fn = tf.function(trainer.train_step), tf.function(trainer.training_batch), \
+        tf.function(loss)
 
     def materialise(out) -> None:
         for tensor in tf.nest.flatten(out):
@@ -172,8 +148,8 @@ def _time_variant(variant: str, precision: str, rng) -> dict:
     timed = {
         "step": lambda: materialise(step_fn(batch)),
         "augment": lambda: materialise(augment_fn(batch)),
-        "forward": lambda: materialise(forward_fn(batch)),
-        "fwd+bwd": lambda: materialise(forward_backward(batch)),
+        "forward": lambda: materialise(forward_fn(prepared)),
+        "fwd+bwd": lambda: materialise(forward_backward(prepared)),
     }
     seconds = {name: _median_seconds(fn, FLAGS.warmup, FLAGS.steps) for name, fn in timed.items()}
     data_s = _median_seconds(fetch, FLAGS.warmup, FLAGS.steps) if fetch else None

@@ -276,27 +276,25 @@ class DLFTrainer(training.Trainer):
     def metrics(self):
         return self.trackers
 
-    def train_step(self, data):
-        inputs = data[0] if isinstance(data, tuple) else data
-        target = tf.cast(inputs["target"], tf.float32)
-        truth = tf.one_hot(tf.cast(inputs["target_label"], tf.int32), self.n_labels)
+    def training_batch(self, data: dict, augment: bool = True) -> dict:
+        """``data`` as float32 images and one-hot labels (``truth``; DLF: ``atlas_images``,
+        ``atlas_labels``), with the step's :func:`augment_batch`."""
+        target = tf.cast(data["target"], tf.float32)
+        truth = tf.one_hot(tf.cast(data["target_label"], tf.int32), self.n_labels)
         dlf = self.config.kind == "dlf"
-        images = tf.cast(inputs["atlas_images"], tf.float32) if dlf else None
-        labels = tf.one_hot(tf.cast(inputs["atlas_labels"], tf.int32), self.n_labels) if dlf else None
-        if self.config.augment:
+        images = tf.cast(data["atlas_images"], tf.float32) if dlf else None
+        labels = tf.one_hot(tf.cast(data["atlas_labels"], tf.int32), self.n_labels) if dlf else None
+        if augment and self.config.augment:
             target, truth, images, labels = augment_batch(target, truth, images, labels, self.config,
                                                           training.step_seed(self.optimizer, self.config.seed))
-        feed = {"target": target, **({"atlas_images": images, "atlas_labels": labels} if dlf else {})}
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            outputs = self.net(feed, training=True)
-            loss, dice, cross_entropy = fusion_loss(outputs["probabilities"], truth, self.config.ce_weight)
-            scaled = self.optimizer.scale_loss(loss / tf.cast(replicas, loss.dtype))
-        variables = self.net.trainable_variables
-        self.optimizer.apply(tape.gradient(scaled, variables), variables)
-        for tracker, value in zip(self.trackers, (loss, dice, cross_entropy)):
-            tracker.update_state(value)
-        return self.step_logs({m.name: m.result() for m in self.trackers})
+        return {"target": target, "truth": truth, **({"atlas_images": images, "atlas_labels": labels} if dlf else {})}
+
+    def losses(self, batch: dict) -> dict:
+        """:func:`fusion_loss` of the network's probabilities: ``loss``, ``dice``, ``ce``."""
+        feed = {key: value for key, value in batch.items() if key != "truth"}
+        loss, dice, cross_entropy = fusion_loss(self.net(feed, training=True)["probabilities"], batch["truth"],
+                                                self.config.ce_weight)
+        return {"loss": loss, "dice": dice, "ce": cross_entropy}
 
 
 def channel_index(labels: np.ndarray, codes: Sequence[int]) -> np.ndarray:

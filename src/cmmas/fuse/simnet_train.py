@@ -316,29 +316,29 @@ class SimNetTrainer(training.Trainer):
     def metrics(self):
         return [self.loss_tracker, self.mae_tracker]
 
-    def train_step(self, data):
-        inputs = data[0] if isinstance(data, tuple) else data
-        atlas = tf.cast(inputs["atlas_label"], tf.float32)
-        image, target = inputs["target"], inputs["target_label"]
-        if self.config.augment and self.config.augment_mode == "joint":
-            image, target, atlas = joint_augmentation(image, target, atlas, self.config, training.step_seed(self.optimizer, self.config.seed))
-        elif self.config.augment:
+    def training_batch(self, data: dict, augment: bool = True) -> dict:
+        """``data`` with the atlas label as float32, the step's augmentation (``augment_mode``
+        "atlas": the atlas label moved; "joint": all three) and, with ``labelmix``, a random
+        contrast of the target image."""
+        atlas = tf.cast(data["atlas_label"], tf.float32)
+        image, target = data["target"], data["target_label"]
+        if augment and self.config.augment and self.config.augment_mode == "joint":
+            image, target, atlas = joint_augmentation(image, target, atlas, self.config,
+                                                      training.step_seed(self.optimizer, self.config.seed))
+        elif augment and self.config.augment:
             atlas = random_augmentation(atlas, self.config, training.step_seed(self.optimizer, self.config.seed))
-        if self.config.labelmix > 0:
+        if augment and self.config.labelmix > 0:
             seed = tf.random.experimental.stateless_fold_in(training.step_seed(self.optimizer, self.config.seed), 1)
             image = randomise_some(image, target, seed, self.config.labelmix)
-        agreement = agreement_map(atlas, target)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            outputs = self.simnet({"target": image, "atlas_label": atlas}, training=True)
-            loss = tf.reduce_mean(
-                tf.nn.sigmoid_cross_entropy_with_logits(labels=agreement, logits=outputs["logits"]))
-            scaled = self.optimizer.scale_loss(loss / tf.cast(replicas, loss.dtype))
-        variables = self.simnet.trainable_variables
-        self.optimizer.apply(tape.gradient(scaled, variables), variables)
-        self.loss_tracker.update_state(loss)
-        self.mae_tracker.update_state(tf.reduce_mean(tf.abs(outputs["similarity"] - agreement)))
-        return self.step_logs({m.name: m.result() for m in self.metrics})
+        return {"target": image, "target_label": target, "atlas_label": atlas}
+
+    def losses(self, batch: dict) -> dict:
+        """``loss``: the mean sigmoid cross-entropy of the logits against the agreement map;
+        ``mae``: the mean |similarity - agreement|."""
+        agreement = agreement_map(batch["atlas_label"], batch["target_label"])
+        outputs = self.simnet({"target": batch["target"], "atlas_label": batch["atlas_label"]}, training=True)
+        loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=agreement, logits=outputs["logits"]))
+        return {"loss": loss, "mae": tf.reduce_mean(tf.abs(outputs["similarity"] - agreement))}
 
 
 class _PairBatches(keras.utils.PyDataset):

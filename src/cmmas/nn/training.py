@@ -54,8 +54,38 @@ class Trainer(keras.Model):
     they build the network, metrics and optimizer before ``fit``, so ``fit``'s symbolic build pass
     has nothing to build. That pass is skipped: under ``MultiWorkerMirroredStrategy`` Keras 3
     reduces the first batch across workers to build from, which fails for a batch that is a dict
-    of tensors (the collective reduce takes single tensors), as ours are. A ``train_step`` returns
-    its logs through :meth:`step_logs`."""
+    of tensors (the collective reduce takes single tensors), as ours are.
+
+    A step is :meth:`training_batch` (the data cast, one-hot encoded and augmented with the step's
+    seed) then :meth:`losses` under the gradient tape; the ``"loss"`` term is minimised over the
+    trainer's trainable variables (the wrapped network's) and every term a metric tracks (its
+    name) is logged through :meth:`step_logs`. bench/bench_training.py times these parts apart.
+    """
+
+    def training_batch(self, data: dict, augment: bool = True) -> dict:
+        """The tensors a step learns from: ``data`` prepared for :meth:`losses`, and augmented with
+        this step's seed when ``augment`` and the trainer's config asks for it."""
+        raise NotImplementedError
+
+    def losses(self, batch: dict) -> dict:
+        """Scalar loss terms of a :meth:`training_batch` (training mode); ``"loss"`` is minimised."""
+        raise NotImplementedError
+
+    def train_step(self, data):
+        batch = self.training_batch(data[0] if isinstance(data, tuple) else data)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            terms = self.losses(batch)
+            scaled = self.optimizer.scale_loss(terms["loss"] / tf.cast(replicas, terms["loss"].dtype))
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        return self.track(terms)
+
+    def track(self, terms: dict) -> dict:
+        """Update every metric with the term of its name; the step's logs."""
+        for metric in self.metrics:
+            metric.update_state(terms[metric.name])
+        return self.step_logs({metric.name: metric.result() for metric in self.metrics})
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if not all(layer.built for layer in self._flatten_layers()):

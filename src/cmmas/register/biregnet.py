@@ -434,26 +434,20 @@ class BiRegNetTrainer(Trainer):
         )
         return {"atlas": atlas, "target": target, "atlas_label": atlas_label, "target_label": target_label}
 
-    def _track(self, terms: dict) -> dict:
-        for tracker in self.trackers:
-            tracker.update_state(terms[tracker.name])
-        return self.step_logs({tracker.name: tracker.result() for tracker in self.trackers})
-
-    def train_step(self, data):
-        if self.config.augment:
+    def training_batch(self, data: dict, augment: bool = True) -> dict:
+        """``data`` (``atlas``, ``target``, one-hot ``atlas_label``, ``target_label``) with the
+        step's random affine and, with ``labelmix``, random contrasts."""
+        if augment and self.config.augment:
             data = self._augment(data)
-        if self.config.labelmix > 0:
+        if augment and self.config.labelmix > 0:
             data = self._randomise(data)
-        with tf.GradientTape() as tape:
-            terms = self.pair_losses(data, training=True)
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = self.optimizer.scale_loss(terms["loss"] / replicas)
-        gradients = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        return self._track(terms)
+        return data
+
+    def losses(self, batch: dict) -> dict:
+        return self.pair_losses(batch, training=True)
 
     def test_step(self, data):
-        return self._track(self.pair_losses(data, training=False))
+        return self.track(self.pair_losses(data, training=False))
 
 
 def _check_training_set(images, labels, shape: tuple, what: str) -> tuple[np.ndarray, np.ndarray]:
