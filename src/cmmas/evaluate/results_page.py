@@ -39,7 +39,8 @@ CHAIN = {"ct->mr": "abdomen/ct2mr/fold1/eval/summary.json", "mr->ct": "abdomen/m
 #: The bench records (relative to ``runs/``).
 BENCH = {"bench_mas": "bench_mas/bench_mas.json", "bench_alignment": "bench_alignment/bench_alignment.json",
          "bench_accuracy": "bench_accuracy/bench_accuracy.json", "bench_training": "bench_training/bench_training.json",
-         "bench_cohort": "bench_cohort/bench_cohort.json"}
+         "bench_cohort": "bench_cohort/bench_cohort.json",
+         "bench_cohort_abdomen": "bench_cohort_abdomen/bench_cohort.json"}
 #: The contrast-agnostic comparison (#32): reproduce-abdomen's settings, each its own run folder.
 SETTINGS = {"today": "abdomen", "labelmix": "abdomen-labelmix", "zero": "abdomen-zero"}
 #: Fusions of the contrast-agnostic table.
@@ -48,6 +49,10 @@ SETTING_METHODS = ("jlf_tf", "simnet")
 #: spread between trainings) and with bfloat16 convolutions, same steps, each its own run folder.
 PRECISION_RUNS = {"float32, seed 0": "abdomen", "float32, seed 1": "abdomen-seed1",
                   "mixed_bfloat16, seed 0": "abdomen-bf16"}
+#: DLF's training pairs (#34): warped by the chain's BiRegNet (its own training targets) or by
+#: cross-fitted BiRegNets (``CROSSFIT=2``), the U-Net beside them (the same network in both runs).
+CROSSFIT_RUNS = {"the chain's BiRegNet": "abdomen", "cross-fitted (2 folds)": "abdomen-crossfit"}
+CROSSFIT_METHODS = ("dlf", "unet")
 #: The labelled-scan curve (DLF issue): ``make reproduce-abdomen LABELLED=K`` leaves its evaluations
 #: under ``runs/abdomen-labelledK``, ``SETTING=zero`` (no labelled scan) under ``runs/abdomen-zero``;
 #: "all" is the full chain's (:data:`CHAIN`).
@@ -337,10 +342,10 @@ def settings_paths(settings: Mapping[str, str] = SETTINGS) -> dict[tuple[str, st
             for name, run in settings.items() for direction, path in CHAIN.items()}
 
 
-def settings_table(summaries: Mapping[tuple[str, str], Mapping], settings: Mapping[str, str] = SETTINGS) -> str:
-    """Per direction, setting (of ``settings``, in its order) and fusion of :data:`SETTING_METHODS`:
-    Dice per organ (mean over targets), mean Dice and worst target, from each setting's evaluation
-    summary."""
+def settings_table(summaries: Mapping[tuple[str, str], Mapping], settings: Mapping[str, str] = SETTINGS,
+                   methods: Sequence[str] = SETTING_METHODS) -> str:
+    """Per direction, setting (of ``settings``, in its order) and fusion of ``methods``: Dice per
+    organ (mean over targets), mean Dice and worst target, from each setting's evaluation summary."""
     lines = []
     for direction in CHAIN:
         present = [(name, summaries[(name, direction)]) for name in settings if (name, direction) in summaries]
@@ -352,7 +357,7 @@ def settings_table(summaries: Mapping[tuple[str, str], Mapping], settings: Mappi
                   "| setting | fusion | " + " | ".join(organs) + " | mean Dice | worst target |",
                   "|---" * (len(organs) + 4) + "|"]
         for name, summary in present:
-            for method in SETTING_METHODS:
+            for method in methods:
                 entry = summary["metrics"][direction].get(method)
                 if entry is None:
                     continue
@@ -415,12 +420,14 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
              for d, s in chain.items() if d in s.get("metrics", {})]
     tables["chain"] = _block(chain_records, chain_missing, changed, "\n\n".join(parts) or None)
 
-    for block, settings in (("settings", SETTINGS), ("precision", PRECISION_RUNS)):
+    for block, settings, methods in (("settings", SETTINGS, SETTING_METHODS),
+                                     ("precision", PRECISION_RUNS, SETTING_METHODS),
+                                     ("crossfit", CROSSFIT_RUNS, CROSSFIT_METHODS)):
         paths = settings_paths(settings)
         records = {key: runs_records[p] for key, p in paths.items() if p in runs_records}
         reference = next(iter(settings))
         tables[block] = _block(list(records.values()), [p for p in paths.values() if p not in runs_records], changed,
-                               settings_table({k: r.data for k, r in records.items()}, settings)
+                               settings_table({k: r.data for k, r in records.items()}, settings, methods)
                                if any(p in runs_records for key, p in paths.items() if key[0] != reference) else None)
 
     curve = {key: path for key, path in labelled_paths().items() if key[1] != "all"}
@@ -437,6 +444,7 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
         "bench_accuracy": lambda data: accuracy_table(data["rows"]),
         "bench_training": lambda data: training_table(data["rows"]),
         "bench_cohort": lambda data: cohort_table(data["rows"]),
+        "bench_cohort_abdomen": lambda data: cohort_table(data["rows"]),
     }
     for name, render in renderers.items():
         record = bench[name]
@@ -487,7 +495,7 @@ def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo
         CmmasError: a page is missing or its markers are malformed; a record is not JSON.
     """
     records = load_records(runs, [*CHAIN.values(), *labelled_paths().values(), *settings_paths().values(),
-                                  *settings_paths(PRECISION_RUNS).values(),
+                                  *settings_paths(PRECISION_RUNS).values(), *settings_paths(CROSSFIT_RUNS).values(),
                                   *BENCH.values()])
     answers: dict[str, bool | None] = {}
 
