@@ -546,3 +546,8 @@ def back_to_grid(pred: Image, geometry: Geometry, kind: Kind = "nearest", defaul
         default: value where the working grid did not reach (background).
     """
     return resample(pred, geometry=geometry, kind=kind, default=default)
+
+
+def channel_index(labels: np.ndarray, codes: Sequence[int]) -> np.ndarray:
+    """Label codes -> their channel index in ``codes`` (sorted, the background 0 first), as int8."""
+    return np.searchsorted(np.asarray(codes), np.asarray(labels)).astype(np.int8)

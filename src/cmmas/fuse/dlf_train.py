@@ -16,9 +16,9 @@ and, when ``augment``:
   for each atlas, and Gaussian noise.
 
 Loss: cross-entropy of the masked logits plus one minus the mean soft Dice of the foreground
-labels, against the target's label. Where the truth is a label no atlas votes for, the mask makes
-it unreachable; the cross-entropy there is clipped (:data:`MIN_PROBABILITY`) so that it carries
-no gradient rather than an enormous one.
+labels, against the target's label (:func:`cmmas.nn.losses.segmentation_loss`). Where the truth
+is a label no atlas votes for, the mask makes it unreachable; the cross-entropy there is clipped
+(:data:`cmmas.nn.losses.MIN_PROBABILITY`) so that it carries no gradient rather than an enormous one.
 
 The U-Net baseline (``kind="unet"``) trains on the same targets, the same augmentation of the
 target and the same loss, without atlases.
@@ -48,8 +48,10 @@ from cmmas.io import atomic_write_text
 from cmmas.nn import training
 from cmmas.nn.dlf import build_dlf, build_unet
 from cmmas.nn.layers import warp
+from cmmas.nn.losses import segmentation_loss
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.precision import PRECISIONS
+from cmmas.preprocess import channel_index
 from cmmas.register.augment import augmentation_displacement
 
 logger = logging.getLogger(__name__)
@@ -59,9 +61,6 @@ MODEL_FILES = {"dlf": "dlf.keras", "unet": "unet.keras"}
 
 #: File name of the run's configuration (JSON) in a training folder.
 CONFIG_FILE = "config.json"
-
-#: The smallest probability the cross-entropy sees (a masked-out truth gives no gradient).
-MIN_PROBABILITY = 1e-6
 
 #: Knots of the histogram shift's intensity curve (:func:`histogram_shift`).
 HISTOGRAM_KNOTS = 6
@@ -239,24 +238,9 @@ def augment_batch(target, target_one_hot, atlas_images, atlas_one_hot, config: D
     return target, target_one_hot, back(images), back(labels)
 
 
-def fusion_loss(probabilities, target_one_hot, ce_weight: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """``(loss, dice, cross_entropy)`` of ``[B, D, H, W, L]`` probabilities against a one-hot truth.
-
-    ``dice`` is the soft Dice averaged over the foreground labels and the batch (labels absent
-    from both count 1); ``loss = ce_weight * cross_entropy + 1 - dice``.
-    """
-    truth = tf.cast(target_one_hot, tf.float32)
-    p = tf.cast(probabilities, tf.float32)
-    cross_entropy = -tf.reduce_mean(tf.reduce_sum(truth * tf.math.log(tf.maximum(p, MIN_PROBABILITY)), axis=-1))
-    overlap = tf.reduce_sum(p[..., 1:] * truth[..., 1:], axis=[1, 2, 3])
-    total = tf.reduce_sum(p[..., 1:] + truth[..., 1:], axis=[1, 2, 3])
-    dice = tf.reduce_mean((2.0 * overlap + 1e-5) / (total + 1e-5))
-    return ce_weight * cross_entropy + 1.0 - dice, dice, cross_entropy
-
-
 class DLFTrainer(training.Trainer):
     """Trains a DLF or U-Net network: in-graph augmentation (:func:`augment_batch`), seeded by
-    ``(config.seed, step, replica)``, and :func:`fusion_loss`. Metrics: ``loss``, ``dice``, ``ce``.
+    ``(config.seed, step, replica)``, and :func:`cmmas.nn.losses.segmentation_loss`. Metrics: ``loss``, ``dice``, ``ce``.
 
     ``fit`` data: dicts with ``target`` ``[B, D, H, W, 1]``, ``target_label`` ``[B, D, H, W]``
     (channel indices) and, for DLF, ``atlas_images`` ``[B, N, D, H, W, 1]`` and ``atlas_labels``
@@ -290,17 +274,11 @@ class DLFTrainer(training.Trainer):
         return {"target": target, "truth": truth, **({"atlas_images": images, "atlas_labels": labels} if dlf else {})}
 
     def losses(self, batch: dict) -> dict:
-        """:func:`fusion_loss` of the network's probabilities: ``loss``, ``dice``, ``ce``."""
+        """:func:`cmmas.nn.losses.segmentation_loss` of the network's probabilities: ``loss``, ``dice``, ``ce``."""
         feed = {key: value for key, value in batch.items() if key != "truth"}
-        loss, dice, cross_entropy = fusion_loss(self.net(feed, training=True)["probabilities"], batch["truth"],
+        loss, dice, cross_entropy = segmentation_loss(self.net(feed, training=True)["probabilities"], batch["truth"],
                                                 self.config.ce_weight)
         return {"loss": loss, "dice": dice, "ce": cross_entropy}
-
-
-def channel_index(labels: np.ndarray, codes: Sequence[int]) -> np.ndarray:
-    """Label codes -> their channel index in ``codes`` (sorted, background first), as int8."""
-    table = np.asarray(codes)
-    return np.searchsorted(table, np.asarray(labels)).astype(np.int8)
 
 
 class _TargetBatches(keras.utils.PyDataset):

@@ -1,4 +1,5 @@
-"""Registration losses: image similarity, label overlap, field regularity, cycle consistency.
+"""Losses: image similarity, label overlap, field regularity, cycle consistency (registration), and
+the Dice + cross-entropy of a segmentation (DLF, the U-Net, the organ finder).
 
 Every loss is a plain callable that takes float tensors ``[B, D, H, W, C]`` (images, one-hot
 labels) or ``[B, D, H, W, 3]`` (displacement fields in voxels, ``ij`` order) and returns a
@@ -14,6 +15,10 @@ import math
 from collections.abc import Sequence
 
 from cmmas.errors import GeometryError, ModelError
+
+#: The smallest probability the cross-entropy of :func:`segmentation_loss` sees (a masked-out truth
+#: gives no gradient).
+MIN_PROBABILITY = 1e-6
 
 
 def _check_volume(x, owner: str, channels: int | None = None) -> None:
@@ -387,3 +392,20 @@ def cycle_consistency(img, ddf_u, ddf_v):
     img = tf.cast(img, tf.float32)
     round_trip = warp(warp(img, ddf_v, "linear"), ddf_u, "linear")
     return tf.reduce_mean(tf.abs(img - round_trip))
+
+
+def segmentation_loss(probabilities, target_one_hot, ce_weight: float):
+    """``(loss, dice, cross_entropy)`` of ``[B, D, H, W, L]`` probabilities against a one-hot truth.
+
+    ``dice`` is the soft Dice averaged over the foreground labels and the batch (labels absent
+    from both count 1); ``loss = ce_weight * cross_entropy + 1 - dice``.
+    """
+    import tensorflow as tf
+
+    truth = tf.cast(target_one_hot, tf.float32)
+    p = tf.cast(probabilities, tf.float32)
+    cross_entropy = -tf.reduce_mean(tf.reduce_sum(truth * tf.math.log(tf.maximum(p, MIN_PROBABILITY)), axis=-1))
+    overlap = tf.reduce_sum(p[..., 1:] * truth[..., 1:], axis=[1, 2, 3])
+    total = tf.reduce_sum(p[..., 1:] + truth[..., 1:], axis=[1, 2, 3])
+    dice = tf.reduce_mean((2.0 * overlap + 1e-5) / (total + 1e-5))
+    return ce_weight * cross_entropy + 1.0 - dice, dice, cross_entropy

@@ -28,7 +28,8 @@ from cmmas.io import atomic_write_text
 VERSION = 1
 
 #: The kinds of network a card describes, and their names in messages.
-KINDS = {"biregnet": "BiRegNet", "simnet": "SimNet", "dlf": "Deep Label Fusion network", "unet": "U-Net"}
+KINDS = {"biregnet": "BiRegNet", "simnet": "SimNet", "dlf": "Deep Label Fusion network", "unet": "U-Net",
+         "finder": "organ finder"}
 
 #: What a registration network can be trained on: "cross", atlases x labelled scans of the
 #: target modality; "atlas_only", pairs of atlas-modality scans each given a random contrast

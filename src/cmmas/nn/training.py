@@ -192,7 +192,10 @@ def save_model(net: keras.Model, path: str | os.PathLike, card: ModelCard | None
     """
     path = Path(path)
     if card is not None:
-        card.check_shape(input_grid(net, card.kind), path)
+        check_kind(net, card.kind, path)
+        grid = net.input[MODEL_KINDS[card.kind][0][0]].shape[1:4]
+        if None not in grid:  # the organ finder takes any size: its card records its training box
+            card.check_shape(input_grid(net, card.kind), path)
     card_path(path).unlink(missing_ok=True)
     with atomic_path(path, ".keras") as tmp:
         net.save(tmp)
@@ -260,6 +263,7 @@ MODEL_KINDS = {
     "simnet": (("target", "atlas_label"), "similarity"),
     "dlf": (("target", "atlas_images", "atlas_labels"), "consensus"),
     "unet": (("target",), "probabilities"),
+    "finder": (("image",), "probabilities"),
 }
 
 

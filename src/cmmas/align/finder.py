@@ -1,0 +1,78 @@
+"""Finding a scan's organs without comparing it to another scan: the organ finder
+(:func:`cmmas.nn.finder.build_finder`) labels the whole scan at the alignment's coarse spacing.
+
+The finder reads what the alignment reads (:func:`cmmas.align.target.alignment_image`: the scan
+block-averaged to an isotropic ``spacing_mm``, cut to its content), scaled to [0, 1] by its
+percentiles as every network input (:func:`cmmas.align.mapping.normalize`). Trained with
+label-driven random contrasts (:mod:`cmmas.nn.labelmix`), it is meant to work on a modality it
+has not seen labelled: its organs place the scan on the atlas set by label overlap, and its
+labels are the QC's independent second opinion.
+
+Arrays are numpy ``(z, y, x)``; probabilities ``[L, D, H, W]`` in the order of the label codes,
+the background 0 first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from cmmas.align import mapping
+from cmmas.align.target import alignment_image
+from cmmas.io import Geometry, Image, label_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundOrgans:
+    """The finder's answer for one scan.
+
+    Attributes:
+        codes: label codes, ascending, the background 0 first.
+        probabilities: ``[L, D, H, W]`` float32 per-label probabilities on ``geometry``.
+        geometry: the finder's grid of the scan (:func:`finder_image`'s).
+    """
+
+    codes: tuple[int, ...]
+    probabilities: np.ndarray
+    geometry: Geometry
+
+    def label(self) -> Image:
+        """The arg-max label map (codes) on :attr:`geometry`."""
+        codes = np.asarray(self.codes)
+        return Image(codes.astype(label_dtype(codes))[np.argmax(self.probabilities, axis=0)], self.geometry)
+
+    def volumes_ml(self) -> dict[int, float]:
+        """Each organ's volume in millilitres: its summed probability times the voxel volume."""
+        voxel_ml = float(np.prod(self.geometry.spacing)) / 1000.0
+        return {code: float(self.probabilities[k].sum()) * voxel_ml for k, code in enumerate(self.codes) if code}
+
+
+def finder_image(image: Image, spacing_mm: float) -> Image:
+    """A scan as the finder reads it: its alignment image at ``spacing_mm`` (isotropic, cut to its
+    content), percentile-clipped and scaled to [0, 1], float32."""
+    return mapping.normalize(alignment_image(image, spacing_mm))
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """``array`` padded at the end of each axis with its minimum to a multiple of ``multiple``
+    voxels; returns it and the slices that cut the original back out."""
+    pads = [(0, -n % multiple) for n in array.shape]
+    padded = np.pad(array, pads, constant_values=array.min()) if any(p for _, p in pads) else array
+    return padded, tuple(slice(0, n) for n in array.shape)
+
+
+def find_organs(model, image: Image, spacing_mm: float, codes) -> FoundOrgans:
+    """The organs of a scan (any grid, any modality) by a trained finder ``model`` (a
+    :func:`cmmas.nn.finder.build_finder` network, run as its float32 inference copy) at the
+    spacing it was trained at, ``codes`` its label codes with the background 0."""
+    import keras
+
+    from cmmas.nn.folding import inference_copy
+
+    small = finder_image(image, spacing_mm)
+    pools = sum(isinstance(layer, keras.layers.MaxPooling3D) for layer in model.layers)
+    padded, crop = pad_to_multiple(small.array, 2 ** pools)
+    out = inference_copy(model)({"image": padded[None, ..., None]}, training=False)["probabilities"]
+    probabilities = np.moveaxis(keras.ops.convert_to_numpy(out)[0][crop], -1, 0).astype(np.float32)
+    return FoundOrgans(tuple(int(c) for c in codes), probabilities, small.geometry)
