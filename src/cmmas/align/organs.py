@@ -1,0 +1,103 @@
+"""Placing a scan by its organs: their centroids, and the similarity transform that carries one
+set of organ centroids onto another (the start of an alignment that needs no image similarity
+across modalities).
+
+Points are physical ``(x, y, z)`` in mm (ITK's LPS); a transform maps reference points to scan
+points, as every alignment of :mod:`cmmas.align.target` (ITK's direction for resampling).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from cmmas.errors import GeometryError
+from cmmas.io import Geometry, atomic_path
+
+
+def centroids_mm(probabilities: np.ndarray, codes: Sequence[int], geometry: Geometry,
+                 min_ml: float = 1.0) -> dict[int, tuple[np.ndarray, float]]:
+    """Each foreground organ's probability-weighted centroid (mm) and volume (ml) on ``geometry``.
+
+    Args:
+        probabilities: ``[L, D, H, W]`` per-label probabilities (or a one-hot label map) in the
+            order of ``codes``, the background 0 first.
+        codes: the label codes.
+        geometry: the grid of the maps.
+        min_ml: organs with less volume are left out (not found).
+
+    Returns:
+        ``{code: (centroid [3] mm, volume ml)}`` for the organs found.
+    """
+    if probabilities.shape[0] != len(codes) or tuple(probabilities.shape[1:]) != tuple(geometry.shape):
+        raise GeometryError("centroids", f"maps {probabilities.shape} do not fit {len(codes)} codes on "
+                            f"a {geometry.shape} grid")
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    grid = np.indices(geometry.shape, dtype=np.float64)  # z, y, x
+    found = {}
+    for k, code in enumerate(codes):
+        if not code:
+            continue
+        weights = np.asarray(probabilities[k], np.float64)
+        mass = weights.sum()
+        if mass * voxel_ml < min_ml:
+            continue
+        index_zyx = np.array([(grid[axis] * weights).sum() / mass for axis in range(3)])
+        found[int(code)] = (geometry.index_to_physical(index_zyx[::-1][None])[0], float(mass * voxel_ml))
+    return found
+
+
+def similarity_fit(source: np.ndarray, target: np.ndarray, weights: Sequence[float] | None = None,
+                   scale: bool = True) -> np.ndarray:
+    """The weighted least-squares similarity (rotation, one isotropic scale when ``scale``,
+    translation) carrying the points ``source`` ``[N, 3]`` onto ``target`` ``[N, 3]`` (Umeyama,
+    1991), as a ``[4, 4]`` homogeneous matrix: ``target ~ M @ (source, 1)``. No reflection.
+    With one point: the translation; with two: also their common direction's rotation is
+    underdetermined, so the rotation is the identity.
+
+    Raises:
+        GeometryError: no point, or shapes that differ.
+    """
+    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
+    if source.ndim != 2 or source.shape != target.shape or source.shape[1] != 3 or not len(source):
+        raise GeometryError("similarity_fit", f"need two [N, 3] point sets, got {source.shape} and {target.shape}")
+    w = np.ones(len(source)) if weights is None else np.asarray(weights, np.float64)
+    w = w / w.sum()
+    mean_s, mean_t = w @ source, w @ target
+    matrix = np.eye(4)
+    if len(source) >= 3:
+        s, t = source - mean_s, target - mean_t
+        covariance = (t * w[:, None]).T @ s
+        u, singular, vt = np.linalg.svd(covariance)
+        sign = np.eye(3)
+        sign[2, 2] = np.sign(np.linalg.det(u @ vt)) or 1.0
+        rotation = u @ sign @ vt
+        variance = float(w @ np.sum(s**2, axis=1))
+        factor = float(np.trace(np.diag(singular) @ sign) / variance) if scale and variance > 0 else 1.0
+        matrix[:3, :3] = factor * rotation
+    matrix[:3, 3] = mean_t - matrix[:3, :3] @ mean_s
+    return matrix
+
+
+def organ_start(reference: Mapping[int, tuple[np.ndarray, float]], scan: Mapping[int, tuple[np.ndarray, float]],
+                scale: bool = True) -> np.ndarray | None:
+    """The similarity carrying the reference's organ centroids onto the scan's (organs found in
+    both, weighted by the smaller of their two volumes), ``[4, 4]``; None when no organ is in both."""
+    common = sorted(set(reference) & set(scan))
+    if not common:
+        return None
+    return similarity_fit(np.array([reference[c][0] for c in common]), np.array([scan[c][0] for c in common]),
+                          [min(reference[c][1], scan[c][1]) for c in common], scale=scale and len(common) >= 3)
+
+
+def write_affine(matrix: np.ndarray, path: str | os.PathLike) -> str:
+    """Write a ``[4, 4]`` affine (reference point -> scan point, mm) as an ANTs/ITK ``.mat`` file."""
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix([float(v) for v in np.asarray(matrix)[:3, :3].ravel()])
+    transform.SetTranslation([float(v) for v in np.asarray(matrix)[:3, 3]])
+    with atomic_path(path, suffix=".mat") as tmp:
+        sitk.WriteTransform(transform, tmp)
+    return os.fspath(path)
