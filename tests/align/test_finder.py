@@ -92,3 +92,19 @@ def test_finder_trained_on_ct_with_random_contrasts_finds_mr_organs(finder_run):
     untrained = build_finder(len(CODES), c0=8, levels=3)
     assert _found_dice(model, "ct") > 0.3
     assert _found_dice(model, "mr") > max(0.1, _found_dice(untrained, "mr") + 0.05)  # a modality it never saw
+
+
+def test_organ_agreement_is_the_dice_of_the_finder_and_a_segmentation_per_organ():
+    from cmmas.io import Geometry, Image
+
+    geometry = Geometry(size=(8, 8, 8), spacing=(4.0, 4.0, 4.0), origin=(0.0, 0.0, 0.0),
+                        direction=tuple(np.eye(3).ravel()))
+    probabilities = np.zeros((3, 8, 8, 8), np.float32)
+    probabilities[0] = 1
+    probabilities[:, 2:6, 2:6, 2:6] = [[[[0.0]]], [[[1.0]]], [[[0.0]]]]  # organ 1 found, organ 2 not
+    found = finder.FoundOrgans((0, 1, 2), probabilities, geometry)
+    fine = Geometry(size=(16, 16, 16), spacing=(2.0, 2.0, 2.0), origin=(-1.0, -1.0, -1.0),
+                    direction=tuple(np.eye(3).ravel()))
+    segmentation = np.zeros((16, 16, 16), np.uint8)
+    segmentation[4:12, 4:12, 4:8] = 1  # half of organ 1's box
+    assert finder.organ_agreement(found, Image(segmentation, fine)) == {1: pytest.approx(2 / 3, abs=1e-3), 2: None}

@@ -18,9 +18,11 @@ import dataclasses
 
 import numpy as np
 
+from cmmas import preprocess
 from cmmas.align import mapping
 from cmmas.align.target import alignment_image
 from cmmas.io import Geometry, Image, label_dtype
+from cmmas.metrics import dice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +78,13 @@ def find_organs(model, image: Image, spacing_mm: float, codes) -> FoundOrgans:
     out = inference_copy(model)({"image": padded[None, ..., None]}, training=False)["probabilities"]
     probabilities = np.moveaxis(keras.ops.convert_to_numpy(out)[0][crop], -1, 0).astype(np.float32)
     return FoundOrgans(tuple(int(c) for c in codes), probabilities, small.geometry)
+
+
+def organ_agreement(found: FoundOrgans, label: Image) -> dict[int, float | None]:
+    """Per organ, the Dice between the finder's label and a segmentation ``label`` (codes, any
+    grid; resampled nearest-neighbour onto the finder's grid through physical space): the QC's
+    second opinion, independent of the atlases. None for an organ absent from both."""
+    mine = found.label().array
+    theirs = preprocess.resample(label, geometry=found.geometry, kind="label").array
+    return {code: round(dice(mine == code, theirs == code), 4) if (mine == code).any() or (theirs == code).any()
+            else None for code in found.codes if code}
