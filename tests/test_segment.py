@@ -392,3 +392,31 @@ def test_learned_models_name_each_network_by_its_kind(phantom, tmp_path):
         models.learned_models(phantom.reg)
     with pytest.raises(ModelError, match="no learned fusion named"):
         models.learned_models({"jlf": phantom.sim})
+
+
+def test_an_organ_finder_adds_its_agreement_per_structure_to_the_qc_record(phantom, tmp_path):
+    import datetime
+
+    from cmmas.nn.finder import build_finder
+    from cmmas.nn.model_card import ModelCard
+
+    aset = phantom.aset
+    card = ModelCard(kind="finder", shape_zyx=(16, 16, 16), spacing_zyx=(4.0, 4.0, 4.0), labels=dict(aset.labels),
+                     atlas_modality="ct", target_modality=None, normalisation="minmax", align_spacing_mm=4.0,
+                     training_set=str(tmp_path), created=datetime.datetime.now().isoformat())
+    net = build_finder(len(aset.labels) + 1, c0=2, levels=3)
+    path = training.save_model(net, tmp_path / "finder.keras", card=card)
+    segmenter = segment.Segmenter(aset, config=segment.SegmentConfig(fusion="mv"), finder_model=path)
+    result = segmenter.segment(phantom.target)
+    organs = result.qc()["organs"]
+    assert set(organs) == set(aset.labels.values())
+    assert all(v is None or 0.0 <= v <= 1.0 for v in organs.values())
+    assert result.qc()["models"]["finder_model"] == str(path)
+    assert result.warped.placement.organs.probabilities.shape[0] == len(aset.labels) + 1
+    plain = segment.Segmenter(aset, config=segment.SegmentConfig(fusion="mv")).segment(phantom.target)
+    assert plain.qc()["organs"] is None
+    np.testing.assert_array_equal(plain.label.array, result.label.array)  # the finder does not change the label
+    other = dataclasses.replace(card, labels={1: "liver"})
+    training.save_model(net, tmp_path / "other.keras", card=other)
+    with pytest.raises(ModelError, match="differ from the atlas set's"):
+        segment.Segmenter(aset, finder_model=tmp_path / "other.keras")

@@ -164,3 +164,29 @@ def check_atlas_count(fusion_model, count: int) -> None:
     if not low <= count <= high:
         raise ModelError(fusion_model, f"was trained with {card.atlas_count} atlases per target and fuses {low} to "
                                        f"{high}, not {count} (choose --atlases in that range, or another fusion)")
+
+
+def load_finder(finder_model, aset: AtlasSet):
+    """``(organ finder, its spacing in mm)`` from a ``.keras`` path (with its model card) or a
+    network (at the atlas set's alignment spacing); ``(None, None)`` for None.
+
+    Raises:
+        ModelError: a missing file or card, a network that is not an organ finder, or one trained
+            on another label table than the atlas set's.
+    """
+    if finder_model is None:
+        return None, None
+    from cmmas.nn import training  # TensorFlow: imported only when a finder runs
+
+    if not isinstance(finder_model, (str, os.PathLike)):
+        training.check_kind(finder_model, "finder")
+        return finder_model, float(aset.manifest.align_spacing_mm)
+    if not Path(finder_model).is_file():
+        raise ModelError(finder_model, "organ finder model file not found")
+    card = model_card.read_card(finder_model)
+    if card is None or card.kind != "finder":
+        raise ModelError(finder_model, "not an organ finder with its model card (experiments/train_finder.py)")
+    if dict(card.labels) != dict(aset.labels):
+        raise ModelError(finder_model, f"the organ finder's labels {dict(card.labels)} differ from the atlas set's "
+                                       f"{dict(aset.labels)}")
+    return training.load_model(finder_model, "finder"), float(card.align_spacing_mm)

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cmmas.align import mapping, per_atlas
+from cmmas.align import finder, mapping, per_atlas
+from cmmas.align.finder import FoundOrgans
 from cmmas.align import target as target_alignment
 from cmmas.align.atlas_set import AtlasSet
 from cmmas.datasets import oracle_roi
@@ -47,7 +48,7 @@ from cmmas.fuse import registry
 from cmmas.fuse.vote import FusionResult
 from cmmas.fuse.weights import global_similarity
 from cmmas.io import Image, read_image
-from cmmas.models import check_atlas_count, learned_models, load_models
+from cmmas.models import check_atlas_count, learned_models, load_finder, load_models
 from cmmas.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ class Placement:
         alignment: the alignment's QC record (:meth:`cmmas.align.target.TargetAlignment.qc`),
             None when no alignment ran here.
         oracle: the working image is an oracle set's crop (mapped back by its exact inverse).
+        organs: the organ finder's labels of the scan (:class:`cmmas.align.finder.FoundOrgans`),
+            None without a finder.
     """
 
     target: Image
@@ -180,6 +183,7 @@ class Placement:
     transforms: tuple[str, ...]
     alignment: dict | None
     oracle: bool = False
+    organs: FoundOrgans | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,11 +287,21 @@ class Segmentation:
         """The alignment's QC flagged it: the atlases may have been placed wrongly."""
         return bool(self.alignment and self.alignment["flagged"])
 
+    def organ_agreement(self) -> dict[str, float | None] | None:
+        """Per structure (by name), the Dice between the organ finder's label of the scan and this
+        segmentation (:func:`cmmas.align.finder.organ_agreement`); None without a finder."""
+        organs = self.warped.placement.organs
+        if organs is None:
+            return None
+        return {self.names[code]: value for code, value in finder.organ_agreement(organs, self.label).items()}
+
     def qc(self) -> dict:
         """The QC record written beside the label map (``<stem>_qc.json``): the alignment's
-        record, the atlases, the refinement, the models and the config used, any warning about
-        the scan's header, the seconds of each step and the provenance (code commit, model hashes)."""
-        return {"flagged": self.flagged, "alignment": self.alignment, "atlas_ids": list(self.atlas_ids),
+        record, the organ finder's agreement per structure (with a finder), the atlases, the
+        refinement, the models and the config used, any warning about the scan's header, the
+        seconds of each step and the provenance (code commit, model hashes)."""
+        return {"flagged": self.flagged, "alignment": self.alignment, "organs": self.organ_agreement(),
+                "atlas_ids": list(self.atlas_ids),
                 "registration": self.warped.fields is not None, "refinement": self.warped.refinement,
                 "fusion": self.fusion, "models": dict(self.models), "config": self.config.to_dict(),
                 "target": self.target.path, "target_warnings": list(self.target.warnings),
@@ -308,6 +322,9 @@ class Segmenter:
         atlas_ids: the atlases to choose from (default :func:`atlas_ids_of` of ``config.modality``;
             an oracle set has no default: it segments its own cases, given by ``case_id``).
         progress: show a progress bar over the steps of each scan.
+        finder_model: an organ finder (``.keras`` path with its model card, or a network): each
+            scan's organs found on their own give the QC record its agreement per structure
+            (:meth:`Segmentation.organ_agreement`); None: no finder.
 
     Raises:
         AtlasSetError: bad atlas set or no atlas; ModelError: a missing or unfit model, or
@@ -316,7 +333,7 @@ class Segmenter:
 
     def __init__(self, atlas_set: AtlasSet | str | os.PathLike, reg_model=None, fusion_model=None,
                  config: SegmentConfig | None = None, *, atlas_ids: Sequence[str] | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, finder_model=None) -> None:
         start = time.perf_counter()
         self.config = config or SegmentConfig()
         self.aset = atlas_set if isinstance(atlas_set, AtlasSet) else AtlasSet(atlas_set)
@@ -334,6 +351,9 @@ class Segmenter:
                        **{f"{name}_model": str(m) if isinstance(m, (str, os.PathLike)) else None
                           for name, m in fusion_models.items()}}
         self.reg_net, self.fusion_nets = load_models(reg_model, fusion_models, self.aset)
+        self.finder_net, self.finder_spacing = load_finder(finder_model, self.aset)
+        if finder_model is not None:
+            self.models["finder_model"] = str(finder_model) if isinstance(finder_model, (str, os.PathLike)) else None
         self.provenance = {**provenance(self.config.to_dict(), self.models, self.aset.root), "atlases": self.atlas_ids}
         self.progress = progress
         self._images, self._labels = self.aset.arrays(self.atlas_ids)
@@ -393,7 +413,9 @@ class Segmenter:
         else:
             transforms = []
         working = mapping.to_working(target, transforms, self.aset.geometry)
-        return Placement(target, working, tuple(transforms), None if found is None else found.qc())
+        organs = None if self.finder_net is None else finder.find_organs(self.finder_net, target,
+                                                                          self.finder_spacing, self.codes)
+        return Placement(target, working, tuple(transforms), None if found is None else found.qc(), organs=organs)
 
     def _register(self, images: np.ndarray, labels: np.ndarray, target: np.ndarray):
         if self.reg_net is None:
