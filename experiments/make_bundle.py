@@ -23,6 +23,7 @@ flags.DEFINE_string("reg_model", None, "Trained BiRegNet (.keras).")
 flags.DEFINE_list("fusion_model", [], "Learned fusions' networks (.keras: SimNet, DLF, U-Net); optional.")
 flags.DEFINE_string("fusion", None, "The bundle's default fusion (default: the highest mean Dice of --summary among "
                     "the fusions the bundle can run).")
+flags.DEFINE_string("finder_model", None, "An organ finder (.keras, experiments/train_finder.py); optional.")
 flags.DEFINE_string("summary", None, "The evaluation's summary.json: its Dice goes into README.txt; optional.")
 flags.DEFINE_string("title", "cmmas bundle", "First line of README.txt.")
 flags.DEFINE_string("out", None, "Bundle folder to write (replaced if present).")
@@ -32,7 +33,7 @@ def _run() -> int:
     from cmmas.bundle import write_bundle
 
     out = write_bundle(atlas_set_flag(), FLAGS.reg_model, FLAGS.out, fusion_models=FLAGS.fusion_model,
-                       summary=FLAGS.summary, title=FLAGS.title, fusion=FLAGS.fusion)
+                       summary=FLAGS.summary, title=FLAGS.title, fusion=FLAGS.fusion, finder_model=FLAGS.finder_model)
     print(f"make_bundle: wrote {out} (cmmas segment --bundle {out} --target SCAN --out SEG.nii.gz)")
     return 0
 

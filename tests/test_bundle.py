@@ -104,3 +104,28 @@ def test_a_bundle_never_replaces_one_of_its_inputs(parts, tmp_path):
         with pytest.raises(CmmasError, match="would replace its input"):
             bundle.write_bundle(parts["set"], parts["reg"], out)
     assert Path(parts["reg"]).is_file() and AtlasSet(parts["set"]).geometry.shape == SHAPE
+
+
+def test_a_bundle_with_an_organ_finder_adds_the_organs_to_each_qc_record(parts, phantom, tmp_path):
+    import datetime
+
+    from cmmas.nn import training
+    from cmmas.nn.finder import build_finder
+
+    aset = phantom.aset
+    card = model_card.ModelCard(kind="finder", shape_zyx=(16, 16, 16), spacing_zyx=(4.0, 4.0, 4.0),
+                                labels=dict(aset.labels), atlas_modality="ct", target_modality=None,
+                                normalisation="minmax", align_spacing_mm=4.0, training_set=str(tmp_path),
+                                created=datetime.datetime.now().isoformat())
+    finder = training.save_model(build_finder(len(aset.labels) + 1, c0=2, levels=3), tmp_path / "f.keras", card=card)
+    out = bundle.write_bundle(parts["set"], parts["reg"], tmp_path / "b", finder_model=finder)
+    assert (out / "finder.keras").is_file() and (out / "finder.keras.json").is_file()
+    assert bundle.resolve_bundle(out).finder == out / "finder.keras"
+    assert bundle.resolve_bundle(out, finder_model=finder).finder == finder
+    image, _ = make_subject("mr", 101, shape=40)
+    scan = write_image(image, tmp_path / "scan.nii.gz")
+    assert cli.main(["segment", "--bundle", str(out), "--target", str(scan), "--out", str(tmp_path / "seg.nii.gz"),
+                     "--fusion", "mv", "--no-extras"]) == 0
+    record = json.loads((tmp_path / "seg_qc.json").read_text())
+    assert set(record["organs"]) == set(aset.labels.values())
+    assert record["models"]["finder_model"] == str(out / "finder.keras")

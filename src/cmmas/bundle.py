@@ -7,6 +7,7 @@ Layout::
     BUNDLE/simnet.keras        the learned fusions' networks, each optional (and their cards):
     BUNDLE/dlf.keras             SimNet, Deep Label Fusion, the U-Net baseline
     BUNDLE/unet.keras            (file names: :data:`cmmas.fuse.registry.LEARNED`)
+    BUNDLE/finder.keras        the organ finder (optional, and its card): the QC's second opinion
     BUNDLE/bundle.json         the bundle's default fusion and why it was chosen
     BUNDLE/README.txt          what it holds, what it was trained on and how well it did
 
@@ -36,6 +37,7 @@ from cmmas.segment import DEFAULT_FUSION, atlas_ids_of
 #: Names inside a bundle folder (the learned fusions' files: :data:`cmmas.fuse.registry.LEARNED`).
 BUNDLE_ATLAS_SET = "atlas_set"
 BUNDLE_REG_MODEL = "reg_model.keras"
+BUNDLE_FINDER = "finder.keras"
 BUNDLE_FILE = "bundle.json"
 README = "README.txt"
 
@@ -53,6 +55,7 @@ class Bundle:
             :func:`cmmas.models.learned_models` where it is used); it replaces the bundle's
             network of that fusion.
         fusion: the default fusion recorded in ``bundle.json``.
+        finder: the organ finder file (None: none).
     """
 
     atlas_set: Path
@@ -60,6 +63,7 @@ class Bundle:
     bundled: dict[str, Path]
     fusion_model: Path | None = None
     fusion: str | None = None
+    finder: Path | None = None
 
 
 def resolve_bundle(
@@ -67,6 +71,7 @@ def resolve_bundle(
     atlas_set: str | os.PathLike | None = None,
     reg_model: str | os.PathLike | None = None,
     fusion_model: str | os.PathLike | None = None,
+    finder_model: str | os.PathLike | None = None,
 ) -> Bundle:
     """Combine a bundle folder with explicit paths; an explicit path wins over the bundle's (an
     explicit ``fusion_model`` replaces the bundle's network of its fusion only).
@@ -97,7 +102,7 @@ def resolve_bundle(
     bundled = {name: root / learned.file for name, learned in registry.LEARNED.items()
                if root is not None and (root / learned.file).is_file()}
     return Bundle(chosen, pick(reg_model, BUNDLE_REG_MODEL), bundled, None if fusion_model is None else Path(fusion_model),
-                  _recorded_fusion(root))
+                  _recorded_fusion(root), pick(finder_model, BUNDLE_FINDER))
 
 
 def _recorded_fusion(root: Path | None) -> str | None:
@@ -160,6 +165,7 @@ def write_bundle(
     summary: str | os.PathLike | None = None,
     title: str = "cmmas bundle",
     fusion: str | None = None,
+    finder_model: str | os.PathLike | None = None,
 ) -> Path:
     """Copy an atlas set and its trained models into the bundle folder ``out`` (replaced if present).
 
@@ -175,6 +181,7 @@ def write_bundle(
         title: README.txt's first line.
         fusion: the bundle's default fusion (``bundle.json``); None: the fusion of highest mean
             Dice in ``summary`` among those the bundle can run (:func:`best_fusion`).
+        finder_model: an organ finder ``.keras`` file (experiments/train_finder.py; optional).
 
     Returns:
         ``out``.
@@ -186,6 +193,8 @@ def write_bundle(
     sources = {BUNDLE_REG_MODEL: Path(reg_model)}
     learned = learned_models(fusion_models)
     sources.update({registry.LEARNED[name].file: Path(path) for name, path in learned.items()})
+    if finder_model is not None:
+        sources[BUNDLE_FINDER] = Path(finder_model)
     for path in [*sources.values(), *([Path(summary)] if summary is not None else [])]:
         if not path.is_file():
             raise CmmasError(path, "not found (needed for the bundle)")

@@ -167,6 +167,10 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--strict", action="store_true",
                      help="refuse a scan whose header is suspicious but readable (NIfTI qform and sform disagreeing, "
                      "DICOM slices not evenly spaced) instead of warning and recording it in the QC record")
+    seg.add_argument("--finder-model", type=Path, default=None, metavar="FINDER.keras",
+                     help="an organ finder (experiments/train_finder.py; default: the bundle's finder.keras, if any): "
+                     "it finds each scan's organs on their own, and the QC record gets their Dice with the "
+                     "segmentation per structure ('organs')")
     seg.add_argument("--fusion-model", type=Path, default=None, metavar="MODEL.keras",
                      help="a learned fusion's trained network (.keras: SimNet, DLF or U-Net; its model card says "
                      "which), for --fusion simnet / dlf / unet (default: the bundle's)")
@@ -389,7 +393,7 @@ def _segment(args) -> None:
                 shape = training.input_grid(training.load_model(reg_model, "biregnet"), "biregnet")
         atlas_set = prepare.raw_atlas_set(args.atlases, args.atlas_modality, outs[0].parent / "atlas_set",
                                            shape, args.spacing, progress=_progress(), like=like).root
-    found = bundles.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model)
+    found = bundles.resolve_bundle(args.bundle, atlas_set, None, args.fusion_model, args.finder_model)
     aset = AtlasSet(found.atlas_set)
     _check_segment_request(args, [0, *aset.labels])  # again, with the set's probability map names
     scans = [read_image(args.target[0], dtype=None, strict=args.strict), *args.target[1:]]  # before the models load
@@ -404,7 +408,8 @@ def _segment(args) -> None:
     networks = {**found.bundled, **explicit}
     config = segment_config(args, next(iter(explicit), None) or found.fusion)
     fusion_model = {config.fusion: networks[config.fusion]} if config.fusion in networks else None
-    segmenter = Segmenter(aset, reg_model, fusion_model, config, progress=_progress())  # the models load once
+    segmenter = Segmenter(aset, reg_model, fusion_model, config, progress=_progress(),
+                          finder_model=found.finder)  # the models load once
     if args.no_registration:
         print("cmmas: segmenting without the registration network (--no-registration): the atlases are fused as "
               "affinely aligned", file=sys.stderr)

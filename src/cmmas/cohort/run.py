@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a bundle run will use, read without loading a network: the bundle's parts, the
-    segmentation settings, the fusion's network (None for a classic fusion) and the run's key."""
+    segmentation settings, the fusion's network (None for a classic fusion), the run's key and the
+    organ finder (None: none)."""
 
     bundle: Path
     atlas_set: Path
@@ -28,6 +29,7 @@ class Plan:
     config: SegmentConfig
     network: Path | None
     key: str
+    finder: Path | None = None
 
 
 def plan_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool = True, preview: bool = False
@@ -53,9 +55,10 @@ def plan_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool
         raise CmmasError(Path(bundle) / bundles.BUNDLE_REG_MODEL, "the bundle has no registration network")
     config = SegmentConfig(fusion=fusion or found.fusion or DEFAULT_FUSION, maps=maps)
     network = found.bundled.get(config.fusion)
-    files = [Path(found.atlas_set) / bundles.MANIFEST, found.reg_model, *([network] if network else [])]
+    files = [Path(found.atlas_set) / bundles.MANIFEST, found.reg_model, *([network] if network else []),
+             *([found.finder] if found.finder else [])]
     return Plan(Path(bundle), Path(found.atlas_set), Path(found.reg_model), config, network,
-                batch.run_key({**config.to_dict(), "preview": preview}, files))
+                batch.run_key({**config.to_dict(), "preview": preview}, files), found.finder)
 
 
 def open_bundle(plan: Plan, progress: bool = False) -> Segmenter:
@@ -67,7 +70,8 @@ def open_bundle(plan: Plan, progress: bool = False) -> Segmenter:
     from cmmas.segment import Segmenter
 
     fusion_model = {plan.config.fusion: plan.network} if plan.network else None
-    return Segmenter(plan.atlas_set, plan.reg_model, fusion_model, plan.config, progress=progress)
+    return Segmenter(plan.atlas_set, plan.reg_model, fusion_model, plan.config, progress=progress,
+                     finder_model=plan.finder)
 
 
 def segmenter_of(segmenter: Segmenter, extras: bool, preview: bool, strict: bool = False
