@@ -416,6 +416,11 @@ def test_an_organ_finder_adds_its_agreement_per_structure_to_the_qc_record(phant
     plain = segment.Segmenter(aset, config=segment.SegmentConfig(fusion="mv")).segment(phantom.target)
     assert plain.qc()["organs"] is None
     np.testing.assert_array_equal(plain.label.array, result.label.array)  # the finder does not change the label
+    guided = segment.Segmenter(aset, config=segment.SegmentConfig(fusion="mv", organ_alignment=True),
+                               finder_model=path).segment(phantom.target)
+    assert 0.0 <= guided.qc()["alignment"]["organ_overlap"] <= 1.0
+    with pytest.raises(CmmasError, match="needs an organ finder"):
+        segment.Segmenter(aset, config=segment.SegmentConfig(organ_alignment=True))
     other = dataclasses.replace(card, labels={1: "liver"})
     training.save_model(net, tmp_path / "other.keras", card=other)
     with pytest.raises(ModelError, match="differ from the atlas set's"):

@@ -171,6 +171,10 @@ def _segment_parser(sub) -> None:
                      help="an organ finder (experiments/train_finder.py; default: the bundle's finder.keras, if any): "
                      "it finds each scan's organs on their own, and the QC record gets their Dice with the "
                      "segmentation per structure ('organs')")
+    seg.add_argument("--organ-alignment", action="store_true",
+                     help="with an organ finder: one more alignment start from the found organs' centroids, and the "
+                     "alignment whose organs overlap the reference's best is kept (instead of the highest mutual "
+                     "information); the QC record's alignment.organ_overlap says how well they overlap")
     seg.add_argument("--fusion-model", type=Path, default=None, metavar="MODEL.keras",
                      help="a learned fusion's trained network (.keras: SimNet, DLF or U-Net; its model card says "
                      "which), for --fusion simnet / dlf / unet (default: the bundle's)")
@@ -304,6 +308,7 @@ def segment_config(args, fusion: str | None = None) -> SegmentConfig:
     return SegmentConfig(
         fusion=args.fusion or fusion or DEFAULT_FUSION, atlases=args.atlases if isinstance(args.atlases, int) else None,
         modality=args.atlas_modality, prealign=args.prealign, starts="single" if args.single_start else "robust",
+        organ_alignment=args.organ_alignment,
         atlas_affine=args.atlas_affine, refine_steps=args.refine_steps, refine_scale=args.refine_scale,
         maps=not args.no_extras, batch_size=args.batch_size)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cmmas.align import finder, mapping, per_atlas
+from cmmas.align import finder, mapping, organs, per_atlas
 from cmmas.align.finder import FoundOrgans
 from cmmas.align import target as target_alignment
 from cmmas.align.atlas_set import AtlasSet
@@ -76,6 +76,9 @@ class SegmentConfig:
         prealign: align the scan to the reference; False: it already lies in the reference space.
         starts: the alignment's starts, a key of :data:`STARTS` ("robust": five along the
             cranio-caudal axis; "single": the centre-of-mass translation only).
+        organ_alignment: with an organ finder and robust starts, one more start from the found
+            organs' centroids, and the result whose organs overlap the reference's best is chosen
+            (:func:`cmmas.align.target.align_to_reference`'s guide; False: chosen by mutual information).
         atlas_affine: give each chosen atlas its own affine stage onto the scan on the working
             grid before the network (:mod:`cmmas.align.per_atlas`).
         refine_steps: Adam steps refining every field on the scan with MIND-SSC (0: off).
@@ -91,6 +94,7 @@ class SegmentConfig:
     modality: str | None = None
     prealign: bool = True
     starts: str = "robust"
+    organ_alignment: bool = False
     atlas_affine: bool = False
     refine_steps: int = 0
     refine_scale: float = 0.5
@@ -290,10 +294,10 @@ class Segmentation:
     def organ_agreement(self) -> dict[str, float | None] | None:
         """Per structure (by name), the Dice between the organ finder's label of the scan and this
         segmentation (:func:`cmmas.align.finder.organ_agreement`); None without a finder."""
-        organs = self.warped.placement.organs
-        if organs is None:
+        found = self.warped.placement.organs
+        if found is None:
             return None
-        return {self.names[code]: value for code, value in finder.organ_agreement(organs, self.label).items()}
+        return {self.names[code]: value for code, value in finder.organ_agreement(found, self.label).items()}
 
     def qc(self) -> dict:
         """The QC record written beside the label map (``<stem>_qc.json``): the alignment's
@@ -354,9 +358,13 @@ class Segmenter:
         self.finder_net, self.finder_spacing = load_finder(finder_model, self.aset)
         if finder_model is not None:
             self.models["finder_model"] = str(finder_model) if isinstance(finder_model, (str, os.PathLike)) else None
+        if self.config.organ_alignment and self.finder_net is None:
+            raise CmmasError(None, "the alignment by organs needs an organ finder (--finder-model, or a bundle's)")
         self.provenance = {**provenance(self.config.to_dict(), self.models, self.aset.root), "atlases": self.atlas_ids}
         self.progress = progress
         self._images, self._labels = self.aset.arrays(self.atlas_ids)
+        self._reference_organs = (organs.reference_organs(self._labels, self.aset.geometry, self.codes)
+                                  if self.config.organ_alignment else None)
         self.load_seconds = time.perf_counter() - start
 
     def warm_up(self, fusions: Sequence[str] | None = None) -> None:
@@ -400,12 +408,16 @@ class Segmenter:
                 self.aset.require_alignment()  # the one refusal: an oracle set segments its own cases only
             return Placement(target, self.aset.image(case_id), (), None, oracle=True)
         found = None
+        found_organs = None if self.finder_net is None else finder.find_organs(self.finder_net, target,
+                                                                                self.finder_spacing, self.codes)
         if alignment is not None:
             transforms = [str(a) for a in alignment]
         elif self.config.prealign:
+            guide = None if self._reference_organs is None else organs.OrganGuide.of(
+                found_organs.probabilities, found_organs.geometry, self._reference_organs, self.codes)
             found = target_alignment.align_to_reference(target, self.aset.reference_image(), transform_dir,
                                                         self.aset.manifest.align_spacing_mm,
-                                                        starts=STARTS[self.config.starts])
+                                                        starts=STARTS[self.config.starts], guide=guide)
             transforms = list(found.transforms)
             if found.flagged:
                 log.warning("%s: the alignment to the atlas set is uncertain (%s); check the segmentation",
@@ -413,9 +425,8 @@ class Segmenter:
         else:
             transforms = []
         working = mapping.to_working(target, transforms, self.aset.geometry)
-        organs = None if self.finder_net is None else finder.find_organs(self.finder_net, target,
-                                                                          self.finder_spacing, self.codes)
-        return Placement(target, working, tuple(transforms), None if found is None else found.qc(), organs=organs)
+        return Placement(target, working, tuple(transforms), None if found is None else found.qc(),
+                         organs=found_organs)
 
     def _register(self, images: np.ndarray, labels: np.ndarray, target: np.ndarray):
         if self.reg_net is None:

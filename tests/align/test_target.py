@@ -107,3 +107,29 @@ def test_a_scan_of_noise_is_flagged(tmp_path, pair):
     found = target.align_to_reference(scan.with_array(noise), ref, tmp_path, 4.0)
     assert found.flagged and found.qc()["flagged"]
     assert "starts agree" in target.describe(found)
+
+
+def test_organs_place_a_scan_whose_mutual_information_starts_are_pulled_off(tmp_path, pair):
+    from cmmas.align import finder, organs
+
+    ref, _ = pair
+    _, ref_label = make_subject("ct", 1, 48)
+    scan, scan_label = make_subject("mr", 1, 48)  # the reference's individual: the unpadded alignment is the truth
+    truth = target.align_to_reference(scan, ref, tmp_path / "truth", 4.0).transforms
+    padded = _with_bright_structure_below(scan, 48, 0.45)
+    padded_label = Image(np.concatenate([np.zeros((48, *scan_label.shape[1:]), scan_label.array.dtype),
+                                         scan_label.array]), padded.geometry)
+    codes = [0, *sorted(int(c) for c in np.unique(ref_label.array) if c)]
+    grid = finder.finder_image(padded, 4.0).geometry  # a perfect finder: the scan's own labels on its grid
+    found = preprocess.resample(padded_label, geometry=grid, kind="label").array
+    guide = organs.OrganGuide.of(np.stack([found == c for c in codes]).astype(np.float32), grid,
+                                 preprocess.resample(ref_label, geometry=ref.geometry, kind="label"), codes)
+    both_pulled = target.Starts(shifts=(0.0, -0.4))  # two MI starts, both pulled off by the bright structure
+    points = target.box_points(ref)
+    unguided = target.align_to_reference(padded, ref, tmp_path / "mi", 4.0, starts=both_pulled)
+    guided = target.align_to_reference(padded, ref, tmp_path / "organs", 4.0, starts=both_pulled, guide=guide)
+    assert target.distance_mm(unguided.transforms, truth, points) > 15.0
+    assert target.distance_mm(guided.transforms, truth, points) < 5.0
+    [organ] = [c for c in guided.candidates if c.from_organs]
+    assert organ.distance_mm == 0.0 and organ.organ_overlap == guided.qc()["organ_overlap"] > 0.5
+    assert unguided.qc()["organ_overlap"] is None

@@ -1,6 +1,7 @@
-"""Placing a scan by its organs: their centroids, and the similarity transform that carries one
-set of organ centroids onto another (the start of an alignment that needs no image similarity
-across modalities).
+"""Placing a scan by its organs: their centroids, the similarity transform that carries one set
+of organ centroids onto another (the start of an alignment that needs no image similarity
+across modalities), and the overlap of the scan's organs with the reference's through an
+alignment (how an alignment by organs is judged: :class:`OrganGuide`).
 
 Points are physical ``(x, y, z)`` in mm (ITK's LPS); a transform maps reference points to scan
 points, as every alignment of :mod:`cmmas.align.target` (ITK's direction for resampling).
@@ -8,14 +9,17 @@ points, as every alignment of :mod:`cmmas.align.target` (ITK's direction for res
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from cmmas.align import ants
 from cmmas.errors import GeometryError
-from cmmas.io import Geometry, atomic_path
+from cmmas.io import Geometry, Image, atomic_path
+from cmmas.metrics import dice
 
 
 def centroids_mm(probabilities: np.ndarray, codes: Sequence[int], geometry: Geometry,
@@ -101,3 +105,47 @@ def write_affine(matrix: np.ndarray, path: str | os.PathLike) -> str:
     with atomic_path(path, suffix=".mat") as tmp:
         sitk.WriteTransform(transform, tmp)
     return os.fspath(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class OrganGuide:
+    """What guides an alignment by organs: the scan's organs as the finder found them and the
+    reference's organs, both as label maps (codes).
+
+    Attributes:
+        scan_label: the finder's label of the scan, on the finder's grid (the scan's space).
+        reference_label: the organs in the reference's space (e.g. the atlases' majority on the
+            working grid, :func:`reference_organs`).
+        start: the similarity carrying the reference's organ centroids onto the scan's
+            (:func:`organ_start`), ``[4, 4]``; None when no organ is in both.
+    """
+
+    scan_label: Image
+    reference_label: Image
+    start: np.ndarray | None
+
+    @classmethod
+    def of(cls, scan_probabilities: np.ndarray, scan_geometry: Geometry, reference_label: Image,
+           codes: Sequence[int]) -> "OrganGuide":
+        """The guide of a scan's organ probabilities ``[L, D, H, W]`` (the finder's, codes ``codes``
+        with the background 0 first) against the reference's organ label."""
+        codes = [int(c) for c in codes]
+        label = np.asarray(codes)[np.argmax(scan_probabilities, axis=0)]
+        reference = np.stack([reference_label.array == c for c in codes]).astype(np.float32)
+        start = organ_start(centroids_mm(reference, codes, reference_label.geometry),
+                            centroids_mm(np.asarray(scan_probabilities), codes, scan_geometry))
+        return cls(Image(label.astype(np.int16), scan_geometry), reference_label, start)
+
+    def overlap(self, transforms: Sequence[str]) -> float:
+        """Mean Dice over the reference's organs between its label and the scan's finder label
+        brought into the reference's space through ``transforms`` (reference point -> scan point)."""
+        moved = ants.apply(list(transforms), self.scan_label, self.reference_label.geometry, kind="label").array
+        codes = [int(c) for c in np.unique(self.reference_label.array) if c]
+        return float(np.mean([dice(self.reference_label.array == c, moved == c) for c in codes])) if codes else 0.0
+
+
+def reference_organs(labels: np.ndarray, geometry: Geometry, codes: Sequence[int]) -> Image:
+    """The organs in the reference's space: the majority (ties to the lowest code) of the atlases'
+    labels ``[N, D, H, W]`` (codes) on the working grid ``geometry``."""
+    votes = np.stack([(np.asarray(labels) == c).sum(axis=0) for c in codes])
+    return Image(np.asarray(codes, np.int16)[np.argmax(votes, axis=0)], geometry)

@@ -37,7 +37,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from cmmas import preprocess
-from cmmas.align import ants
+from cmmas.align import ants, organs
+from cmmas.align.organs import OrganGuide
 from cmmas.io import Geometry, Image, atomic_path, from_sitk, to_sitk
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,16 @@ class Candidate:
     """One start: its z shift (mm), the mutual information (nats) after its coarse rigid stage
     (None for a single start, which has none) and, when it was refined, after the full affine
     stage (else None), and how far (mm, RMS over the reference's box) its result (refined if it
-    was) lies from the chosen one."""
+    was) lies from the chosen one; with an organ guide, whether it started from the organs'
+    centroids (``from_organs``, its ``shift_mm`` then 0) and its refined result's organ overlap
+    (:meth:`cmmas.align.organs.OrganGuide.overlap`; None when not refined or unguided)."""
 
     shift_mm: float
     coarse_mutual_information: float | None
     mutual_information: float | None
     distance_mm: float
+    from_organs: bool = False
+    organ_overlap: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +113,8 @@ class TargetAlignment:
         deterministic: whether ANTs ran with one thread (repeatable results).
         flagged: the agreement is below the threshold: the alignment may be wrong.
         agree_mm: the distance within which a start counted as agreeing, mm.
+        organ_overlap: with an organ guide, the chosen result's mean organ Dice with the
+            reference's organs (None: unguided); the guide chooses by it, not by mutual information.
     """
 
     transforms: list[str]
@@ -120,6 +127,7 @@ class TargetAlignment:
     deterministic: bool
     flagged: bool
     agree_mm: float
+    organ_overlap: float | None = None
 
     def qc(self) -> dict:
         """The quality-control record (JSON-ready)."""
@@ -133,6 +141,7 @@ class TargetAlignment:
             "starts": [dataclasses.asdict(c) for c in self.candidates],
             "seconds": round(self.seconds, 3),
             "deterministic": self.deterministic,
+            "organ_overlap": None if self.organ_overlap is None else round(self.organ_overlap, 4),
         }
 
 
@@ -285,6 +294,7 @@ def align_to_reference(
     starts: Starts = ROBUST,
     fast: bool = True,
     seed: int = 0,
+    guide: OrganGuide | None = None,
 ) -> TargetAlignment:
     """Align a scan to the reference from several starts and keep the best (module docstring).
 
@@ -297,6 +307,10 @@ def align_to_reference(
         fast: the final affine stage runs :data:`cmmas.align.ants.FAST_SCHEDULE` (else antspyx's
             default schedule); the starts' coarse rigid stages always run the fast one's coarsest level.
         seed: ANTs's sampling seed.
+        guide: the scan's organs as an organ finder found them (:class:`cmmas.align.organs.OrganGuide`):
+            one more start from the similarity of their centroids, always refined, and the refined
+            result whose organs overlap the reference's best is chosen (mutual information breaks
+            ties). None: the starts along z, chosen by mutual information. Multi-start only.
 
     Returns:
         :class:`TargetAlignment`.
@@ -317,7 +331,11 @@ def align_to_reference(
             return _found(final.forward, shift, mi, candidates, starts, start)
         coarse = [_coarse_rigid(moving, reference, base, float(f) * extent, starts, seed, Path(tmp) / f"start{n}")
                   for n, f in enumerate(starts.shifts)]
-        order = sorted(range(len(coarse)), key=lambda i: (-coarse[i][2], abs(coarse[i][0])))
+        organ_start = None
+        if guide is not None and guide.start is not None:
+            organ_start = len(coarse)
+            coarse.append(_coarse_rigid_from(moving, reference, guide.start, starts, seed, Path(tmp) / "organs"))
+        order = sorted(range(len(coarse)), key=lambda i: (i != organ_start, -coarse[i][2], abs(coarse[i][0])))
         refined: dict[int, tuple[list[str], float]] = {}
         for i in order:
             if len(refined) == starts.refine:
@@ -327,16 +345,18 @@ def align_to_reference(
             reg = ants.register(moving, reference, kind="affine_only", seed=seed, fast=fast, initial=coarse[i][1],
                                 out_dir=Path(tmp) / f"final{i}")
             refined[i] = (list(reg.forward), mutual_information(reference, reg.warped))
-        best = max(refined, key=lambda i: (refined[i][1], -abs(coarse[i][0])))
+        overlaps = {i: guide.overlap(refined[i][0]) for i in refined} if guide is not None else {}
+        best = max(refined, key=lambda i: (overlaps.get(i, 0.0), refined[i][1], -abs(coarse[i][0])))
         candidates = tuple(
             Candidate(shift_mm=round(shift, 2), coarse_mutual_information=round(mi, 5),
                       mutual_information=round(refined[i][1], 5) if i in refined else None,
                       distance_mm=round(distance_mm(refined[i][0] if i in refined else tfm, refined[best][0],
-                                                    points), 2))
+                                                    points), 2),
+                      from_organs=i == organ_start, organ_overlap=round(overlaps[i], 4) if i in overlaps else None)
             for i, (shift, tfm, mi) in enumerate(coarse)
         )
         transforms, _ = ants.export(refined[best][0], [], out_dir)
-    return _found(transforms, coarse[best][0], refined[best][1], candidates, starts, start)
+    return _found(transforms, coarse[best][0], refined[best][1], candidates, starts, start, overlaps.get(best))
 
 
 def _coarse_rigid(moving: Image, reference: Image, base: np.ndarray, shift: float, starts: Starts, seed: int,
@@ -345,15 +365,31 @@ def _coarse_rigid(moving: Image, reference: Image, base: np.ndarray, shift: floa
     stage at the fast schedule's coarsest level: ``(shift, transforms, mutual information)``."""
     folder.mkdir(parents=True)
     initial = write_translation(base + np.array([0.0, 0.0, shift]), folder / "start.mat")
+    return (shift, *_rigid_stage(moving, reference, initial, starts, seed, folder))
+
+
+def _coarse_rigid_from(moving: Image, reference: Image, matrix: np.ndarray, starts: Starts, seed: int,
+                       folder: Path) -> tuple[float, list[str], float]:
+    """The organ start: the similarity ``matrix`` (reference point -> scan point) refined by the
+    same rigid stage as :func:`_coarse_rigid`: ``(0.0, transforms, mutual information)``."""
+    folder.mkdir(parents=True)
+    return (0.0, *_rigid_stage(moving, reference, organs.write_affine(matrix, folder / "start.mat"), starts, seed,
+                               folder))
+
+
+def _rigid_stage(moving: Image, reference: Image, initial: str, starts: Starts, seed: int,
+                 folder: Path) -> tuple[list[str], float]:
+    """A rigid stage at the fast schedule's coarsest level from the transform file ``initial``:
+    ``(transforms, mutual information)``."""
     reg = ants.register(moving, reference, kind="rigid", seed=seed, fast=True, initial=[initial],
                         aff_shrink_factors=ants.FAST_SCHEDULE.shrink_factors[:1],
                         aff_smoothing_sigmas=ants.FAST_SCHEDULE.smoothing_sigmas[:1],
                         aff_iterations=(starts.coarse_iterations,), out_dir=folder)
-    return shift, list(reg.forward), mutual_information(reference, reg.warped)
+    return list(reg.forward), mutual_information(reference, reg.warped)
 
 
 def _found(transforms: list[str], shift: float, mi: float, candidates: tuple[Candidate, ...], starts: Starts,
-           began: float) -> TargetAlignment:
+           began: float, organ_overlap: float | None = None) -> TargetAlignment:
     """The :class:`TargetAlignment` of a chosen result, its QC figures computed from ``candidates``."""
     agreement = float(np.mean([c.distance_mm <= starts.agree_mm for c in candidates]))
     rivals = [c.mutual_information for c in candidates
@@ -362,4 +398,5 @@ def _found(transforms: list[str], shift: float, mi: float, candidates: tuple[Can
     flagged = len(candidates) > 1 and agreement < starts.min_agreement
     return TargetAlignment(transforms=list(transforms), shift_mm=shift, mutual_information=mi, agreement=agreement,
                            margin=margin, candidates=candidates, seconds=time.perf_counter() - began,
-                           deterministic=ants.single_threaded(), flagged=flagged, agree_mm=starts.agree_mm)
+                           deterministic=ants.single_threaded(), flagged=flagged, agree_mm=starts.agree_mm,
+                           organ_overlap=organ_overlap)
