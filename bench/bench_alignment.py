@@ -16,7 +16,10 @@ registration):
              ANTs thread (deterministic);
   robust_mt  the same on the default threads (`cmmas segment --fast-nondeterministic`);
   robust_atlas  robust, then every atlas given its own affine stage onto the aligned target
-             (`cmmas segment --atlas-affine`, cmmas.align.per_atlas).
+             (`cmmas segment --atlas-affine`, cmmas.align.per_atlas);
+  organs     robust plus a start from the organs an organ finder (--finder, one per atlas set)
+             finds in the target, the result chosen by its organs' overlap with the atlases'
+             (`cmmas segment --organ-alignment`, cmmas.align.organs); one ANTs thread.
 
 Printed per direction and method: the mean Dice over targets (each target's mean over its
 calls), the worst call of any target, collapses (calls with mean organ Dice < 0.3), targets
@@ -61,12 +64,13 @@ from cmmas.scripts import absl_main, write_bench_json
 
 FLAGS = flags.FLAGS
 _DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "abdomen-ctmr"
-METHODS = ("single", "robust", "robust_mt", "robust_atlas")
+METHODS = ("single", "robust", "robust_mt", "robust_atlas", "organs")
 
 flags.DEFINE_string("data", str(_DATA), "Data-set root holding the targets.")
 flags.DEFINE_enum("layout", "folder", ["folder", "mmwhs", "chaos"], "On-disk layout of --data.")
 flags.DEFINE_list("atlas_set", None, "Prepared atlas set(s); each segments the scans of the other modality.")
 flags.DEFINE_list("methods", ["single", "robust"], f"Alignment methods to compare, of {METHODS}.")
+flags.DEFINE_list("finder", None, "Organ finders (.keras), one per --atlas_set in its order: the organs method's.")
 flags.DEFINE_list("targets", None, "Only these target ids (default: every labelled scan of the other modality).")
 flags.DEFINE_integer("max_targets", None, "At most this many targets per atlas set.", lower_bound=1)
 flags.DEFINE_integer("repeats", 3, "Calls with seed 0 per target (the spread between calls).", lower_bound=1)
@@ -101,17 +105,18 @@ def _run_method(method: str) -> list[dict]:
     from cmmas.datasets.loading import load_case
     from cmmas.evaluate import alignment
 
-    if method in ("robust", "robust_atlas"):
+    if method in ("robust", "robust_atlas", "organs"):
         ants.set_threads(1)
     starts = target_alignment.SINGLE if method == "single" else target_alignment.ROBUST
     dataset = open_dataset(FLAGS.data, FLAGS.layout)
     rows = []
-    for path in FLAGS.atlas_set:
+    for n, path in enumerate(FLAGS.atlas_set):
         aset = AtlasSet(path)
         reference = aset.reference_image()
         codes = [0, *sorted(aset.labels)]
         atlas_ids, cases, direction = _targets(aset, dataset)
         engine = alignment.affine_engine(aset, atlas_ids, atlas_affine=method == "robust_atlas")
+        guide_of = _guides(aset, atlas_ids, codes, FLAGS.finder[n]) if method == "organs" else lambda scan: None
         for case in cases:
             image, truth = load_case(case, aset.labels)
             first = None
@@ -121,7 +126,8 @@ def _run_method(method: str) -> list[dict]:
                     scan, kept = alignment.blank_z(image, FLAGS.blank_mm, call["blank"])
                 with tempfile.TemporaryDirectory() as tmp:
                     found = target_alignment.align_to_reference(
-                        scan, reference, tmp, aset.manifest.align_spacing_mm, starts=starts, seed=call["seed"])
+                        scan, reference, tmp, aset.manifest.align_spacing_mm, starts=starts, seed=call["seed"],
+                        guide=guide_of(scan))
                     began = time.perf_counter()
                     label = engine.segment(scan, alignment=found.transforms).label
                     vote_seconds = time.perf_counter() - began
@@ -140,6 +146,22 @@ def _run_method(method: str) -> list[dict]:
                       f"{found.seconds:.2f} s, agreement {found.agreement:.2f}"
                       + (" FLAGGED" if found.flagged else ""), flush=True)
     return rows
+
+
+def _guides(aset, atlas_ids, codes, finder_path: str):
+    """A function of a scan giving its :class:`cmmas.align.organs.OrganGuide` from the finder at
+    ``finder_path`` and the atlases' majority organs."""
+    from cmmas.align import finder, organs
+    from cmmas.models import load_finder
+
+    net, spacing = load_finder(finder_path, aset)
+    reference = organs.reference_organs(aset.arrays(atlas_ids)[1], aset.geometry, codes)
+
+    def guide(scan):
+        found = finder.find_organs(net, scan, spacing, codes)
+        return organs.OrganGuide.of(found.probabilities, found.geometry, reference, codes)
+
+    return guide
 
 
 def _per_target(rows: list[dict]) -> list[str]:
@@ -162,6 +184,8 @@ def _main() -> int:
     unknown = [m for m in FLAGS.methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"unknown method(s) {unknown}; choose from {METHODS}")
+    if "organs" in FLAGS.methods + [FLAGS.method] and len(FLAGS.finder or []) != len(FLAGS.atlas_set):
+        raise app.UsageError("the organs method needs one --finder per --atlas_set")
     if FLAGS.method:
         rows = _run_method(FLAGS.method)
         Path(FLAGS.json).write_text(json.dumps(rows))
@@ -175,6 +199,7 @@ def _main() -> int:
                 f"--repeats={FLAGS.repeats}", f"--seeds={','.join(FLAGS.seeds)}", f"--blank_mm={FLAGS.blank_mm}"]
         args += [f"--targets={','.join(FLAGS.targets)}"] if FLAGS.targets else []
         args += [f"--max_targets={FLAGS.max_targets}"] if FLAGS.max_targets else []
+        args += [f"--finder={','.join(FLAGS.finder)}"] if FLAGS.finder else []
         start = time.perf_counter()
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         subprocess.run([sys.executable, __file__, *args, f"--method={method}", f"--json={part}"], check=True, env=env)

@@ -64,7 +64,7 @@ CURVE_METHODS = ("unet", "jlf_tf", "dlf")
 #: Methods of the README's headline table, in its row order (those present are shown).
 HEADLINE_METHODS = ("affine+mv", "mv", "staple", "lwv", "jlf", "jlf_tf", "simnet", "dlf", "unet")
 #: Alignment methods of bench_alignment in their table order.
-ALIGNMENT_METHODS = ("single", "robust", "robust_mt", "robust_atlas")
+ALIGNMENT_METHODS = ("single", "robust", "robust_mt", "robust_atlas", "organs")
 
 NOT_RUN = "not run at this commit"
 
