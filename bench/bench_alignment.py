@@ -3,7 +3,8 @@
 Every labelled scan of --data whose modality differs from an atlas set's atlases is a target of
 that set. Each target is aligned (cmmas.align.target.align_to_reference) several times:
 --repeats calls with seed 0 (the spread between calls), one call per extra --seeds, and one call
-each with --blank_mm of its field of view blanked (set to air) at the top and at the bottom.
+each with --blank_mm of its field of view blanked (set to air) at the top and at the bottom
+(--blank_fraction instead: that fraction of the scan's own cranio-caudal extent; 1/3 leaves 2/3).
 After each alignment the set's atlases, as aligned (no network), are fused by majority vote and
 mapped back onto the scan's grid (cmmas.evaluate.alignment.affine_engine); Dice per organ against
 the scan's label (inside the unblanked region for the blanked calls).
@@ -76,6 +77,8 @@ flags.DEFINE_integer("max_targets", None, "At most this many targets per atlas s
 flags.DEFINE_integer("repeats", 3, "Calls with seed 0 per target (the spread between calls).", lower_bound=1)
 flags.DEFINE_list("seeds", ["1"], "Extra ANTs sampling seeds, one call each.")
 flags.DEFINE_float("blank_mm", 40.0, "Field of view blanked at the top, then at the bottom (0: skip).", lower_bound=0)
+flags.DEFINE_float("blank_fraction", 0.0, "Instead of --blank_mm: this fraction of each scan's cranio-caudal extent "
+                   "blanked (0: use --blank_mm).", lower_bound=0, upper_bound=0.9)
 flags.DEFINE_float("collapse", 0.3, "A call whose mean organ Dice is below this has collapsed.")
 flags.DEFINE_string("out", None, "Folder for bench_alignment.json and bench_alignment.md.")
 flags.DEFINE_string("method", None, "Internal: run this one method in this process and write --json.")
@@ -85,7 +88,9 @@ flags.DEFINE_string("json", None, "Internal: where --method writes its calls.")
 def _calls() -> list[dict]:
     calls = [{"call": f"repeat{i + 1}", "seed": 0} for i in range(FLAGS.repeats)]
     calls += [{"call": f"seed{s}", "seed": int(s)} for s in FLAGS.seeds if s]
-    if FLAGS.blank_mm > 0:
+    if FLAGS.blank_fraction > 0:
+        calls += [{"call": f"{side}{FLAGS.blank_fraction:g}", "seed": 0, "blank": side} for side in ("top", "bottom")]
+    elif FLAGS.blank_mm > 0:
         calls += [{"call": f"{side}{FLAGS.blank_mm:g}", "seed": 0, "blank": side} for side in ("top", "bottom")]
     return calls
 
@@ -123,7 +128,9 @@ def _run_method(method: str) -> list[dict]:
             for call in _calls():
                 scan, kept = image, np.ones(image.shape, dtype=bool)
                 if "blank" in call:
-                    scan, kept = alignment.blank_z(image, FLAGS.blank_mm, call["blank"])
+                    mm = (FLAGS.blank_fraction * target_alignment.z_extent(image) if FLAGS.blank_fraction
+                          else FLAGS.blank_mm)
+                    scan, kept = alignment.blank_z(image, mm, call["blank"])
                 with tempfile.TemporaryDirectory() as tmp:
                     found = target_alignment.align_to_reference(
                         scan, reference, tmp, aset.manifest.align_spacing_mm, starts=starts, seed=call["seed"],
@@ -196,7 +203,8 @@ def _main() -> int:
     for method in FLAGS.methods:
         part = out / f"calls_{method}.json"
         args = [f"--data={FLAGS.data}", f"--layout={FLAGS.layout}", f"--atlas_set={','.join(FLAGS.atlas_set)}",
-                f"--repeats={FLAGS.repeats}", f"--seeds={','.join(FLAGS.seeds)}", f"--blank_mm={FLAGS.blank_mm}"]
+                f"--repeats={FLAGS.repeats}", f"--seeds={','.join(FLAGS.seeds)}", f"--blank_mm={FLAGS.blank_mm}",
+                f"--blank_fraction={FLAGS.blank_fraction}"]
         args += [f"--targets={','.join(FLAGS.targets)}"] if FLAGS.targets else []
         args += [f"--max_targets={FLAGS.max_targets}"] if FLAGS.max_targets else []
         args += [f"--finder={','.join(FLAGS.finder)}"] if FLAGS.finder else []

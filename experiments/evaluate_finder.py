@@ -24,7 +24,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("finder", None, "The organ finder (.keras, with its model card).")
 flags.DEFINE_string("data", None, "Data-set root folder.")
 flags.DEFINE_enum("layout", "folder", ["mmwhs", "chaos", "folder"], "On-disk layout of --data.")
-flags.DEFINE_integer("fold", None, "1-based cross-validation fold: its target-modality cases are scored.", lower_bound=1)
+flags.DEFINE_integer("fold", None, "1-based cross-validation fold: its target-modality cases are scored.",
+                     lower_bound=1)
 flags.DEFINE_integer("n_folds", 4, "Number of folds.", lower_bound=2)
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the scans to score.")
 flags.DEFINE_string("out", None, "Folder for evaluate_finder.json (default: print only).")

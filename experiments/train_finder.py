@@ -71,7 +71,8 @@ def _run() -> int:
     cases = [case for modality in dict.fromkeys(modalities)
              for case in fold_split(dataset.of(modality), FLAGS.fold, FLAGS.n_folds)[1] if case.label_path is not None]
     if not cases:
-        raise DatasetError(dataset.root, f"no labelled training case of {' or '.join(modalities)} outside fold {FLAGS.fold}")
+        raise DatasetError(dataset.root, f"no labelled training case of {' or '.join(modalities)} "
+                                         f"outside fold {FLAGS.fold}")
 
     from cmmas.align import finder_train  # TensorFlow
 
