@@ -40,7 +40,8 @@ CHAIN = {"ct->mr": "abdomen/ct2mr/fold1/eval/summary.json", "mr->ct": "abdomen/m
 BENCH = {"bench_mas": "bench_mas/bench_mas.json", "bench_alignment": "bench_alignment/bench_alignment.json",
          "bench_accuracy": "bench_accuracy/bench_accuracy.json", "bench_training": "bench_training/bench_training.json",
          "bench_cohort": "bench_cohort/bench_cohort.json",
-         "bench_cohort_abdomen": "bench_cohort_abdomen/bench_cohort.json"}
+         "bench_cohort_abdomen": "bench_cohort_abdomen/bench_cohort.json",
+         "bench_alignment_organs": "bench_alignment_organs/bench_alignment.json"}
 #: The contrast-agnostic comparison (#32): reproduce-abdomen's settings, each its own run folder.
 SETTINGS = {"today": "abdomen", "labelmix": "abdomen-labelmix", "zero": "abdomen-zero"}
 #: Fusions of the contrast-agnostic table.
@@ -394,6 +395,11 @@ def cohort_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
+def _alignment_record_table(data: Mapping) -> str:
+    """:func:`alignment_table` of a bench_alignment record, at the collapse threshold it ran with."""
+    return alignment_table(data["rows"], float(((data.get("provenance") or {}).get("config") or {}).get("collapse", 0.3)))
+
+
 def _block(records: Sequence[Record], missing: Sequence[str], changed: Changed, table: str | None) -> str:
     source = source_line(records, missing, changed)
     return source if not table else f"{source}\n\n{table}"
@@ -439,8 +445,8 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
 
     renderers = {
         "bench_mas": bench_mas_table,
-        "bench_alignment": lambda data: alignment_table(
-            data["rows"], float(((data.get("provenance") or {}).get("config") or {}).get("collapse", 0.3))),
+        "bench_alignment": _alignment_record_table,
+        "bench_alignment_organs": _alignment_record_table,
         "bench_accuracy": lambda data: accuracy_table(data["rows"]),
         "bench_training": lambda data: training_table(data["rows"]),
         "bench_cohort": lambda data: cohort_table(data["rows"]),
