@@ -66,7 +66,7 @@ def test_tables_from_a_fake_runs_folder_name_commit_state_and_command(tmp_path):
 def test_every_table_reads_not_run_when_runs_is_empty(tmp_path):
     tables = page.render_tables(page.load_records(tmp_path, [*page.CHAIN.values(), *page.BENCH.values()]),
                                 lambda commit: False)
-    assert set(tables) == {"headline", "chain", "settings", "precision", "crossfit", "labelled", "bench_mas", "bench_alignment",
+    assert set(tables) == {"headline", "chain", "settings", "precision", "crossfit", "finder", "labelled", "bench_mas", "bench_alignment",
                            "bench_accuracy", "bench_training", "bench_cohort", "bench_cohort_abdomen", "bench_alignment_organs"}
     for text in tables.values():
         assert "|---" not in text and page.NOT_RUN in text
@@ -184,3 +184,11 @@ def test_bench_training_and_cohort_tables():
     cohort = page.cohort_table([{"run": "dask:2", "scans": 40, "wall_s": 300.0, "scans_per_hour": 480.0,
                                  "ratio": 1.8, "peak_mb": 2100.0}])
     assert cohort.splitlines()[2] == "| dask:2 | 40 | 300.0 | 480 | 1.80 | 2100 |"
+
+
+def test_the_finder_table_summarises_each_direction():
+    rows = [{"case": "mr_01", "liver": 0.8, "spleen": 0.6, "mean": 0.7, "seconds": 0.3},
+            {"case": "mr_02", "liver": 0.6, "spleen": 0.4, "mean": 0.5, "seconds": 0.5}]
+    table = page.finder_table({"ct->mr": rows}).splitlines()
+    assert table[0] == "| direction | targets | liver | spleen | mean Dice | worst target | s / scan |"
+    assert table[2] == "| ct->mr | 2 | 0.700 | 0.500 | 0.600 | 0.500 | 0.50 |"

@@ -62,6 +62,10 @@ LABELLED_COUNTS = (0, 2, 4, "all")
 LABELLED_FIGURE = "![Mean (solid) and worst-target (dashed) Dice against the labelled scans](figures/labelled_curve.png)"
 #: Methods compared on the labelled curve, in its column order.
 CURVE_METHODS = ("unet", "jlf_tf", "dlf")
+#: The organ finders' own scores (#33), per direction: a finder trained on the atlas modality only
+#: (fold 1), scored on the fold's targets (relative to ``runs/``).
+FINDER = {"ct->mr": "finder/ct/fold1/eval_mr/evaluate_finder.json",
+          "mr->ct": "finder/mr/fold1/eval_ct/evaluate_finder.json"}
 #: Methods of the README's headline table, in its row order (those present are shown).
 HEADLINE_METHODS = ("affine+mv", "mv", "staple", "lwv", "jlf", "jlf_tf", "simnet", "dlf", "unet")
 #: Alignment methods of bench_alignment in their table order.
@@ -369,6 +373,21 @@ def settings_table(summaries: Mapping[tuple[str, str], Mapping], settings: Mappi
     return "\n".join(lines).strip()
 
 
+def finder_table(records: Mapping[str, Sequence[Mapping]]) -> str:
+    """Per direction: the finder's Dice per organ (mean over the targets), mean and worst target."""
+    lines = []
+    for direction, rows in records.items():
+        organs = [k for k in rows[0] if k not in ("case", "mean", "seconds")]
+        if not lines:
+            lines = ["| direction | targets | " + " | ".join(organs) + " | mean Dice | worst target | s / scan |",
+                     "|---" * (len(organs) + 5) + "|"]
+        cells = " | ".join(_f(sum(r[o] for r in rows) / len(rows)) for o in organs)
+        means = [r["mean"] for r in rows]
+        lines.append(f"| {direction} | {len(rows)} | {cells} | {_f(sum(means) / len(means))} | {_f(min(means))} | "
+                     f"{sorted(r['seconds'] for r in rows)[len(rows) // 2]:.2f} |")
+    return "\n".join(lines)
+
+
 def training_table(rows: Sequence[Mapping]) -> str:
     """bench_training's rows: seconds and steps per second per variant and trunk precision (float32
     in the runs that predate the precision), the ratio to the run's first row, the speed-up over the
@@ -443,6 +462,10 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
                                                                                 if p not in runs_records],
                                 changed, f"{labelled_table(points)}\n\n{LABELLED_FIGURE}" if curve_records else None)
 
+    finders = {d: runs_records[p] for d, p in FINDER.items() if p in runs_records}
+    tables["finder"] = _block(list(finders.values()), [p for p in FINDER.values() if p not in runs_records], changed,
+                              finder_table({d: r.data["rows"] for d, r in finders.items()}) if finders else None)
+
     renderers = {
         "bench_mas": bench_mas_table,
         "bench_alignment": _alignment_record_table,
@@ -502,6 +525,7 @@ def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo
     """
     records = load_records(runs, [*CHAIN.values(), *labelled_paths().values(), *settings_paths().values(),
                                   *settings_paths(PRECISION_RUNS).values(), *settings_paths(CROSSFIT_RUNS).values(),
+                                  *FINDER.values(),
                                   *BENCH.values()])
     answers: dict[str, bool | None] = {}
 
