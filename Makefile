@@ -36,6 +36,7 @@ REG := $(DIR)/reg/model.keras
 SIM := $(DIR)/fusion/simnet.keras
 DLF := $(DIR)/dlf/dlf.keras
 UNET := $(DIR)/unet/unet.keras
+FINDER := $(DIR)/finder/finder.keras
 EVAL := $(DIR)/eval/summary.json
 BUNDLE := $(RUN)/bundle-$(ATLAS_MOD)2$(TARGET_MOD)
 
@@ -56,7 +57,7 @@ MMWHS_HELP := MM-WHS 2017 (request it at zxh.me, MM-WHS challenge): DATA must ho
 CHAOS_HELP := CHAOS (download CHAOS_Train_Sets.zip from chaos.grand-challenge.org): DATA must hold CT/<id>/DICOM_anon + CT/<id>/Ground and MR/<id>/T2SPIR/DICOM_anon + MR/<id>/T2SPIR/Ground
 ABDOMEN := $(abspath ../shared/data/abdomen-ctmr)
 
-.PHONY: install test test-fast browser results demo clean prealign train-reg train-fusion train-dlf train-unet evaluate chain bundle \
+.PHONY: install test test-fast browser results demo clean prealign train-reg train-fusion train-dlf train-unet train-finder evaluate chain bundle \
         reproduce-mmwhs reproduce-chaos reproduce-abdomen bundle-abdomen
 
 install: $(STAMP)
@@ -125,6 +126,13 @@ $(UNET): $(SIM)
 	$(PY) experiments/train_unet.py --flagfile=$(CONFIGS)/train_unet.flags --atlas_set=$(DIR)/atlas_set \
 	    --reg_model=$(REG) --cache=$(DIR)/fusion/pairs $(MODS) $(LABELLED_FLAG) --out=$(DIR)/unet
 
+# the organ finder (experiments with train_finder.flags): trained on the atlas modality's training
+# scans of the fold with random contrasts; the bundle carries it (the QC's second opinion)
+train-finder: $(FINDER)
+$(FINDER): | $(STAMP)
+	$(PY) experiments/train_finder.py --flagfile=$(CONFIGS)/train_finder.flags --data=$(DATA) $(MODS) \
+	    --fold=$(FOLD) --out=$(DIR)/finder
+
 evaluate: $(EVAL)
 $(EVAL): $(LEARNED)
 	$(PY) experiments/evaluate.py --flagfile=$(CONFIGS)/evaluate.flags --atlas_set=$(DIR)/atlas_set \
@@ -132,9 +140,11 @@ $(EVAL): $(LEARNED)
 
 # a bundle: the fold's atlas set, its networks, bundle.json and a README.txt with the evaluation's Dice, in one
 # folder for `cmmas segment --bundle`
+BUNDLE_FINDER := $(if $(wildcard $(CONFIGS)/train_finder.flags),$(FINDER))
 bundle: $(BUNDLE)/README.txt
-$(BUNDLE)/README.txt: $(EVAL)
+$(BUNDLE)/README.txt: $(EVAL) $(BUNDLE_FINDER)
 	$(PY) experiments/make_bundle.py --atlas_set=$(DIR)/atlas_set --reg_model=$(REG) $(LEARNED_FLAG) \
+	    $(if $(BUNDLE_FINDER),--finder_model=$(BUNDLE_FINDER)) \
 	    --summary=$(EVAL) --title="cmmas $(EXP) bundle: $(ATLAS_MOD) atlases for $(TARGET_MOD) scans (fold $(FOLD))" \
 	    --out=$(BUNDLE)
 

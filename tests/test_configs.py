@@ -28,6 +28,7 @@ STAGE_ARGS = {
 OPTIONAL_STAGE_ARGS = {
     "train_dlf": ["--atlas_set=SET", "--reg_model=REG/model.keras", "--cache=FUSION/pairs", "--out=DLF"],
     "train_unet": ["--atlas_set=SET", "--cache=FUSION/pairs", "--out=UNET"],
+    "train_finder": ["--data=DATA", "--fold=1", "--out=FINDER"],
 }
 
 
