@@ -26,6 +26,9 @@ DATA ?=
 ATLAS_MOD ?= ct
 TARGET_MOD ?= mr
 FOLD ?= 1
+# FOLD=all: no fold held out, every labelled case trains the networks (make bundle-abdomen's: the
+# bundle users run on new scans); its README quotes fold 1's evaluation
+FOLD_ARG := $(if $(filter all,$(FOLD)),0,$(FOLD))
 LAYOUT ?=
 COMPONENT ?=
 SHAPE ?=
@@ -89,7 +92,7 @@ results: | $(STAMP)
 prealign: $(ATLAS_SET)
 $(ATLAS_SET): | $(STAMP)
 	$(PY) experiments/prealign.py --flagfile=$(CONFIGS)/prealign.flags --data=$(DATA) $(MODS) \
-	    --fold=$(FOLD) $(if $(LAYOUT),--layout=$(LAYOUT)) $(if $(COMPONENT),--component=$(COMPONENT)) \
+	    --fold=$(FOLD_ARG) $(if $(LAYOUT),--layout=$(LAYOUT)) $(if $(COMPONENT),--component=$(COMPONENT)) \
 	    $(SHAPE_FLAG) --out=$(DIR)/atlas_set
 
 train-reg: $(REG)
@@ -131,7 +134,7 @@ $(UNET): $(SIM)
 train-finder: $(FINDER)
 $(FINDER): | $(STAMP)
 	$(PY) experiments/train_finder.py --flagfile=$(CONFIGS)/train_finder.flags --data=$(DATA) $(MODS) \
-	    --fold=$(FOLD) --out=$(DIR)/finder
+	    --fold=$(FOLD_ARG) --out=$(DIR)/finder
 
 evaluate: $(EVAL)
 $(EVAL): $(LEARNED)
@@ -141,11 +144,14 @@ $(EVAL): $(LEARNED)
 # a bundle: the fold's atlas set, its networks, bundle.json and a README.txt with the evaluation's Dice, in one
 # folder for `cmmas segment --bundle`
 BUNDLE_FINDER := $(if $(wildcard $(CONFIGS)/train_finder.flags),$(FINDER))
+BUNDLE_SUMMARY := $(if $(filter all,$(FOLD)),$(RUN)/$(ATLAS_MOD)2$(TARGET_MOD)/fold1/eval/summary.json,$(EVAL))
+BUNDLE_TRAINED := $(if $(filter all,$(FOLD)),every labelled case; Dice of fold 1,fold $(FOLD))
 bundle: $(BUNDLE)/README.txt
-$(BUNDLE)/README.txt: $(EVAL) $(BUNDLE_FINDER)
+$(BUNDLE)/README.txt: $(if $(filter all,$(FOLD)),$(LEARNED),$(EVAL)) $(BUNDLE_FINDER)
+	@test -f $(BUNDLE_SUMMARY) || { echo "bundle: $(BUNDLE_SUMMARY) not found: make evaluate FOLD=1 first" >&2; exit 2; }
 	$(PY) experiments/make_bundle.py --atlas_set=$(DIR)/atlas_set --reg_model=$(REG) $(LEARNED_FLAG) \
 	    $(if $(BUNDLE_FINDER),--finder_model=$(BUNDLE_FINDER)) \
-	    --summary=$(EVAL) --title="cmmas $(EXP) bundle: $(ATLAS_MOD) atlases for $(TARGET_MOD) scans (fold $(FOLD))" \
+	    --summary=$(BUNDLE_SUMMARY) --title="cmmas $(EXP) bundle: $(ATLAS_MOD) atlases for $(TARGET_MOD) scans ($(BUNDLE_TRAINED))" \
 	    --out=$(BUNDLE)
 
 # ---------------------------------------------------------------------------- demo
@@ -198,7 +204,8 @@ reproduce-abdomen:
 bundle-abdomen:
 	@test -d "$(ABDOMEN)" || { echo "bundle-abdomen: $(ABDOMEN) not found (the shared real CT/MR abdomen set)" >&2; exit 2; }
 	set -e; for pair in ct:mr mr:ct; do \
-	    $(MAKE) --no-print-directory bundle EXP=abdomen DATA=$(ABDOMEN) ATLAS_MOD=$${pair%:*} TARGET_MOD=$${pair#*:} FOLD=1; \
+	    $(MAKE) --no-print-directory evaluate EXP=abdomen DATA=$(ABDOMEN) ATLAS_MOD=$${pair%:*} TARGET_MOD=$${pair#*:} FOLD=1; \
+	    $(MAKE) --no-print-directory bundle EXP=abdomen DATA=$(ABDOMEN) ATLAS_MOD=$${pair%:*} TARGET_MOD=$${pair#*:} FOLD=all; \
 	done
 
 FOLDS ?= 1 2 3 4

@@ -46,7 +46,8 @@ flags.DEFINE_enum("layout", "folder", ["mmwhs", "chaos", "folder"], "On-disk lay
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases.")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")
 flags.DEFINE_integer("component", None, "Keep only this label code (others become background).")
-flags.DEFINE_integer("fold", None, "1-based cross-validation fold (targets = that fold).")
+flags.DEFINE_integer("fold", None, "1-based cross-validation fold (targets = that fold); 0: none held out, every "
+                     "case trains (a bundle for new scans).", lower_bound=0)
 flags.DEFINE_integer("n_folds", 4, "Number of folds.", lower_bound=2)
 flags.DEFINE_list("targets", None, "Explicit target case ids (with --atlases; instead of --fold).")
 flags.DEFINE_list("atlases", None, "Explicit atlas case ids (with --targets).")

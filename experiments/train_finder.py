@@ -31,7 +31,8 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("data", None, "Data-set root folder.")
 flags.DEFINE_enum("layout", "folder", ["mmwhs", "chaos", "folder"], "On-disk layout of --data.")
-flags.DEFINE_integer("fold", None, "1-based cross-validation fold: its cases are never trained on.", lower_bound=1)
+flags.DEFINE_integer("fold", None, "1-based cross-validation fold: its cases are never trained on (0: every case "
+                     "trains).", lower_bound=0)
 flags.DEFINE_integer("n_folds", 4, "Number of folds.", lower_bound=2)
 flags.DEFINE_enum("atlas_modality", "ct", ["ct", "mr"], "Modality of the atlases (always trained on).")
 flags.DEFINE_enum("target_modality", "mr", ["ct", "mr"], "Modality of the targets.")

@@ -65,6 +65,15 @@ def test_crossfit_trains_k_withholding_biregnets_and_dlf_on_their_warps():
     assert "--withhold_fold" not in plain and f"--reg_model={folder}/reg/model.keras --cache={folder}/fusion/pairs" in plain
 
 
+def test_a_bundle_of_every_case_trains_on_all_and_quotes_fold_1():
+    import subprocess
+
+    plan = subprocess.run(["make", "-n", "bundle", "EXP=abdomen", "FOLD=all", "RUN=/nonexistent/run", "DATA=x"],
+                          cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "prealign.py" in plan and "--fold=0 " in plan and "--out=/nonexistent/run/ct2mr/foldall/atlas_set" in plan
+    assert "--summary=/nonexistent/run/ct2mr/fold1/eval/summary.json" in plan and "evaluate.py" not in plan
+
+
 @pytest.mark.slow
 def test_paper_mmwhs_chain_runs_on_the_phantom(tmp_path):
     data, root = tmp_path / "data", tmp_path / "run"

@@ -369,8 +369,10 @@ def test_fold_split_general_chunks_and_errors():
     assert sizes == [3, 3, 2, 2]
     assert [c.id for c in fold_split(cases, 3, n_folds=4)[0]] == ["c6", "c7"]
     assert [c.id for c in fold_split(cases, 1, n_folds=4)[0]] == ["c0", "c1", "c2"]  # c10 would follow c9
-    with pytest.raises(DatasetError, match=r"fold must be in 1\.\.4, got 5"):
+    with pytest.raises(DatasetError, match=r"fold must be in 1\.\.4 \(or 0: none held out\), got 5"):
         fold_split(cases, 5)
+    targets, atlases = fold_split(list(reversed(cases)), 0)  # fold 0: every case trains (a bundle's)
+    assert targets == () and [c.id for c in atlases] == [f"c{i}" for i in range(10)]
     with pytest.raises(DatasetError, match="cannot be split into 12 folds"):
         fold_split(cases, 1, n_folds=12)
     with pytest.raises(DatasetError, match="more than once"):

@@ -23,7 +23,8 @@ def fold_split(cases: Sequence[Case], fold: int, n_folds: int = 4) -> tuple[tupl
 
     Args:
         cases: cases of one modality (unique ids).
-        fold: 1-based fold number, ``1 <= fold <= n_folds``.
+        fold: 1-based fold number, ``1 <= fold <= n_folds``; 0: no fold held out, every case an
+            atlas (what a bundle for new scans trains on).
         n_folds: number of folds, at most ``len(cases)``.
 
     Returns:
@@ -32,11 +33,13 @@ def fold_split(cases: Sequence[Case], fold: int, n_folds: int = 4) -> tuple[tupl
     check_unique_ids(cases)
     if n_folds < 2:
         raise DatasetError(None, f"n_folds must be at least 2, got {n_folds}")
-    if not 1 <= fold <= n_folds:
-        raise DatasetError(None, f"fold must be in 1..{n_folds}, got {fold}")
+    if not 0 <= fold <= n_folds:
+        raise DatasetError(None, f"fold must be in 1..{n_folds} (or 0: none held out), got {fold}")
     if len(cases) < n_folds:
         raise DatasetError(None, f"{len(cases)} case(s) cannot be split into {n_folds} folds")
     ordered = sorted(cases, key=lambda c: natural_key(c.id))
+    if fold == 0:
+        return (), tuple(ordered)
     size, extra = divmod(len(ordered), n_folds)
     start = (fold - 1) * size + min(fold - 1, extra)
     stop = start + size + (1 if fold - 1 < extra else 0)
