@@ -73,6 +73,10 @@ def test_millilitres_are_voxels_times_the_anisotropic_voxel_volume(tmp_path):
     assert [float(r["millilitres"]) for r in read] == pytest.approx([r["millilitres"] for r in rows], abs=1e-4)
     assert [r["mean_agreement"] for r in read] == ["0.7500", "0.5000", ""]
     assert read[2]["name"] == 'the "spleen"'
+    back = outputs.read_volumes_csv(path)  # what a cohort's record reads instead of counting again
+    assert [(r["code"], r["name"], r["voxels"]) for r in back] == [(r["code"], r["name"], r["voxels"]) for r in rows]
+    assert [r["millilitres"] for r in back] == pytest.approx([r["millilitres"] for r in rows], abs=1e-4)
+    assert back[0]["mean_agreement"] == 0.75 and math.isnan(back[2]["mean_agreement"])
 
 
 def test_volumes_read_a_uint8_agreement_and_count_in_chunks(monkeypatch):

@@ -139,6 +139,16 @@ def write_volumes_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     return atomic_write_text(path, text.getvalue())
 
 
+def read_volumes_csv(path: str | os.PathLike) -> list[dict]:
+    """The rows of a :func:`write_volumes_csv` file, as :func:`label_volumes` gives them (an empty
+    agreement cell: NaN)."""
+    with open(path, newline="") as handle:
+        return [{"code": int(r["code"]), "name": r["name"], "voxels": int(r["voxels"]),
+                 "millilitres": float(r["millilitres"]),
+                 "mean_agreement": float(r["mean_agreement"]) if r["mean_agreement"] else math.nan}
+                for r in csv.DictReader(handle)]
+
+
 def _words(code: int, name: str) -> list[str]:
     """The words of a name on one line (``label_<code>`` for an empty name)."""
     return str(name).split() or [f"label_{code}"]

@@ -156,13 +156,14 @@ def _duration(seconds: float) -> str:
 
 
 def segment_record(result: Segmentation, written: Sequence[Path], seconds: float) -> dict:
-    """A record's fields from a :class:`cmmas.segment.Segmentation` and the files written for it:
-    seconds, QC flag and the alignment's scalar QC values, fusion, atlases, each structure's
-    millilitres and mean agreement (None without the agreement map), the files (names in the
-    scan's folder)."""
-    from cmmas.outputs import label_volumes
+    """A record's fields from a :class:`cmmas.segment.Segmentation` and the files written for it
+    (:func:`cmmas.outputs.write_segmentation`'s): seconds, QC flag and the alignment's scalar QC
+    values, fusion, atlases, each structure's millilitres and mean agreement as the volumes file
+    holds them (None without the agreement map), the files (names in the scan's folder)."""
+    from cmmas.outputs import read_volumes_csv
 
-    volumes = label_volumes(result.label, result.names, result.agreement)
+    [table] = [p for p in written if p.name.endswith("_volumes.csv")]
+    volumes = read_volumes_csv(table)  # what was written, not counted again over the scan
     alignment = {k: v for k, v in (result.alignment or {}).items() if isinstance(v, (bool, int, float, str))}
     return {"seconds": round(seconds, 3), "flagged": result.flagged, "alignment": alignment, "fusion": result.fusion,
             "atlases": len(result.atlas_ids), "volumes_ml": {r["name"]: r["millilitres"] for r in volumes},
