@@ -10,6 +10,7 @@ from cmmas.nn.layers import ResizeDisplacement
 from cmmas.nn.folding import _foldable_pairs, folded_copy, inference_copy
 from cmmas.nn.blocks import Upsample3D
 from cmmas.nn.networks import attention_gate, build_biregnet, build_simnet
+from network_weights import randomise_weights
 
 SHAPE = (16, 16, 24)  # non-cubic, divisible by 2**3
 
@@ -182,23 +183,10 @@ def test_biregnet_save_load_round_trip(biregnet, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def _randomise_weights(model, seed):
-    """Random weights everywhere, BatchNormalization statistics included (variance > 0)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, variance = weights
-            layer.set_weights([rng.uniform(0.5, 2.0, gamma.shape), rng.normal(0, 0.3, beta.shape),
-                               rng.normal(0, 0.3, mean.shape), rng.uniform(0.2, 3.0, variance.shape)])
-        elif weights:
-            layer.set_weights([0.2 * rng.standard_normal(w.shape).astype(np.float32) for w in weights])
-
-
 def test_folded_copy_has_no_batch_norm_and_the_same_outputs():
     keras.utils.set_random_seed(0)
     model = build_biregnet(SHAPE, c0=2, levels=3)
-    _randomise_weights(model, seed=4)
+    randomise_weights(model, seed=4)
     folded = folded_copy(model)
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
     inputs = _reg_inputs()
@@ -218,7 +206,7 @@ def test_only_normalisations_after_a_bias_free_convolution_read_by_nothing_else_
     c_conv = keras.layers.Conv3D(2, 3, padding="same", use_bias=False, name="c_conv")(x)
     c = keras.layers.Add(name="c_add")([keras.layers.BatchNormalization(name="c_bn")(c_conv), c_conv])
     model = keras.Model(x, keras.layers.Concatenate()([a, b, c]))
-    _randomise_weights(model, seed=7)
+    randomise_weights(model, seed=7)
     folded = folded_copy(model)
     kept = sorted(layer.name for layer in folded.layers if isinstance(layer, keras.layers.BatchNormalization))
     assert kept == ["a_bn", "c_bn"]  # a: the convolution has a bias; c: its output also feeds the sum
@@ -233,9 +221,9 @@ def test_only_normalisations_after_a_bias_free_convolution_read_by_nothing_else_
 def test_inference_copy_is_made_once_and_follows_new_weights():
     keras.utils.set_random_seed(0)
     model = build_simnet(SHAPE, n_label_channels=3, c0=2, levels=3)
-    _randomise_weights(model, seed=5)
+    randomise_weights(model, seed=5)
     folded = inference_copy(model)
-    _randomise_weights(model, seed=6)  # as training would
+    randomise_weights(model, seed=6)  # as training would
     inputs = _sim_inputs()
     want = keras.ops.convert_to_numpy(model(inputs)["logits"])
     tolerance = 1e-4 * np.abs(want).max()

@@ -9,6 +9,7 @@ from cmmas.nn.dlf import build_dlf, build_unet
 from cmmas.nn.folding import folded_copy
 from cmmas.nn.networks import build_biregnet, build_simnet
 from cmmas.nn.precision import precision_of, trunk_precision
+from network_weights import randomise_weights
 
 SHAPE = (16, 16, 16)
 
@@ -17,18 +18,6 @@ def _inputs(seed=0):
     rng = np.random.default_rng(seed)
     return {"atlas": rng.random((1, *SHAPE, 1), dtype=np.float32),
             "target": rng.random((1, *SHAPE, 1), dtype=np.float32)}
-
-
-def _randomise(model, seed):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, variance = weights
-            layer.set_weights([rng.uniform(0.5, 2.0, gamma.shape), rng.normal(0, 0.3, beta.shape),
-                               rng.normal(0, 0.3, mean.shape), rng.uniform(0.2, 3.0, variance.shape)])
-        elif weights:
-            layer.set_weights([0.2 * rng.standard_normal(w.shape).astype(np.float32) for w in weights])
 
 
 @pytest.mark.parametrize("build, outputs", [
@@ -59,7 +48,7 @@ def test_untrained_bfloat16_biregnet_is_exactly_the_identity():
 def test_bfloat16_is_the_float32_function_rounded_and_inference_is_float32():
     keras.utils.set_random_seed(0)
     mixed = build_biregnet(SHAPE, c0=2, levels=3, precision="mixed_bfloat16")
-    _randomise(mixed, seed=1)
+    randomise_weights(mixed, seed=1)
     plain = build_biregnet(SHAPE, c0=2, levels=3)
     plain.set_weights(mixed.get_weights())
     inputs = _inputs()

@@ -36,7 +36,6 @@ from cmmas.io import Image, atomic_write_text
 from cmmas.nn import training
 from cmmas.nn.finder import build_finder
 from cmmas.nn.labelmix import randomise_some
-from cmmas.nn.losses import segmentation_loss
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.precision import PRECISIONS
 
@@ -163,23 +162,11 @@ class _BoxBatches(keras.utils.PyDataset):
         self._epoch += 1
 
 
-class FinderTrainer(training.Trainer):
-    """Trains an organ finder: the step's random contrasts, then :func:`segmentation_loss`.
-    Metrics: ``loss``, ``dice``, ``ce``. ``fit`` data: dicts with ``image`` ``[B, D, H, W, 1]`` and
-    ``label`` ``[B, D, H, W]`` (channel indices). The artefact to save is ``self.net``."""
-
-    def __init__(self, net: keras.Model, config: FinderConfig, n_labels: int, **kwargs):
-        super().__init__(**kwargs)
-        self.net, self.config, self.n_labels = net, config, int(n_labels)
-        self.trackers = [keras.metrics.Mean(name=n) for n in ("loss", "dice", "ce")]
-        self.built = True
-
-    def call(self, inputs, training=False):
-        return self.net(inputs, training=training)
-
-    @property
-    def metrics(self):
-        return self.trackers
+class FinderTrainer(training.SegmentationTrainer):
+    """Trains an organ finder: the step's random contrasts, then
+    :func:`cmmas.nn.losses.segmentation_loss`. Metrics: ``loss``, ``dice``, ``ce``. ``fit`` data:
+    dicts with ``image`` ``[B, D, H, W, 1]`` and ``label`` ``[B, D, H, W]`` (channel indices). The
+    artefact to save is ``self.net``."""
 
     def training_batch(self, data: dict, augment: bool = True) -> dict:
         """``image`` float32 and ``truth`` one-hot, the image given a random contrast from its
@@ -190,11 +177,6 @@ class FinderTrainer(training.Trainer):
             image = randomise_some(image, truth, training.step_seed(self.optimizer, self.config.seed),
                                    self.config.labelmix)
         return {"image": image, "truth": truth}
-
-    def losses(self, batch: dict) -> dict:
-        probabilities = self.net({"image": batch["image"]}, training=True)["probabilities"]
-        loss, dice, cross_entropy = segmentation_loss(probabilities, batch["truth"], self.config.ce_weight)
-        return {"loss": loss, "dice": dice, "ce": cross_entropy}
 
 
 def train(config: FinderConfig, cases: Sequence[FinderCase], codes: Sequence[int], out_dir: str | os.PathLike,

@@ -48,7 +48,6 @@ from cmmas.io import atomic_write_text
 from cmmas.nn import training
 from cmmas.nn.dlf import build_dlf, build_unet
 from cmmas.nn.layers import warp
-from cmmas.nn.losses import segmentation_loss
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.precision import PRECISIONS
 from cmmas.preprocess import channel_index
@@ -238,27 +237,15 @@ def augment_batch(target, target_one_hot, atlas_images, atlas_one_hot, config: D
     return target, target_one_hot, back(images), back(labels)
 
 
-class DLFTrainer(training.Trainer):
+class DLFTrainer(training.SegmentationTrainer):
     """Trains a DLF or U-Net network: in-graph augmentation (:func:`augment_batch`), seeded by
-    ``(config.seed, step, replica)``, and :func:`cmmas.nn.losses.segmentation_loss`. Metrics: ``loss``, ``dice``, ``ce``.
+    ``(config.seed, step, replica)``, and :func:`cmmas.nn.losses.segmentation_loss`. Metrics:
+    ``loss``, ``dice``, ``ce``.
 
     ``fit`` data: dicts with ``target`` ``[B, D, H, W, 1]``, ``target_label`` ``[B, D, H, W]``
     (channel indices) and, for DLF, ``atlas_images`` ``[B, N, D, H, W, 1]`` and ``atlas_labels``
     ``[B, N, D, H, W]`` (channel indices). The artefact to save is ``self.net``.
     """
-
-    def __init__(self, net: keras.Model, config: DLFConfig, n_labels: int, **kwargs):
-        super().__init__(**kwargs)
-        self.net, self.config, self.n_labels = net, config, int(n_labels)
-        self.trackers = [keras.metrics.Mean(name=n) for n in ("loss", "dice", "ce")]
-        self.built = True
-
-    def call(self, inputs, training=False):
-        return self.net(inputs, training=training)
-
-    @property
-    def metrics(self):
-        return self.trackers
 
     def training_batch(self, data: dict, augment: bool = True) -> dict:
         """``data`` as float32 images and one-hot labels (``truth``; DLF: ``atlas_images``,
@@ -272,13 +259,6 @@ class DLFTrainer(training.Trainer):
             target, truth, images, labels = augment_batch(target, truth, images, labels, self.config,
                                                           training.step_seed(self.optimizer, self.config.seed))
         return {"target": target, "truth": truth, **({"atlas_images": images, "atlas_labels": labels} if dlf else {})}
-
-    def losses(self, batch: dict) -> dict:
-        """:func:`cmmas.nn.losses.segmentation_loss` of the network's probabilities: ``loss``, ``dice``, ``ce``."""
-        feed = {key: value for key, value in batch.items() if key != "truth"}
-        loss, dice, cross_entropy = segmentation_loss(self.net(feed, training=True)["probabilities"], batch["truth"],
-                                                self.config.ce_weight)
-        return {"loss": loss, "dice": dice, "ce": cross_entropy}
 
 
 class _TargetBatches(keras.utils.PyDataset):

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from cmmas.errors import CmmasError, ModelError
 from cmmas.nn import dlf, layers, networks  # noqa: F401  (registers the custom layers that load_model deserialises)
+from cmmas.nn.losses import segmentation_loss
 from cmmas.nn.model_card import KINDS, ModelCard, card_path, write_card
 from cmmas.io import atomic_path
 
@@ -102,6 +103,32 @@ class Trainer(keras.Model):
                 self.distribute_strategy.extended._in_multi_worker_mode():
             return {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
+
+
+class SegmentationTrainer(Trainer):
+    """A trainer of a network with a ``probabilities`` output ``[B, D, H, W, L]`` against a one-hot
+    truth: :func:`cmmas.nn.losses.segmentation_loss` (``config.ce_weight``); metrics ``loss``,
+    ``dice``, ``ce``. A subclass's :meth:`training_batch` gives ``truth`` and the network's inputs by
+    name. The artefact to save is ``self.net``."""
+
+    def __init__(self, net: keras.Model, config, n_labels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.net, self.config, self.n_labels = net, config, int(n_labels)
+        self.trackers = [keras.metrics.Mean(name=n) for n in ("loss", "dice", "ce")]
+        self.built = True
+
+    def call(self, inputs, training=False):
+        return self.net(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return self.trackers
+
+    def losses(self, batch: dict) -> dict:
+        feed = {key: value for key, value in batch.items() if key != "truth"}
+        loss, dice, cross_entropy = segmentation_loss(self.net(feed, training=True)["probabilities"], batch["truth"],
+                                                      self.config.ce_weight)
+        return {"loss": loss, "dice": dice, "ce": cross_entropy}
 
 
 class _StopAtStep(keras.callbacks.Callback):
