@@ -37,7 +37,6 @@ from cmmas.nn import training
 from cmmas.nn.finder import build_finder
 from cmmas.nn.labelmix import randomise_some
 from cmmas.nn.model_card import ModelCard
-from cmmas.nn.precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +82,13 @@ class FinderConfig:
         problems = []
         if self.spacing_mm <= 0:
             problems.append(f"spacing_mm must be > 0, got {self.spacing_mm}")
-        for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        problems += training.schedule_problems(self, ("c0", "levels", "decay_steps", "steps", "batch",
+                                                      "steps_per_epoch"))
         step = 2 ** (max(self.levels, 1) - 1)
         if len(self.crop_zyx) != 3 or any(n < step or n % step for n in self.crop_zyx):
             problems.append(f"crop_zyx must be 3 sizes divisible by 2**(levels-1) = {step}, got {self.crop_zyx}")
-        if self.lr <= 0 or not 0 < self.decay_rate <= 1:
-            problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {self.lr}, {self.decay_rate}")
         if not 0 <= self.labelmix <= 1 or self.ce_weight < 0:
             problems.append(f"need 0 <= labelmix <= 1 and ce_weight >= 0, got {self.labelmix}, {self.ce_weight}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if problems:
             raise ModelError("FinderConfig", "; ".join(problems))
 

@@ -49,7 +49,6 @@ from cmmas.nn import training
 from cmmas.nn.dlf import build_dlf, build_unet
 from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
-from cmmas.nn.precision import PRECISIONS
 from cmmas.preprocess import channel_index
 from cmmas.register.augment import augmentation_displacement
 
@@ -127,16 +126,10 @@ class DLFConfig:
         object.__setattr__(self, "shape_zyx", tuple(int(n) for n in self.shape_zyx))
         object.__setattr__(self, "scale_range", tuple(float(s) for s in self.scale_range))
         problems = []
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.kind not in MODEL_FILES:
             problems.append(f"kind must be one of {sorted(MODEL_FILES)}, got {self.kind!r}")
-        for name in ("c_vote", "vote_levels", "c_fine", "fine_levels", "atlases", "decay_steps", "steps", "batch",
-                     "steps_per_epoch"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 < self.decay_rate <= 1:
-            problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {self.lr}, {self.decay_rate}")
+        problems += training.schedule_problems(self, ("c_vote", "vote_levels", "c_fine", "fine_levels", "atlases",
+                                                      "decay_steps", "steps", "batch", "steps_per_epoch"))
         if not 0 <= self.jitter_probability <= 1:
             problems.append(f"jitter_probability must be in [0, 1], got {self.jitter_probability}")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:

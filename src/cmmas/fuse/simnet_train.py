@@ -49,7 +49,6 @@ from cmmas.nn.labelmix import randomise_some
 from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.networks import build_simnet
-from cmmas.nn.precision import PRECISIONS
 from cmmas.register import augment, biregnet
 
 logger = logging.getLogger(__name__)
@@ -136,13 +135,8 @@ class SimConfig:
         problems = []
         if len(self.shape_zyx) != 3 or min(self.shape_zyx) < 1:
             problems.append(f"shape_zyx must be 3 positive sizes, got {self.shape_zyx}")
-        for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 < self.decay_rate <= 1:
-            problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {self.lr}, {self.decay_rate}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        problems += training.schedule_problems(self, ("c0", "levels", "decay_steps", "steps", "batch",
+                                                       "steps_per_epoch"))
         if self.augment_mode not in AUGMENT_MODES:
             problems.append(f"augment_mode must be one of {AUGMENT_MODES}, got {self.augment_mode!r}")
         if self.arch not in ("cmmas", "original"):

@@ -21,6 +21,7 @@ import tensorflow as tf
 from cmmas.errors import CmmasError, ModelError
 from cmmas.nn import dlf, layers, networks  # noqa: F401  (registers the custom layers that load_model deserialises)
 from cmmas.nn.losses import segmentation_loss
+from cmmas.nn.precision import PRECISIONS
 from cmmas.nn.model_card import KINDS, ModelCard, card_path, write_card
 from cmmas.io import atomic_path
 
@@ -48,6 +49,18 @@ def step_seed(optimizer: keras.optimizers.Optimizer, seed: int) -> tf.Tensor:
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     step = tf.cast(optimizer.iterations, tf.int64) * replicas + tf.cast(replica_id, tf.int64)
     return tf.stack([tf.constant(seed, tf.int64), step])
+
+
+def schedule_problems(config, counts: Sequence[str]) -> list[str]:
+    """What is wrong with a training config's shared fields (one line each): the integer fields
+    ``counts`` below 1, ``lr`` not positive or ``decay_rate`` outside (0, 1], an unknown
+    ``precision`` (:data:`cmmas.nn.precision.PRECISIONS`)."""
+    problems = [f"{name} must be >= 1, got {getattr(config, name)}" for name in counts if int(getattr(config, name)) < 1]
+    if not (config.lr > 0 and 0 < config.decay_rate <= 1):
+        problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {config.lr}, {config.decay_rate}")
+    if config.precision not in PRECISIONS:
+        problems.append(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    return problems
 
 
 class Trainer(keras.Model):

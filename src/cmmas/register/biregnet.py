@@ -49,7 +49,6 @@ from cmmas.nn.layers import warp
 from cmmas.nn.model_card import ModelCard
 from cmmas.nn.losses import Grad, LocalNCC, MindDistance, MultiScaleDice, MutualInformation, NegativeJacobian
 from cmmas.nn.networks import build_biregnet
-from cmmas.nn.precision import PRECISIONS
 from cmmas.nn.training import (
     copy_weights,
     fit_verbosity,
@@ -57,6 +56,7 @@ from cmmas.nn.training import (
     plot_history,
     resume_epoch_of,
     save_model,
+    schedule_problems,
     step_seed,
     Trainer,
     training_callbacks,
@@ -164,21 +164,15 @@ class RegConfig:
             problems.append(f"sim_loss must be one of {SIM_LOSSES}, got {self.sim_loss!r}")
         if self.augment_mode not in AUGMENT_MODES:
             problems.append(f"augment_mode must be one of {AUGMENT_MODES}, got {self.augment_mode!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.arch not in ARCHS:
             problems.append(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        for name in ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        problems += schedule_problems(self, ("c0", "levels", "decay_steps", "steps", "batch", "steps_per_epoch"))
         for name in ("lambda_mind", "lambda_consis", "lambda_smooth", "lambda_fold", "aug_rotation", "aug_scale",
                      "aug_shift"):
             if float(getattr(self, name)) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.labelmix <= 1.0:
             problems.append(f"labelmix must be a probability in [0, 1], got {self.labelmix}")
-        if not (self.lr > 0 and 0 < self.decay_rate <= 1):
-            problems.append(f"need lr > 0 and 0 < decay_rate <= 1, got {self.lr}, {self.decay_rate}")
         if problems:
             raise ModelError("RegConfig", "; ".join(problems))
 
