@@ -133,3 +133,14 @@ def test_organs_place_a_scan_whose_mutual_information_starts_are_pulled_off(tmp_
     [organ] = [c for c in guided.candidates if c.from_organs]
     assert organ.distance_mm == 0.0 and organ.organ_overlap == guided.qc()["organ_overlap"] > 0.5
     assert unguided.qc()["organ_overlap"] is None
+
+
+def test_an_alignment_chosen_by_organs_is_flagged_by_their_overlap_not_by_the_starts_agreement():
+    candidates = (target.Candidate(0.0, 0.5, 0.6, 0.0), target.Candidate(-40.0, 0.4, 0.5, 40.0),
+                  target.Candidate(0.0, 0.4, 0.5, 30.0, from_organs=True))
+    found = target._found(["a.mat"], 0.0, 0.6, candidates, target.ROBUST, 0.0, organ_overlap=0.55)
+    assert found.agreement < target.ROBUST.min_agreement and not found.flagged  # the organs decide, not the starts
+    low = target._found(["a.mat"], 0.0, 0.6, candidates, target.ROBUST, 0.0, organ_overlap=0.2)
+    assert low.flagged and "organs overlap the reference's by 0.20" in target.describe(low)
+    unguided = target._found(["a.mat"], 0.0, 0.6, candidates, target.ROBUST, 0.0)
+    assert unguided.flagged and unguided.organ_overlap is None
