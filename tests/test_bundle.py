@@ -125,7 +125,7 @@ def test_a_bundle_with_an_organ_finder_adds_the_organs_to_each_qc_record(parts, 
     image, _ = make_subject("mr", 101, shape=40)
     scan = write_image(image, tmp_path / "scan.nii.gz")
     assert cli.main(["segment", "--bundle", str(out), "--target", str(scan), "--out", str(tmp_path / "seg.nii.gz"),
-                     "--fusion", "mv", "--no-extras"]) == 0
+                     "--fusion", "mv", "--no-extras", "--single-start"]) == 0
     record = json.loads((tmp_path / "seg_qc.json").read_text())
     assert set(record["organs"]) == set(aset.labels.values())
     assert record["models"]["finder_model"] == str(out / "finder.keras")

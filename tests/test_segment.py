@@ -406,17 +406,18 @@ def test_an_organ_finder_adds_its_agreement_per_structure_to_the_qc_record(phant
                      training_set=str(tmp_path), created=datetime.datetime.now().isoformat())
     net = build_finder(len(aset.labels) + 1, c0=2, levels=3)
     path = training.save_model(net, tmp_path / "finder.keras", card=card)
-    segmenter = segment.Segmenter(aset, config=segment.SegmentConfig(fusion="mv"), finder_model=path)
+    single = segment.SegmentConfig(fusion="mv", starts="single", maps=False)  # the finder's wiring, quickly
+    segmenter = segment.Segmenter(aset, config=single, finder_model=path)
     result = segmenter.segment(phantom.target)
     organs = result.qc()["organs"]
     assert set(organs) == set(aset.labels.values())
     assert all(v is None or 0.0 <= v <= 1.0 for v in organs.values())
     assert result.qc()["models"]["finder_model"] == str(path)
     assert result.warped.placement.organs.probabilities.shape[0] == len(aset.labels) + 1
-    plain = segment.Segmenter(aset, config=segment.SegmentConfig(fusion="mv")).segment(phantom.target)
+    plain = segment.Segmenter(aset, config=single).segment(phantom.target)
     assert plain.qc()["organs"] is None
     np.testing.assert_array_equal(plain.label.array, result.label.array)  # the finder does not change the label
-    guided = segment.Segmenter(aset, config=segment.SegmentConfig(fusion="mv", organ_alignment=True),
+    guided = segment.Segmenter(aset, config=segment.SegmentConfig(fusion="mv", organ_alignment=True, maps=False),
                                finder_model=path).segment(phantom.target)
     assert 0.0 <= guided.qc()["alignment"]["organ_overlap"] <= 1.0
     with pytest.raises(CmmasError, match="needs an organ finder"):
