@@ -129,3 +129,9 @@ def test_a_bundle_with_an_organ_finder_adds_the_organs_to_each_qc_record(parts, 
     record = json.loads((tmp_path / "seg_qc.json").read_text())
     assert set(record["organs"]) == set(aset.labels.values())
     assert record["models"]["finder_model"] == str(out / "finder.keras")
+    (tmp_path / "scans.csv").write_text(f"id,path\ns1,{scan}\n")  # a cohort's table carries them per structure
+    assert cli.main(["segment-batch", "--manifest", str(tmp_path / "scans.csv"), "--bundle", str(out), "--out",
+                     str(tmp_path / "cohort"), "--fusion", "mv", "--no-extras", "--quiet"]) == 0
+    with open(tmp_path / "cohort" / "cohort.csv", newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert {f"{name}_finder_dice" for name in aset.labels.values()} <= set(row)

@@ -159,7 +159,9 @@ def segment_record(result: Segmentation, written: Sequence[Path], seconds: float
     """A record's fields from a :class:`cmmas.segment.Segmentation` and the files written for it
     (:func:`cmmas.outputs.write_segmentation`'s): seconds, QC flag and the alignment's scalar QC
     values, fusion, atlases, each structure's millilitres and mean agreement as the volumes file
-    holds them (None without the agreement map), the files (names in the scan's folder)."""
+    holds them (None without the agreement map), with an organ finder each structure's Dice with
+    the finder's label (:meth:`cmmas.segment.Segmentation.organ_agreement`), the files (names in the
+    scan's folder)."""
     from cmmas.outputs import read_volumes_csv
 
     [table] = [p for p in written if p.name.endswith("_volumes.csv")]
@@ -168,6 +170,7 @@ def segment_record(result: Segmentation, written: Sequence[Path], seconds: float
     return {"seconds": round(seconds, 3), "flagged": result.flagged, "alignment": alignment, "fusion": result.fusion,
             "atlases": len(result.atlas_ids), "volumes_ml": {r["name"]: r["millilitres"] for r in volumes},
             "agreement": {r["name"]: _finite(r["mean_agreement"]) for r in volumes},
+            "organs": result.organ_agreement() or {},
             "files": [p.name for p in written]}
 
 
@@ -219,6 +222,7 @@ def _cohort_row(record: dict) -> dict:
            "atlases": record.get("atlases"), "key": record.get("key")}
     row |= {f"{name}_ml": value for name, value in record.get("volumes_ml", {}).items()}
     row |= {f"{name}_agreement": value for name, value in record.get("agreement", {}).items()}
+    row |= {f"{name}_finder_dice": value for name, value in record.get("organs", {}).items()}
     row |= {f"qc_{name}": value for name, value in record.get("alignment", {}).items()}
     previews = [name for name in record.get("files", []) if name.endswith("_preview.png")]
     return row | ({"preview": f"{record['id']}/{previews[0]}"} if previews else {})
