@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -291,6 +292,7 @@ class Segmentation:
         """The alignment's QC flagged it: the atlases may have been placed wrongly."""
         return bool(self.alignment and self.alignment["flagged"])
 
+    @functools.cached_property
     def organ_agreement(self) -> dict[str, float | None] | None:
         """Per structure (by name), the Dice between the organ finder's label of the scan and this
         segmentation (:func:`cmmas.align.finder.organ_agreement`); None without a finder."""
@@ -304,7 +306,7 @@ class Segmentation:
         record, the organ finder's agreement per structure (with a finder), the atlases, the
         refinement, the models and the config used, any warning about the scan's header, the
         seconds of each step and the provenance (code commit, model hashes)."""
-        return {"flagged": self.flagged, "alignment": self.alignment, "organs": self.organ_agreement(),
+        return {"flagged": self.flagged, "alignment": self.alignment, "organs": self.organ_agreement,
                 "atlas_ids": list(self.atlas_ids),
                 "registration": self.warped.fields is not None, "refinement": self.warped.refinement,
                 "fusion": self.fusion, "models": dict(self.models), "config": self.config.to_dict(),
@@ -328,7 +330,7 @@ class Segmenter:
         progress: show a progress bar over the steps of each scan.
         finder_model: an organ finder (``.keras`` path with its model card, or a network): each
             scan's organs found on their own give the QC record its agreement per structure
-            (:meth:`Segmentation.organ_agreement`); None: no finder.
+            (:attr:`Segmentation.organ_agreement`); None: no finder.
 
     Raises:
         AtlasSetError: bad atlas set or no atlas; ModelError: a missing or unfit model, or

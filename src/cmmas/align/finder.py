@@ -44,11 +44,6 @@ class FoundOrgans:
         codes = np.asarray(self.codes)
         return Image(codes.astype(label_dtype(codes))[np.argmax(self.probabilities, axis=0)], self.geometry)
 
-    def volumes_ml(self) -> dict[int, float]:
-        """Each organ's volume in millilitres: its summed probability times the voxel volume."""
-        voxel_ml = float(np.prod(self.geometry.spacing)) / 1000.0
-        return {code: float(self.probabilities[k].sum()) * voxel_ml for k, code in enumerate(self.codes) if code}
-
 
 def finder_image(image: Image, spacing_mm: float) -> Image:
     """A scan as the finder reads it: its alignment image at ``spacing_mm`` (isotropic, cut to its

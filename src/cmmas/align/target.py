@@ -39,7 +39,7 @@ from scipy import ndimage
 from cmmas import preprocess
 from cmmas.align import ants, organs
 from cmmas.align.organs import OrganGuide
-from cmmas.io import Geometry, Image, atomic_path, from_sitk, to_sitk
+from cmmas.io import Geometry, Image, from_sitk, to_sitk
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,9 @@ def z_extent(image: Image) -> float:
 
 def write_translation(offset_xyz: Sequence[float], path: str | os.PathLike) -> str:
     """Write a translation (reference point + offset = scan point, mm) as an ANTs/ITK ``.mat`` file."""
-    transform = sitk.AffineTransform(3)
-    transform.SetTranslation([float(v) for v in offset_xyz])
-    with atomic_path(path, suffix=".mat") as tmp:
-        sitk.WriteTransform(transform, tmp)
-    return os.fspath(path)
+    matrix = np.eye(4)
+    matrix[:3, 3] = np.asarray(offset_xyz, dtype=np.float64)
+    return organs.write_affine(matrix, path)
 
 
 def box_points(image: Image) -> np.ndarray:

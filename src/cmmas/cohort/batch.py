@@ -160,7 +160,7 @@ def segment_record(result: Segmentation, written: Sequence[Path], seconds: float
     (:func:`cmmas.outputs.write_segmentation`'s): seconds, QC flag and the alignment's scalar QC
     values, fusion, atlases, each structure's millilitres and mean agreement as the volumes file
     holds them (None without the agreement map), with an organ finder each structure's Dice with
-    the finder's label (:meth:`cmmas.segment.Segmentation.organ_agreement`), the files (names in the
+    the finder's label (:attr:`cmmas.segment.Segmentation.organ_agreement`), the files (names in the
     scan's folder)."""
     from cmmas.outputs import read_volumes_csv
 
@@ -170,7 +170,7 @@ def segment_record(result: Segmentation, written: Sequence[Path], seconds: float
     return {"seconds": round(seconds, 3), "flagged": result.flagged, "alignment": alignment, "fusion": result.fusion,
             "atlases": len(result.atlas_ids), "volumes_ml": {r["name"]: r["millilitres"] for r in volumes},
             "agreement": {r["name"]: _finite(r["mean_agreement"]) for r in volumes},
-            "organs": result.organ_agreement() or {},
+            "organs": result.organ_agreement or {},
             "files": [p.name for p in written]}
 
 
