@@ -70,6 +70,12 @@ flags.DEFINE_integer("atlases", None, "--atlas_set: fuse the K atlases most simi
                      "--atlases K; default all).", lower_bound=1)
 flags.DEFINE_bool("atlas_affine", False, "--atlas_set: each atlas's own affine stage onto the target first (cmmas "
                   "segment --atlas-affine).")
+flags.DEFINE_bool("realign", False, "--atlas_set: align each target anew to the reference as cmmas segment does "
+                  "(instead of its alignment stored when the set was prepared).")
+flags.DEFINE_string("finder_model", None, "--atlas_set: an organ finder (.keras, experiments/train_finder.py): each "
+                    "target's QC record gets the finder's Dice with each fusion's label per structure.")
+flags.DEFINE_bool("organ_alignment", False, "--atlas_set with --realign and --finder_model: align by the found "
+                  "organs too (cmmas segment --organ-alignment).")
 flags.DEFINE_integer("refine_steps", 0, "--atlas_set: refine every field on the target with MIND-SSC (cmmas segment "
                      "--refine-steps; 0: off).", lower_bound=0)
 flags.DEFINE_float("refine_scale", 0.5, "--atlas_set: the refinement's grid / the working grid (cmmas segment "
@@ -123,6 +129,8 @@ def _run() -> int:
 
         if FLAGS.reg_model is None:
             raise CmmasError("--reg_model", "--atlas_set needs a trained BiRegNet")
+        if FLAGS.organ_alignment and not FLAGS.realign:
+            raise CmmasError("--organ_alignment", "aligns a target anew: give --realign too")
         aset = AtlasSet(atlas_set_flag())  # fails fast, before TensorFlow is imported
         registry.check_names(FLAGS.methods, _options())
         import keras
@@ -132,9 +140,14 @@ def _run() -> int:
 
         config = SegmentConfig(fusion_options=_options(), atlases=FLAGS.atlases, modality=FLAGS.atlas_modality,
                                atlas_affine=FLAGS.atlas_affine, refine_steps=FLAGS.refine_steps,
-                               refine_scale=FLAGS.refine_scale, batch_size=FLAGS.batch_size)
+                               refine_scale=FLAGS.refine_scale, batch_size=FLAGS.batch_size,
+                               organ_alignment=FLAGS.organ_alignment)
         if aset.manifest.oracle:
             from cmmas.evaluate import oracle
+
+            if FLAGS.realign or FLAGS.finder_model:
+                raise CmmasError(atlas_set_flag(), "an oracle atlas set places its targets by their stored crop: "
+                                                   "--realign and --finder_model do not apply")
 
             report = oracle.evaluate_oracle_set(
                 aset, FLAGS.reg_model, FLAGS.fusion_model or None, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
@@ -146,7 +159,8 @@ def _run() -> int:
                 aset, FLAGS.reg_model, FLAGS.fusion_model or None, FLAGS.out, atlas_modality=FLAGS.atlas_modality,
                 target_modality=FLAGS.target_modality, methods=FLAGS.methods, bounds=FLAGS.bounds,
                 plots=FLAGS.plots, overlay_method=FLAGS.overlay_method, progress=FLAGS.progress,
-                holdout=FLAGS.simnet_holdout, config=config, run=_run_record(),
+                holdout=FLAGS.simnet_holdout, config=config, run=_run_record(), realign=FLAGS.realign,
+                finder_model=FLAGS.finder_model,
             )
     print(report.table)
     print(f"evaluate: results {report.results_csv}; summary {report.summary_json}"

@@ -410,16 +410,20 @@ class Segmenter:
                 self.aset.require_alignment()  # the one refusal: an oracle set segments its own cases only
             return Placement(target, self.aset.image(case_id), (), None, oracle=True)
         found = None
+        spacing = self.aset.manifest.align_spacing_mm
+        seen = None
+        if self.finder_net is not None and alignment is None and self.config.prealign \
+                and self.finder_spacing == spacing:
+            seen = target_alignment.alignment_image(target, spacing)  # read by the finder and the alignment
         found_organs = None if self.finder_net is None else finder.find_organs(self.finder_net, target,
-                                                                                self.finder_spacing, self.codes)
+                                                                                self.finder_spacing, self.codes, seen)
         if alignment is not None:
             transforms = [str(a) for a in alignment]
         elif self.config.prealign:
             guide = None if self._reference_organs is None else organs.OrganGuide.of(
                 found_organs.probabilities, found_organs.geometry, self._reference_organs, self.codes)
-            found = target_alignment.align_to_reference(target, self.aset.reference_image(), transform_dir,
-                                                        self.aset.manifest.align_spacing_mm,
-                                                        starts=STARTS[self.config.starts], guide=guide)
+            found = target_alignment.align_to_reference(target, self.aset.reference_image(), transform_dir, spacing,
+                                                        starts=STARTS[self.config.starts], guide=guide, seen=seen)
             transforms = list(found.transforms)
             if found.flagged:
                 log.warning("%s: the alignment to the atlas set is uncertain (%s); check the segmentation",

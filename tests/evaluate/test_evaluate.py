@@ -407,6 +407,31 @@ def test_evaluation_scores_exactly_the_label_that_cmmas_segment_writes(space_run
     assert set(summary["provenance"]["models"]) == {"reg_model", "simnet_model"}
 
 
+def test_realigned_evaluation_scores_what_cmmas_segment_writes_without_a_transform(space_run, tmp_path):
+    """--realign: the target is aligned anew as ``cmmas segment`` aligns a new scan (no stored
+    transform), and its QC record per fusion sits beside the label's true Dice per structure."""
+    from cmmas import cli
+    from cmmas.align.atlas_set import AtlasSet
+    from cmmas.segment import SegmentConfig
+
+    space, reg, sim, data = space_run
+    aset = space if isinstance(space, AtlasSet) else AtlasSet(space)
+    out = tmp_path / "eval"
+    runs.evaluate_atlas_set(aset, reg, None, out, methods=("jlf_tf",), bounds=False, plots=False, progress=False,
+                            config=SegmentConfig(fusion="jlf_tf", modality="ct", maps=False), realign=True)
+    written = tmp_path / "seg.nii.gz"
+    assert cli.main(["segment", "--target", str(data / "mr" / "mr_01_image.nii.gz"), "--atlas-set", str(aset.root),
+                     "--reg-model", str(reg), "--fusion", "jlf_tf", "--atlas-modality", "ct", "--out", str(written),
+                     "--no-extras"]) == 0
+    assert written.read_bytes() == (out / "mr_01" / "pred_jlf_tf.nii.gz").read_bytes()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["provenance"]["evaluation"]["realign"] is True
+    (qc,) = summary["qc"]
+    assert qc["case"] == "mr_01" and qc["method"] == "jlf_tf" and isinstance(qc["flagged"], bool)
+    assert qc["agreement"] is None and set(qc["dice"]) == set(aset.labels.values())
+    assert all(0.0 <= d <= 1.0 for d in qc["dice"].values())
+
+
 def test_space_evaluation_without_fusion_model_and_bad_input(space_run, tmp_path):
     from cmmas.errors import AtlasSetError, ModelError
     from cmmas.nn.networks import build_biregnet

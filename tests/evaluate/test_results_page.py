@@ -66,7 +66,8 @@ def test_tables_from_a_fake_runs_folder_name_commit_state_and_command(tmp_path):
 def test_every_table_reads_not_run_when_runs_is_empty(tmp_path):
     tables = page.render_tables(page.load_records(tmp_path, [*page.CHAIN.values(), *page.BENCH.values()]),
                                 lambda commit: False)
-    assert set(tables) == {"headline", "chain", "settings", "precision", "crossfit", "finder", "labelled", "bench_mas", "bench_alignment",
+    assert set(tables) == {"headline", "chain", "settings", "precision", "crossfit", "finder", "organ_qc", "labelled", "bench_mas",
+                           "bench_alignment",
                            "bench_accuracy", "bench_training", "bench_cohort", "bench_cohort_abdomen", "bench_alignment_organs"}
     for text in tables.values():
         assert "|---" not in text and page.NOT_RUN in text
@@ -192,3 +193,19 @@ def test_the_finder_table_summarises_each_direction():
     table = page.finder_table({"ct->mr": rows}).splitlines()
     assert table[0] == "| direction | targets | liver | spleen | mean Dice | worst target | s / scan |"
     assert table[2] == "| ct->mr | 2 | 0.700 | 0.500 | 0.600 | 0.500 | 0.50 |"
+
+
+def test_the_qc_table_counts_flagged_bad_and_good_targets_and_organs():
+    def row(case, dice, agreement, flagged=False):
+        return {"case": case, "method": "jlf_tf", "flagged": flagged, "organ_overlap": 0.5,
+                "dice": {"liver": dice[0], "spleen": dice[1]}, "agreement": {"liver": agreement[0], "spleen": agreement[1]}}
+
+    rows = [row("a", (0.9, 0.8), (0.8, 0.7)),          # good, trusted
+            row("b", (0.4, 0.1), (0.35, 0.1), True),   # bad, flagged by the alignment and by the finder
+            row("c", (0.9, 0.9), (0.8, 0.45)),         # good, its spleen doubted at 0.5 and above
+            {**row("c", (0.1, 0.1), (0.1, 0.1)), "method": "mv"}]  # another fusion: not counted
+    table = page.qc_table({("ct->mr", "organs"): rows}, thresholds=(0.3, 0.5)).splitlines()
+    assert table[0] == ("| direction | alignment | targets | mean Dice | worst target | below 0.3 | alignment flag | "
+                        "lowest agreement < 0.3 | lowest agreement < 0.5 |")
+    assert table[2] == "| ct->mr | organs | 3 | 0.667 | 0.250 | 1 | 1 of 1 / 0 of 2 | 1 of 1 / 0 of 2 | 1 of 1 / 1 of 2 |"
+    assert table[-1] == "| 6 | 1 of 2 / 0 of 4 | 2 of 2 / 1 of 4 |"

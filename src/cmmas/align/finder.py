@@ -45,10 +45,10 @@ class FoundOrgans:
         return Image(codes.astype(label_dtype(codes))[np.argmax(self.probabilities, axis=0)], self.geometry)
 
 
-def finder_image(image: Image, spacing_mm: float) -> Image:
+def finder_image(image: Image, spacing_mm: float, seen: Image | None = None) -> Image:
     """A scan as the finder reads it: its alignment image at ``spacing_mm`` (isotropic, cut to its
-    content), percentile-clipped and scaled to [0, 1], float32."""
-    return mapping.normalize(alignment_image(image, spacing_mm))
+    content; ``seen`` where it is already computed), percentile-clipped and scaled to [0, 1], float32."""
+    return mapping.normalize(alignment_image(image, spacing_mm) if seen is None else seen)
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -59,15 +59,16 @@ def pad_to_multiple(array: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple
     return padded, tuple(slice(0, n) for n in array.shape)
 
 
-def find_organs(model, image: Image, spacing_mm: float, codes) -> FoundOrgans:
+def find_organs(model, image: Image, spacing_mm: float, codes, seen: Image | None = None) -> FoundOrgans:
     """The organs of a scan (any grid, any modality) by a trained finder ``model`` (a
     :func:`cmmas.nn.finder.build_finder` network, run as its float32 inference copy) at the
-    spacing it was trained at, ``codes`` its label codes with the background 0."""
+    spacing it was trained at, ``codes`` its label codes with the background 0; ``seen``: the
+    scan's alignment image at ``spacing_mm`` where the caller has it (the alignment reads it too)."""
     import keras
 
     from cmmas.nn.folding import inference_copy
 
-    small = finder_image(image, spacing_mm)
+    small = finder_image(image, spacing_mm, seen)
     pools = sum(isinstance(layer, keras.layers.MaxPooling3D) for layer in model.layers)
     padded, crop = pad_to_multiple(small.array, 2 ** pools)
     out = inference_copy(model)({"image": padded[None, ..., None]}, training=False)["probabilities"]

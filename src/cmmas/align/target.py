@@ -303,6 +303,7 @@ def align_to_reference(
     fast: bool = True,
     seed: int = 0,
     guide: OrganGuide | None = None,
+    seen: Image | None = None,
 ) -> TargetAlignment:
     """Align a scan to the reference from several starts and keep the best (module docstring).
 
@@ -319,12 +320,14 @@ def align_to_reference(
             one more start from the similarity of their centroids, always refined, and the refined
             result whose organs overlap the reference's best is chosen (mutual information breaks
             ties). None: the starts along z, chosen by mutual information. Multi-start only.
+        seen: the scan's :func:`alignment_image` at ``align_spacing_mm`` where it is already
+            computed (the organ finder reads the same image); None: computed here.
 
     Returns:
         :class:`TargetAlignment`.
     """
     start = time.perf_counter()
-    moving = alignment_image(image, align_spacing_mm)
+    moving = alignment_image(image, align_spacing_mm) if seen is None else seen
     base = centre_of_mass(moving) - centre_of_mass(reference)
     extent = z_extent(reference)
     points = box_points(reference)

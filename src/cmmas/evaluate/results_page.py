@@ -66,6 +66,18 @@ CURVE_METHODS = ("unet", "jlf_tf", "dlf")
 #: (fold 1), scored on the fold's targets (relative to ``runs/``).
 FINDER = {"ct->mr": "finder/ct/fold1/eval_mr/evaluate_finder.json",
           "mr->ct": "finder/mr/fold1/eval_ct/evaluate_finder.json"}
+#: The QC benchmark (#33): fold 1's targets aligned anew as `cmmas segment` aligns them, by mutual
+#: information or by the organs the finder found, the finder's agreement with each segmentation
+#: recorded (``experiments/evaluate.py --realign --finder_model ...``), per (direction, alignment).
+ORGAN_QC = {("ct->mr", "mutual information"): "abdomen/ct2mr/fold1/eval_realign/summary.json",
+            ("ct->mr", "organs"): "abdomen/ct2mr/fold1/eval_organs/summary.json",
+            ("mr->ct", "mutual information"): "abdomen/mr2ct/fold1/eval_realign/summary.json",
+            ("mr->ct", "organs"): "abdomen/mr2ct/fold1/eval_organs/summary.json"}
+#: The fusion whose labels the QC table scores (cmmas segment's default) and the thresholds of the
+#: finder's agreement it tries; a target is bad below the first bound, good above the second.
+QC_METHOD = "jlf_tf"
+QC_THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
+QC_BOUNDS = (0.5, 0.7)
 #: Methods of the README's headline table, in its row order (those present are shown).
 HEADLINE_METHODS = ("affine+mv", "mv", "staple", "lwv", "jlf", "jlf_tf", "simnet", "dlf", "unet")
 #: Alignment methods of bench_alignment in their table order.
@@ -388,6 +400,43 @@ def finder_table(records: Mapping[str, Sequence[Mapping]]) -> str:
     return "\n".join(lines)
 
 
+def _flag_counts(items: Sequence[tuple[float, bool]], bounds: tuple[float, float] = QC_BOUNDS) -> str:
+    """"k of n / k of n": how many of the bad (Dice below ``bounds[0]``) and of the good (above
+    ``bounds[1]``) ``(dice, flagged)`` items are flagged."""
+    bad = [flag for dice, flag in items if dice < bounds[0]]
+    good = [flag for dice, flag in items if dice > bounds[1]]
+    return f"{sum(bad)} of {len(bad)} / {sum(good)} of {len(good)}"
+
+
+def qc_table(records: Mapping[tuple[str, str], Sequence[Mapping]], method: str = QC_METHOD,
+             thresholds: Sequence[float] = QC_THRESHOLDS) -> str:
+    """The QC's separation from evaluations' ``"qc"`` records, per (direction, alignment): the
+    targets' Dice with ``method`` (mean, worst, below 0.3), how many bad / good targets the
+    alignment's flag and a threshold on the finder's lowest organ agreement flag; then per organ,
+    pooled, how many bad / good organs each threshold of the organ's own agreement calls doubtful."""
+    head = " | ".join(f"lowest agreement < {t:g}" for t in thresholds)
+    lines = [f"| direction | alignment | targets | mean Dice | worst target | below 0.3 | alignment flag | {head} |",
+             "|---" * (7 + len(thresholds)) + "|"]
+    organs: list[tuple[float, float]] = []
+    for (direction, alignment), rows in records.items():
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        means = [float(np.mean(list(r["dice"].values()))) for r in mine]
+        lowest = [min((v for v in (r["agreement"] or {}).values() if v is not None), default=0.0) for r in mine]
+        organs += [(r["dice"][name], value) for r in mine for name, value in (r["agreement"] or {}).items()
+                   if value is not None and name in r["dice"]]
+        cells = " | ".join(_flag_counts([(m, a < t) for m, a in zip(means, lowest)]) for t in thresholds)
+        lines.append(f"| {direction} | {alignment} | {len(mine)} | {_f(float(np.mean(means)))} | {_f(min(means))} | "
+                     f"{sum(m < 0.3 for m in means)} | {_flag_counts([(m, r['flagged']) for m, r in zip(means, mine)])}"
+                     f" | {cells} |")
+    lines += ["", f"| organs (pooled) | {' | '.join(f'agreement < {t:g}' for t in thresholds)} |",
+              "|---" * (1 + len(thresholds)) + "|",
+              f"| {len(organs)} | " + " | ".join(_flag_counts([(d, a < t) for d, a in organs]) for t in thresholds)
+              + " |"]
+    return "\n".join(lines)
+
+
 def training_table(rows: Sequence[Mapping]) -> str:
     """bench_training's rows: seconds and steps per second per variant and trunk precision (float32
     in the runs that predate the precision), the ratio to the run's first row, the speed-up over the
@@ -466,6 +515,10 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
     tables["finder"] = _block(list(finders.values()), [p for p in FINDER.values() if p not in runs_records], changed,
                               finder_table({d: r.data["rows"] for d, r in finders.items()}) if finders else None)
 
+    qc = {key: runs_records[p] for key, p in ORGAN_QC.items() if p in runs_records}
+    tables["organ_qc"] = _block(list(qc.values()), [p for p in ORGAN_QC.values() if p not in runs_records], changed,
+                                qc_table({k: r.data.get("qc") or [] for k, r in qc.items()}) if qc else None)
+
     renderers = {
         "bench_mas": bench_mas_table,
         "bench_alignment": _alignment_record_table,
@@ -525,7 +578,7 @@ def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo
     """
     records = load_records(runs, [*CHAIN.values(), *labelled_paths().values(), *settings_paths().values(),
                                   *settings_paths(PRECISION_RUNS).values(), *settings_paths(CROSSFIT_RUNS).values(),
-                                  *FINDER.values(),
+                                  *FINDER.values(), *ORGAN_QC.values(),
                                   *BENCH.values()])
     answers: dict[str, bool | None] = {}
 

@@ -46,7 +46,7 @@ from cmmas.fuse import registry
 from cmmas.io import Image, atomic_write_text, read_label
 from cmmas.outputs import write_label
 from cmmas.models import learned_models
-from cmmas.segment import SegmentConfig, Segmenter, Warped
+from cmmas.segment import SegmentConfig, Segmentation, Segmenter, Warped
 from cmmas.metrics import jacobian_stats
 
 logger = logging.getLogger(__name__)
@@ -134,14 +134,15 @@ def evaluation_cases(aset: AtlasSet, atlas_modality: str, target_modality: str,
 
 
 def make_segmenter(aset: AtlasSet, atlases: Sequence[str], reg_model, fusion_model, methods: Sequence[str],
-                   config: SegmentConfig) -> tuple[Segmenter, list[str]]:
+                   config: SegmentConfig, finder_model=None) -> tuple[Segmenter, list[str]]:
     """The engine an evaluation segments with (the atlases ``atlases``, ``config``'s settings, the
-    label only: no maps), warmed up on its fusions, and the fusions it evaluates: ``methods`` less
-    the learned fusions, then each learned fusion ``fusion_model`` holds a network for
-    (:func:`cmmas.models.learned_models`), in the order of :data:`cmmas.fuse.registry.LEARNED`."""
+    organ finder ``finder_model`` if any, the label only: no maps), warmed up on its fusions, and
+    the fusions it evaluates: ``methods`` less the learned fusions, then each learned fusion
+    ``fusion_model`` holds a network for (:func:`cmmas.models.learned_models`), in the order of
+    :data:`cmmas.fuse.registry.LEARNED`."""
     methods = [m for m in methods if m not in registry.LEARNED]
     config = dataclasses.replace(config, fusion=methods[0] if methods else "mv", maps=False)
-    segmenter = Segmenter(aset, reg_model, fusion_model, config, atlas_ids=atlases)
+    segmenter = Segmenter(aset, reg_model, fusion_model, config, atlas_ids=atlases, finder_model=finder_model)
     methods = [*methods, *(name for name in registry.LEARNED if name in segmenter.fusion_nets)]
     segmenter.warm_up(methods or ["mv"])
     return segmenter, methods
@@ -155,11 +156,11 @@ def unregistered(warped: Warped) -> Warped:
 
 
 def record(segmenter: Segmenter, methods: Sequence[str], targets: Sequence[str], holdout: int,
-           run: Mapping | None) -> dict:
+           run: Mapping | None, realign: bool = False) -> dict:
     """The ``"provenance"`` entry of an evaluation's ``summary.json``: the engine's record (code
     commit, its config, model hashes, atlas set and atlases) with the evaluation's own settings,
     the scored targets and, from ``run``, the script's ``command`` and ``flags``."""
-    return {**segmenter.provenance, "evaluation": {"methods": list(methods), "holdout": holdout},
+    return {**segmenter.provenance, "evaluation": {"methods": list(methods), "holdout": holdout, "realign": realign},
             "targets": list(targets), **dict(run or {})}
 
 
@@ -168,6 +169,22 @@ class _TargetResult(NamedTuple):
     timings: list[dict]
     jacobian: dict
     paths: dict[str, Path]
+    qc: list[dict]
+
+
+def qc_rows(segmented: Mapping[str, Segmentation], scores: Sequence[dict], case: dict) -> list[dict]:
+    """A target's QC record per fusion, as ``cmmas segment`` writes it in ``<stem>_qc.json`` (the
+    alignment's flag and organ overlap when this evaluation aligned the target; the organ finder's
+    Dice with the fusion's label per structure, with a finder), beside the label's true Dice per
+    structure (from the score rows ``scores``): what a QC threshold is chosen from."""
+    rows = []
+    for name, result in segmented.items():
+        alignment = result.alignment or {}
+        dice = {r["name"]: r["dice"] for r in scores if r["method"] == name}
+        rows.append({**case, "method": name, "flagged": result.flagged,
+                     "organ_overlap": alignment.get("organ_overlap"), "agreement": result.organ_agreement,
+                     "dice": dice})
+    return rows
 
 
 def jacobian_row(ddfs: np.ndarray, case: dict) -> dict:
@@ -185,15 +202,17 @@ def jacobian_row(ddfs: np.ndarray, case: dict) -> dict:
 
 
 def evaluate_target(aset: AtlasSet, target_id: str, segmenter: Segmenter, methods: Sequence[str], direction: str,
-                    bounds: bool, folder: Path) -> _TargetResult:
+                    bounds: bool, folder: Path, realign: bool = False) -> _TargetResult:
     """Segment one held-out target with the engine, by every fusion of ``methods`` (and
     "affine+mv"), as ``cmmas segment --fusion <name> --transform <its stored alignment>`` with the
-    engine's settings writes it; write each label to ``folder/pred_<method>.nii.gz`` and score it
-    on the target's original grid."""
+    engine's settings writes it (``realign``: as ``cmmas segment`` without ``--transform``, the
+    target aligned anew to the reference); write each label to ``folder/pred_<method>.nii.gz`` and
+    score it on the target's original grid."""
     image, truth = original_target(aset, target_id)
     codes = segmenter.codes
     case = {"case": target_id, "direction": direction}
-    warped = segmenter.warp(image, folder, alignment=aset.transform(target_id), exclude=[target_id])
+    warped = segmenter.warp(image, folder, alignment=None if realign else aset.transform(target_id),
+                            exclude=[target_id])
     segmented = {name: segmenter.fuse(warped, name) for name in methods}
     placement = warped.placement
 
@@ -219,7 +238,7 @@ def evaluate_target(aset: AtlasSet, target_id: str, segmenter: Segmenter, method
         timings.append({**case, "step": "refinement", "method": "mind", "seconds": warped.seconds["refine"]})
     timings += [{**case, "step": "fusion", "method": name, "seconds": seconds} for name, (_, seconds) in labels.items()]
     jacobian = jacobian_row(warped.fields, case) if warped.fields is not None else {}
-    return _TargetResult(rows, timings, jacobian, paths)
+    return _TargetResult(rows, timings, jacobian, paths, qc_rows(segmented, rows, case))
 
 
 def _overlay_loader(aset: AtlasSet, case_id: str, paths: Mapping[str, Path]) -> OverlaySource:
@@ -251,6 +270,8 @@ def evaluate_atlas_set(
     holdout: int = 0,
     config: SegmentConfig | None = None,
     run: Mapping | None = None,
+    realign: bool = False,
+    finder_model=None,
 ) -> EvaluationReport:
     """Segment every held-out target of a prepared atlas set and score it on its original grid.
 
@@ -266,7 +287,10 @@ def evaluate_atlas_set(
     * with ``bounds``, the single-atlas mean and the oracle of the warped atlases.
 
     Every label is mapped back as ``cmmas segment`` maps it (module docstring) and scored
-    against the original label file (:func:`original_target`).
+    against the original label file (:func:`original_target`). With ``realign`` each target is
+    aligned anew (``config``'s starts, by organs with ``config.organ_alignment``) instead of
+    placed by its stored alignment; an organ finder ``finder_model`` (``.keras`` path or
+    network) gives each QC record its agreement per structure.
 
     Writes to ``out_dir``: ``<target>/pred_<method>.nii.gz`` (original grid and header),
     ``results.csv``, ``summary.json`` (with ``"jacobian"`` and ``"notes"`` entries),
@@ -274,7 +298,8 @@ def evaluate_atlas_set(
     overlays ranked by ``overlay_method`` (default: the first of :data:`OVERLAY_PREFERENCE`
     evaluated, else the first of ``methods``).
 
-    ``summary.json`` holds a ``"provenance"`` entry (:func:`record`).
+    ``summary.json`` holds a ``"provenance"`` entry (:func:`record`) and a ``"qc"`` entry, a
+    record per target and fusion (:func:`qc_rows`).
 
     Raises:
         AtlasSetError: no held-out target or no atlas; an original file is missing.
@@ -292,18 +317,20 @@ def evaluate_atlas_set(
     if config is not None and (options or batch_size != 2):
         raise CmmasError(None, "give the fusion options and the batch size in the config, not beside it")
     config = config or SegmentConfig(fusion_options=dict(options or {}), batch_size=batch_size)
-    segmenter, methods = make_segmenter(aset, atlases, reg_model, fusion_model, methods, config)
+    segmenter, methods = make_segmenter(aset, atlases, reg_model, fusion_model, methods, config, finder_model)
     out = Path(out_dir)
-    rows, timings, jacobians, sources = [], [], [], {}
+    rows, timings, jacobians, sources, qc = [], [], [], {}, []
     for target_id in tqdm(targets, desc=f"evaluate {direction}", unit="target", disable=not progress):
-        result = evaluate_target(aset, target_id, segmenter, methods, direction, bounds, out / target_id)
+        result = evaluate_target(aset, target_id, segmenter, methods, direction, bounds, out / target_id, realign)
         rows += result.rows
         timings += result.timings
+        qc += result.qc
         if result.jacobian:
             jacobians.append(result.jacobian)
         sources[(direction, target_id)] = _overlay_loader(aset, target_id, result.paths)
     extra = {"jacobian": summarize_jacobian(jacobians), "notes": NOTES} if jacobians else {"notes": NOTES}
-    extra["provenance"] = record(segmenter, methods, targets, holdout, run)
+    extra["provenance"] = record(segmenter, methods, targets, holdout, run, realign)
+    extra["qc"] = qc
     report = write_report(rows, out, timings, extra=extra)
     jacobian_csv = atomic_write_text(out / "jacobian.csv", to_csv(jacobians, JACOBIAN_COLUMNS)) if jacobians else None
     figures: list[Path] = []
