@@ -109,6 +109,7 @@ def test_a_bundle_never_replaces_one_of_its_inputs(parts, tmp_path):
 def test_a_bundle_with_an_organ_finder_adds_the_organs_to_each_qc_record(parts, phantom, tmp_path):
     import datetime
 
+    from cmmas.align import finder as finder_module
     from cmmas.nn import training
     from cmmas.nn.finder import build_finder
 
@@ -128,6 +129,9 @@ def test_a_bundle_with_an_organ_finder_adds_the_organs_to_each_qc_record(parts, 
                      "--fusion", "mv", "--no-extras", "--single-start"]) == 0
     record = json.loads((tmp_path / "seg_qc.json").read_text())
     assert set(record["organs"]) == set(aset.labels.values())
+    assert record["doubtful"] == [name for name, value in record["organs"].items()  # an untrained finder doubts
+                                  if value is not None and value < finder_module.DOUBTFUL_BELOW]
+    assert record["flagged"] is (bool(record["doubtful"]) or record["alignment"]["flagged"])
     assert record["models"]["finder_model"] == str(out / "finder.keras")
     (tmp_path / "scans.csv").write_text(f"id,path\ns1,{scan}\n")  # a cohort's table carries them per structure
     assert cli.main(["segment-batch", "--manifest", str(tmp_path / "scans.csv"), "--bundle", str(out), "--out",
@@ -135,3 +139,4 @@ def test_a_bundle_with_an_organ_finder_adds_the_organs_to_each_qc_record(parts, 
     with open(tmp_path / "cohort" / "cohort.csv", newline="") as handle:
         [row] = list(csv.DictReader(handle))
     assert {f"{name}_finder_dice" for name in aset.labels.values()} <= set(row)
+    assert "doubtful" in row

@@ -106,6 +106,18 @@ def test_segment_config_round_trips_and_refuses_bad_settings():
         SegmentConfig.from_dict({"fusion": "mv", "atlas": 3})
 
 
+def test_cmmas_segment_aligns_by_organs_wherever_it_has_a_finder_unless_told_not_to():
+    from cmmas import cli
+
+    def organs(*flags: str, finder: bool) -> bool:
+        args = cli._parser().parse_args(["segment", "--target", "t.nii.gz", "--out", "s.nii.gz", *flags])
+        return cli.segment_config(args, finder=finder).organ_alignment
+
+    assert organs(finder=True) and not organs(finder=False)
+    assert not organs("--no-organ-alignment", finder=True) and not organs("--single-start", finder=True)
+    assert organs("--organ-alignment", finder=False)  # asked for: the engine refuses it without a finder
+
+
 def test_one_warp_fused_several_ways_equals_one_engine_per_fusion(engine_set, tmp_path):
     aset = engine_set
     _, scan = _scan_with_other_axes(aset)

@@ -129,8 +129,11 @@ def _segment_parser(sub) -> None:
         "and 3D Slicer), <stem>_preview.png with --preview, and <stem>_qc.json beside it. The QC record (always "
         "written) holds the alignment's quality: the fraction of its starts that land within 15 mm of the chosen "
         "result ('agreement'; below 0.4 the alignment is flagged: 'flagged': true, and a one-line warning is "
-        "printed), the chosen start, its mutual information and its 'margin' over the best refined start that "
-        "disagrees, every start, whether ANTs ran deterministically, and the seconds of each step. A progress bar "
+        "printed; aligned by organs, their overlap with the reference's below 0.3 flags it instead), the chosen "
+        "start, its mutual information and its 'margin' over the best refined start that disagrees, every start, "
+        "whether ANTs ran deterministically, and the seconds of each step; with an organ finder, its Dice with the "
+        "segmentation per structure ('organs'), and the structures below 0.3 ('doubtful': they flag the "
+        "segmentation too). A progress bar "
         "shows the steps when stderr is a terminal; a line per scan gives the atlases used and the seconds of each "
         "step. Several scans in one call load the "
         "models and the atlas set once.",
@@ -171,10 +174,11 @@ def _segment_parser(sub) -> None:
                      help="an organ finder (experiments/train_finder.py; default: the bundle's finder.keras, if any): "
                      "it finds each scan's organs on their own, and the QC record gets their Dice with the "
                      "segmentation per structure ('organs')")
-    seg.add_argument("--organ-alignment", action="store_true",
-                     help="with an organ finder: one more alignment start from the found organs' centroids, and the "
-                     "alignment whose organs overlap the reference's best is kept (instead of the highest mutual "
-                     "information); the QC record's alignment.organ_overlap says how well they overlap")
+    seg.add_argument("--organ-alignment", action=argparse.BooleanOptionalAction, default=None,
+                     help="with an organ finder (on by default wherever there is one): one more alignment start from "
+                     "the found organs' centroids, and the alignment whose organs overlap the reference's best is kept "
+                     "(instead of the highest mutual information); the QC record's alignment.organ_overlap says how "
+                     "well they overlap")
     seg.add_argument("--fusion-model", type=Path, default=None, metavar="MODEL.keras",
                      help="a learned fusion's trained network (.keras: SimNet, DLF or U-Net; its model card says "
                      "which), for --fusion simnet / dlf / unet (default: the bundle's)")
@@ -300,15 +304,17 @@ def _prepare(args) -> None:
           f"{aset.geometry.shape} at {aset.geometry.spacing_zyx} mm) written to {args.out}")
 
 
-def segment_config(args, fusion: str | None = None) -> SegmentConfig:
+def segment_config(args, fusion: str | None = None, finder: bool = False) -> SegmentConfig:
     """The engine's settings of a ``cmmas segment`` call (``fusion``: the default fusion where
-    ``--fusion`` is not given; None: :data:`cmmas.segment.DEFAULT_FUSION`)."""
+    ``--fusion`` is not given, None: :data:`cmmas.segment.DEFAULT_FUSION`; ``finder``: an organ
+    finder is at hand, which turns the alignment by organs on unless ``--no-organ-alignment``)."""
     from cmmas.segment import DEFAULT_FUSION, SegmentConfig
 
     return SegmentConfig(
         fusion=args.fusion or fusion or DEFAULT_FUSION, atlases=args.atlases if isinstance(args.atlases, int) else None,
         modality=args.atlas_modality, prealign=args.prealign, starts="single" if args.single_start else "robust",
-        organ_alignment=args.organ_alignment,
+        organ_alignment=(finder and args.prealign and not args.single_start) if args.organ_alignment is None
+        else args.organ_alignment,
         atlas_affine=args.atlas_affine, refine_steps=args.refine_steps, refine_scale=args.refine_scale,
         maps=not args.no_extras, batch_size=args.batch_size)
 
@@ -411,7 +417,7 @@ def _segment(args) -> None:
                                 "to fuse the affinely aligned atlases")
     explicit = learned_models(found.fusion_model)  # after the first scan is read: its error comes first
     networks = {**found.bundled, **explicit}
-    config = segment_config(args, next(iter(explicit), None) or found.fusion)
+    config = segment_config(args, next(iter(explicit), None) or found.fusion, found.finder is not None)
     fusion_model = {config.fusion: networks[config.fusion]} if config.fusion in networks else None
     segmenter = Segmenter(aset, reg_model, fusion_model, config, progress=_progress(),
                           finder_model=found.finder)  # the models load once
@@ -423,7 +429,9 @@ def _segment(args) -> None:
         result = segmenter.segment(scan, alignment=args.transform)
         written = outputs.write_segmentation(result, out, extras=not args.no_extras, preview=args.preview)
         timing = ", ".join(f"{step} {s:.1f} s" for step, s in result.seconds.items())
-        flagged = f"; QC FLAGGED the alignment, see {written[-1]}" if result.flagged else ""
+        reasons = (["the alignment"] if result.alignment_flagged else []) + \
+            ([f"doubtful {', '.join(result.doubtful)}"] if result.doubtful else [])
+        flagged = f"; QC FLAGGED {' and '.join(reasons)}, see {written[-1]}" if reasons else ""
         print(f"wrote {written[0]} (+{len(written) - 1} files beside it) from {len(result.atlas_ids)} atlases "
               f"[{', '.join(result.atlas_ids)}] with {config.fusion}"
               f"{'' if reg_model is not None else ' (no registration network)'}; {timing}{flagged}", flush=True)

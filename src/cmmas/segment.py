@@ -79,7 +79,9 @@ class SegmentConfig:
             cranio-caudal axis; "single": the centre-of-mass translation only).
         organ_alignment: with an organ finder and robust starts, one more start from the found
             organs' centroids, and the result whose organs overlap the reference's best is chosen
-            (:func:`cmmas.align.target.align_to_reference`'s guide; False: chosen by mutual information).
+            (:func:`cmmas.align.target.align_to_reference`'s guide; False: chosen by mutual
+            information). ``cmmas segment`` and ``segment-batch`` turn it on wherever they have a
+            finder (docs/results.md: it measured better end to end in both directions).
         atlas_affine: give each chosen atlas its own affine stage onto the scan on the working
             grid before the network (:mod:`cmmas.align.per_atlas`).
         refine_steps: Adam steps refining every field on the scan with MIND-SSC (0: off).
@@ -288,9 +290,21 @@ class Segmentation:
         return self.warped.placement.alignment
 
     @property
-    def flagged(self) -> bool:
+    def alignment_flagged(self) -> bool:
         """The alignment's QC flagged it: the atlases may have been placed wrongly."""
         return bool(self.alignment and self.alignment["flagged"])
+
+    @property
+    def doubtful(self) -> list[str]:
+        """The structures (by name) the organ finder disagrees with: its Dice with this
+        segmentation below :data:`cmmas.align.finder.DOUBTFUL_BELOW` (empty without a finder)."""
+        return [name for name, value in (self.organ_agreement or {}).items()
+                if value is not None and value < finder.DOUBTFUL_BELOW]
+
+    @property
+    def flagged(self) -> bool:
+        """The QC flagged it: the alignment (:attr:`alignment_flagged`) or a doubtful structure."""
+        return self.alignment_flagged or bool(self.doubtful)
 
     @functools.cached_property
     def organ_agreement(self) -> dict[str, float | None] | None:
@@ -303,10 +317,12 @@ class Segmentation:
 
     def qc(self) -> dict:
         """The QC record written beside the label map (``<stem>_qc.json``): the alignment's
-        record, the organ finder's agreement per structure (with a finder), the atlases, the
+        record, the organ finder's agreement per structure (with a finder) and the structures it
+        doubts (:attr:`doubtful`; a doubtful one flags the segmentation), the atlases, the
         refinement, the models and the config used, any warning about the scan's header, the
         seconds of each step and the provenance (code commit, model hashes)."""
         return {"flagged": self.flagged, "alignment": self.alignment, "organs": self.organ_agreement,
+                "doubtful": self.doubtful,
                 "atlas_ids": list(self.atlas_ids),
                 "registration": self.warped.fields is not None, "refinement": self.warped.refinement,
                 "fusion": self.fusion, "models": dict(self.models), "config": self.config.to_dict(),

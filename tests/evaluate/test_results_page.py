@@ -197,7 +197,8 @@ def test_the_finder_table_summarises_each_direction():
 
 def test_the_qc_table_counts_flagged_bad_and_good_targets_and_organs():
     def row(case, dice, agreement, flagged=False):
-        return {"case": case, "method": "jlf_tf", "flagged": flagged, "organ_overlap": 0.5,
+        return {"case": case, "method": "jlf_tf", "flagged": flagged or min(agreement) < 0.3,
+                "alignment_flagged": flagged, "organ_overlap": 0.5,
                 "dice": {"liver": dice[0], "spleen": dice[1]}, "agreement": {"liver": agreement[0], "spleen": agreement[1]}}
 
     rows = [row("a", (0.9, 0.8), (0.8, 0.7)),          # good, trusted
@@ -206,6 +207,7 @@ def test_the_qc_table_counts_flagged_bad_and_good_targets_and_organs():
             {**row("c", (0.1, 0.1), (0.1, 0.1)), "method": "mv"}]  # another fusion: not counted
     table = page.qc_table({("ct->mr", "organs"): rows}, thresholds=(0.3, 0.5)).splitlines()
     assert table[0] == ("| direction | alignment | targets | mean Dice | worst target | below 0.3 | alignment flag | "
-                        "lowest agreement < 0.3 | lowest agreement < 0.5 |")
-    assert table[2] == "| ct->mr | organs | 3 | 0.667 | 0.250 | 1 | 1 of 1 / 0 of 2 | 1 of 1 / 0 of 2 | 1 of 1 / 1 of 2 |"
+                        "QC flag | lowest agreement < 0.3 | lowest agreement < 0.5 |")
+    assert table[2] == ("| ct->mr | organs | 3 | 0.667 | 0.250 | 1 | 1 of 1 / 0 of 2 | 1 of 1 / 0 of 2 | 1 of 1 / 0 of 2 "
+                        "| 1 of 1 / 1 of 2 |")
     assert table[-1] == "| 6 | 1 of 2 / 0 of 4 | 2 of 2 / 1 of 4 |"

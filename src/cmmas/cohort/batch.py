@@ -170,7 +170,7 @@ def segment_record(result: Segmentation, written: Sequence[Path], seconds: float
     return {"seconds": round(seconds, 3), "flagged": result.flagged, "alignment": alignment, "fusion": result.fusion,
             "atlases": len(result.atlas_ids), "volumes_ml": {r["name"]: r["millilitres"] for r in volumes},
             "agreement": {r["name"]: _finite(r["mean_agreement"]) for r in volumes},
-            "organs": result.organ_agreement or {},
+            "organs": result.organ_agreement or {}, "doubtful": result.doubtful,
             "files": [p.name for p in written]}
 
 
@@ -218,7 +218,8 @@ def merge(out: str | os.PathLike, scans: Sequence[Scan] | None = None, key: str 
 
 def _cohort_row(record: dict) -> dict:
     row = {"id": record["id"], "path": record["path"], **record.get("extra", {}),
-           "flagged": record.get("flagged"), "seconds": record.get("seconds"), "fusion": record.get("fusion"),
+           "flagged": record.get("flagged"), "doubtful": " ".join(record.get("doubtful", [])),
+           "seconds": record.get("seconds"), "fusion": record.get("fusion"),
            "atlases": record.get("atlases"), "key": record.get("key")}
     row |= {f"{name}_ml": value for name, value in record.get("volumes_ml", {}).items()}
     row |= {f"{name}_agreement": value for name, value in record.get("agreement", {}).items()}

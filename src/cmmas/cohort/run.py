@@ -53,7 +53,8 @@ def plan_bundle(bundle: str | os.PathLike, fusion: str | None = None, maps: bool
     found = bundles.resolve_bundle(bundle)
     if found.reg_model is None:
         raise CmmasError(Path(bundle) / bundles.BUNDLE_REG_MODEL, "the bundle has no registration network")
-    config = SegmentConfig(fusion=fusion or found.fusion or DEFAULT_FUSION, maps=maps)
+    config = SegmentConfig(fusion=fusion or found.fusion or DEFAULT_FUSION, maps=maps,
+                           organ_alignment=found.finder is not None)
     network = found.bundled.get(config.fusion)
     files = [Path(found.atlas_set) / bundles.MANIFEST, found.reg_model, *([network] if network else []),
              *([found.finder] if found.finder else [])]

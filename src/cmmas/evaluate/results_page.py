@@ -412,11 +412,12 @@ def qc_table(records: Mapping[tuple[str, str], Sequence[Mapping]], method: str =
              thresholds: Sequence[float] = QC_THRESHOLDS) -> str:
     """The QC's separation from evaluations' ``"qc"`` records, per (direction, alignment): the
     targets' Dice with ``method`` (mean, worst, below 0.3), how many bad / good targets the
-    alignment's flag and a threshold on the finder's lowest organ agreement flag; then per organ,
+    alignment's flag, the QC flag (the alignment's or a doubtful organ) and a threshold on the
+    finder's lowest organ agreement flag; then per organ,
     pooled, how many bad / good organs each threshold of the organ's own agreement calls doubtful."""
     head = " | ".join(f"lowest agreement < {t:g}" for t in thresholds)
-    lines = [f"| direction | alignment | targets | mean Dice | worst target | below 0.3 | alignment flag | {head} |",
-             "|---" * (7 + len(thresholds)) + "|"]
+    lines = [f"| direction | alignment | targets | mean Dice | worst target | below 0.3 | alignment flag | QC flag | "
+             f"{head} |", "|---" * (8 + len(thresholds)) + "|"]
     organs: list[tuple[float, float]] = []
     for (direction, alignment), rows in records.items():
         mine = [r for r in rows if r["method"] == method]
@@ -428,8 +429,9 @@ def qc_table(records: Mapping[tuple[str, str], Sequence[Mapping]], method: str =
                    if value is not None and name in r["dice"]]
         cells = " | ".join(_flag_counts([(m, a < t) for m, a in zip(means, lowest)]) for t in thresholds)
         lines.append(f"| {direction} | {alignment} | {len(mine)} | {_f(float(np.mean(means)))} | {_f(min(means))} | "
-                     f"{sum(m < 0.3 for m in means)} | {_flag_counts([(m, r['flagged']) for m, r in zip(means, mine)])}"
-                     f" | {cells} |")
+                     f"{sum(m < 0.3 for m in means)} | "
+                     f"{_flag_counts([(m, r.get('alignment_flagged', r['flagged'])) for m, r in zip(means, mine)])} | "
+                     f"{_flag_counts([(m, r['flagged']) for m, r in zip(means, mine)])} | {cells} |")
     lines += ["", f"| organs (pooled) | {' | '.join(f'agreement < {t:g}' for t in thresholds)} |",
               "|---" * (1 + len(thresholds)) + "|",
               f"| {len(organs)} | " + " | ".join(_flag_counts([(d, a < t) for d, a in organs]) for t in thresholds)

@@ -173,17 +173,17 @@ class _TargetResult(NamedTuple):
 
 
 def qc_rows(segmented: Mapping[str, Segmentation], scores: Sequence[dict], case: dict) -> list[dict]:
-    """A target's QC record per fusion, as ``cmmas segment`` writes it in ``<stem>_qc.json`` (the
-    alignment's flag and organ overlap when this evaluation aligned the target; the organ finder's
-    Dice with the fusion's label per structure, with a finder), beside the label's true Dice per
+    """A target's QC record per fusion, as ``cmmas segment`` writes it in ``<stem>_qc.json`` (its
+    flag, the alignment's flag and organ overlap when this evaluation aligned the target; the organ
+    finder's Dice with the fusion's label per structure and the doubtful ones, with a finder), beside the label's true Dice per
     structure (from the score rows ``scores``): what a QC threshold is chosen from."""
     rows = []
     for name, result in segmented.items():
         alignment = result.alignment or {}
         dice = {r["name"]: r["dice"] for r in scores if r["method"] == name}
-        rows.append({**case, "method": name, "flagged": result.flagged,
-                     "organ_overlap": alignment.get("organ_overlap"), "agreement": result.organ_agreement,
-                     "dice": dice})
+        rows.append({**case, "method": name, "flagged": result.flagged, "alignment_flagged": result.alignment_flagged,
+                     "doubtful": result.doubtful, "organ_overlap": alignment.get("organ_overlap"),
+                     "agreement": result.organ_agreement, "dice": dice})
     return rows
 
 
