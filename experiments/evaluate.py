@@ -72,6 +72,8 @@ flags.DEFINE_bool("atlas_affine", False, "--atlas_set: each atlas's own affine s
                   "segment --atlas-affine).")
 flags.DEFINE_bool("realign", False, "--atlas_set: align each target anew to the reference as cmmas segment does "
                   "(instead of its alignment stored when the set was prepared).")
+flags.DEFINE_integer("align_seed", 0, "--atlas_set with --realign: the alignment's ANTs sampling seed (one ITK "
+                     "thread: a seed gives one alignment, several seeds a spread).", lower_bound=0)
 flags.DEFINE_string("finder_model", None, "--atlas_set: an organ finder (.keras, experiments/train_finder.py): each "
                     "target's QC record gets the finder's Dice with each fusion's label per structure.")
 flags.DEFINE_bool("organ_alignment", False, "--atlas_set with --realign and --finder_model: align by the found "
@@ -131,6 +133,10 @@ def _run() -> int:
             raise CmmasError("--reg_model", "--atlas_set needs a trained BiRegNet")
         if FLAGS.organ_alignment and not FLAGS.realign:
             raise CmmasError("--organ_alignment", "aligns a target anew: give --realign too")
+        if FLAGS.realign:
+            from cmmas.align import ants
+
+            ants.set_threads(1)  # as cmmas segment: before the first registration, the same seed gives the same alignment
         aset = AtlasSet(atlas_set_flag())  # fails fast, before TensorFlow is imported
         registry.check_names(FLAGS.methods, _options())
         import keras
@@ -141,7 +147,7 @@ def _run() -> int:
         config = SegmentConfig(fusion_options=_options(), atlases=FLAGS.atlases, modality=FLAGS.atlas_modality,
                                atlas_affine=FLAGS.atlas_affine, refine_steps=FLAGS.refine_steps,
                                refine_scale=FLAGS.refine_scale, batch_size=FLAGS.batch_size,
-                               organ_alignment=FLAGS.organ_alignment)
+                               organ_alignment=FLAGS.organ_alignment, align_seed=FLAGS.align_seed)
         if aset.manifest.oracle:
             from cmmas.evaluate import oracle
 

@@ -99,6 +99,7 @@ def test_segment_config_round_trips_and_refuses_bad_settings():
     assert SegmentConfig.from_dict(values) == config
     assert config.options("jlf") == {"rad": 2} and config.options("mv") == {}
     for bad in ({"atlases": 0}, {"batch_size": 0}, {"refine_steps": -1}, {"starts": "many"}, {"fusion": "vote"},
+                {"align_seed": -1},
                 {"fusion": "simnet", "fusion_options": {"simnet": {"radius_typo": 1}}}):
         with pytest.raises(CmmasError):
             SegmentConfig(**bad)

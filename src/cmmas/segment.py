@@ -82,6 +82,8 @@ class SegmentConfig:
             (:func:`cmmas.align.target.align_to_reference`'s guide; False: chosen by mutual
             information). ``cmmas segment`` and ``segment-batch`` turn it on wherever they have a
             finder (docs/results.md: it measured better end to end in both directions).
+        align_seed: the alignment's ANTs sampling seed (with one ITK thread, the same seed gives
+            the same alignment; another seed samples another, equally valid one).
         atlas_affine: give each chosen atlas its own affine stage onto the scan on the working
             grid before the network (:mod:`cmmas.align.per_atlas`).
         refine_steps: Adam steps refining every field on the scan with MIND-SSC (0: off).
@@ -98,6 +100,7 @@ class SegmentConfig:
     prealign: bool = True
     starts: str = "robust"
     organ_alignment: bool = False
+    align_seed: int = 0
     atlas_affine: bool = False
     refine_steps: int = 0
     refine_scale: float = 0.5
@@ -108,6 +111,8 @@ class SegmentConfig:
     def __post_init__(self) -> None:
         if self.atlases is not None and int(self.atlases) < 1:
             raise CmmasError(None, f"the number of atlases must be at least 1, got {self.atlases}")
+        if int(self.align_seed) < 0:
+            raise CmmasError(None, f"the alignment seed must be at least 0, got {self.align_seed}")
         if int(self.batch_size) < 1:
             raise CmmasError(None, f"the batch size must be at least 1, got {self.batch_size}")
         if int(self.refine_steps) < 0 or not self.refine_scale > 0 or self.refine_smoothness < 0:
@@ -439,7 +444,8 @@ class Segmenter:
             guide = None if self._reference_organs is None else organs.OrganGuide.of(
                 found_organs.probabilities, found_organs.geometry, self._reference_organs, self.codes)
             found = target_alignment.align_to_reference(target, self.aset.reference_image(), transform_dir, spacing,
-                                                        starts=STARTS[self.config.starts], guide=guide, seen=seen)
+                                                        starts=STARTS[self.config.starts], guide=guide, seen=seen,
+                                                        seed=self.config.align_seed)
             transforms = list(found.transforms)
             if found.flagged:
                 log.warning("%s: the alignment to the atlas set is uncertain (%s); check the segmentation",

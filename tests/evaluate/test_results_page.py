@@ -205,9 +205,12 @@ def test_the_qc_table_counts_flagged_bad_and_good_targets_and_organs():
             row("b", (0.4, 0.1), (0.35, 0.1), True),   # bad, flagged by the alignment and by the finder
             row("c", (0.9, 0.9), (0.8, 0.45)),         # good, its spleen doubted at 0.5 and above
             {**row("c", (0.1, 0.1), (0.1, 0.1)), "method": "mv"}]  # another fusion: not counted
-    table = page.qc_table({("ct->mr", "organs"): rows}, thresholds=(0.3, 0.5)).splitlines()
-    assert table[0] == ("| direction | alignment | targets | mean Dice | worst target | below 0.3 | alignment flag | "
-                        "QC flag | lowest agreement < 0.3 | lowest agreement < 0.5 |")
-    assert table[2] == ("| ct->mr | organs | 3 | 0.667 | 0.250 | 1 | 1 of 1 / 0 of 2 | 1 of 1 / 0 of 2 | 1 of 1 / 0 of 2 "
-                        "| 1 of 1 / 1 of 2 |")
+    table = page.qc_table({("ct->mr", "organs"): [rows]}, thresholds=(0.3, 0.5)).splitlines()
+    assert table[0] == ("| direction | alignment | targets x calls | mean Dice | worst call | below 0.3 | largest spread | "
+                        "alignment flag | QC flag | lowest agreement < 0.3 | lowest agreement < 0.5 |")
+    assert table[2] == ("| ct->mr | organs | 3 x 1 | 0.667 | 0.250 | 1 | 0.000 | 1 of 1 / 0 of 2 | 1 of 1 / 0 of 2 | "
+                        "1 of 1 / 0 of 2 | 1 of 1 / 1 of 2 |")
+    again = [{**r, "dice": {k: v - 0.1 for k, v in r["dice"].items()}} if r["case"] == "a" else r for r in rows]
+    two = page.qc_table({("ct->mr", "organs"): [rows, again]}, thresholds=(0.3,)).splitlines()
+    assert two[2].startswith("| ct->mr | organs | 3 x 2 | 0.650 | 0.250 | 2 | 0.100 | 2 of 2 / 0 of 4 |")
     assert table[-1] == "| 6 | 1 of 2 / 0 of 4 | 2 of 2 / 1 of 4 |"

@@ -68,11 +68,13 @@ FINDER = {"ct->mr": "finder/ct/fold1/eval_mr/evaluate_finder.json",
           "mr->ct": "finder/mr/fold1/eval_ct/evaluate_finder.json"}
 #: The QC benchmark (#33): fold 1's targets aligned anew as `cmmas segment` aligns them, by mutual
 #: information or by the organs the finder found, the finder's agreement with each segmentation
-#: recorded (``experiments/evaluate.py --realign --finder_model ...``), per (direction, alignment).
-ORGAN_QC = {("ct->mr", "mutual information"): "abdomen/ct2mr/fold1/eval_realign/summary.json",
-            ("ct->mr", "organs"): "abdomen/ct2mr/fold1/eval_organs/summary.json",
-            ("mr->ct", "mutual information"): "abdomen/mr2ct/fold1/eval_realign/summary.json",
-            ("mr->ct", "organs"): "abdomen/mr2ct/fold1/eval_organs/summary.json"}
+#: recorded (``experiments/evaluate.py --realign --finder_model ... --align_seed S``), per
+#: (direction, alignment, alignment seed).
+ORGAN_QC_SEEDS = (0, 1, 2)
+ORGAN_QC = {(direction, name, seed): f"abdomen/{folder}/fold1/eval_{variant}_seed{seed}/summary.json"
+            for direction, folder in (("ct->mr", "ct2mr"), ("mr->ct", "mr2ct"))
+            for name, variant in (("mutual information", "realign"), ("organs", "organs"))
+            for seed in ORGAN_QC_SEEDS}
 #: The fusion whose labels the QC table scores (cmmas segment's default) and the thresholds of the
 #: finder's agreement it tries; a target is bad below the first bound, good above the second.
 QC_METHOD = "jlf_tf"
@@ -408,28 +410,34 @@ def _flag_counts(items: Sequence[tuple[float, bool]], bounds: tuple[float, float
     return f"{sum(bad)} of {len(bad)} / {sum(good)} of {len(good)}"
 
 
-def qc_table(records: Mapping[tuple[str, str], Sequence[Mapping]], method: str = QC_METHOD,
+def qc_table(records: Mapping[tuple[str, str], Sequence[Sequence[Mapping]]], method: str = QC_METHOD,
              thresholds: Sequence[float] = QC_THRESHOLDS) -> str:
-    """The QC's separation from evaluations' ``"qc"`` records, per (direction, alignment): the
-    targets' Dice with ``method`` (mean, worst, below 0.3), how many bad / good targets the
-    alignment's flag, the QC flag (the alignment's or a doubtful organ) and a threshold on the
-    finder's lowest organ agreement flag; then per organ,
-    pooled, how many bad / good organs each threshold of the organ's own agreement calls doubtful."""
+    """The QC's separation from evaluations' ``"qc"`` records, per (direction, alignment), each a
+    list of calls (one evaluation's records each, e.g. one per alignment seed): the targets' Dice
+    with ``method`` over every call (mean, worst call, calls below 0.3, the largest spread of a
+    target's Dice between calls), how many bad / good target calls the alignment's flag, the QC
+    flag (the alignment's or a doubtful organ) and a threshold on the finder's lowest organ
+    agreement flag; then per organ, pooled, how many bad / good organs each threshold of the
+    organ's own agreement calls doubtful."""
     head = " | ".join(f"lowest agreement < {t:g}" for t in thresholds)
-    lines = [f"| direction | alignment | targets | mean Dice | worst target | below 0.3 | alignment flag | QC flag | "
-             f"{head} |", "|---" * (8 + len(thresholds)) + "|"]
+    lines = [f"| direction | alignment | targets x calls | mean Dice | worst call | below 0.3 | largest spread | "
+             f"alignment flag | QC flag | {head} |", "|---" * (9 + len(thresholds)) + "|"]
     organs: list[tuple[float, float]] = []
-    for (direction, alignment), rows in records.items():
-        mine = [r for r in rows if r["method"] == method]
+    for (direction, alignment), calls in records.items():
+        mine = [r for rows in calls for r in rows if r["method"] == method]
         if not mine:
             continue
         means = [float(np.mean(list(r["dice"].values()))) for r in mine]
+        by_target: dict[str, list[float]] = {}
+        for r, m in zip(mine, means):
+            by_target.setdefault(r["case"], []).append(m)
+        spread = max(max(v) - min(v) for v in by_target.values())
         lowest = [min((v for v in (r["agreement"] or {}).values() if v is not None), default=0.0) for r in mine]
         organs += [(r["dice"][name], value) for r in mine for name, value in (r["agreement"] or {}).items()
                    if value is not None and name in r["dice"]]
         cells = " | ".join(_flag_counts([(m, a < t) for m, a in zip(means, lowest)]) for t in thresholds)
-        lines.append(f"| {direction} | {alignment} | {len(mine)} | {_f(float(np.mean(means)))} | {_f(min(means))} | "
-                     f"{sum(m < 0.3 for m in means)} | "
+        lines.append(f"| {direction} | {alignment} | {len(by_target)} x {len(calls)} | {_f(float(np.mean(means)))} | "
+                     f"{_f(min(means))} | {sum(m < 0.3 for m in means)} | {_f(spread)} | "
                      f"{_flag_counts([(m, r.get('alignment_flagged', r['flagged'])) for m, r in zip(means, mine)])} | "
                      f"{_flag_counts([(m, r['flagged']) for m, r in zip(means, mine)])} | {cells} |")
     lines += ["", f"| organs (pooled) | {' | '.join(f'agreement < {t:g}' for t in thresholds)} |",
@@ -518,8 +526,11 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
                               finder_table({d: r.data["rows"] for d, r in finders.items()}) if finders else None)
 
     qc = {key: runs_records[p] for key, p in ORGAN_QC.items() if p in runs_records}
+    calls: dict[tuple[str, str], list[list[Mapping]]] = {}
+    for (direction, alignment, _), found in qc.items():
+        calls.setdefault((direction, alignment), []).append(found.data.get("qc") or [])
     tables["organ_qc"] = _block(list(qc.values()), [p for p in ORGAN_QC.values() if p not in runs_records], changed,
-                                qc_table({k: r.data.get("qc") or [] for k, r in qc.items()}) if qc else None)
+                                qc_table(calls) if qc else None)
 
     renderers = {
         "bench_mas": bench_mas_table,
