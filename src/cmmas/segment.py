@@ -303,8 +303,7 @@ class Segmentation:
     def doubtful(self) -> list[str]:
         """The structures (by name) the organ finder disagrees with: its Dice with this
         segmentation below :data:`cmmas.align.finder.DOUBTFUL_BELOW` (empty without a finder)."""
-        return [name for name, value in (self.organ_agreement or {}).items()
-                if value is not None and value < finder.DOUBTFUL_BELOW]
+        return finder.doubtful(self.organ_agreement or {})
 
     @property
     def flagged(self) -> bool:

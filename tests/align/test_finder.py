@@ -108,3 +108,26 @@ def test_organ_agreement_is_the_dice_of_the_finder_and_a_segmentation_per_organ(
     segmentation = np.zeros((16, 16, 16), np.uint8)
     segmentation[4:12, 4:12, 4:8] = 1  # half of organ 1's box
     assert finder.organ_agreement(found, Image(segmentation, fine)) == {1: pytest.approx(2 / 3, abs=1e-3), 2: None}
+
+
+def test_the_qc_calls_a_deliberately_broken_organ_doubtful_and_only_it():
+    """A finder that found every organ right (the truth's one-hot) against a segmentation whose one
+    organ is painted in the wrong place: that organ, and no other, is doubtful."""
+    from cmmas.io import Image
+
+    _, truth = make_subject("ct", 3, shape=32)
+    codes = sorted(int(c) for c in np.unique(truth.array))
+    found = finder.FoundOrgans(tuple(codes), np.stack([(truth.array == c).astype(np.float32) for c in codes]),
+                               truth.geometry)
+    broken = truth.array.copy()
+    wrong = codes[4]
+    count = int((broken == wrong).sum())
+    broken[broken == wrong] = 0
+    corner = np.zeros(broken.shape, bool)
+    corner[:8, :8, :8] = True
+    assert not truth.array[corner].any()
+    broken[np.unravel_index(np.flatnonzero(corner)[:count], broken.shape)] = wrong
+    agreement = finder.organ_agreement(found, Image(broken, truth.geometry))
+    assert agreement[wrong] == 0.0 and all(v == 1.0 for c, v in agreement.items() if c != wrong)
+    assert finder.doubtful(agreement) == [wrong]
+    assert finder.doubtful({**agreement, wrong: None}) == []  # absent from both: nothing to doubt

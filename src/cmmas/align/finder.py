@@ -15,6 +15,7 @@ the background 0 first.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -80,6 +81,13 @@ def find_organs(model, image: Image, spacing_mm: float, codes, seen: Image | Non
     out = inference_copy(model)({"image": padded[None, ..., None]}, training=False)["probabilities"]
     probabilities = np.moveaxis(keras.ops.convert_to_numpy(out)[0][crop], -1, 0).astype(np.float32)
     return FoundOrgans(tuple(int(c) for c in codes), probabilities, small.geometry)
+
+
+def doubtful(agreement: Mapping, below: float = DOUBTFUL_BELOW) -> list:
+    """The keys of ``agreement`` (structure -> the finder's Dice with a segmentation, None where
+    neither has it, :func:`organ_agreement`) whose Dice is below ``below``: the structures the QC
+    calls doubtful."""
+    return [key for key, value in agreement.items() if value is not None and value < below]
 
 
 def organ_agreement(found: FoundOrgans, label: Image) -> dict[int, float | None]:
