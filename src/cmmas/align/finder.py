@@ -27,8 +27,9 @@ from cmmas.metrics import dice
 
 
 #: An organ of a segmentation is doubtful when the finder's Dice with it is below this: on fold 1's
-#: targets of both directions (docs/results.md, "The QC end to end") 0.3 called 11 of the 18 organs
-#: segmented below 0.5 Dice doubtful and 4 of the 42 above 0.7 (0.5 would call 15 of 18, and 14 of 42).
+#: targets of both directions, three alignments each (docs/results.md, "The QC end to end"), 0.3
+#: called 35 of the 44 organs segmented below 0.5 Dice doubtful and 10 of the 127 above 0.7 (0.2:
+#: 29 of 44 and 4 of 127; 0.4: 41 of 44 and 16 of 127).
 DOUBTFUL_BELOW = 0.3
 
 
