@@ -66,7 +66,7 @@ def test_tables_from_a_fake_runs_folder_name_commit_state_and_command(tmp_path):
 def test_every_table_reads_not_run_when_runs_is_empty(tmp_path):
     tables = page.render_tables(page.load_records(tmp_path, [*page.CHAIN.values(), *page.BENCH.values()]),
                                 lambda commit: False)
-    assert set(tables) == {"headline", "chain", "settings", "precision", "crossfit", "finder", "organ_qc", "labelled", "bench_mas",
+    assert set(tables) == {"headline", "chain", "settings", "precision", "crossfit", "ablation", "finder", "organ_qc", "labelled", "bench_mas",
                            "bench_alignment",
                            "bench_accuracy", "bench_training", "bench_cohort", "bench_cohort_abdomen", "bench_alignment_organs"}
     for text in tables.values():

@@ -54,6 +54,11 @@ PRECISION_RUNS = {"float32, seed 0": "abdomen", "float32, seed 1": "abdomen-seed
 #: cross-fitted BiRegNets (``CROSSFIT=2``), the U-Net beside them (the same network in both runs).
 CROSSFIT_RUNS = {"the chain's BiRegNet": "abdomen", "cross-fitted (2 folds)": "abdomen-crossfit"}
 CROSSFIT_METHODS = ("dlf", "unet")
+#: DLF's ablation (#34): the chain's DLF, its weighted-voting subnet alone (``--nofine_tune``) and
+#: its fine-tuning subnet without the atlases' label mask (``--nomask``), on the same pairs.
+ABLATION_RUNS = {"DLF": "abdomen", "voting subnet only": "abdomen-dlf-vote",
+                 "fine-tuning without the mask": "abdomen-dlf-nomask"}
+ABLATION_METHODS = ("dlf",)
 #: The labelled-scan curve (DLF issue): ``make reproduce-abdomen LABELLED=K`` leaves its evaluations
 #: under ``runs/abdomen-labelledK``, ``SETTING=zero`` (no labelled scan) under ``runs/abdomen-zero``;
 #: "all" is the full chain's (:data:`CHAIN`).
@@ -506,7 +511,8 @@ def render_tables(runs_records: Mapping[str, Record], changed: Changed) -> dict[
 
     for block, settings, methods in (("settings", SETTINGS, SETTING_METHODS),
                                      ("precision", PRECISION_RUNS, SETTING_METHODS),
-                                     ("crossfit", CROSSFIT_RUNS, CROSSFIT_METHODS)):
+                                     ("crossfit", CROSSFIT_RUNS, CROSSFIT_METHODS),
+                                     ("ablation", ABLATION_RUNS, ABLATION_METHODS)):
         paths = settings_paths(settings)
         records = {key: runs_records[p] for key, p in paths.items() if p in runs_records}
         reference = next(iter(settings))
@@ -591,6 +597,7 @@ def regenerate(runs: str | os.PathLike, pages: Sequence[str | os.PathLike], repo
     """
     records = load_records(runs, [*CHAIN.values(), *labelled_paths().values(), *settings_paths().values(),
                                   *settings_paths(PRECISION_RUNS).values(), *settings_paths(CROSSFIT_RUNS).values(),
+                                  *settings_paths(ABLATION_RUNS).values(),
                                   *FINDER.values(), *ORGAN_QC.values(),
                                   *BENCH.values()])
     answers: dict[str, bool | None] = {}
