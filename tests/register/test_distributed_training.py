@@ -1,10 +1,9 @@
 """Training on more than one worker, run for real: two TensorFlow workers on localhost (TF_CONFIG,
-train_reg --strategy multiworker) take the same synchronous steps and end with the same trainable
-weights;
+train_reg --strategy multiworker, one shared --out) take the same synchronous steps and end with the
+same trainable weights, the chief's in the run folder and the other's in its own folder inside it;
 MirroredStrategy with the CPU as its one device trains as the default strategy does."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -45,7 +44,7 @@ def _weights(path, trainable: bool = False) -> list[np.ndarray]:
 def test_two_workers_train_in_step_and_mirrored_matches_default(phantom, tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    workers = [_train_reg(phantom.aset.root, tmp_path / f"worker{k}", "multiworker",
+    workers = [_train_reg(phantom.aset.root, tmp_path / "multi", "multiworker",  # one shared run folder
                           {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": k}})})
                for k in range(2)]
     single = [_train_reg(phantom.aset.root, tmp_path / name, name) for name in ("default", "mirrored")]
@@ -54,10 +53,13 @@ def test_two_workers_train_in_step_and_mirrored_matches_default(phantom, tmp_pat
         assert process.returncode == 0, err[-2000:]
     # every trainable weight in step (the gradients are all-reduced); BatchNormalization's moving
     # statistics are each worker's own (Keras does not synchronise them by default)
-    first, second = (_weights(tmp_path / f"worker{k}" / "model.keras", trainable=True) for k in range(2))
+    # the chief writes the run folder, the other worker its own folder inside it
+    first, second = (_weights(path / "model.keras", trainable=True)
+                     for path in (tmp_path / "multi", tmp_path / "multi" / "workers" / "worker1"))
     assert len(first) > 10 and all(np.array_equal(a, b) for a, b in zip(first, second))
     default, mirrored = _weights(tmp_path / "default" / "model.keras"), _weights(tmp_path / "mirrored" / "model.keras")
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(default, mirrored))
-    head, row = (tmp_path / "worker0" / "history.csv").read_text().splitlines()
-    loss = float(dict(zip(head.split(","), row.split(",")))["loss"])
-    assert np.isfinite(loss) and os.path.getsize(tmp_path / "worker1" / "model.keras") > 0
+    for path in (tmp_path / "multi", tmp_path / "multi" / "workers" / "worker1"):
+        head, row = (path / "history.csv").read_text().splitlines()  # one epoch each: nobody appended twice
+        assert np.isfinite(float(dict(zip(head.split(","), row.split(",")))["loss"]))
+    assert sorted(p.name for p in (tmp_path / "multi" / "workers").iterdir()) == ["worker1"]

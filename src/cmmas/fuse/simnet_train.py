@@ -429,7 +429,8 @@ def train(
         config: the run (its ``shape_zyx`` must be the pairs' grid).
         data: a pair cache folder or :class:`cmmas.fuse.pairs.TrainingPairs`.
         codes: label codes with the background 0 (the one-hot channels, sorted).
-        out_dir: output folder (created).
+        out_dir: output folder (created); the workers of a multi-worker run other than the chief
+            write to ``workers/<task><index>`` in it (:func:`cmmas.nn.training.run_folder`).
         strategy: one of :data:`cmmas.nn.training.STRATEGIES`; ``config.batch`` is the global
             batch.
         progress: show Keras' progress bar.
@@ -451,7 +452,8 @@ def train(
     if card is not None:
         card.check_shape(config.shape_zyx, "SimConfig")
     codes = channel_codes(codes)
-    out = Path(out_dir)
+    distribution = training.get_strategy(strategy)  # before any TensorFlow op (a multi-worker strategy needs it)
+    out = training.run_folder(out_dir, distribution)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, json.dumps(dataclasses.asdict(config), indent=1))
     resume_epoch = training.resume_epoch_of(out / "backup")
@@ -460,7 +462,6 @@ def train(
     elif resume_epoch:
         logger.info("resuming %s at epoch %d", out, resume_epoch)
 
-    distribution = training.get_strategy(strategy)  # before any TensorFlow op (a multi-worker strategy needs it)
     if config.batch % distribution.num_replicas_in_sync:
         raise ModelError("SimConfig", f"batch {config.batch} is not divisible by the "
                          f"{distribution.num_replicas_in_sync} replicas")

@@ -41,6 +41,18 @@ def get_strategy(name: str) -> "tf.distribute.Strategy":
     raise CmmasError("strategy", f"unknown strategy {name!r}; expected one of {STRATEGIES}")
 
 
+def run_folder(out: str | os.PathLike, distribution: "tf.distribute.Strategy") -> Path:
+    """The folder this process writes a training run to: ``out`` itself for a single process and
+    for the chief of a multi-worker run, ``out/workers/<task><index>`` for every other worker, so
+    that workers given one shared ``--out`` never write the same history, checkpoints, backup or
+    model (the chief's are the run's; the others hold the same trainable weights)."""
+    out = Path(out)
+    if distribution.extended.should_checkpoint:
+        return out
+    resolver = distribution.cluster_resolver
+    return out / "workers" / f"{resolver.task_type}{resolver.task_id}"
+
+
 def step_seed(optimizer: keras.optimizers.Optimizer, seed: int) -> tf.Tensor:
     """The ``[2]`` int64 seed of a training step's stateless random ops: ``(seed, step * replicas +
     replica)``, so that a resumed run draws what the uninterrupted run would, and replicas differ."""

@@ -55,6 +55,7 @@ from cmmas.nn.training import (
     get_strategy,
     plot_history,
     resume_epoch_of,
+    run_folder,
     save_model,
     schedule_problems,
     step_seed,
@@ -480,7 +481,8 @@ def train(
         out_dir: run folder. Writes ``model.keras`` (the bare network, atomically),
             ``config.json``, ``history.csv``, ``curves.png``, ``checkpoints/``,
             ``tensorboard/`` (when the tensorboard package is installed) and, while the run is
-            unfinished, ``backup/`` (what a re-run resumes from).
+            unfinished, ``backup/`` (what a re-run resumes from); the workers of a multi-worker
+            run other than the chief write to ``workers/<task><index>`` in it (:func:`run_folder`).
         strategy: one of :data:`STRATEGIES`; ``config.batch`` is the global batch.
         progress: show the Keras progress bar.
         val: optional ``(atlas_images, atlas_labels, target_images, target_labels)`` evaluated
@@ -498,11 +500,11 @@ def train(
     Returns:
         The path of ``model.keras``.
     """
-    out = Path(out_dir)
     shape = tuple(config.shape_zyx)
     if card is not None:
         card.check_shape(shape, "RegConfig")
     distribution = get_strategy(strategy)  # first: a multi-worker strategy must exist before any TensorFlow op
+    out = run_folder(out_dir, distribution)
     if config.batch % distribution.num_replicas_in_sync:
         raise CmmasError(
             "batch", f"batch {config.batch} is not divisible by the {distribution.num_replicas_in_sync} replicas"
