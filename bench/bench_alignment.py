@@ -170,8 +170,7 @@ def _guides(aset, atlas_ids, codes, finder_path: str):
     reference = organs.reference_organs(aset.arrays(atlas_ids)[1], aset.geometry, codes)
 
     def guide(scan, seen):
-        shared = seen if spacing == aset.manifest.align_spacing_mm else None
-        found = finder.find_organs(net, scan, spacing, codes, shared)
+        found = finder.find_organs(net, scan, spacing, codes, seen)
         return organs.OrganGuide.of(found.probabilities, found.geometry, reference, codes)
 
     return guide

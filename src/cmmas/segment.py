@@ -432,9 +432,8 @@ class Segmenter:
         found = None
         spacing = self.aset.manifest.align_spacing_mm
         seen = None
-        if self.finder_net is not None and alignment is None and self.config.prealign \
-                and self.finder_spacing == spacing:
-            seen = target_alignment.alignment_image(target, spacing)  # read by the finder and the alignment
+        if self.finder_net is not None and alignment is None and self.config.prealign:
+            seen = target_alignment.alignment_image(target, spacing)  # read by the alignment (and the finder)
         found_organs = None if self.finder_net is None else finder.find_organs(self.finder_net, target,
                                                                                 self.finder_spacing, self.codes, seen)
         if alignment is not None:

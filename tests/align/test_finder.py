@@ -131,3 +131,15 @@ def test_the_qc_calls_a_deliberately_broken_organ_doubtful_and_only_it():
     assert agreement[wrong] == 0.0 and all(v == 1.0 for c, v in agreement.items() if c != wrong)
     assert finder.doubtful(agreement) == [wrong]
     assert finder.doubtful({**agreement, wrong: None}) == []  # absent from both: nothing to doubt
+
+
+def test_the_finder_reads_the_alignment_image_it_is_given_only_at_its_own_spacing():
+    from cmmas.align.target import alignment_image
+
+    image, _ = make_subject("mr", 5, shape=32)
+    own = finder.finder_image(image, SPACING)
+    shared = finder.finder_image(image, SPACING, seen=alignment_image(image, SPACING))
+    other = finder.finder_image(image, SPACING, seen=alignment_image(image, 2 * SPACING))
+    for given in (shared, other):
+        np.testing.assert_array_equal(given.array, own.array)
+        assert given.geometry.matches(own.geometry)

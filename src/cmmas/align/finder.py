@@ -55,8 +55,11 @@ class FoundOrgans:
 
 def finder_image(image: Image, spacing_mm: float, seen: Image | None = None) -> Image:
     """A scan as the finder reads it: its alignment image at ``spacing_mm`` (isotropic, cut to its
-    content; ``seen`` where it is already computed), percentile-clipped and scaled to [0, 1], float32."""
-    return mapping.normalize(alignment_image(image, spacing_mm) if seen is None else seen)
+    content), percentile-clipped and scaled to [0, 1], float32. ``seen``: the scan's alignment
+    image as the caller computed it for its alignment, used when it is at ``spacing_mm``."""
+    if seen is None or not np.allclose(seen.geometry.spacing, spacing_mm):
+        seen = alignment_image(image, spacing_mm)
+    return mapping.normalize(seen)
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -71,7 +74,7 @@ def find_organs(model, image: Image, spacing_mm: float, codes, seen: Image | Non
     """The organs of a scan (any grid, any modality) by a trained finder ``model`` (a
     :func:`cmmas.nn.finder.build_finder` network, run as its float32 inference copy) at the
     spacing it was trained at, ``codes`` its label codes with the background 0; ``seen``: the
-    scan's alignment image at ``spacing_mm`` where the caller has it (the alignment reads it too)."""
+    scan's alignment image where the caller has it (:func:`finder_image`)."""
     import keras
 
     from cmmas.nn.folding import inference_copy

@@ -443,7 +443,7 @@ def qc_table(records: Mapping[tuple[str, str], Sequence[Sequence[Mapping]]], met
         cells = " | ".join(_flag_counts([(m, a < t) for m, a in zip(means, lowest)]) for t in thresholds)
         lines.append(f"| {direction} | {alignment} | {len(by_target)} x {len(calls)} | {_f(float(np.mean(means)))} | "
                      f"{_f(min(means))} | {sum(m < 0.3 for m in means)} | {_f(spread)} | "
-                     f"{_flag_counts([(m, r.get('alignment_flagged', r['flagged'])) for m, r in zip(means, mine)])} | "
+                     f"{_flag_counts([(m, r['alignment_flagged']) for m, r in zip(means, mine)])} | "
                      f"{_flag_counts([(m, r['flagged']) for m, r in zip(means, mine)])} | {cells} |")
     lines += ["", f"| organs (pooled) | {' | '.join(f'agreement < {t:g}' for t in thresholds)} |",
               "|---" * (1 + len(thresholds)) + "|",
