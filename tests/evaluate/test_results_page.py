@@ -187,12 +187,12 @@ def test_bench_training_and_cohort_tables():
     assert cohort.splitlines()[2] == "| dask:2 | 40 | 300.0 | 480 | 1.80 | 2100 |"
 
 
-def test_the_finder_table_summarises_each_direction():
+def test_the_finder_table_summarises_each_direction_and_training():
     rows = [{"case": "mr_01", "liver": 0.8, "spleen": 0.6, "mean": 0.7, "seconds": 0.3},
             {"case": "mr_02", "liver": 0.6, "spleen": 0.4, "mean": 0.5, "seconds": 0.5}]
-    table = page.finder_table({"ct->mr": rows}).splitlines()
-    assert table[0] == "| direction | targets | liver | spleen | mean Dice | worst target | s / scan |"
-    assert table[2] == "| ct->mr | 2 | 0.700 | 0.500 | 0.600 | 0.500 | 0.50 |"
+    table = page.finder_table({("ct->mr", "1,200 steps"): rows}).splitlines()
+    assert table[0] == "| direction | training | targets | liver | spleen | mean Dice | worst target | s / scan |"
+    assert table[2] == "| ct->mr | 1,200 steps | 2 | 0.700 | 0.500 | 0.600 | 0.500 | 0.50 |"
 
 
 def test_the_qc_table_counts_flagged_bad_and_good_targets_and_organs():

@@ -67,18 +67,22 @@ LABELLED_COUNTS = (0, 2, 4, "all")
 LABELLED_FIGURE = "![Mean (solid) and worst-target (dashed) Dice against the labelled scans](figures/labelled_curve.png)"
 #: Methods compared on the labelled curve, in its column order.
 CURVE_METHODS = ("unet", "jlf_tf", "dlf")
-#: The organ finders' own scores (#33), per direction: a finder trained on the atlas modality only
-#: (fold 1), scored on the fold's targets (relative to ``runs/``).
-FINDER = {"ct->mr": "finder/ct/fold1/eval_mr/evaluate_finder.json",
-          "mr->ct": "finder/mr/fold1/eval_ct/evaluate_finder.json"}
+#: The organ finders' own scores (#33), per (direction, training): a finder trained on the atlas
+#: modality only (fold 1), scored on the fold's targets (relative to ``runs/``); the chain's 1,200
+#: steps and ``experiments/configs/abdomen-finder-long``'s 3,000.
+FINDER = {("ct->mr", "1,200 steps"): "finder/ct/fold1/eval_mr/evaluate_finder.json",
+          ("mr->ct", "1,200 steps"): "finder/mr/fold1/eval_ct/evaluate_finder.json",
+          ("ct->mr", "3,000 steps"): "abdomen-finder-long/ct2mr/fold1/finder/eval_mr/evaluate_finder.json",
+          ("mr->ct", "3,000 steps"): "abdomen-finder-long/mr2ct/fold1/finder/eval_ct/evaluate_finder.json"}
 #: The QC benchmark (#33): fold 1's targets aligned anew as `cmmas segment` aligns them, by mutual
 #: information or by the organs the finder found, the finder's agreement with each segmentation
 #: recorded (``experiments/evaluate.py --realign --finder_model ... --align_seed S``), per
-#: (direction, alignment, alignment seed).
+#: (direction, alignment, alignment seed); "long finder": the organs of abdomen-finder-long's finder.
 ORGAN_QC_SEEDS = (0, 1, 2)
-ORGAN_QC = {(direction, name, seed): f"abdomen/{folder}/fold1/eval_{variant}_seed{seed}/summary.json"
+ORGAN_QC = {(direction, name, seed): f"{run}/{folder}/fold1/eval_{variant}_seed{seed}/summary.json"
             for direction, folder in (("ct->mr", "ct2mr"), ("mr->ct", "mr2ct"))
-            for name, variant in (("mutual information", "realign"), ("organs", "organs"))
+            for name, run, variant in (("mutual information", "abdomen", "realign"), ("organs", "abdomen", "organs"),
+                                       ("organs, long finder", "abdomen-finder-long", "organs"))
             for seed in ORGAN_QC_SEEDS}
 #: The fusion whose labels the QC table scores (cmmas segment's default) and the thresholds of the
 #: finder's agreement it tries; a target is bad below the first bound, good above the second.
@@ -392,18 +396,18 @@ def settings_table(summaries: Mapping[tuple[str, str], Mapping], settings: Mappi
     return "\n".join(lines).strip()
 
 
-def finder_table(records: Mapping[str, Sequence[Mapping]]) -> str:
-    """Per direction: the finder's Dice per organ (mean over the targets), mean and worst target."""
+def finder_table(records: Mapping[tuple[str, str], Sequence[Mapping]]) -> str:
+    """Per (direction, training): the finder's Dice per organ (mean over the targets), mean and worst target."""
     lines = []
-    for direction, rows in records.items():
+    for (direction, training), rows in records.items():
         organs = [k for k in rows[0] if k not in ("case", "mean", "seconds")]
         if not lines:
-            lines = ["| direction | targets | " + " | ".join(organs) + " | mean Dice | worst target | s / scan |",
-                     "|---" * (len(organs) + 5) + "|"]
+            lines = ["| direction | training | targets | " + " | ".join(organs) + " | mean Dice | worst target | "
+                     "s / scan |", "|---" * (len(organs) + 6) + "|"]
         cells = " | ".join(_f(sum(r[o] for r in rows) / len(rows)) for o in organs)
         means = [r["mean"] for r in rows]
-        lines.append(f"| {direction} | {len(rows)} | {cells} | {_f(sum(means) / len(means))} | {_f(min(means))} | "
-                     f"{sorted(r['seconds'] for r in rows)[len(rows) // 2]:.2f} |")
+        lines.append(f"| {direction} | {training} | {len(rows)} | {cells} | {_f(sum(means) / len(means))} | "
+                     f"{_f(min(means))} | {sorted(r['seconds'] for r in rows)[len(rows) // 2]:.2f} |")
     return "\n".join(lines)
 
 
