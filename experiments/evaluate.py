@@ -78,6 +78,8 @@ flags.DEFINE_string("finder_model", None, "--atlas_set: an organ finder (.keras,
                     "target's QC record gets the finder's Dice with each fusion's label per structure.")
 flags.DEFINE_bool("organ_alignment", False, "--atlas_set with --realign and --finder_model: align by the found "
                   "organs too (cmmas segment --organ-alignment).")
+flags.DEFINE_bool("organ_registration", False, "--organ_alignment: the organs' start is an affine registration of "
+                  "the found organs onto the atlases' (mean squares) instead of a rigid stage by mutual information.")
 flags.DEFINE_integer("refine_steps", 0, "--atlas_set: refine every field on the target with MIND-SSC (cmmas segment "
                      "--refine-steps; 0: off).", lower_bound=0)
 flags.DEFINE_float("refine_scale", 0.5, "--atlas_set: the refinement's grid / the working grid (cmmas segment "
@@ -133,6 +135,8 @@ def _run() -> int:
             raise CmmasError("--reg_model", "--atlas_set needs a trained BiRegNet")
         if FLAGS.organ_alignment and not FLAGS.realign:
             raise CmmasError("--organ_alignment", "aligns a target anew: give --realign too")
+        if FLAGS.organ_registration and not FLAGS.organ_alignment:
+            raise CmmasError("--organ_registration", "registers the found organs: give --organ_alignment too")
         if FLAGS.realign:
             from cmmas.align import ants
 
@@ -147,7 +151,8 @@ def _run() -> int:
         config = SegmentConfig(fusion_options=_options(), atlases=FLAGS.atlases, modality=FLAGS.atlas_modality,
                                atlas_affine=FLAGS.atlas_affine, refine_steps=FLAGS.refine_steps,
                                refine_scale=FLAGS.refine_scale, batch_size=FLAGS.batch_size,
-                               organ_alignment=FLAGS.organ_alignment, align_seed=FLAGS.align_seed)
+                               organ_alignment=FLAGS.organ_alignment, organ_registration=FLAGS.organ_registration,
+                               align_seed=FLAGS.align_seed)
         if aset.manifest.oracle:
             from cmmas.evaluate import oracle
 

@@ -82,6 +82,8 @@ class SegmentConfig:
             (:func:`cmmas.align.target.align_to_reference`'s guide; False: chosen by mutual
             information). ``cmmas segment`` and ``segment-batch`` turn it on wherever they have a
             finder (docs/results.md: it measured better end to end in both directions).
+        organ_registration: with ``organ_alignment``, the organ start is the affine registration
+            of the found organs onto the atlases' (:attr:`cmmas.align.target.Starts.organ_registration`).
         align_seed: the alignment's ANTs sampling seed (with one ITK thread, the same seed gives
             the same alignment; another seed samples another, equally valid one).
         atlas_affine: give each chosen atlas its own affine stage onto the scan on the working
@@ -100,6 +102,7 @@ class SegmentConfig:
     prealign: bool = True
     starts: str = "robust"
     organ_alignment: bool = False
+    organ_registration: bool = False
     align_seed: int = 0
     atlas_affine: bool = False
     refine_steps: int = 0
@@ -387,6 +390,8 @@ class Segmenter:
         self._images, self._labels = self.aset.arrays(self.atlas_ids)
         self._reference_organs = (organs.reference_organs(self._labels, self.aset.geometry, self.codes)
                                   if self.config.organ_alignment else None)
+        self._starts = dataclasses.replace(STARTS[self.config.starts],
+                                           organ_registration=self.config.organ_registration)
         self.load_seconds = time.perf_counter() - start
 
     def warm_up(self, fusions: Sequence[str] | None = None) -> None:
@@ -442,7 +447,7 @@ class Segmenter:
             guide = None if self._reference_organs is None else organs.OrganGuide.of(
                 found_organs.probabilities, found_organs.geometry, self._reference_organs, self.codes)
             found = target_alignment.align_to_reference(target, self.aset.reference_image(), transform_dir, spacing,
-                                                        starts=STARTS[self.config.starts], guide=guide, seen=seen,
+                                                        starts=self._starts, guide=guide, seen=seen,
                                                         seed=self.config.align_seed)
             transforms = list(found.transforms)
             if found.flagged:

@@ -1,5 +1,7 @@
 """Placing a scan by its organs: centroids, the similarity between centroid sets, its file."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,40 @@ def test_a_shifted_scan_is_placed_by_its_organ_centroids(tmp_path):
     assert organs.organ_start(reference, {}) is None
     small = organs.centroids_mm(_ball_maps(geometry.shape, centres, 1, geometry), codes, geometry, min_ml=1.0)
     assert small == {}  # 7 voxels of 12 mm^3: below 1 ml, not found
+
+
+def _ellipsoid_label(shape, ellipsoids):
+    """A label map (codes 1..) of ellipsoids ``(centre zyx, radii zyx)`` in voxels."""
+    grid = np.indices(shape).astype(float)
+    label = np.zeros(shape, np.int16)
+    for code, (centre, radii) in enumerate(ellipsoids, 1):
+        inside = sum(((grid[a] - centre[a]) / radii[a]) ** 2 for a in range(3)) <= 1
+        label[inside] = code
+    return label
+
+
+def test_the_organ_maps_rank_the_organs_and_the_registration_recovers_a_stretch_the_centroids_miss(tmp_path):
+    from cmmas.io import Image
+
+    codes = [0, 1, 2, 3]
+    probabilities = np.zeros((4, 2, 1, 1), np.float32)
+    probabilities[:, 0, 0, 0] = [0.0, 0.0, 0.5, 0.5]
+    probabilities[:, 1, 0, 0] = [1.0, 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(organs.organ_map(probabilities)[:, 0, 0], [2.5, 0.0])
+
+    geometry = Geometry(size=(40, 40, 44), spacing=(3.0, 3.0, 3.0), origin=(-60.0, -60.0, -66.0),
+                        direction=tuple(np.eye(3).ravel()))
+    organs_ref = [((22, 16, 14), (9, 6, 8)), ((16, 26, 28), (5, 4, 4)), ((26, 26, 28), (5, 4, 4))]
+    stretch = np.array([1.25, 1.0, 1.0])  # z, y, x: along z only, about the volume's centre
+    centre = (np.array(geometry.shape) - 1) / 2
+    organs_scan = [(centre + (np.array(c) - centre) * stretch + [0, 2, -1], np.array(r) * stretch)
+                   for c, r in organs_ref]
+    reference = Image(_ellipsoid_label(geometry.shape, organs_ref), geometry)
+    scan = _ellipsoid_label(geometry.shape, organs_scan)
+    guide = organs.OrganGuide.of(np.stack([scan == c for c in codes]).astype(np.float32), geometry, reference, codes)
+    assert guide.reference_map.array.max() == 3 and guide.scan_map.geometry == geometry
+    start = organs.write_affine(guide.start, tmp_path / "start.mat")
+    by_centroids = guide.overlap([start])
+    registered = guide.register(start)
+    assert all(Path(f).parent == tmp_path for f in registered)
+    assert guide.overlap(registered) > max(by_centroids + 0.05, 0.85)

@@ -1,5 +1,6 @@
 """The scan's alignment to the reference: several starts, one answer, a QC record."""
 
+import dataclasses
 import filecmp
 
 import numpy as np
@@ -133,6 +134,10 @@ def test_organs_place_a_scan_whose_mutual_information_starts_are_pulled_off(tmp_
     [organ] = [c for c in guided.candidates if c.from_organs]
     assert organ.distance_mm == 0.0 and organ.organ_overlap == guided.qc()["organ_overlap"] > 0.5
     assert unguided.qc()["organ_overlap"] is None
+    registered = target.align_to_reference(padded, ref, tmp_path / "registered", 4.0, guide=guide,
+                                           starts=dataclasses.replace(both_pulled, organ_registration=True))
+    assert target.distance_mm(registered.transforms, truth, points) < 5.0
+    assert [c.from_organs for c in registered.candidates] == [False, False, True]
 
 
 def test_an_alignment_chosen_by_organs_is_flagged_by_their_overlap_not_by_the_starts_agreement():

@@ -107,10 +107,20 @@ def write_affine(matrix: np.ndarray, path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
+def organ_map(probabilities: np.ndarray) -> np.ndarray:
+    """One image of a scan's organs for an intensity registration between label maps: each voxel
+    the expected organ rank, ``sum_k k * p_k`` over the foreground labels ``k = 1 .. L-1`` of the
+    probabilities ``[L, D, H, W]`` (background 0 first; a one-hot label map gives its ranks),
+    ``[D, H, W]`` float32. Two scans' organ maps are alike where their organs coincide, whatever
+    their modalities."""
+    ranks = np.arange(probabilities.shape[0], dtype=np.float32).reshape(-1, *([1] * (probabilities.ndim - 1)))
+    return (np.asarray(probabilities, np.float32) * ranks).sum(axis=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class OrganGuide:
     """What guides an alignment by organs: the scan's organs as the finder found them and the
-    reference's organs, both as label maps (codes).
+    reference's organs, both as label maps (codes) and as organ maps (:func:`organ_map`).
 
     Attributes:
         scan_label: the finder's label of the scan, on the finder's grid (the scan's space).
@@ -118,11 +128,15 @@ class OrganGuide:
             working grid, :func:`reference_organs`).
         start: the similarity carrying the reference's organ centroids onto the scan's
             (:func:`organ_start`), ``[4, 4]``; None when no organ is in both.
+        scan_map: the organ map of the finder's probabilities, on the finder's grid.
+        reference_map: the organ map of ``reference_label``, on its grid.
     """
 
     scan_label: Image
     reference_label: Image
     start: np.ndarray | None
+    scan_map: Image
+    reference_map: Image
 
     @classmethod
     def of(cls, scan_probabilities: np.ndarray, scan_geometry: Geometry, reference_label: Image,
@@ -134,7 +148,18 @@ class OrganGuide:
         reference = np.stack([reference_label.array == c for c in codes]).astype(np.float32)
         start = organ_start(centroids_mm(reference, codes, reference_label.geometry),
                             centroids_mm(np.asarray(scan_probabilities), codes, scan_geometry))
-        return cls(Image(label.astype(np.int16), scan_geometry), reference_label, start)
+        return cls(Image(label.astype(np.int16), scan_geometry), reference_label, start,
+                   Image(organ_map(scan_probabilities), scan_geometry),
+                   Image(organ_map(reference), reference_label.geometry))
+
+    def register(self, initial: str | os.PathLike, seed: int = 0) -> list[str]:
+        """An affine registration (ANTs, mean squares, the fast schedule) of the scan's organ map
+        onto the reference's from the transform file ``initial`` (e.g. :attr:`start` written by
+        :func:`write_affine`): one modality, no mutual information. Returns the transform files
+        (reference point -> scan point), in the folder of ``initial``."""
+        reg = ants.register(self.scan_map, self.reference_map, kind="affine_only", metric="meansquares", seed=seed,
+                            fast=True, initial=[initial], out_dir=os.path.dirname(os.fspath(initial)))
+        return list(reg.forward)
 
     def overlap(self, transforms: Sequence[str]) -> float:
         """Mean Dice over the reference's organs between its label and the scan's finder label

@@ -71,6 +71,7 @@ class Starts:
     agree_mm: float = 15.0
     min_agreement: float = 0.4
     min_organ_overlap: float = 0.3
+    organ_registration: bool = False
 
     def __post_init__(self) -> None:
         if not self.shifts:
@@ -345,7 +346,9 @@ def align_to_reference(
         organ_start = None
         if guide is not None and guide.start is not None:
             organ_start = len(coarse)
-            coarse.append(_coarse_rigid_from(moving, reference, guide.start, starts, seed, Path(tmp) / "organs"))
+            folder = Path(tmp) / "organs"
+            coarse.append(_organs_registered(moving, reference, guide, seed, folder) if starts.organ_registration
+                          else _coarse_rigid_from(moving, reference, guide.start, starts, seed, folder))
         order = sorted(range(len(coarse)), key=lambda i: (i != organ_start, -coarse[i][2], abs(coarse[i][0])))
         refined: dict[int, tuple[list[str], float]] = {}
         for i in order:
@@ -386,6 +389,15 @@ def _coarse_rigid_from(moving: Image, reference: Image, matrix: np.ndarray, star
     folder.mkdir(parents=True)
     return (0.0, *_rigid_stage(moving, reference, organs.write_affine(matrix, folder / "start.mat"), starts, seed,
                                folder))
+
+
+def _organs_registered(moving: Image, reference: Image, guide: OrganGuide, seed: int,
+                       folder: Path) -> tuple[float, list[str], float]:
+    """The organ start by registration: the guide's organ maps registered from their centroids'
+    similarity (:meth:`OrganGuide.register`): ``(0.0, transforms, mutual information)``."""
+    folder.mkdir(parents=True)
+    transforms = guide.register(organs.write_affine(guide.start, folder / "start.mat"), seed=seed)
+    return 0.0, transforms, mutual_information(reference, ants.apply(transforms, moving, reference))
 
 
 def _rigid_stage(moving: Image, reference: Image, initial: str, starts: Starts, seed: int,
