@@ -61,6 +61,10 @@ def test_a_shifted_scan_is_placed_by_its_organ_centroids(tmp_path):
     points = np.array([reference[c][0] for c in sorted(reference)])
     np.testing.assert_allclose(ants.transform_points([path], points), points + shift_mm, atol=1e-4)
     assert organs.organ_start(reference, {}) is None
+    shrunk = {c: (0.6 * point, volume) for c, (point, volume) in reference.items()}
+    np.testing.assert_allclose(np.linalg.svd(organs.organ_start(reference, shrunk)[:3, :3])[1], 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.svd(organs.organ_start(reference, shrunk, scale=True)[:3, :3])[1], 0.6,
+                               atol=1e-9)
     small = organs.centroids_mm(_ball_maps(geometry.shape, centres, 1, geometry), codes, geometry, min_ml=1.0)
     assert small == {}  # 7 voxels of 12 mm^3: below 1 ml, not found
 

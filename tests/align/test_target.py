@@ -136,8 +136,9 @@ def test_organs_place_a_scan_whose_mutual_information_starts_are_pulled_off(tmp_
     assert unguided.qc()["organ_overlap"] is None
     registered = target.align_to_reference(padded, ref, tmp_path / "registered", 4.0, guide=guide,
                                            starts=dataclasses.replace(both_pulled, organ_registration=True))
-    assert target.distance_mm(registered.transforms, truth, points) < 5.0
-    assert [c.from_organs for c in registered.candidates] == [False, False, True]
+    assert target.distance_mm(registered.transforms, truth, points) < 8.0  # 2 voxels; "truth" is itself an MI alignment
+    [only] = registered.candidates  # the organs alone: no start by mutual information
+    assert only.from_organs and only.organ_overlap == registered.qc()["organ_overlap"] > 0.5
 
 
 def test_an_alignment_chosen_by_organs_is_flagged_by_their_overlap_not_by_the_starts_agreement():

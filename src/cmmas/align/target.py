@@ -63,6 +63,10 @@ class Starts:
             organs run (docs/results.md): at 0.3 it flagged 31 of the 32 calls whose atlases ended
             below 0.3 mean Dice and 3 of the 25 above 0.5; the agreement of the starts, which the organ
             start lowers, flagged 101 of the 112 calls that did not collapse.
+        organ_registration: with an organ guide that has a start, the alignment is the affine
+            registration of the found organs onto the reference's from their centroids' rigid fit
+            (:meth:`cmmas.align.organs.OrganGuide.register`) and nothing else: no start or stage by
+            mutual information (docs/results.md, "Alignment by organs").
     """
 
     shifts: tuple[float, ...] = (0.0, -0.125, 0.125, -0.25, 0.25)
@@ -341,14 +345,14 @@ def align_to_reference(
             mi = mutual_information(reference, final.warped)
             candidates = (Candidate(round(shift, 2), None, round(mi, 5), 0.0),)
             return _found(final.forward, shift, mi, candidates, starts, start)
+        if guide is not None and guide.start is not None and starts.organ_registration:
+            return _by_organs(moving, reference, guide, starts, seed, Path(tmp), out_dir, start)
         coarse = [_coarse_rigid(moving, reference, base, float(f) * extent, starts, seed, Path(tmp) / f"start{n}")
                   for n, f in enumerate(starts.shifts)]
         organ_start = None
         if guide is not None and guide.start is not None:
             organ_start = len(coarse)
-            folder = Path(tmp) / "organs"
-            coarse.append(_organs_registered(moving, reference, guide, seed, folder) if starts.organ_registration
-                          else _coarse_rigid_from(moving, reference, guide.start, starts, seed, folder))
+            coarse.append(_coarse_rigid_from(moving, reference, guide.start, starts, seed, Path(tmp) / "organs"))
         order = sorted(range(len(coarse)), key=lambda i: (i != organ_start, -coarse[i][2], abs(coarse[i][0])))
         refined: dict[int, tuple[list[str], float]] = {}
         for i in order:
@@ -391,13 +395,16 @@ def _coarse_rigid_from(moving: Image, reference: Image, matrix: np.ndarray, star
                                folder))
 
 
-def _organs_registered(moving: Image, reference: Image, guide: OrganGuide, seed: int,
-                       folder: Path) -> tuple[float, list[str], float]:
-    """The organ start by registration: the guide's organ maps registered from their centroids'
-    similarity (:meth:`OrganGuide.register`): ``(0.0, transforms, mutual information)``."""
-    folder.mkdir(parents=True)
-    transforms = guide.register(organs.write_affine(guide.start, folder / "start.mat"), seed=seed)
-    return 0.0, transforms, mutual_information(reference, ants.apply(transforms, moving, reference))
+def _by_organs(moving: Image, reference: Image, guide: OrganGuide, starts: Starts, seed: int, tmp: Path,
+               out_dir: str | os.PathLike, began: float) -> TargetAlignment:
+    """The alignment by organ registration alone (:attr:`Starts.organ_registration`): one candidate,
+    its mutual information recorded, flagged on its organs' overlap."""
+    transforms = guide.register(organs.write_affine(guide.start, tmp / "start.mat"), seed=seed)
+    mi = mutual_information(reference, ants.apply(transforms, moving, reference))
+    overlap = guide.overlap(transforms)
+    candidates = (Candidate(0.0, None, round(mi, 5), 0.0, from_organs=True, organ_overlap=round(overlap, 4)),)
+    transforms, _ = ants.export(transforms, [], out_dir)
+    return _found(transforms, 0.0, mi, candidates, starts, began, overlap)
 
 
 def _rigid_stage(moving: Image, reference: Image, initial: str, starts: Starts, seed: int,
