@@ -20,7 +20,9 @@ registration):
              (`cmmas segment --atlas-affine`, cmmas.align.per_atlas);
   organs     robust plus a start from the organs an organ finder (--finder, one per atlas set)
              finds in the target, the result chosen by its organs' overlap with the atlases'
-             (`cmmas segment --organ-alignment`, cmmas.align.organs); one ANTs thread.
+             (`cmmas segment --organ-alignment`, cmmas.align.organs); one ANTs thread;
+  organs_registered  the found organs registered onto the atlases' from their centroids, no
+             mutual information (cmmas.align.target.Starts.organ_registration); one ANTs thread.
 
 Printed per direction and method: the mean Dice over targets (each target's mean over its
 calls), the worst call of any target, collapses (calls with mean organ Dice < 0.3), targets
@@ -49,6 +51,7 @@ is then a target):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -66,7 +69,8 @@ from cmmas.scripts import absl_main, write_bench_json
 
 FLAGS = flags.FLAGS
 _DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "abdomen-ctmr"
-METHODS = ("single", "robust", "robust_mt", "robust_atlas", "organs")
+METHODS = ("single", "robust", "robust_mt", "robust_atlas", "organs", "organs_registered")
+GUIDED = ("organs", "organs_registered")
 
 flags.DEFINE_string("data", str(_DATA), "Data-set root holding the targets.")
 flags.DEFINE_enum("layout", "folder", ["folder", "mmwhs", "chaos"], "On-disk layout of --data.")
@@ -111,9 +115,11 @@ def _run_method(method: str) -> list[dict]:
     from cmmas.datasets.loading import load_case
     from cmmas.evaluate import alignment
 
-    if method in ("robust", "robust_atlas", "organs"):
+    if method in ("robust", "robust_atlas", *GUIDED):
         ants.set_threads(1)
-    starts = target_alignment.SINGLE if method == "single" else target_alignment.ROBUST
+    starts = {"single": target_alignment.SINGLE,
+              "organs_registered": dataclasses.replace(target_alignment.ROBUST, organ_registration=True)
+              }.get(method, target_alignment.ROBUST)
     dataset = open_dataset(FLAGS.data, FLAGS.layout)
     rows = []
     for n, path in enumerate(FLAGS.atlas_set):
@@ -122,7 +128,7 @@ def _run_method(method: str) -> list[dict]:
         codes = [0, *sorted(aset.labels)]
         atlas_ids, cases, direction = _targets(aset, dataset)
         engine = alignment.affine_engine(aset, atlas_ids, atlas_affine=method == "robust_atlas")
-        guide_of = (_guides(aset, atlas_ids, codes, FLAGS.finder[n]) if method == "organs"
+        guide_of = (_guides(aset, atlas_ids, codes, FLAGS.finder[n]) if method in GUIDED
                     else lambda scan, seen: None)
         for case in cases:
             image, truth = load_case(case, aset.labels)
@@ -196,8 +202,8 @@ def _main() -> int:
     unknown = [m for m in FLAGS.methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"unknown method(s) {unknown}; choose from {METHODS}")
-    if "organs" in FLAGS.methods + [FLAGS.method] and len(FLAGS.finder or []) != len(FLAGS.atlas_set):
-        raise app.UsageError("the organs method needs one --finder per --atlas_set")
+    if set(GUIDED) & set(FLAGS.methods + [FLAGS.method]) and len(FLAGS.finder or []) != len(FLAGS.atlas_set):
+        raise app.UsageError("the organs methods need one --finder per --atlas_set")
     if FLAGS.method:
         rows = _run_method(FLAGS.method)
         Path(FLAGS.json).write_text(json.dumps(rows))
