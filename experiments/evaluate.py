@@ -78,8 +78,8 @@ flags.DEFINE_string("finder_model", None, "--atlas_set: an organ finder (.keras,
                     "target's QC record gets the finder's Dice with each fusion's label per structure.")
 flags.DEFINE_bool("organ_alignment", False, "--atlas_set with --realign and --finder_model: align by the found "
                   "organs too (cmmas segment --organ-alignment).")
-flags.DEFINE_bool("organ_registration", False, "--organ_alignment: the organs' start is an affine registration of "
-                  "the found organs onto the atlases' (mean squares) instead of a rigid stage by mutual information.")
+flags.DEFINE_bool("organ_registration", False, "--organ_alignment: align by the registration of the found organs "
+                  "onto the atlases' alone (no alignment by mutual information competes).")
 flags.DEFINE_integer("refine_steps", 0, "--atlas_set: refine every field on the target with MIND-SSC (cmmas segment "
                      "--refine-steps; 0: off).", lower_bound=0)
 flags.DEFINE_float("refine_scale", 0.5, "--atlas_set: the refinement's grid / the working grid (cmmas segment "

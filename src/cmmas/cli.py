@@ -175,9 +175,9 @@ def _segment_parser(sub) -> None:
                      "it finds each scan's organs on their own, and the QC record gets their Dice with the "
                      "segmentation per structure ('organs')")
     seg.add_argument("--organ-alignment", action=argparse.BooleanOptionalAction, default=None,
-                     help="with an organ finder (on by default wherever there is one): one more alignment start from "
-                     "the found organs' centroids, and the alignment whose organs overlap the reference's best is kept "
-                     "(instead of the highest mutual information); the QC record's alignment.organ_overlap says how "
+                     help="with an organ finder (on by default wherever there is one): the found organs are also "
+                     "registered onto the atlases' organs, and that alignment or the one by mutual information, "
+                     "whichever overlaps the atlases' organs more, is kept; the QC record's alignment.organ_overlap says how "
                      "well they overlap")
     seg.add_argument("--fusion-model", type=Path, default=None, metavar="MODEL.keras",
                      help="a learned fusion's trained network (.keras: SimNet, DLF or U-Net; its model card says "

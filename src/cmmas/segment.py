@@ -77,13 +77,13 @@ class SegmentConfig:
         prealign: align the scan to the reference; False: it already lies in the reference space.
         starts: the alignment's starts, a key of :data:`STARTS` ("robust": five along the
             cranio-caudal axis; "single": the centre-of-mass translation only).
-        organ_alignment: with an organ finder and robust starts, one more start from the found
-            organs' centroids, and the result whose organs overlap the reference's best is chosen
-            (:func:`cmmas.align.target.align_to_reference`'s guide; False: chosen by mutual
-            information). ``cmmas segment`` and ``segment-batch`` turn it on wherever they have a
+        organ_alignment: with an organ finder and robust starts, the found organs are also
+            registered onto the atlases' organs, and that result or the one by mutual information,
+            whichever overlaps the atlases' organs more, is kept
+            (:func:`cmmas.align.target.align_to_reference`'s guide; False: by mutual information). ``cmmas segment`` and ``segment-batch`` turn it on wherever they have a
             finder (docs/results.md: it measured better end to end in both directions).
-        organ_registration: with ``organ_alignment``, the organ start is the affine registration
-            of the found organs onto the atlases' (:attr:`cmmas.align.target.Starts.organ_registration`).
+        organ_registration: with ``organ_alignment``, the registration of the found organs alone,
+            no alignment by mutual information (:attr:`cmmas.align.target.Starts.organ_registration`).
         align_seed: the alignment's ANTs sampling seed (with one ITK thread, the same seed gives
             the same alignment; another seed samples another, equally valid one).
         atlas_affine: give each chosen atlas its own affine stage onto the scan on the working

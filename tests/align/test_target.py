@@ -130,13 +130,15 @@ def test_organs_place_a_scan_whose_mutual_information_starts_are_pulled_off(tmp_
     unguided = target.align_to_reference(padded, ref, tmp_path / "mi", 4.0, starts=both_pulled)
     guided = target.align_to_reference(padded, ref, tmp_path / "organs", 4.0, starts=both_pulled, guide=guide)
     assert target.distance_mm(unguided.transforms, truth, points) > 15.0
-    assert target.distance_mm(guided.transforms, truth, points) < 5.0
+    assert target.distance_mm(guided.transforms, truth, points) < 8.0  # 2 voxels; "truth" is itself an MI alignment
     [organ] = [c for c in guided.candidates if c.from_organs]
     assert organ.distance_mm == 0.0 and organ.organ_overlap == guided.qc()["organ_overlap"] > 0.5
+    [by_mi] = [c for c in guided.candidates if not c.from_organs and c.organ_overlap is not None]
+    assert by_mi.organ_overlap < organ.organ_overlap  # the alignment by mutual information lost on the organs
     assert unguided.qc()["organ_overlap"] is None
     registered = target.align_to_reference(padded, ref, tmp_path / "registered", 4.0, guide=guide,
                                            starts=dataclasses.replace(both_pulled, organ_registration=True))
-    assert target.distance_mm(registered.transforms, truth, points) < 8.0  # 2 voxels; "truth" is itself an MI alignment
+    assert target.distance_mm(registered.transforms, guided.transforms, points) < 0.01  # the organs won above
     [only] = registered.candidates  # the organs alone: no start by mutual information
     assert only.from_organs and only.organ_overlap == registered.qc()["organ_overlap"] > 0.5
 

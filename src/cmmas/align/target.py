@@ -9,6 +9,13 @@ coarse results (by mutual information) run the affine stage of
 :data:`cmmas.align.ants.FAST_SCHEDULE`, and the one with the highest mutual information with the
 reference is kept (:attr:`Starts.refine`).
 
+With an organ finder (a guide, :class:`cmmas.align.organs.OrganGuide`), the found organs are also
+registered onto the atlases' organs (one modality: label maps, no mutual information), started
+from the rigid fit of their centroids, and that result competes with the one chosen by mutual
+information: the one whose found organs overlap the atlases' more is kept. On fold 1's targets
+the found organs' overlap picked the better of the two where mutual information alone could not
+(docs/results.md, "The QC end to end").
+
 Quality control: every start's result is compared with the chosen one; the fraction that lands
 within :attr:`Starts.agree_mm` of it (``agreement``), the chosen mutual information and its
 ``margin`` over the best refined start that disagrees are recorded (:class:`TargetAlignment`,
@@ -63,10 +70,9 @@ class Starts:
             organs run (docs/results.md): at 0.3 it flagged 31 of the 32 calls whose atlases ended
             below 0.3 mean Dice and 3 of the 25 above 0.5; the agreement of the starts, which the organ
             start lowers, flagged 101 of the 112 calls that did not collapse.
-        organ_registration: with an organ guide that has a start, the alignment is the affine
-            registration of the found organs onto the reference's from their centroids' rigid fit
-            (:meth:`cmmas.align.organs.OrganGuide.register`) and nothing else: no start or stage by
-            mutual information (docs/results.md, "Alignment by organs").
+        organ_registration: with an organ guide that has a start, the alignment is the
+            registration of the found organs alone (:meth:`cmmas.align.organs.OrganGuide.register`):
+            no start by mutual information competes (faster; docs/results.md, "Alignment by organs").
     """
 
     shifts: tuple[float, ...] = (0.0, -0.125, 0.125, -0.25, 0.25)
@@ -123,8 +129,9 @@ class TargetAlignment:
         candidates: every start.
         seconds: wall time.
         deterministic: whether ANTs ran with one thread (repeatable results).
-        flagged: the alignment may be wrong: chosen by organs, their overlap is below
-            :attr:`Starts.min_organ_overlap`; else the agreement is below :attr:`Starts.min_agreement`.
+        flagged: the alignment may be wrong: with an organ guide, the chosen result's organ
+            overlap is below :attr:`Starts.min_organ_overlap`; else the agreement is below
+            :attr:`Starts.min_agreement`.
         agree_mm: the distance within which a start counted as agreeing, mm.
         organ_overlap: with an organ guide, the chosen result's mean organ Dice with the
             reference's organs (None: unguided); the guide chooses by it, not by mutual information.
@@ -322,9 +329,10 @@ def align_to_reference(
             default schedule); the starts' coarse rigid stages always run the fast one's coarsest level.
         seed: ANTs's sampling seed.
         guide: the scan's organs as an organ finder found them (:class:`cmmas.align.organs.OrganGuide`):
-            one more start from the similarity of their centroids, always refined, and the refined
-            result whose organs overlap the reference's best is chosen (mutual information breaks
-            ties). None: the starts along z, chosen by mutual information. Multi-start only.
+            the alignment by mutual information (as without a guide) and the registration of the
+            found organs onto the reference's compete, and the one whose found organs overlap the
+            reference's more is kept (module docstring). None: by mutual information alone.
+            Multi-start only.
         seen: the scan's :func:`alignment_image` at ``align_spacing_mm`` where it is already
             computed (the organ finder reads the same image); None: computed here.
 
@@ -345,15 +353,17 @@ def align_to_reference(
             mi = mutual_information(reference, final.warped)
             candidates = (Candidate(round(shift, 2), None, round(mi, 5), 0.0),)
             return _found(final.forward, shift, mi, candidates, starts, start)
-        if guide is not None and guide.start is not None and starts.organ_registration:
-            return _by_organs(moving, reference, guide, starts, seed, Path(tmp), out_dir, start)
+        organ = None
+        if guide is not None and guide.start is not None:
+            organ = _organs_registered(moving, reference, guide, seed, Path(tmp) / "organs")
+            if starts.organ_registration:
+                candidates = (Candidate(0.0, None, round(organ[1], 5), 0.0, from_organs=True,
+                                        organ_overlap=round(organ[2], 4)),)
+                transforms, _ = ants.export(organ[0], [], out_dir)
+                return _found(transforms, 0.0, organ[1], candidates, starts, start, organ[2])
         coarse = [_coarse_rigid(moving, reference, base, float(f) * extent, starts, seed, Path(tmp) / f"start{n}")
                   for n, f in enumerate(starts.shifts)]
-        organ_start = None
-        if guide is not None and guide.start is not None:
-            organ_start = len(coarse)
-            coarse.append(_coarse_rigid_from(moving, reference, guide.start, starts, seed, Path(tmp) / "organs"))
-        order = sorted(range(len(coarse)), key=lambda i: (i != organ_start, -coarse[i][2], abs(coarse[i][0])))
+        order = sorted(range(len(coarse)), key=lambda i: (-coarse[i][2], abs(coarse[i][0])))
         refined: dict[int, tuple[list[str], float]] = {}
         for i in order:
             if len(refined) == starts.refine:
@@ -363,18 +373,22 @@ def align_to_reference(
             reg = ants.register(moving, reference, kind="affine_only", seed=seed, fast=fast, initial=coarse[i][1],
                                 out_dir=Path(tmp) / f"final{i}")
             refined[i] = (list(reg.forward), mutual_information(reference, reg.warped))
-        overlaps = {i: guide.overlap(refined[i][0]) for i in refined} if guide is not None else {}
-        best = max(refined, key=lambda i: (overlaps.get(i, 0.0), refined[i][1], -abs(coarse[i][0])))
+        best = max(refined, key=lambda i: (refined[i][1], -abs(coarse[i][0])))
+        chosen, shift, mi = refined[best][0], coarse[best][0], refined[best][1]
+        overlap = mi_overlap = None if organ is None else guide.overlap(chosen)
+        if organ is not None and organ[2] > mi_overlap:
+            chosen, shift, mi, overlap = organ[0], 0.0, organ[1], organ[2]
         candidates = tuple(
-            Candidate(shift_mm=round(shift, 2), coarse_mutual_information=round(mi, 5),
+            Candidate(shift_mm=round(c_shift, 2), coarse_mutual_information=round(c_mi, 5),
                       mutual_information=round(refined[i][1], 5) if i in refined else None,
-                      distance_mm=round(distance_mm(refined[i][0] if i in refined else tfm, refined[best][0],
-                                                    points), 2),
-                      from_organs=i == organ_start, organ_overlap=round(overlaps[i], 4) if i in overlaps else None)
-            for i, (shift, tfm, mi) in enumerate(coarse)
-        )
-        transforms, _ = ants.export(refined[best][0], [], out_dir)
-    return _found(transforms, coarse[best][0], refined[best][1], candidates, starts, start, overlaps.get(best))
+                      distance_mm=round(distance_mm(refined[i][0] if i in refined else tfm, chosen, points), 2),
+                      organ_overlap=round(mi_overlap, 4) if mi_overlap is not None and i == best else None)
+            for i, (c_shift, tfm, c_mi) in enumerate(coarse)
+        ) + (() if organ is None else (
+            Candidate(0.0, None, round(organ[1], 5), round(distance_mm(organ[0], chosen, points), 2),
+                      from_organs=True, organ_overlap=round(organ[2], 4)),))
+        transforms, _ = ants.export(chosen, [], out_dir)
+    return _found(transforms, shift, mi, candidates, starts, start, overlap)
 
 
 def _coarse_rigid(moving: Image, reference: Image, base: np.ndarray, shift: float, starts: Starts, seed: int,
@@ -386,25 +400,15 @@ def _coarse_rigid(moving: Image, reference: Image, base: np.ndarray, shift: floa
     return (shift, *_rigid_stage(moving, reference, initial, starts, seed, folder))
 
 
-def _coarse_rigid_from(moving: Image, reference: Image, matrix: np.ndarray, starts: Starts, seed: int,
-                       folder: Path) -> tuple[float, list[str], float]:
-    """The organ start: the similarity ``matrix`` (reference point -> scan point) refined by the
-    same rigid stage as :func:`_coarse_rigid`: ``(0.0, transforms, mutual information)``."""
+def _organs_registered(moving: Image, reference: Image, guide: OrganGuide, seed: int,
+                       folder: Path) -> tuple[list[str], float, float]:
+    """The alignment by the found organs alone: their registration onto the reference's from their
+    centroids' rigid fit (:meth:`OrganGuide.register`): ``(transforms, mutual information, organ
+    overlap)``."""
     folder.mkdir(parents=True)
-    return (0.0, *_rigid_stage(moving, reference, organs.write_affine(matrix, folder / "start.mat"), starts, seed,
-                               folder))
-
-
-def _by_organs(moving: Image, reference: Image, guide: OrganGuide, starts: Starts, seed: int, tmp: Path,
-               out_dir: str | os.PathLike, began: float) -> TargetAlignment:
-    """The alignment by organ registration alone (:attr:`Starts.organ_registration`): one candidate,
-    its mutual information recorded, flagged on its organs' overlap."""
-    transforms = guide.register(organs.write_affine(guide.start, tmp / "start.mat"), seed=seed)
+    transforms = guide.register(organs.write_affine(guide.start, folder / "start.mat"), seed=seed)
     mi = mutual_information(reference, ants.apply(transforms, moving, reference))
-    overlap = guide.overlap(transforms)
-    candidates = (Candidate(0.0, None, round(mi, 5), 0.0, from_organs=True, organ_overlap=round(overlap, 4)),)
-    transforms, _ = ants.export(transforms, [], out_dir)
-    return _found(transforms, 0.0, mi, candidates, starts, began, overlap)
+    return transforms, mi, guide.overlap(transforms)
 
 
 def _rigid_stage(moving: Image, reference: Image, initial: str, starts: Starts, seed: int,
