@@ -213,4 +213,4 @@ def test_the_qc_table_counts_flagged_bad_and_good_targets_and_organs():
     again = [{**r, "dice": {k: v - 0.1 for k, v in r["dice"].items()}} if r["case"] == "a" else r for r in rows]
     two = page.qc_table({("ct->mr", "organs"): [rows, again]}, thresholds=(0.3,)).splitlines()
     assert two[2].startswith("| ct->mr | organs | 3 x 2 | 0.650 | 0.250 | 2 | 0.100 | 2 of 2 / 0 of 4 |")
-    assert table[-1] == "| 6 | 1 of 2 / 0 of 4 | 2 of 2 / 1 of 4 |"
+    assert table[-1] == "| organs | 6 | 1 of 2 / 0 of 4 | 2 of 2 / 1 of 4 |"

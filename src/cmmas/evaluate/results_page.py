@@ -429,12 +429,12 @@ def qc_table(records: Mapping[tuple[str, str], Sequence[Sequence[Mapping]]], met
     with ``method`` over every call (mean, worst call, calls below 0.3, the largest spread of a
     target's Dice between calls), how many bad / good target calls the alignment's flag, the QC
     flag (the alignment's or a doubtful organ) and a threshold on the finder's lowest organ
-    agreement flag; then per organ, pooled, how many bad / good organs each threshold of the
-    organ's own agreement calls doubtful."""
+    agreement flag; then per alignment, every organ of both directions pooled, how many bad / good
+    organs each threshold of the organ's own agreement calls doubtful."""
     head = " | ".join(f"lowest agreement < {t:g}" for t in thresholds)
     lines = [f"| direction | alignment | targets x calls | mean Dice | worst call | below 0.3 | largest spread | "
              f"alignment flag | QC flag | {head} |", "|---" * (9 + len(thresholds)) + "|"]
-    organs: list[tuple[float, float]] = []
+    organs: dict[str, list[tuple[float, float]]] = {}
     for (direction, alignment), calls in records.items():
         mine = [r for rows in calls for r in rows if r["method"] == method]
         if not mine:
@@ -445,17 +445,19 @@ def qc_table(records: Mapping[tuple[str, str], Sequence[Sequence[Mapping]]], met
             by_target.setdefault(r["case"], []).append(m)
         spread = max(max(v) - min(v) for v in by_target.values())
         lowest = [min((v for v in (r["agreement"] or {}).values() if v is not None), default=0.0) for r in mine]
-        organs += [(r["dice"][name], value) for r in mine for name, value in (r["agreement"] or {}).items()
-                   if value is not None and name in r["dice"]]
+        organs.setdefault(alignment, []).extend(
+            (r["dice"][name], value) for r in mine for name, value in (r["agreement"] or {}).items()
+            if value is not None and name in r["dice"])
         cells = " | ".join(_flag_counts([(m, a < t) for m, a in zip(means, lowest)]) for t in thresholds)
         lines.append(f"| {direction} | {alignment} | {len(by_target)} x {len(calls)} | {_f(float(np.mean(means)))} | "
                      f"{_f(min(means))} | {sum(m < 0.3 for m in means)} | {_f(spread)} | "
                      f"{_flag_counts([(m, r['alignment_flagged']) for m, r in zip(means, mine)])} | "
                      f"{_flag_counts([(m, r['flagged']) for m, r in zip(means, mine)])} | {cells} |")
-    lines += ["", f"| organs (pooled) | {' | '.join(f'agreement < {t:g}' for t in thresholds)} |",
-              "|---" * (1 + len(thresholds)) + "|",
-              f"| {len(organs)} | " + " | ".join(_flag_counts([(d, a < t) for d, a in organs]) for t in thresholds)
-              + " |"]
+    lines += ["", f"| alignment | organs (pooled) | {' | '.join(f'agreement < {t:g}' for t in thresholds)} |",
+              "|---" * (2 + len(thresholds)) + "|"]
+    lines += [f"| {alignment} | {len(pairs)} | " + " | ".join(_flag_counts([(d, a < t) for d, a in pairs])
+                                                             for t in thresholds) + " |"
+              for alignment, pairs in organs.items()]
     return "\n".join(lines)
 
 
