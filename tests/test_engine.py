@@ -117,6 +117,10 @@ def test_cmmas_segment_aligns_by_organs_wherever_it_has_a_finder_unless_told_not
     assert organs(finder=True) and not organs(finder=False)
     assert not organs("--no-organ-alignment", finder=True) and not organs("--single-start", finder=True)
     assert organs("--organ-alignment", finder=False)  # asked for: the engine refuses it without a finder
+    args = cli._parser().parse_args(["segment", "--target", "t.nii.gz", "--out", "s.nii.gz", "--organs-only"])
+    assert cli.segment_config(args, finder=True).organ_registration
+    with pytest.raises(CmmasError, match="needs the alignment by organs"):
+        cli.segment_config(args, finder=False)
 
 
 def test_one_warp_fused_several_ways_equals_one_engine_per_fusion(engine_set, tmp_path):

@@ -177,8 +177,12 @@ def _segment_parser(sub) -> None:
     seg.add_argument("--organ-alignment", action=argparse.BooleanOptionalAction, default=None,
                      help="with an organ finder (on by default wherever there is one): the found organs are also "
                      "registered onto the atlases' organs, and that alignment or the one by mutual information, "
-                     "whichever overlaps the atlases' organs more, is kept; the QC record's alignment.organ_overlap says how "
-                     "well they overlap")
+                     "whichever overlaps the atlases' organs more, is kept; the QC record's alignment.organ_overlap "
+                     "says how well they overlap")
+    seg.add_argument("--organs-only", action="store_true",
+                     help="with the alignment by organs: the registration of the found organs alone, no alignment by "
+                     "mutual information beside it (faster; as good wherever the finder finds the organs: "
+                     "docs/results.md, 'The QC end to end')")
     seg.add_argument("--fusion-model", type=Path, default=None, metavar="MODEL.keras",
                      help="a learned fusion's trained network (.keras: SimNet, DLF or U-Net; its model card says "
                      "which), for --fusion simnet / dlf / unet (default: the bundle's)")
@@ -315,6 +319,7 @@ def segment_config(args, fusion: str | None = None, finder: bool = False) -> Seg
         modality=args.atlas_modality, prealign=args.prealign, starts="single" if args.single_start else "robust",
         organ_alignment=(finder and args.prealign and not args.single_start) if args.organ_alignment is None
         else args.organ_alignment,
+        organ_registration=args.organs_only,
         atlas_affine=args.atlas_affine, refine_steps=args.refine_steps, refine_scale=args.refine_scale,
         maps=not args.no_extras, batch_size=args.batch_size)
 

@@ -121,6 +121,9 @@ class SegmentConfig:
         if int(self.refine_steps) < 0 or not self.refine_scale > 0 or self.refine_smoothness < 0:
             raise CmmasError(None, "refinement needs steps >= 0, scale > 0 and smoothness >= 0, got "
                                    f"{self.refine_steps}, {self.refine_scale}, {self.refine_smoothness}")
+        if self.organ_registration and not self.organ_alignment:
+            raise CmmasError(None, "aligning by the organs alone needs the alignment by organs (an organ finder, "
+                                   "and not --no-organ-alignment or --single-start)")
         if self.starts not in STARTS:
             raise CmmasError(None, f"unknown alignment starts {self.starts!r}; expected one of {sorted(STARTS)}")
         registry.check_names([self.fusion], {self.fusion: dict(self.fusion_options.get(self.fusion, {}))})
