@@ -80,8 +80,9 @@ class SegmentConfig:
         organ_alignment: with an organ finder and robust starts, the found organs are also
             registered onto the atlases' organs, and that result or the one by mutual information,
             whichever overlaps the atlases' organs more, is kept
-            (:func:`cmmas.align.target.align_to_reference`'s guide; False: by mutual information). ``cmmas segment`` and ``segment-batch`` turn it on wherever they have a
-            finder (docs/results.md: it measured better end to end in both directions).
+            (:func:`cmmas.align.target.align_to_reference`'s guide; False: by mutual information).
+            ``cmmas segment`` and ``segment-batch`` turn it on wherever they have a finder
+            (docs/results.md: it measured better end to end in both directions).
         organ_registration: with ``organ_alignment``, the registration of the found organs alone,
             no alignment by mutual information (:attr:`cmmas.align.target.Starts.organ_registration`).
         align_seed: the alignment's ANTs sampling seed (with one ITK thread, the same seed gives

@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -357,10 +358,9 @@ def align_to_reference(
         if guide is not None and guide.start is not None:
             organ = _organs_registered(moving, reference, guide, seed, Path(tmp) / "organs")
             if starts.organ_registration:
-                candidates = (Candidate(0.0, None, round(organ[1], 5), 0.0, from_organs=True,
-                                        organ_overlap=round(organ[2], 4)),)
-                transforms, _ = ants.export(organ[0], [], out_dir)
-                return _found(transforms, 0.0, organ[1], candidates, starts, start, organ[2])
+                transforms, _ = ants.export(organ.transforms, [], out_dir)
+                return _found(transforms, 0.0, organ.mutual_information, (organ.candidate(0.0),), starts, start,
+                              organ.overlap)
         coarse = [_coarse_rigid(moving, reference, base, float(f) * extent, starts, seed, Path(tmp) / f"start{n}")
                   for n, f in enumerate(starts.shifts)]
         order = sorted(range(len(coarse)), key=lambda i: (-coarse[i][2], abs(coarse[i][0])))
@@ -376,8 +376,8 @@ def align_to_reference(
         best = max(refined, key=lambda i: (refined[i][1], -abs(coarse[i][0])))
         chosen, shift, mi = refined[best][0], coarse[best][0], refined[best][1]
         overlap = mi_overlap = None if organ is None else guide.overlap(chosen)
-        if organ is not None and organ[2] > mi_overlap:
-            chosen, shift, mi, overlap = organ[0], 0.0, organ[1], organ[2]
+        if organ is not None and organ.overlap > mi_overlap:
+            chosen, shift, mi, overlap = organ.transforms, 0.0, organ.mutual_information, organ.overlap
         candidates = tuple(
             Candidate(shift_mm=round(c_shift, 2), coarse_mutual_information=round(c_mi, 5),
                       mutual_information=round(refined[i][1], 5) if i in refined else None,
@@ -385,8 +385,7 @@ def align_to_reference(
                       organ_overlap=round(mi_overlap, 4) if mi_overlap is not None and i == best else None)
             for i, (c_shift, tfm, c_mi) in enumerate(coarse)
         ) + (() if organ is None else (
-            Candidate(0.0, None, round(organ[1], 5), round(distance_mm(organ[0], chosen, points), 2),
-                      from_organs=True, organ_overlap=round(organ[2], 4)),))
+            organ.candidate(distance_mm(organ.transforms, chosen, points)),))
         transforms, _ = ants.export(chosen, [], out_dir)
     return _found(transforms, shift, mi, candidates, starts, start, overlap)
 
@@ -400,15 +399,27 @@ def _coarse_rigid(moving: Image, reference: Image, base: np.ndarray, shift: floa
     return (shift, *_rigid_stage(moving, reference, initial, starts, seed, folder))
 
 
-def _organs_registered(moving: Image, reference: Image, guide: OrganGuide, seed: int,
-                       folder: Path) -> tuple[list[str], float, float]:
-    """The alignment by the found organs alone: their registration onto the reference's from their
-    centroids' rigid fit (:meth:`OrganGuide.register`): ``(transforms, mutual information, organ
-    overlap)``."""
+class _ByOrgans(NamedTuple):
+    """The alignment by the found organs alone: its transform files, its mutual information with
+    the reference (nats) and its organ overlap (:meth:`OrganGuide.overlap`)."""
+
+    transforms: list[str]
+    mutual_information: float
+    overlap: float
+
+    def candidate(self, distance: float) -> Candidate:
+        """Its :class:`Candidate`, ``distance`` mm from the chosen result."""
+        return Candidate(0.0, None, round(self.mutual_information, 5), round(distance, 2), from_organs=True,
+                         organ_overlap=round(self.overlap, 4))
+
+
+def _organs_registered(moving: Image, reference: Image, guide: OrganGuide, seed: int, folder: Path) -> _ByOrgans:
+    """The found organs registered onto the reference's from their centroids' rigid fit
+    (:meth:`OrganGuide.register`)."""
     folder.mkdir(parents=True)
     transforms = guide.register(organs.write_affine(guide.start, folder / "start.mat"), seed=seed)
     mi = mutual_information(reference, ants.apply(transforms, moving, reference))
-    return transforms, mi, guide.overlap(transforms)
+    return _ByOrgans(transforms, mi, guide.overlap(transforms))
 
 
 def _rigid_stage(moving: Image, reference: Image, initial: str, starts: Starts, seed: int,

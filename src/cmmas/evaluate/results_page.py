@@ -77,8 +77,8 @@ FINDER = {("ct->mr", "1,200 steps"): "finder/ct/fold1/eval_mr/evaluate_finder.js
 #: The QC benchmark (#33): fold 1's targets aligned anew as `cmmas segment` aligns them, by mutual
 #: information or by the organs the finder found, the finder's agreement with each segmentation
 #: recorded (``experiments/evaluate.py --realign --finder_model ... --align_seed S``), per
-#: (direction, alignment, alignment seed); "registered": ``--organ_registration`` (the organs' start
-#: registered onto the atlases' organs); "long finder": the organs of abdomen-finder-long's finder.
+#: (direction, alignment, alignment seed); "registered": ``--organ_registration`` (the found organs'
+#: registration alone); "long finder": the organs of abdomen-finder-long's finder.
 ORGAN_QC_SEEDS = (0, 1, 2)
 ORGAN_QC = {(direction, name, seed): f"{run}/{folder}/fold1/eval_{variant}_seed{seed}/summary.json"
             for direction, folder in (("ct->mr", "ct2mr"), ("mr->ct", "mr2ct"))
